@@ -1,0 +1,45 @@
+"""asyncckpt: checkpoint saving off the training step.
+
+Public API: :class:`AsyncCheckpointIO` (the engine), :class:`CheckpointIO` (the interface),
+:class:`TorchCheckpointIO` (durable ``torch.save``), the error types, and
+:func:`cleanup_temp_files`. Lightning and torch_xla integrations live in their own modules and
+are imported only when used.
+"""
+
+from .async_io import AsyncCheckpointIO
+from .checkpoint_io import CheckpointIO
+from .errors import (
+    AsyncCheckpointError,
+    CheckpointLoadError,
+    CheckpointRemoveError,
+    CheckpointSaveError,
+    FlushTimeoutError,
+    IntegrityError,
+    InvalidPathError,
+    NotSerializableError,
+    QueueFullError,
+    WriterDiedError,
+)
+from .stats import SaveStats
+from .storage import cleanup_temp_files
+from .torch_io import TorchCheckpointIO
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncCheckpointIO",
+    "AsyncCheckpointError",
+    "CheckpointIO",
+    "CheckpointLoadError",
+    "CheckpointRemoveError",
+    "CheckpointSaveError",
+    "FlushTimeoutError",
+    "IntegrityError",
+    "InvalidPathError",
+    "NotSerializableError",
+    "QueueFullError",
+    "SaveStats",
+    "TorchCheckpointIO",
+    "WriterDiedError",
+    "cleanup_temp_files",
+]

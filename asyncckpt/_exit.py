@@ -1,0 +1,82 @@
+"""Writing pending saves before the process ends: at interpreter exit and on SIGTERM.
+
+Interpreter exit: a ``threading`` exit hook (the one ``concurrent.futures`` uses) runs before
+daemon threads are stopped, and drains every live engine's queue within its ``exit_timeout``.
+
+SIGTERM (preemption): the default action kills the process without running any Python, so the
+first engine created on the main thread installs a handler that drains the queues, then hands
+the signal on: to the previous Python handler if there was one, otherwise it restores the
+default action and re-sends SIGTERM, so the exit status is the one the process would have had.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import weakref
+from typing import Any, Optional
+
+log = logging.getLogger("asyncckpt")
+
+_engines: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_lock = threading.Lock()
+_previous_sigterm: Any = None
+_installed = False
+
+
+def register(engine: Any) -> None:
+    with _lock:
+        _engines.add(engine)
+
+
+def drain_all(reason: str) -> None:
+    for engine in list(_engines):
+        try:
+            engine._drain_before_exit(reason)
+        except Exception:  # noqa: BLE001 - keep draining the other engines
+            log.exception("asyncckpt: could not write pending checkpoints before %s", reason)
+
+
+def _at_exit() -> None:
+    drain_all("interpreter exit")
+
+
+threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+
+
+def install_sigterm_handler() -> bool:
+    """Install the draining SIGTERM handler once; only possible from the main thread."""
+    global _installed, _previous_sigterm
+    with _lock:
+        if _installed:
+            return True
+        if threading.current_thread() is not threading.main_thread():
+            log.debug("asyncckpt: not on the main thread; SIGTERM handler not installed")
+            return False
+        _previous_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _installed = True
+        return True
+
+
+def uninstall_sigterm_handler() -> None:
+    """Put back the handler that was there before asyncckpt installed its own."""
+    global _installed
+    with _lock:
+        if _installed and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, _previous_sigterm if _previous_sigterm is not None else signal.SIG_DFL)
+        _installed = False
+
+
+def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
+    drain_all("SIGTERM")
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+        return
+    if previous == signal.SIG_IGN:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)

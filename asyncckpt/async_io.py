@@ -1,0 +1,388 @@
+"""``AsyncCheckpointIO``: the engine's public face.
+
+``save_checkpoint`` admits the save (waits for a free staging slot), stages it into host memory on
+the caller's thread, queues it, and returns. The writer commits queued operations in order.
+Background failures are logged when they happen and raised once by the next call into the
+engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Deque, Dict, List, Optional
+
+from . import _exit
+from .checkpoint_io import CheckpointIO, PathLike
+from .errors import (
+    AsyncCheckpointError,
+    CheckpointRemoveError,
+    CheckpointSaveError,
+    FlushTimeoutError,
+    InvalidPathError,
+    QueueFullError,
+    WriterDiedError,
+)
+from .stats import SaveStats
+from .staging import StagedCheckpoint, Stager, StagingSlot
+from .storage import check_target, local_path_of
+from .torch_io import TorchCheckpointIO
+from .writer import Operation, ThreadWriter
+
+log = logging.getLogger("asyncckpt")
+
+WHEN_FULL_CHOICES = ("wait", "raise")
+WRITER_CHOICES = ("thread",)
+_STATS_KEPT = 1000
+_POLL_SECONDS = 0.5
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> Any:
+    if value not in allowed:
+        raise ValueError(f"unknown {name}={value!r}; allowed values: {', '.join(repr(a) for a in allowed)}")
+    return value
+
+
+class AsyncCheckpointIO(CheckpointIO):
+    """Saves checkpoints in the background, through any ``CheckpointIO``.
+
+    Args:
+        checkpoint_io: the IO that does the actual writing: ours, a subclass of yours, or
+            Lightning's. Defaults to :class:`asyncckpt.TorchCheckpointIO`. It must not keep
+            references to the tensors it is given after ``save_checkpoint`` returns: they live
+            in reused staging buffers.
+        max_pending: how many staged checkpoints may exist at once (staging memory is at most
+            this times the checkpoint's tensor bytes). One more save waits for a slot.
+        when_full: ``"wait"`` (block until a slot frees) or ``"raise"`` (raise
+            :class:`QueueFullError` at once, nothing staged).
+        writer: ``"thread"``.
+        exit_timeout: seconds allowed at interpreter exit or on SIGTERM to write pending saves.
+        handle_sigterm: install a SIGTERM handler that writes pending saves before the process
+            ends, then hands the signal on (see :mod:`asyncckpt._exit`).
+    """
+
+    def __init__(
+        self,
+        checkpoint_io: Optional[Any] = None,
+        *,
+        max_pending: int = 2,
+        when_full: str = "wait",
+        writer: str = "thread",
+        exit_timeout: float = 300.0,
+        handle_sigterm: bool = True,
+    ) -> None:
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
+        if exit_timeout is None or exit_timeout < 0:
+            raise ValueError(f"exit_timeout must be a number of seconds >= 0, got {exit_timeout!r}")
+        self._checkpoint_io = checkpoint_io
+        self.max_pending = max_pending
+        self.when_full = _choice("when_full", when_full, WHEN_FULL_CHOICES)
+        self.writer_kind = _choice("writer", writer, WRITER_CHOICES)
+        self.exit_timeout = float(exit_timeout)
+        self._cv = threading.Condition(threading.RLock())
+        self._free_slots: List[StagingSlot] = [StagingSlot(i) for i in range(max_pending)]
+        self._stager = Stager()
+        self._writer: Optional[ThreadWriter] = None
+        self._submitted = 0
+        self._done = 0
+        self._last_seq_by_path: Dict[str, int] = {}
+        self._pending_paths: Dict[int, str] = {}
+        self._errors: List[AsyncCheckpointError] = []
+        self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
+        _exit.register(self)
+        if handle_sigterm:
+            _exit.install_sigterm_handler()
+
+    # -- the wrapped IO -------------------------------------------------------------------
+
+    @property
+    def checkpoint_io(self) -> Optional[Any]:
+        """The IO that writes; ``None`` until one is given or first needed."""
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: Any) -> None:
+        self._checkpoint_io = io
+
+    def _wrapped(self) -> Any:
+        if self.checkpoint_io is None:
+            self._checkpoint_io = TorchCheckpointIO()
+        return self.checkpoint_io
+
+    # -- public API -----------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None
+    ) -> None:
+        """Stage ``checkpoint`` into host memory, queue its write, and return.
+
+        The file will hold the checkpoint exactly as it is now; later in-place changes to its
+        tensors or containers do not reach it.
+        """
+        key = self._check_path(path)
+        self._raise_pending_errors()
+        started = time.perf_counter()
+        slot = self._acquire_slot(key)
+        waited = time.perf_counter() - started
+        try:
+            staged = self._stager.stage(checkpoint, slot, key)
+        except BaseException:
+            self._release_slot(slot)
+            raise
+        blocking = time.perf_counter() - started
+        wrapped = self._wrapped()
+
+        def write() -> float:
+            write_started = time.perf_counter()
+            wrapped.save_checkpoint(staged.materialize(), path, storage_options=storage_options)
+            return time.perf_counter() - write_started
+
+        self._submit("save", key, write, context=(slot, staged, waited, blocking))
+
+    def load_checkpoint(
+        self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+    ) -> Dict[str, Any]:
+        """Load ``path`` once every queued operation on it has taken effect."""
+        key = self._path_key(path)
+        self._wait_for_path(key)
+        self._raise_pending_errors()
+        kwargs: Dict[str, Any] = {}
+        if map_location is not None:
+            kwargs["map_location"] = map_location
+        if weights_only is not None:
+            kwargs["weights_only"] = weights_only
+        return self._wrapped().load_checkpoint(path, **kwargs)
+
+    def remove_checkpoint(self, path: PathLike) -> None:
+        """Queue the removal of ``path``, after every earlier operation on it."""
+        key = self._path_key(path)
+        self._raise_pending_errors()
+        wrapped = self._wrapped()
+        self._submit("remove", key, lambda: wrapped.remove_checkpoint(path))
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Wait until every operation submitted before this call is done, then raise failures."""
+        with self._cv:
+            target = self._submitted
+        self._wait_until(target, timeout)
+        self._raise_pending_errors()
+
+    def teardown(self) -> None:
+        """Flush, stop the writer, free staging memory and tear down the wrapped IO.
+
+        Idempotent; the object works again afterwards (a later save starts a new writer).
+        Errors are raised after everything else has been done, never hidden.
+        """
+        first_error: Optional[BaseException] = None
+        try:
+            with self._cv:
+                target = self._submitted
+            self._wait_until(target, None)
+        except BaseException as err:  # noqa: BLE001 - raised below, after cleanup
+            first_error = err
+        with self._cv:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.stop()
+        with self._cv:
+            for slot in self._free_slots:
+                slot.release_memory()
+        if self.checkpoint_io is not None:
+            try:
+                self.checkpoint_io.teardown()
+            except BaseException as err:  # noqa: BLE001
+                first_error = first_error or err
+        if first_error is not None:
+            raise first_error
+        self._raise_pending_errors()
+
+    @property
+    def stats(self) -> List[SaveStats]:
+        """Measurements of the most recent completed saves (oldest first)."""
+        with self._cv:
+            return list(self._stats)
+
+    @property
+    def pending(self) -> int:
+        """Operations submitted and not yet done."""
+        with self._cv:
+            return self._submitted - self._done
+
+    # -- admission and slots --------------------------------------------------------------
+
+    def _acquire_slot(self, key: str) -> StagingSlot:
+        with self._cv:
+            if not self._free_slots and self.when_full == "raise":
+                raise QueueFullError(
+                    f"cannot save {key!r}: all {self.max_pending} staging slots hold checkpoints "
+                    "still being written; call flush(), raise max_pending, or use when_full='wait'",
+                    key,
+                )
+            while not self._free_slots:
+                self._check_writer_alive()
+                self._cv.wait(_POLL_SECONDS)
+            return self._free_slots.pop()
+
+    def _release_slot(self, slot: StagingSlot) -> None:
+        with self._cv:
+            self._free_slots.append(slot)
+            self._cv.notify_all()
+
+    # -- submission and completion --------------------------------------------------------
+
+    def _submit(self, kind: str, key: str, run: Any, context: Any = None) -> None:
+        with self._cv:
+            if self._writer is None or not self._writer.alive:
+                self._writer = ThreadWriter()
+                self._writer.start()
+                writer = self._writer
+                weakref.finalize(self, writer.stop, 0)
+            self._submitted += 1
+            op = Operation(self._submitted, kind, key, run, self._on_done, context)
+            self._last_seq_by_path[key] = op.seq
+            self._pending_paths[op.seq] = key
+            self._writer.submit(op)
+
+    def _on_done(self, op: Operation, error: Optional[BaseException]) -> None:
+        """Runs on the writer: release the slot, record stats or the error, wake waiters."""
+        if error is not None:
+            wrapped_error = self._background_error(op, error)
+            log.error("asyncckpt: %s", wrapped_error, exc_info=error)
+        with self._cv:
+            if op.kind == "save":
+                slot, staged, waited, blocking = op.context
+                self._free_slots.append(slot)
+                if error is None:
+                    record = SaveStats(
+                        path=op.path,
+                        blocking_seconds=blocking,
+                        wait_seconds=waited,
+                        staging_seconds=staged.staging_seconds,
+                        write_seconds=op.result,
+                        tensor_bytes=staged.tensor_bytes,
+                    )
+                    self._stats.append(record)
+            if error is not None:
+                self._errors.append(wrapped_error)
+            self._done += 1
+            self._pending_paths.pop(op.seq, None)
+            if self._last_seq_by_path.get(op.path) == op.seq:
+                del self._last_seq_by_path[op.path]
+            op.context = None
+            self._cv.notify_all()
+
+    @staticmethod
+    def _background_error(op: Operation, error: BaseException) -> AsyncCheckpointError:
+        if op.kind == "save":
+            err: AsyncCheckpointError = CheckpointSaveError(
+                f"saving checkpoint {op.path!r} failed in the background: {type(error).__name__}: {error}", op.path
+            )
+        else:
+            err = CheckpointRemoveError(
+                f"removing checkpoint {op.path!r} failed in the background: {type(error).__name__}: {error}",
+                op.path,
+            )
+        err.__cause__ = error
+        return err
+
+    def _raise_pending_errors(self) -> None:
+        with self._cv:
+            if not self._errors:
+                return
+            errors, self._errors = self._errors, []
+        first = errors[0]
+        for later in errors[1:]:
+            first.add_note(f"also failed: {later}")
+        raise first
+
+    # -- waiting --------------------------------------------------------------------------
+
+    def _check_writer_alive(self) -> None:
+        if self._submitted > self._done and (self._writer is None or not self._writer.alive):
+            lost = sorted(set(self._pending_paths.values()))
+            raise WriterDiedError(
+                f"the asyncckpt writer stopped with {self._submitted - self._done} operation(s) "
+                f"unfinished ({', '.join(lost)})",
+                lost[0] if lost else None,
+            )
+
+    def _wait_until(self, seq: int, timeout: Optional[float]) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._done < seq:
+                self._check_writer_alive()
+                remaining = _POLL_SECONDS
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise FlushTimeoutError(
+                            f"flush timed out after {timeout}s with {seq - self._done} operation(s) pending",
+                            None,
+                        )
+                    remaining = min(remaining, left)
+                self._cv.wait(remaining)
+
+    def _wait_for_path(self, key: str) -> None:
+        with self._cv:
+            seq = self._last_seq_by_path.get(key)
+        if seq is not None:
+            self._wait_until(seq, None)
+
+    def _drain_before_exit(self, reason: str) -> None:
+        with self._cv:
+            pending = self._submitted - self._done
+            target = self._submitted
+            paths = sorted(set(self._pending_paths.values()))
+        if pending == 0:
+            return
+        log.warning(
+            "asyncckpt: %s with %d checkpoint operation(s) pending (%s); writing them first (up to %.0fs)",
+            reason,
+            pending,
+            ", ".join(paths),
+            self.exit_timeout,
+        )
+        started = time.monotonic()
+        try:
+            self._wait_until(target, self.exit_timeout)
+        except AsyncCheckpointError as err:
+            log.error("asyncckpt: pending checkpoints not all written before %s: %s", reason, err)
+            return
+        with self._cv:
+            errors = list(self._errors)
+        log.warning(
+            "asyncckpt: pending checkpoint operations finished in %.2fs before %s%s",
+            time.monotonic() - started,
+            reason,
+            f"; {len(errors)} failed (logged above)" if errors else "",
+        )
+
+    # -- paths ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _path_key(path: PathLike) -> str:
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidPathError(f"checkpoint path must be a str or os.PathLike, not {type(path).__name__}")
+        text = os.fspath(path)
+        local = local_path_of(text)
+        return os.path.abspath(local) if local else text
+
+    def _check_path(self, path: PathLike) -> str:
+        key = self._path_key(path)
+        check = getattr(self._wrapped(), "check_path", None)
+        if check is not None:
+            check(path)
+        else:
+            check_target(os.fspath(path))
+        return key
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.checkpoint_io!r}, max_pending={self.max_pending}, "
+            f"when_full={self.when_full!r}, writer={self.writer_kind!r})"
+        )

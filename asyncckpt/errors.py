@@ -1,0 +1,60 @@
+"""asyncckpt's exception types.
+
+Every error that comes from a background operation names the checkpoint path it was about and
+chains the original exception as ``__cause__``, so a traceback shows both what failed and why.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class AsyncCheckpointError(Exception):
+    """Base class of every error asyncckpt raises on its own account."""
+
+    def __init__(self, message: str, path: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointSaveError(AsyncCheckpointError):
+    """A save failed in the background; raised by the next call into the engine."""
+
+
+class CheckpointRemoveError(AsyncCheckpointError):
+    """A queued remove failed in the background; raised by the next call into the engine."""
+
+
+class CheckpointLoadError(AsyncCheckpointError):
+    """A load failed."""
+
+
+class NotSerializableError(AsyncCheckpointError, TypeError):
+    """The checkpoint holds an object that ``torch.save`` cannot pickle.
+
+    Raised on the caller's thread by ``save_checkpoint``, before anything is queued or written.
+    """
+
+    def __init__(self, message: str, path: Optional[str] = None, key: Optional[str] = None) -> None:
+        super().__init__(message, path)
+        self.key = key
+
+
+class InvalidPathError(AsyncCheckpointError, ValueError):
+    """The checkpoint path cannot be written: empty, a folder, or under a file."""
+
+
+class QueueFullError(AsyncCheckpointError):
+    """``when_full="raise"`` and all ``max_pending`` staging slots are busy."""
+
+
+class WriterDiedError(AsyncCheckpointError):
+    """The writer (thread or process) stopped without finishing its work."""
+
+
+class FlushTimeoutError(AsyncCheckpointError, TimeoutError):
+    """``flush(timeout=...)`` ran out of time with operations still pending."""
+
+
+class IntegrityError(AsyncCheckpointError):
+    """A checkpoint file does not match its checksum record, or cannot be read as a checkpoint."""

@@ -1,0 +1,30 @@
+"""Per-save measurements, so users can see what checkpointing costs their training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    """What one completed save cost.
+
+    Attributes:
+        path: where the checkpoint was written.
+        blocking_seconds: time ``save_checkpoint`` held the caller (waiting for a slot + staging).
+        wait_seconds: the part of ``blocking_seconds`` spent waiting for a free staging slot.
+        staging_seconds: the part spent copying the checkpoint into host memory.
+        write_seconds: time the writer spent serializing and committing the file.
+        tensor_bytes: bytes of tensor data staged (the size of the copy).
+    """
+
+    path: str
+    blocking_seconds: float
+    wait_seconds: float
+    staging_seconds: float
+    write_seconds: float
+    tensor_bytes: int
+
+    @property
+    def tensor_megabytes(self) -> float:
+        return self.tensor_bytes / 1e6

@@ -1,0 +1,192 @@
+"""Durable, atomic file storage: temp file beside the target, fsync, rename, fsync the folder.
+
+At every instant the target path holds either the previous complete file or the new complete
+file. A crash leaves at most a temp file, recognisable by its name (see :func:`is_temp_file`),
+which :func:`cleanup_temp_files` removes once the process that wrote it is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import uuid
+from contextlib import suppress
+from typing import Callable, List, Tuple
+
+from .errors import InvalidPathError
+
+log = logging.getLogger(__name__)
+
+TEMP_MARKER = ".asyncckpt-tmp-"
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TEMP_MARKER) + r"(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def is_url(path: str) -> bool:
+    """True for fsspec URLs such as ``memory://x`` or ``s3://bucket/x``."""
+    return "://" in path
+
+
+def local_path_of(path: str) -> str | None:
+    """The local filesystem path for ``path``, or None when it names a remote (fsspec) location."""
+    if not is_url(path):
+        return path
+    if path.startswith("file://"):
+        return path[len("file://") :]
+    return None
+
+
+def temp_path_for(target: str) -> str:
+    """A unique temp file name in the target's folder, so the final rename stays on one filesystem."""
+    folder, name = os.path.split(target)
+    return os.path.join(folder, f".{name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temp_file(filename: str) -> bool:
+    """True when ``filename`` (a base name) is one of asyncckpt's temp files."""
+    return _TEMP_RE.match(filename) is not None
+
+
+def check_target(path: str) -> None:
+    """Raise :class:`InvalidPathError` when ``path`` can never hold a checkpoint file.
+
+    Cheap checks only, run on the caller's thread so the mistake surfaces where it was made.
+    """
+    if path == "":
+        raise InvalidPathError("the checkpoint path is empty; pass a file path such as 'checkpoints/last.ckpt'", path)
+    local = local_path_of(path)
+    if local is None:
+        return
+    if local == "":
+        raise InvalidPathError(f"the checkpoint URL {path!r} has no file path after 'file://'", path)
+    if os.path.isdir(local):
+        suggestion = os.path.join(local, "last.ckpt")
+        raise InvalidPathError(
+            f"checkpoint path {path!r} is an existing folder; pass a file path inside it, e.g. {suggestion!r}",
+            path,
+        )
+    parent = os.path.dirname(os.path.abspath(local))
+    while True:
+        if os.path.lexists(parent):
+            if not os.path.isdir(parent):
+                raise InvalidPathError(
+                    f"cannot write checkpoint {path!r}: {parent!r} is a file, not a folder; "
+                    "choose a path whose parent folders are folders (missing ones are created)",
+                    path,
+                )
+            return
+        up = os.path.dirname(parent)
+        if up == parent:
+            return
+        parent = up
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename or unlink in ``folder`` durable."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:  # some filesystems cannot fsync a directory; the data is still fsynced
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[str], None], *, durable: bool = True) -> int:
+    """Run ``write(temp_path)``, then move the finished temp file over ``path``.
+
+    Returns the size in bytes of the committed file. On any failure, the temp file is removed
+    and the target is untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    sweep_stale_temp_files_once(folder)
+    tmp = temp_path_for(os.path.abspath(path))
+    try:
+        write(tmp)
+        if durable:
+            fsync_file(tmp)
+        size = os.path.getsize(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_folder(folder)
+    return size
+
+
+def remove_path(path: str) -> bool:
+    """Remove a file (or a folder, as Lightning's IO does); returns whether anything was there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_temp_files(folder: str) -> List[Tuple[str, int]]:
+    """asyncckpt temp files in ``folder``, each with the pid of the process that wrote it."""
+    found = []
+    with suppress(FileNotFoundError, NotADirectoryError):
+        for name in os.listdir(folder):
+            match = _TEMP_RE.match(name)
+            if match:
+                found.append((os.path.join(folder, name), int(match.group("pid"))))
+    return found
+
+
+def cleanup_temp_files(folder: str, *, include_live: bool = False) -> List[str]:
+    """Remove temp files that crashed writers left in ``folder``; returns what was removed.
+
+    Files of a process that is still running are kept, since it may be writing them, unless
+    ``include_live`` is true.
+    """
+    removed = []
+    for tmp, pid in find_temp_files(folder):
+        if include_live or not _pid_alive(pid):
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+                removed.append(tmp)
+    if removed:
+        log.info("asyncckpt: removed %d stale temp file(s) in %s", len(removed), folder)
+    return removed
+
+
+_swept_folders: set = set()
+
+
+def sweep_stale_temp_files_once(folder: str) -> None:
+    """Clean a crashed run's temp files the first time this process writes into ``folder``."""
+    if folder in _swept_folders:
+        return
+    _swept_folders.add(folder)
+    cleanup_temp_files(folder)
