@@ -1,0 +1,166 @@
+"""Bad input gets a clear error at the call and never leaves a file; odd but valid input round-trips."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+
+import pytest
+import torch
+
+from asyncckpt import AsyncCheckpointIO, InvalidPathError, NotSerializableError, TorchCheckpointIO
+from conftest import load, temp_files
+
+
+@pytest.fixture(params=["async", "sync"])
+def any_io(request):
+    io = AsyncCheckpointIO() if request.param == "async" else TorchCheckpointIO()
+    yield io
+    if request.param == "async":
+        io.teardown()
+
+
+def test_unpicklable_object_names_the_path_and_the_key(tmp_path, any_io):
+    target = tmp_path / "a.ckpt"
+    ckpt = {"model": {"w": torch.ones(3)}, "callbacks": {"early_stop": {"lock": threading.Lock()}}}
+    with pytest.raises(NotSerializableError) as info:
+        any_io.save_checkpoint(ckpt, target)
+    message = str(info.value)
+    assert str(target) in message
+    assert "['callbacks']['early_stop']['lock']" in message
+    assert "lock" in message
+    if isinstance(any_io, AsyncCheckpointIO):
+        any_io.flush()
+    assert not target.exists()
+    assert temp_files(str(tmp_path)) == []
+
+
+def test_lambda_in_a_list_is_refused_at_the_call(tmp_path):
+    io = AsyncCheckpointIO()
+    with pytest.raises(NotSerializableError, match=r"\['hooks'\]\[1\]"):
+        io.save_checkpoint({"hooks": [1, lambda: 0]}, tmp_path / "a.ckpt")
+    # the refused save held no slot and queued nothing
+    assert len(io._free_slots) == io.max_pending and io.pending == 0
+    io.save_checkpoint({"ok": 1}, tmp_path / "a.ckpt")
+    io.teardown()
+    assert load(tmp_path / "a.ckpt") == {"ok": 1}
+
+
+def test_existing_folder_as_path_is_a_clear_error(tmp_path, any_io):
+    (tmp_path / "ckpts").mkdir()
+    with pytest.raises(InvalidPathError, match="existing folder.*last.ckpt"):
+        any_io.save_checkpoint({"x": 1}, tmp_path / "ckpts")
+    assert os.listdir(tmp_path / "ckpts") == []
+
+
+def test_empty_path_is_a_clear_error(any_io):
+    with pytest.raises(InvalidPathError, match="empty"):
+        any_io.save_checkpoint({"x": 1}, "")
+
+
+def test_path_of_the_wrong_type_is_a_clear_error(any_io):
+    with pytest.raises(InvalidPathError, match="str or os.PathLike"):
+        any_io.save_checkpoint({"x": 1}, 42)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"when_full": "drop"}, r"when_full='drop'.*'wait', 'raise'"),
+        ({"writer": "fork"}, r"writer='fork'.*'thread'"),
+        ({"max_pending": 0}, r"max_pending"),
+        ({"max_pending": 1.5}, r"max_pending"),
+        ({"exit_timeout": -1}, r"exit_timeout"),
+    ],
+)
+def test_unknown_options_list_the_allowed_values(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        AsyncCheckpointIO(**kwargs)
+
+
+def test_misspelled_option_is_refused():
+    with pytest.raises(TypeError, match="max_pendng"):
+        AsyncCheckpointIO(max_pendng=2)
+
+
+def test_storage_options_on_a_local_path_is_explained(tmp_path):
+    io = TorchCheckpointIO()
+    with pytest.raises(TypeError, match="only used for fsspec URLs"):
+        io.save_checkpoint({"x": 1}, tmp_path / "a.ckpt", storage_options={"anon": True})
+    assert not (tmp_path / "a.ckpt").exists()
+
+
+def test_missing_parent_folders_are_created_and_pathlike_and_str_work(tmp_path):
+    io = AsyncCheckpointIO()
+    io.save_checkpoint({"x": 1}, tmp_path / "a" / "b" / "c.ckpt")
+    io.save_checkpoint({"x": 2}, str(tmp_path / "d" / "e.ckpt"))
+    io.save_checkpoint({"x": 3}, pathlib.PurePosixPath(tmp_path / "f.ckpt"))
+    io.teardown()
+    assert load(tmp_path / "a" / "b" / "c.ckpt") == {"x": 1}
+    assert load(tmp_path / "d" / "e.ckpt") == {"x": 2}
+    assert load(tmp_path / "f.ckpt") == {"x": 3}
+
+
+def test_unicode_paths(tmp_path):
+    io = AsyncCheckpointIO()
+    target = tmp_path / "чекпойнт" / "ステップ=3 ✓.ckpt"
+    io.save_checkpoint({"w": torch.ones(2)}, target)
+    io.teardown()
+    assert torch.equal(load(target)["w"], torch.ones(2))
+
+
+def test_fsspec_memory_and_file_urls(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    io = AsyncCheckpointIO()
+    io.save_checkpoint({"w": torch.arange(4)}, "memory://ckpts/a.ckpt")
+    io.save_checkpoint({"w": torch.arange(5)}, f"file://{tmp_path}/b.ckpt")
+    io.flush()
+    assert torch.equal(io.load_checkpoint("memory://ckpts/a.ckpt")["w"], torch.arange(4))
+    assert torch.equal(load(tmp_path / "b.ckpt")["w"], torch.arange(5))
+    io.remove_checkpoint("memory://ckpts/a.ckpt")
+    io.flush()
+    assert not fsspec.filesystem("memory").exists("/ckpts/a.ckpt")
+    io.teardown()
+
+
+def test_load_of_a_missing_file_is_file_not_found(tmp_path):
+    io = AsyncCheckpointIO()
+    with pytest.raises(FileNotFoundError, match="a.ckpt"):
+        io.load_checkpoint(tmp_path / "a.ckpt")
+    io.teardown()
+
+
+def test_remove_of_a_missing_file_is_not_an_error(tmp_path):
+    io = AsyncCheckpointIO()
+    io.remove_checkpoint(tmp_path / "nothing.ckpt")
+    io.teardown()
+
+
+def test_odd_tensors_round_trip_as_torch_save_gives(tmp_path):
+    sparse = torch.sparse_coo_tensor([[0, 2], [1, 0]], [3.0, 4.0], (3, 3))
+    quantized = torch.quantize_per_tensor(torch.tensor([1.0, 2.0]), 0.1, 0, torch.qint8)
+    conj = torch.tensor([1 + 2j]).conj()
+    ckpt = {
+        "sparse": sparse,
+        "quantized": quantized,
+        "conj": conj,
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "deep": {"a": [[[[{"b": (torch.ones(1),)}]]]]},
+        "grad_tensor": torch.ones(2, requires_grad=True) * 2,
+    }
+    io = AsyncCheckpointIO()
+    plain_path = tmp_path / "plain.ckpt"
+    torch.save(ckpt, plain_path)
+    plain = load(plain_path)
+    io.save_checkpoint(ckpt, tmp_path / "a.ckpt")
+    sparse._values().mul_(0)  # point in time holds for tensors pickled by value too
+    io.teardown()
+    out = load(tmp_path / "a.ckpt")
+    assert torch.equal(out["sparse"].to_dense(), plain["sparse"].to_dense())
+    assert torch.equal(out["quantized"].dequantize(), plain["quantized"].dequantize())
+    assert torch.equal(out["conj"].resolve_conj(), plain["conj"].resolve_conj())
+    assert type(out["param"]) is torch.nn.Parameter
+    assert torch.equal(out["deep"]["a"][0][0][0][0]["b"][0], torch.ones(1))
+    assert out["grad_tensor"].requires_grad == plain["grad_tensor"].requires_grad
+    assert torch.equal(out["grad_tensor"], plain["grad_tensor"])
