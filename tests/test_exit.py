@@ -1,0 +1,154 @@
+"""Contract line 8: saves pending at interpreter exit or on SIGTERM are written first, within a
+bounded time, and a log line says so. Real subprocesses, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PRELUDE = textwrap.dedent(
+    """
+    import os, sys, time, signal
+    import torch
+    from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO
+
+    class SlowIO(TorchCheckpointIO):
+        # Fault injection: a slow disk, so saves are still pending when the process ends.
+        def __init__(self, delay):
+            super().__init__()
+            self.delay = delay
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            time.sleep(self.delay)
+            super().save_checkpoint(checkpoint, path, storage_options)
+    """
+)
+
+
+def run_script(body: str, tmp_path, **kwargs) -> subprocess.Popen:
+    script = tmp_path / "script.py"
+    script.write_text(PRELUDE + textwrap.dedent(body))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+def wait_ready(proc: subprocess.Popen) -> None:
+    line = proc.stdout.readline()
+    assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")
+
+
+def test_pending_saves_are_written_at_interpreter_exit(tmp_path):
+    proc = run_script(
+        """
+        io = AsyncCheckpointIO(SlowIO(0.3), max_pending=3)
+        for i in range(3):
+            io.save_checkpoint({"i": i, "w": torch.full((1000,), i)}, os.path.join(sys.argv[1], f"{i}.ckpt"))
+        print("ready", flush=True)
+        # no flush, no teardown: the interpreter exits with three saves pending
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    for i in range(3):
+        assert torch.load(tmp_path / f"{i}.ckpt", weights_only=True)["i"] == i
+    assert "interpreter exit" in err and "pending" in err
+
+
+def test_pending_saves_are_written_on_sigterm_and_the_exit_status_is_kept(tmp_path):
+    proc = run_script(
+        """
+        io = AsyncCheckpointIO(SlowIO(0.5), max_pending=2)
+        for i in range(2):
+            io.save_checkpoint({"i": i}, os.path.join(sys.argv[1], f"{i}.ckpt"))
+        print("ready", flush=True)
+        time.sleep(120)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert time.monotonic() - started < 30
+    for i in range(2):
+        assert torch.load(tmp_path / f"{i}.ckpt", weights_only=True) == {"i": i}
+    assert "SIGTERM" in err and "pending" in err
+
+
+def test_the_users_own_sigterm_handler_still_runs(tmp_path):
+    proc = run_script(
+        """
+        def handler(signum, frame):
+            print("user handler ran", flush=True)
+            sys.exit(7)
+        signal.signal(signal.SIGTERM, handler)
+        io = AsyncCheckpointIO(SlowIO(0.5))
+        io.save_checkpoint({"v": 1}, os.path.join(sys.argv[1], "a.ckpt"))
+        print("ready", flush=True)
+        time.sleep(120)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 7, err
+    assert "user handler ran" in out
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}
+
+
+def test_exit_waits_no_longer_than_exit_timeout(tmp_path):
+    proc = run_script(
+        """
+        io = AsyncCheckpointIO(SlowIO(60), exit_timeout=1)
+        io.save_checkpoint({"v": 1}, os.path.join(sys.argv[1], "a.ckpt"))
+        print("ready", flush=True)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 15
+    assert "not all written" in err
+    assert not (tmp_path / "a.ckpt").exists()
+
+
+@pytest.mark.parametrize("previous", ["ignore", "default"])
+def test_sigterm_handler_respects_what_was_there_before(tmp_path, previous):
+    proc = run_script(
+        f"""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if {previous!r} == "ignore" else signal.SIG_DFL)
+        io = AsyncCheckpointIO(SlowIO(0.2))
+        io.save_checkpoint({{"v": 1}}, os.path.join(sys.argv[1], "a.ckpt"))
+        print("ready", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("still running", flush=True)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    out, err = proc.communicate(timeout=60)
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}
+    if previous == "ignore":
+        assert proc.returncode == 0 and "still running" in out
+    else:
+        assert proc.returncode == -signal.SIGTERM and "still running" not in out
