@@ -17,6 +17,7 @@ import weakref
 from typing import Any, Deque, Dict, List, Optional
 
 from . import _exit
+from .aio import AsyncAPIMixin
 from .checkpoint_io import CheckpointIO, PathLike
 from .errors import (
     AsyncCheckpointError,
@@ -27,8 +28,8 @@ from .errors import (
     QueueFullError,
     WriterDiedError,
 )
+from .staging import Stager, StagingSlot
 from .stats import SaveStats
-from .staging import StagedCheckpoint, Stager, StagingSlot
 from .storage import check_target, local_path_of
 from .torch_io import TorchCheckpointIO
 from .writer import Operation, ThreadWriter
@@ -47,7 +48,7 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
     return value
 
 
-class AsyncCheckpointIO(CheckpointIO):
+class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     """Saves checkpoints in the background, through any ``CheckpointIO``.
 
     Args:

@@ -31,5 +31,5 @@ class CheckpointIO(ABC):
     def remove_checkpoint(self, path: PathLike) -> None:
         """Delete the checkpoint at ``path``; a missing path is not an error."""
 
-    def teardown(self) -> None:
+    def teardown(self) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
         """Release what the IO holds; called once training ends."""

@@ -14,7 +14,12 @@ storages (not views) keeps views, shared storage and non-contiguous strides exac
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
+import itertools
+import mmap
+import os
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -69,6 +74,88 @@ class _TensorRestorer(pickle.Unpickler):
         return self._tensors[pid]
 
 
+# Per distinct storage: (device type, bytes); per tensor: (storage index, dtype, size, stride,
+# offset, requires_grad). Two saves with equal layouts reuse the same buffers and views.
+_Layout = Tuple[Tuple[Tuple[str, int], ...], Tuple[Tuple[int, torch.dtype, tuple, tuple, int, bool], ...]]
+
+_ALIGN = 64
+
+
+class HostArena:
+    """One block of host memory holding every storage of a staged checkpoint.
+
+    ``kind`` is ``"plain"`` (ordinary memory), ``"pinned"`` (page-locked, for CUDA copies) or
+    ``"shared"`` (an anonymous memfd, mapped by the writer process too, so tensors are written
+    from there without being pickled through a pipe).
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, nbytes: int, kind: str) -> None:
+        self.id = next(HostArena._ids)
+        self.nbytes = nbytes
+        self.kind = kind
+        self.fd: Optional[int] = None
+        if kind == "shared":
+            self.fd = os.memfd_create(f"asyncckpt-arena-{self.id}", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, max(nbytes, 1))
+            self._mmap = mmap.mmap(self.fd, max(nbytes, 1))
+            self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)[:nbytes]
+        elif kind == "pinned":
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+
+    def close_fd(self) -> None:
+        """The writer process has its own mapping; the descriptor is no longer needed here."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+
+def storages_in(base: torch.Tensor, groups: Sequence[Tuple[int, int]]) -> List[torch.UntypedStorage]:
+    """One distinct storage per ``(offset, nbytes)`` range of ``base``, without copying.
+
+    ``torch.save`` writes each storage as its own record, so the file holds one record per
+    source storage, exactly as it would for the live tensors; an arena-wide storage would be
+    written whole instead.
+    """
+    address = base.data_ptr()
+    storages = []
+    for offset, nbytes in groups:
+        if nbytes == 0:
+            storages.append(torch.UntypedStorage(0))
+            continue
+        window = (ctypes.c_char * nbytes).from_address(address + offset)
+        storages.append(torch.frombuffer(window, dtype=torch.uint8).untyped_storage())
+    return storages
+
+
+def build_views(storages: Sequence[torch.UntypedStorage], specs: Sequence[tuple]) -> List[torch.Tensor]:
+    """The staged tensors: each spec ``(group, dtype, size, stride, offset, requires_grad)`` as a view."""
+    views = []
+    for group, dtype, size, stride, offset, requires_grad in specs:
+        view = torch.empty(0, dtype=dtype).set_(storages[group], offset, size, stride)
+        if requires_grad:
+            view.requires_grad_(True)
+        views.append(view)
+    return views
+
+
+def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+def restore(skeleton: bytes, tensors: Sequence[torch.Tensor]) -> Any:
+    """Rebuild the checkpoint object from its skeleton and staged tensors."""
+    return _TensorRestorer(skeleton, tensors).load()
+
+
 @dataclass
 class StagedCheckpoint:
     """A checkpoint frozen in host memory: what the writer needs, and nothing live."""
@@ -76,29 +163,33 @@ class StagedCheckpoint:
     skeleton: bytes
     tensors: List[torch.Tensor]
     tensor_bytes: int
+    arena: Optional[HostArena] = None
+    groups: Tuple[Tuple[int, int], ...] = ()
+    specs: Tuple[tuple, ...] = ()
     staging_seconds: float = 0.0
     wait_for_copies: Optional[Callable[[], None]] = None
 
     def materialize(self) -> Any:
         """Rebuild the checkpoint object with host tensors, ready for ``torch.save``."""
+        self.wait()
+        return restore(self.skeleton, self.tensors)
+
+    def wait(self) -> None:
+        """Wait for asynchronous device-to-host copies (CUDA) to land in the host buffers."""
         if self.wait_for_copies is not None:
             self.wait_for_copies()
             self.wait_for_copies = None
-        return _TensorRestorer(self.skeleton, self.tensors).load()
-
-
-# (device type, storage bytes) per distinct storage, then per tensor:
-# (storage index, dtype, size, stride, offset, requires_grad)
-_Layout = Tuple[Tuple[Tuple[str, int], ...], Tuple[Tuple[int, torch.dtype, tuple, tuple, int, bool], ...]]
 
 
 @dataclass
 class StagingSlot:
-    """Host buffers for one in-flight checkpoint, kept and reused while the layout repeats."""
+    """Host memory for one in-flight checkpoint, kept and reused while the layout repeats."""
 
     index: int
+    arena_kind: str = "plain"
     layout: Optional[_Layout] = None
-    buffers: List[torch.UntypedStorage] = field(default_factory=list)
+    arena: Optional[HostArena] = None
+    groups: Tuple[Tuple[int, int], ...] = ()
     byte_views: List[torch.Tensor] = field(default_factory=list)
     views: List[torch.Tensor] = field(default_factory=list)
     whole_copy: List[bool] = field(default_factory=list)
@@ -106,25 +197,16 @@ class StagingSlot:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes() for b in self.buffers)
+        return self.arena.nbytes if self.arena is not None else 0
 
     def release_memory(self) -> None:
         self.layout = None
-        self.buffers = []
+        self.arena = None
+        self.groups = ()
         self.byte_views = []
         self.views = []
         self.whole_copy = []
         self.members = []
-
-
-def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-
-
-def _new_host_buffer(nbytes: int, pinned: bool) -> torch.UntypedStorage:
-    if pinned:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).untyped_storage()
-    return torch.UntypedStorage(nbytes)
 
 
 class Stager:
@@ -138,16 +220,18 @@ class Stager:
         skeleton, tensors = self._split(checkpoint, path)
         xla = [i for i, t in enumerate(tensors) if t.device.type == "xla"]
         if xla:
-            tensors = list(tensors)
             from .xla import transfer_to_cpu
 
-            for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla])):
+            for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
                 tensors[i] = cpu_tensor
-        staged, tensor_bytes, waiter = self._copy_into(slot, tensors)
+        tensor_bytes, waiter = self._copy_into(slot, tensors)
         return StagedCheckpoint(
             skeleton=skeleton,
-            tensors=staged,
+            tensors=list(slot.views),
             tensor_bytes=tensor_bytes,
+            arena=slot.arena,
+            groups=slot.groups,
+            specs=slot.layout[1] if slot.layout else (),
             staging_seconds=time.perf_counter() - started,
             wait_for_copies=waiter,
         )
@@ -162,9 +246,7 @@ class Stager:
             raise NotSerializableError(describe_unpicklable(checkpoint, path, err), path) from err
         return buffer.getvalue(), collector.tensors
 
-    def _copy_into(
-        self, slot: StagingSlot, tensors: List[torch.Tensor]
-    ) -> Tuple[List[torch.Tensor], int, Optional[Callable[[], None]]]:
+    def _copy_into(self, slot: StagingSlot, tensors: List[torch.Tensor]) -> Tuple[int, Optional[Callable[[], None]]]:
         storages: List[torch.UntypedStorage] = []
         storage_keys: Dict[Any, int] = {}
         per_tensor = []
@@ -184,35 +266,39 @@ class Stager:
             self._plan(slot, layout, tensors)
         with torch.no_grad():
             waiter = self._copy(slot, tensors, storages)
-        tensor_bytes = sum(nbytes for _, nbytes in layout[0])
-        return list(slot.views), tensor_bytes, waiter
+        return sum(nbytes for _, nbytes in layout[0]), waiter
 
     @staticmethod
     def _plan(slot: StagingSlot, layout: _Layout, tensors: List[torch.Tensor]) -> None:
-        """Allocate (or reuse by size) host buffers and build the views the writer will save."""
-        spare: Dict[Tuple[int, bool], List[torch.UntypedStorage]] = {}
-        for buf in slot.buffers:
-            spare.setdefault((buf.nbytes(), buf.is_pinned()), []).append(buf)
+        """Lay the storages out in the slot's arena (reused when big enough) and build views."""
+        storage_sizes, per_tensor = layout
+        groups = []
+        total = 0
+        for _, nbytes in storage_sizes:
+            groups.append((total, nbytes))
+            total += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        kind = slot.arena_kind
+        if kind == "plain" and any(device == "cuda" for device, _ in storage_sizes):
+            kind = "pinned"
+        arena = slot.arena
         slot.release_memory()
-        groups, per_tensor = layout
-        buffers = []
-        for device_type, nbytes in groups:
-            pinned = device_type == "cuda"
-            pool = spare.get((nbytes, pinned))
-            buffers.append(pool.pop() if pool else _new_host_buffer(nbytes, pinned))
-        spare.clear()
+        # Keep the arena when it fits and is not more than twice the need, so staging memory
+        # stays within max_pending times the checkpoint's tensor bytes (plus alignment).
+        if arena is None or arena.kind != kind or not (total <= arena.nbytes <= 2 * total):
+            arena = None  # drop the old block before allocating the new one
+            arena = HostArena(total, kind)
+        slot.arena = arena
+        slot.groups = tuple(groups)
+        host_storages = storages_in(arena.tensor, groups)
+        slot.views = build_views(host_storages, per_tensor)
+        slot.byte_views = [_byte_view(st) for st in host_storages]
         members: List[List[int]] = [[] for _ in groups]
-        views = []
-        for i, (group, dtype, size, stride, offset, requires_grad) in enumerate(per_tensor):
-            view = torch.empty(0, dtype=dtype).set_(buffers[group], offset, size, stride)
-            if requires_grad:
-                view.requires_grad_(True)
-            views.append(view)
-            members[group].append(i)
+        for i, spec in enumerate(per_tensor):
+            members[spec[0]].append(i)
         # A storage viewed by exactly one contiguous tensor that spans it is copied tensor to
         # tensor; anything else (views, shared storage, gaps) is copied as raw bytes.
         whole_copy = []
-        for group, (_, nbytes) in enumerate(groups):
+        for group, (_, nbytes) in enumerate(storage_sizes):
             only = members[group][0] if len(members[group]) == 1 else None
             whole_copy.append(
                 only is not None
@@ -221,9 +307,6 @@ class Stager:
                 and tensors[only].numel() * tensors[only].element_size() == nbytes
             )
         slot.layout = layout
-        slot.buffers = buffers
-        slot.byte_views = [_byte_view(b) for b in buffers]
-        slot.views = views
         slot.whole_copy = whole_copy
         slot.members = members
 
@@ -248,9 +331,11 @@ class Stager:
             if dst:
                 torch._foreach_copy_(dst, src)
             return None
-        return self._copy_from_cuda(dst, src)
+        return self._copy_from_cuda(dst, src, wait_here=slot.arena_kind == "shared")
 
-    def _copy_from_cuda(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> Callable[[], None]:
+    def _copy_from_cuda(
+        self, dst: List[torch.Tensor], src: List[torch.Tensor], wait_here: bool = False
+    ) -> Optional[Callable[[], None]]:
         """Device-to-pinned-host copies on a side stream, ordered against the training stream.
 
         The side stream first waits for the current stream, so pending kernels that produce the
@@ -265,11 +350,15 @@ class Stager:
         current = torch.cuda.current_stream()
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            for d, s in zip(dst, src):
+            for d, s in zip(dst, src, strict=True):
                 d.copy_(s, non_blocking=s.device.type == "cuda")
                 if s.device.type == "cuda":
                     s.record_stream(stream)
             event = torch.cuda.Event()
             event.record(stream)
         current.wait_event(event)
+        if wait_here:
+            # The writer process cannot wait on this process's CUDA event; finish the copy now.
+            event.synchronize()
+            return None
         return event.synchronize
