@@ -75,21 +75,8 @@ class AsyncAPIMixin:
         # From here to the return there is no await: the slot is either queued with the save or
         # given back, and no other task runs between the copy and the caller's next line.
         waited = time.perf_counter() - started
-        stage_started = time.perf_counter()
-        try:
-            staged = self._stager.stage(checkpoint, slot, key)
-        except BaseException:
-            self._release_slot(slot)
-            raise
-        blocking = time.perf_counter() - stage_started  # the loop was blocked this long
-        wrapped = self._wrapped()
-
-        def write() -> float:
-            write_started = time.perf_counter()
-            wrapped.save_checkpoint(staged.materialize(), path, storage_options=storage_options)
-            return time.perf_counter() - write_started
-
-        self._submit("save", key, write, context=(slot, staged, waited, blocking))
+        # the loop is blocked from here to the return: staging only, measured as blocking time
+        self._stage_and_submit(checkpoint, path, key, storage_options, slot, time.perf_counter(), waited)
 
     async def aload_checkpoint(
         self, path: PathLike, map_location: Any | None = None, weights_only: bool | None = None

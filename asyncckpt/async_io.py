@@ -37,7 +37,7 @@ from .writer import Operation, ThreadWriter
 log = logging.getLogger("asyncckpt")
 
 WHEN_FULL_CHOICES = ("wait", "raise")
-WRITER_CHOICES = ("thread",)
+WRITER_CHOICES = ("thread", "process")
 _STATS_KEPT = 1000
 _POLL_SECONDS = 0.5
 
@@ -60,7 +60,13 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             this times the checkpoint's tensor bytes). One more save waits for a slot.
         when_full: ``"wait"`` (block until a slot frees) or ``"raise"`` (raise
             :class:`QueueFullError` at once, nothing staged).
-        writer: ``"thread"``.
+        writer: ``"thread"`` (a background thread; ``torch.save`` releases the GIL while it
+            writes tensor bytes) or ``"process"`` (a persistent spawned process writing from
+            shared memory, so serialization never competes with training for the GIL; the
+            wrapped IO must be picklable). If the writer process dies, the operations it had
+            in flight fail with :class:`WriterDiedError` and the next operation starts a new one.
+        writer_nice: niceness added to the writer process (``writer="process"`` only), so
+            the OS favours the training process when both want a core.
         exit_timeout: seconds allowed at interpreter exit or on SIGTERM to write pending saves.
         handle_sigterm: install a SIGTERM handler that writes pending saves before the process
             ends, then hands the signal on (see :mod:`asyncckpt._exit`).
@@ -73,6 +79,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         max_pending: int = 2,
         when_full: str = "wait",
         writer: str = "thread",
+        writer_nice: int = 0,
         exit_timeout: float = 300.0,
         handle_sigterm: bool = True,
     ) -> None:
@@ -84,11 +91,15 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self.max_pending = max_pending
         self.when_full = _choice("when_full", when_full, WHEN_FULL_CHOICES)
         self.writer_kind = _choice("writer", writer, WRITER_CHOICES)
+        if not isinstance(writer_nice, int) or not 0 <= writer_nice <= 19:
+            raise ValueError(f"writer_nice must be an integer from 0 to 19, got {writer_nice!r}")
+        self.writer_nice = writer_nice
         self.exit_timeout = float(exit_timeout)
         self._cv = threading.Condition(threading.RLock())
-        self._free_slots: List[StagingSlot] = [StagingSlot(i) for i in range(max_pending)]
+        arena_kind = "shared" if writer == "process" else "plain"
+        self._free_slots: List[StagingSlot] = [StagingSlot(i, arena_kind) for i in range(max_pending)]
         self._stager = Stager()
-        self._writer: Optional[ThreadWriter] = None
+        self._writer: Optional[Any] = None
         self._submitted = 0
         self._done = 0
         self._last_seq_by_path: Dict[str, int] = {}
@@ -129,21 +140,28 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._raise_pending_errors()
         started = time.perf_counter()
         slot = self._acquire_slot(key)
-        waited = time.perf_counter() - started
+        self._stage_and_submit(checkpoint, path, key, storage_options, slot, started, time.perf_counter() - started)
+
+    def _stage_and_submit(
+        self,
+        checkpoint: Any,
+        path: PathLike,
+        key: str,
+        storage_options: Any,
+        slot: StagingSlot,
+        blocking_since: float,
+        waited: float,
+    ) -> None:
+        """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
         try:
             staged = self._stager.stage(checkpoint, slot, key)
         except BaseException:
             self._release_slot(slot)
             raise
-        blocking = time.perf_counter() - started
-        wrapped = self._wrapped()
-
-        def write() -> float:
-            write_started = time.perf_counter()
-            wrapped.save_checkpoint(staged.materialize(), path, storage_options=storage_options)
-            return time.perf_counter() - write_started
-
-        self._submit("save", key, write, context=(slot, staged, waited, blocking))
+        op = Operation(0, "save", key, path, self._on_done, storage_options=storage_options, staged=staged, slot=slot)
+        op.wait_seconds = waited
+        op.blocking_seconds = time.perf_counter() - blocking_since
+        self._submit(op)
 
     def load_checkpoint(
         self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
@@ -163,8 +181,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """Queue the removal of ``path``, after every earlier operation on it."""
         key = self._path_key(path)
         self._raise_pending_errors()
-        wrapped = self._wrapped()
-        self._submit("remove", key, lambda: wrapped.remove_checkpoint(path))
+        self._submit(Operation(0, "remove", key, path, self._on_done))
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait until every operation submitted before this call is done, then raise failures."""
@@ -236,18 +253,26 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     # -- submission and completion --------------------------------------------------------
 
-    def _submit(self, kind: str, key: str, run: Any, context: Any = None) -> None:
+    def _submit(self, op: Operation) -> None:
         with self._cv:
             if self._writer is None or not self._writer.alive:
-                self._writer = ThreadWriter()
-                self._writer.start()
-                writer = self._writer
-                weakref.finalize(self, writer.stop, 0)
+                self._writer = self._new_writer()
             self._submitted += 1
-            op = Operation(self._submitted, kind, key, run, self._on_done, context)
-            self._last_seq_by_path[key] = op.seq
-            self._pending_paths[op.seq] = key
+            op.seq = self._submitted
+            self._last_seq_by_path[op.path] = op.seq
+            self._pending_paths[op.seq] = op.path
             self._writer.submit(op)
+
+    def _new_writer(self) -> Any:
+        if self.writer_kind == "process":
+            from .process_writer import ProcessWriter
+
+            writer: Any = ProcessWriter(self._wrapped(), nice=self.writer_nice)
+        else:
+            writer = ThreadWriter(self._wrapped())
+        writer.start()
+        weakref.finalize(self, writer.stop, 5)
+        return writer
 
     def _on_done(self, op: Operation, error: Optional[BaseException]) -> None:
         """Runs on the writer: release the slot, record stats or the error, wake waiters."""
@@ -256,29 +281,31 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             log.error("asyncckpt: %s", wrapped_error, exc_info=error)
         with self._cv:
             if op.kind == "save":
-                slot, staged, waited, blocking = op.context
-                self._free_slots.append(slot)
+                self._free_slots.append(op.slot)
                 if error is None:
-                    record = SaveStats(
-                        path=op.path,
-                        blocking_seconds=blocking,
-                        wait_seconds=waited,
-                        staging_seconds=staged.staging_seconds,
-                        write_seconds=op.result,
-                        tensor_bytes=staged.tensor_bytes,
+                    self._stats.append(
+                        SaveStats(
+                            path=op.path,
+                            blocking_seconds=op.blocking_seconds,
+                            wait_seconds=op.wait_seconds,
+                            staging_seconds=op.staged.staging_seconds,
+                            write_seconds=op.write_seconds,
+                            tensor_bytes=op.staged.tensor_bytes,
+                        )
                     )
-                    self._stats.append(record)
             if error is not None:
                 self._errors.append(wrapped_error)
             self._done += 1
             self._pending_paths.pop(op.seq, None)
             if self._last_seq_by_path.get(op.path) == op.seq:
                 del self._last_seq_by_path[op.path]
-            op.context = None
+            op.staged = op.slot = None
             self._cv.notify_all()
 
     @staticmethod
     def _background_error(op: Operation, error: BaseException) -> AsyncCheckpointError:
+        if isinstance(error, WriterDiedError):
+            return error
         if op.kind == "save":
             err: AsyncCheckpointError = CheckpointSaveError(
                 f"saving checkpoint {op.path!r} failed in the background: {type(error).__name__}: {error}", op.path

@@ -2,6 +2,8 @@
 
 A single worker keeps the order contract trivially true: a remove queued after a save to the
 same path runs after that save commits, and a save queued after a remove re-creates the file.
+The writer owns the wrapped ``CheckpointIO``; :class:`ThreadWriter` runs it on a thread,
+:class:`asyncckpt.process_writer.ProcessWriter` in a separate process.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Optional
 
@@ -17,15 +20,35 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Operation:
-    """One unit of background work: a save or a remove of ``path``."""
+    """One unit of background work: a save or a remove of ``path``.
+
+    ``path`` is the normalized key used for ordering; ``target`` is the path exactly as the
+    caller gave it, handed to the wrapped IO.
+    """
 
     seq: int
     kind: str
     path: str
-    run: Callable[[], Any]
+    target: Any
     on_done: Callable[["Operation", Optional[BaseException]], None]
-    context: Any = field(default=None, repr=False)
-    result: Any = field(default=None, repr=False)
+    storage_options: Any = None
+    staged: Any = field(default=None, repr=False)
+    slot: Any = field(default=None, repr=False)
+    wait_seconds: float = 0.0
+    blocking_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+
+def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
+    """Run ``op`` against ``checkpoint_io``; for a save, ``checkpoint`` is the rebuilt object."""
+    if op.kind == "save":
+        started = time.perf_counter()
+        checkpoint_io.save_checkpoint(checkpoint, op.target, storage_options=op.storage_options)
+        op.write_seconds = time.perf_counter() - started
+    elif op.kind == "remove":
+        checkpoint_io.remove_checkpoint(op.target)
+    else:
+        raise ValueError(f"unknown operation kind {op.kind!r}")
 
 
 class ThreadWriter:
@@ -36,8 +59,10 @@ class ThreadWriter:
     """
 
     kind = "thread"
+    arena_kind = "plain"
 
-    def __init__(self, name: str = "asyncckpt-writer") -> None:
+    def __init__(self, checkpoint_io: Any, name: str = "asyncckpt-writer") -> None:
+        self._io = checkpoint_io
         self._name = name
         self._queue: Deque[Operation] = collections.deque()
         self._cv = threading.Condition()
@@ -84,7 +109,7 @@ class ThreadWriter:
                 op = self._queue.popleft()
             error: Optional[BaseException] = None
             try:
-                op.result = op.run()
+                perform(self._io, op, op.staged.materialize() if op.kind == "save" else None)
             except BaseException as err:  # noqa: BLE001 - every failure is reported, none kills the loop
                 error = err
             try:

@@ -3,9 +3,11 @@ test needs an operation to be in flight (fault injection by design, said where u
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
-from typing import Any, Dict, List
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
@@ -16,36 +18,75 @@ from asyncckpt.storage import is_temp_file
 torch.set_num_threads(1)
 
 
+class FileEvent:
+    """A ``threading.Event`` look-alike backed by a file, so it works across processes too.
+
+    The process writer runs the wrapped IO in another process; the tests hold its writes with
+    these the same way they hold the thread writer's.
+    """
+
+    def __init__(self, path: str, initially_set: bool = False) -> None:
+        self.path = path
+        if initially_set:
+            self.set()
+
+    def set(self) -> None:
+        open(self.path, "a").close()
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def is_set(self) -> bool:
+        return os.path.exists(self.path)
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+
 class GatedIO(TorchCheckpointIO):
     """A real TorchCheckpointIO whose saves wait for ``gate`` first.
 
     Holding the gate keeps a write in flight for as long as a test needs, deterministically.
     File names starting with ``fail`` raise ENOSPC after the gate (fault injection: a storage
-    backend error).
+    backend error). Works in the writer process too (its events and log are files).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Optional[str] = None) -> None:
         super().__init__()
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = threading.Event()
-        self.log: List[str] = []
-        self.lock = threading.Lock()
+        folder = folder or tempfile.mkdtemp(prefix="gated-io-")
+        self.gate = FileEvent(os.path.join(folder, "gate-open"), initially_set=True)
+        self.started = FileEvent(os.path.join(folder, "save-started"))
+        self._log_path = os.path.join(folder, "log")
+
+    @property
+    def log(self) -> List[str]:
+        try:
+            with open(self._log_path) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def _record(self, line: str) -> None:
+        with open(self._log_path, "a") as f:
+            f.write(line + "\n")
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        with self.lock:
-            self.log.append(f"save-start {os.fspath(path)}")
+        self._record(f"save-start {os.fspath(path)}")
         self.started.set()
         assert self.gate.wait(60), "test gate never opened"
         if os.path.basename(os.fspath(path)).startswith("fail"):
             raise OSError(28, "No space left on device (injected)")
         super().save_checkpoint(checkpoint, path, storage_options)
-        with self.lock:
-            self.log.append(f"save-done {os.fspath(path)}")
+        self._record(f"save-done {os.fspath(path)}")
 
     def remove_checkpoint(self, path: Any) -> None:
-        with self.lock:
-            self.log.append(f"remove {os.fspath(path)}")
+        self._record(f"remove {os.fspath(path)}")
         super().remove_checkpoint(path)
 
 
@@ -71,8 +112,16 @@ def model_checkpoint(step: int, width: int = 64) -> Dict[str, Any]:
 
 
 @pytest.fixture
-def gated_io() -> GatedIO:
-    return GatedIO()
+def gated_io(tmp_path) -> GatedIO:
+    folder = tmp_path / "gate"
+    folder.mkdir()
+    return GatedIO(str(folder))
+
+
+@pytest.fixture(params=["thread", "process"])
+def writer(request) -> str:
+    """Run a test against both writers; the contract is the same for each."""
+    return request.param
 
 
 def load(path: Any) -> Any:

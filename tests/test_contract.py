@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-from conftest import FailingIO, GatedIO, load, temp_files
+from conftest import FailingIO, FileEvent, GatedIO, load, temp_files
 
 from asyncckpt import (
     AsyncCheckpointIO,
@@ -22,8 +22,8 @@ from asyncckpt import (
 # -- 1. Point in time ------------------------------------------------------------------------
 
 
-def test_tensor_changed_in_place_after_return_is_not_in_the_file(tmp_path, gated_io):
-    io = AsyncCheckpointIO(gated_io)
+def test_tensor_changed_in_place_after_return_is_not_in_the_file(tmp_path, gated_io, writer):
+    io = AsyncCheckpointIO(gated_io, writer=writer)
     weight = torch.arange(1000, dtype=torch.float32)
     gated_io.gate.clear()  # hold the write, so the change lands while the save is in flight
     io.save_checkpoint({"w": weight}, tmp_path / "a.ckpt")
@@ -34,14 +34,14 @@ def test_tensor_changed_in_place_after_return_is_not_in_the_file(tmp_path, gated
     io.teardown()
 
 
-def test_optimizer_step_after_return_is_not_in_the_file(tmp_path, gated_io):
+def test_optimizer_step_after_return_is_not_in_the_file(tmp_path, gated_io, writer):
     model = torch.nn.Linear(16, 4)
     opt = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 16)).sum().backward()
     opt.step()
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     expected_avg = opt.state_dict()["state"][0]["exp_avg"].clone()
-    io = AsyncCheckpointIO(gated_io)
+    io = AsyncCheckpointIO(gated_io, writer=writer)
     gated_io.gate.clear()
     io.save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "a.ckpt")
     model(torch.randn(2, 16)).sum().backward()
@@ -54,8 +54,8 @@ def test_optimizer_step_after_return_is_not_in_the_file(tmp_path, gated_io):
     assert torch.equal(out["opt"]["state"][0]["exp_avg"], expected_avg)
 
 
-def test_nested_containers_changed_after_return_are_not_in_the_file(tmp_path, gated_io):
-    io = AsyncCheckpointIO(gated_io)
+def test_nested_containers_changed_after_return_are_not_in_the_file(tmp_path, gated_io, writer):
+    io = AsyncCheckpointIO(gated_io, writer=writer)
     history = [1, 2, {"lr": 0.1}]
     ckpt = {"history": history, "meta": {"epoch": 3}, "od": collections.OrderedDict(a=1)}
     gated_io.gate.clear()
@@ -73,8 +73,8 @@ def test_nested_containers_changed_after_return_are_not_in_the_file(tmp_path, ga
 
 
 @pytest.mark.parametrize("max_pending", [1, 2])
-def test_reused_staging_buffers_never_leak_one_save_into_another(tmp_path, max_pending):
-    io = AsyncCheckpointIO(max_pending=max_pending)
+def test_reused_staging_buffers_never_leak_one_save_into_another(tmp_path, max_pending, writer):
+    io = AsyncCheckpointIO(max_pending=max_pending, writer=writer)
     weight = torch.zeros(256, 256)
     for step in range(6):
         weight.fill_(float(step))
@@ -87,8 +87,8 @@ def test_reused_staging_buffers_never_leak_one_save_into_another(tmp_path, max_p
     io.teardown()
 
 
-def test_staging_buffers_are_reused_from_save_to_save(tmp_path):
-    io = AsyncCheckpointIO(max_pending=1)
+def test_staging_buffers_are_reused_from_save_to_save(tmp_path, writer):
+    io = AsyncCheckpointIO(max_pending=1, writer=writer)
     weight = torch.randn(128, 128)
     io.save_checkpoint({"w": weight}, tmp_path / "a.ckpt")
     io.flush()
@@ -103,8 +103,8 @@ def test_staging_buffers_are_reused_from_save_to_save(tmp_path):
 # -- 2. Order --------------------------------------------------------------------------------
 
 
-def test_remove_right_after_save_leaves_no_file(tmp_path, gated_io):
-    io = AsyncCheckpointIO(gated_io)
+def test_remove_right_after_save_leaves_no_file(tmp_path, gated_io, writer):
+    io = AsyncCheckpointIO(gated_io, writer=writer)
     gated_io.gate.clear()
     io.save_checkpoint({"x": torch.ones(3)}, tmp_path / "a.ckpt")
     io.remove_checkpoint(tmp_path / "a.ckpt")
@@ -117,8 +117,8 @@ def test_remove_right_after_save_leaves_no_file(tmp_path, gated_io):
     io.teardown()
 
 
-def test_save_after_remove_recreates_the_file(tmp_path):
-    io = AsyncCheckpointIO()
+def test_save_after_remove_recreates_the_file(tmp_path, writer):
+    io = AsyncCheckpointIO(writer=writer)
     io.save_checkpoint({"v": 1}, tmp_path / "a.ckpt")
     io.remove_checkpoint(tmp_path / "a.ckpt")
     io.save_checkpoint({"v": 2}, tmp_path / "a.ckpt")
@@ -127,8 +127,8 @@ def test_save_after_remove_recreates_the_file(tmp_path):
     io.teardown()
 
 
-def test_load_right_after_save_waits_for_the_write(tmp_path, gated_io):
-    io = AsyncCheckpointIO(gated_io)
+def test_load_right_after_save_waits_for_the_write(tmp_path, gated_io, writer):
+    io = AsyncCheckpointIO(gated_io, writer=writer)
     io.save_checkpoint({"v": torch.zeros(4)}, tmp_path / "a.ckpt")
     io.flush()
     gated_io.gate.clear()
@@ -141,8 +141,8 @@ def test_load_right_after_save_waits_for_the_write(tmp_path, gated_io):
     io.teardown()
 
 
-def test_saves_to_one_path_take_effect_in_call_order(tmp_path):
-    io = AsyncCheckpointIO(max_pending=3)
+def test_saves_to_one_path_take_effect_in_call_order(tmp_path, writer):
+    io = AsyncCheckpointIO(max_pending=3, writer=writer)
     for step in range(10):
         io.save_checkpoint({"step": step, "t": torch.full((100,), step)}, tmp_path / "last.ckpt")
     io.flush()
@@ -150,8 +150,8 @@ def test_saves_to_one_path_take_effect_in_call_order(tmp_path):
     io.teardown()
 
 
-def test_saves_from_several_threads_all_land(tmp_path):
-    io = AsyncCheckpointIO(max_pending=2)
+def test_saves_from_several_threads_all_land(tmp_path, writer):
+    io = AsyncCheckpointIO(max_pending=2, writer=writer)
     errors = []
 
     def worker(n):
@@ -179,40 +179,46 @@ def test_saves_from_several_threads_all_land(tmp_path):
 # -- 3. Bounded ------------------------------------------------------------------------------
 
 
-def test_one_save_more_than_max_pending_waits_for_a_write(tmp_path, gated_io):
-    io = AsyncCheckpointIO(gated_io, max_pending=1)
-    second_returned = threading.Event()
-    seen_when_first_written = []
-    original = gated_io.save_checkpoint
+class RecordsWhetherSecondSaveReturned(GatedIO):
+    """Notes, when the first file is committed, whether the second save had already returned."""
 
-    def record_then_save(checkpoint, path, storage_options=None):
-        original(checkpoint, path, storage_options)
-        if os.fspath(path).endswith("a.ckpt"):
-            seen_when_first_written.append(second_returned.is_set())
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.second_returned = FileEvent(os.path.join(folder, "second-returned"))
+        self.seen = FileEvent(os.path.join(folder, "second-returned-before-first-write"))
 
-    gated_io.save_checkpoint = record_then_save
-    gated_io.gate.clear()
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        super().save_checkpoint(checkpoint, path, storage_options)
+        if os.fspath(path).endswith("a.ckpt") and self.second_returned.is_set():
+            self.seen.set()
+
+
+def test_one_save_more_than_max_pending_waits_for_a_write(tmp_path, writer):
+    (tmp_path / "gate").mkdir()
+    gated = RecordsWhetherSecondSaveReturned(str(tmp_path / "gate"))
+    io = AsyncCheckpointIO(gated, max_pending=1, writer=writer)
+    gated.gate.clear()
     io.save_checkpoint({"x": torch.ones(10)}, tmp_path / "a.ckpt")
 
     def second():
         io.save_checkpoint({"x": torch.zeros(10)}, tmp_path / "b.ckpt")
-        second_returned.set()
+        gated.second_returned.set()
 
     thread = threading.Thread(target=second)
     thread.start()
-    assert gated_io.started.wait(10)
-    assert not second_returned.is_set()
-    gated_io.gate.set()
-    assert second_returned.wait(10)
+    assert gated.started.wait(30)
+    assert not gated.second_returned.is_set()
+    gated.gate.set()
+    assert gated.second_returned.wait(30)
     thread.join()
     io.flush()
-    assert seen_when_first_written == [False]
+    assert not gated.seen.is_set(), "the second save returned before the first was written"
     assert (tmp_path / "b.ckpt").exists()
     io.teardown()
 
 
-def test_when_full_raise_refuses_without_staging(tmp_path, gated_io):
-    io = AsyncCheckpointIO(gated_io, max_pending=1, when_full="raise")
+def test_when_full_raise_refuses_without_staging(tmp_path, gated_io, writer):
+    io = AsyncCheckpointIO(gated_io, max_pending=1, when_full="raise", writer=writer)
     gated_io.gate.clear()
     io.save_checkpoint({"x": 1}, tmp_path / "a.ckpt")
     with pytest.raises(QueueFullError, match="max_pending|staging slots"):
@@ -224,8 +230,8 @@ def test_when_full_raise_refuses_without_staging(tmp_path, gated_io):
     assert load(tmp_path / "b.ckpt") == {"x": 3}
 
 
-def test_staging_memory_is_at_most_max_pending_checkpoints(tmp_path):
-    io = AsyncCheckpointIO(max_pending=2)
+def test_staging_memory_is_at_most_max_pending_checkpoints(tmp_path, writer):
+    io = AsyncCheckpointIO(max_pending=2, writer=writer)
     ckpt = {"a": torch.randn(1000, 100), "b": torch.randn(500), "tied": None}
     ckpt["tied"] = ckpt["a"][10:20]
     ckpt_bytes = ckpt["a"].untyped_storage().nbytes() + ckpt["b"].untyped_storage().nbytes()
@@ -257,8 +263,8 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path):
     assert temp_files(str(tmp_path)) == []
 
 
-def test_no_temp_files_survive_a_clean_run(tmp_path):
-    io = AsyncCheckpointIO()
+def test_no_temp_files_survive_a_clean_run(tmp_path, writer):
+    io = AsyncCheckpointIO(writer=writer)
     for i in range(5):
         io.save_checkpoint({"i": torch.full((100,), i)}, tmp_path / "sub" / f"{i}.ckpt")
         io.save_checkpoint({"i": torch.full((100,), i)}, tmp_path / "sub" / "last.ckpt")
@@ -286,8 +292,8 @@ def test_stale_temp_files_of_dead_processes_are_cleaned(tmp_path):
 # -- 5. Loud ---------------------------------------------------------------------------------
 
 
-def test_background_failure_is_logged_then_raised_once_by_the_next_call(tmp_path, caplog):
-    io = AsyncCheckpointIO(FailingIO())
+def test_background_failure_is_logged_then_raised_once_by_the_next_call(tmp_path, caplog, writer):
+    io = AsyncCheckpointIO(FailingIO(), writer=writer)
     with caplog.at_level(logging.ERROR, logger="asyncckpt"):
         io.save_checkpoint({"x": torch.ones(3)}, tmp_path / "fail.ckpt")
         with pytest.raises(CheckpointSaveError) as info:
@@ -303,8 +309,8 @@ def test_background_failure_is_logged_then_raised_once_by_the_next_call(tmp_path
 
 
 @pytest.mark.parametrize("next_call", ["save", "flush", "teardown", "load", "remove"])
-def test_every_entry_point_raises_a_pending_failure(tmp_path, next_call):
-    io = AsyncCheckpointIO(FailingIO())
+def test_every_entry_point_raises_a_pending_failure(tmp_path, next_call, writer):
+    io = AsyncCheckpointIO(FailingIO(), writer=writer)
     io.save_checkpoint({"x": 1}, tmp_path / "fail.ckpt")
     io._wait_until(io._submitted, 30)
     calls = {
@@ -319,8 +325,8 @@ def test_every_entry_point_raises_a_pending_failure(tmp_path, next_call):
     io.teardown()
 
 
-def test_parent_turned_into_a_file_while_queued_is_raised_naming_the_path(tmp_path, gated_io):
-    io = AsyncCheckpointIO(gated_io)
+def test_parent_turned_into_a_file_while_queued_is_raised_naming_the_path(tmp_path, gated_io, writer):
+    io = AsyncCheckpointIO(gated_io, writer=writer)
     gated_io.gate.clear()
     io.save_checkpoint({"x": 1}, tmp_path / "later" / "a.ckpt")
     (tmp_path / "later").write_text("now a file")
@@ -330,17 +336,17 @@ def test_parent_turned_into_a_file_while_queued_is_raised_naming_the_path(tmp_pa
     io.teardown()
 
 
-def test_parent_is_a_file_is_refused_at_the_call(tmp_path):
+def test_parent_is_a_file_is_refused_at_the_call(tmp_path, writer):
     (tmp_path / "afile").write_text("x")
-    io = AsyncCheckpointIO()
+    io = AsyncCheckpointIO(writer=writer)
     with pytest.raises(InvalidPathError, match="afile"):
         io.save_checkpoint({"x": 1}, tmp_path / "afile" / "a.ckpt")
     io.teardown()
 
 
-def test_teardown_raises_a_failure_after_finishing_everything_else(tmp_path):
+def test_teardown_raises_a_failure_after_finishing_everything_else(tmp_path, writer):
     gated = GatedIO()
-    io = AsyncCheckpointIO(gated)
+    io = AsyncCheckpointIO(gated, writer=writer)
     gated.gate.clear()  # both saves are queued before the first one fails
     io.save_checkpoint({"x": 1}, tmp_path / "fail.ckpt")
     io.save_checkpoint({"x": 2}, tmp_path / "ok.ckpt")
@@ -354,8 +360,8 @@ def test_teardown_raises_a_failure_after_finishing_everything_else(tmp_path):
 # -- 6. Lifecycle ----------------------------------------------------------------------------
 
 
-def test_flush_returns_only_when_everything_before_it_is_done(tmp_path, gated_io):
-    io = AsyncCheckpointIO(gated_io, max_pending=3)
+def test_flush_returns_only_when_everything_before_it_is_done(tmp_path, gated_io, writer):
+    io = AsyncCheckpointIO(gated_io, max_pending=3, writer=writer)
     gated_io.gate.clear()
     for i in range(3):
         io.save_checkpoint({"i": i}, tmp_path / f"{i}.ckpt")
@@ -371,18 +377,20 @@ def test_flush_returns_only_when_everything_before_it_is_done(tmp_path, gated_io
     io.teardown()
 
 
-def test_teardown_is_idempotent_and_the_object_works_again(tmp_path):
-    class CountingIO(TorchCheckpointIO):
-        teardowns = 0
+class CountingIO(TorchCheckpointIO):
+    teardowns = 0
 
-        def teardown(self):
-            CountingIO.teardowns += 1
+    def teardown(self):
+        CountingIO.teardowns += 1
 
-    io = AsyncCheckpointIO(CountingIO())
+
+def test_teardown_is_idempotent_and_the_object_works_again(tmp_path, writer):
+    io = AsyncCheckpointIO(CountingIO(), writer=writer)
     io.save_checkpoint({"v": 1}, tmp_path / "a.ckpt")
+    CountingIO.teardowns = 0
     io.teardown()
     io.teardown()
-    assert CountingIO.teardowns == 2
+    assert CountingIO.teardowns == 2  # this process's copy; the writer process tears its own down
     assert io._writer is None
     io.save_checkpoint({"v": 2}, tmp_path / "b.ckpt")
     io.flush()
@@ -391,8 +399,8 @@ def test_teardown_is_idempotent_and_the_object_works_again(tmp_path):
     assert load(tmp_path / "a.ckpt") == {"v": 1}
 
 
-def test_stats_record_each_completed_save(tmp_path):
-    io = AsyncCheckpointIO()
+def test_stats_record_each_completed_save(tmp_path, writer):
+    io = AsyncCheckpointIO(writer=writer)
     io.save_checkpoint({"w": torch.ones(1000)}, tmp_path / "a.ckpt")
     io.flush()
     (record,) = io.stats
@@ -429,10 +437,10 @@ def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def test_files_open_with_plain_torch_load_and_round_trip_bitwise(tmp_path):
+def test_files_open_with_plain_torch_load_and_round_trip_bitwise(tmp_path, writer):
     ckpt = _roundtrip_cases()
     ckpt["same_again"] = ckpt["bf16"]
-    io = AsyncCheckpointIO()
+    io = AsyncCheckpointIO(writer=writer)
     io.save_checkpoint(ckpt, tmp_path / "a.ckpt")
     io.teardown()
     out = torch.load(tmp_path / "a.ckpt", weights_only=True)
@@ -448,9 +456,9 @@ def test_files_open_with_plain_torch_load_and_round_trip_bitwise(tmp_path):
     assert out["nan_inf"][3].item() == 0.0 and torch.signbit(out["nan_inf"][3])
 
 
-def test_file_is_byte_for_byte_what_torch_save_writes_for_the_same_data(tmp_path):
+def test_file_is_byte_for_byte_what_torch_save_writes_for_the_same_data(tmp_path, writer):
     ckpt = _roundtrip_cases()
-    io = AsyncCheckpointIO()
+    io = AsyncCheckpointIO(writer=writer)
     io.save_checkpoint(ckpt, tmp_path / "ours.ckpt")
     io.teardown()
     torch.save(ckpt, tmp_path / "plain.ckpt")
@@ -462,9 +470,9 @@ def test_file_is_byte_for_byte_what_torch_save_writes_for_the_same_data(tmp_path
         assert bytes(ours[key].untyped_storage()) == bytes(plain[key].untyped_storage())
 
 
-def test_parameters_and_module_objects_round_trip(tmp_path):
+def test_parameters_and_module_objects_round_trip(tmp_path, writer):
     model = torch.nn.Linear(3, 2)
-    io = AsyncCheckpointIO()
+    io = AsyncCheckpointIO(writer=writer)
     io.save_checkpoint({"p": model.weight, "module": model, "frozen": torch.nn.Parameter(torch.ones(2), False)},
                        tmp_path / "a.ckpt")
     io.teardown()
@@ -475,11 +483,11 @@ def test_parameters_and_module_objects_round_trip(tmp_path):
     assert torch.equal(out["module"].weight, model.weight)
 
 
-def test_file_loads_in_a_process_without_asyncckpt(tmp_path):
+def test_file_loads_in_a_process_without_asyncckpt(tmp_path, writer):
     import subprocess
     import sys
 
-    io = AsyncCheckpointIO()
+    io = AsyncCheckpointIO(writer=writer)
     io.save_checkpoint({"w": torch.arange(5), "meta": {"epoch": 2}}, tmp_path / "a.ckpt")
     io.teardown()
     code = (

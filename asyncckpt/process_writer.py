@@ -1,0 +1,241 @@
+"""The writer process: serialization and I/O outside the training process, free of its GIL.
+
+The parent stages checkpoints into arenas backed by anonymous shared memory (memfd). Each arena's
+descriptor is passed to the writer once (``SCM_RIGHTS`` over the command pipe); after that a
+save message carries only the pickled non-tensor skeleton and the tensor layout, and the writer
+rebuilds the tensors as views of its own mapping. No tensor bytes go through the pipe.
+
+If the writer process dies, every operation it had in flight fails with
+:class:`~asyncckpt.errors.WriterDiedError` (raised once by the next call into the engine) and
+their staging slots are freed; the next operation starts a fresh writer process. Nothing hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import traceback
+import weakref
+from multiprocessing import reduction
+from typing import Any, Dict, Optional, Tuple
+
+from .errors import WriterDiedError
+from .writer import Operation, perform
+
+log = logging.getLogger(__name__)
+
+
+class RemoteWriterError(Exception):
+    """An exception from the writer process that could not be pickled back as itself."""
+
+
+def _portable(err: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else a stand-in carrying its text."""
+    try:
+        clone = pickle.loads(pickle.dumps(err))
+        if isinstance(clone, BaseException):
+            clone.__notes__ = [f"in the writer process:\n{''.join(traceback.format_exception(err))}"]
+            return clone
+    except Exception:  # noqa: BLE001 - fall through to the text stand-in
+        pass
+    return RemoteWriterError(f"{type(err).__name__}: {err}\n{''.join(traceback.format_exception(err))}")
+
+
+class ProcessWriter:
+    """A persistent spawned process that performs operations in FIFO order."""
+
+    kind = "process"
+    arena_kind = "shared"
+
+    def __init__(self, checkpoint_io: Any, *, nice: int = 0, crc32: bool = True) -> None:
+        try:
+            self._io_bytes = pickle.dumps(checkpoint_io)
+        except Exception as err:
+            raise TypeError(
+                f"writer='process' sends the wrapped checkpoint_io to the writer process, but "
+                f"{checkpoint_io!r} cannot be pickled ({err}); use writer='thread' or make it picklable"
+            ) from err
+        self._nice = nice
+        self._crc32 = crc32
+        self._lock = threading.Lock()
+        self._inflight: Dict[int, Operation] = {}
+        self._arenas: Dict[int, "weakref.ref[Any]"] = {}
+        self._process: Optional[multiprocessing.process.BaseProcess] = None
+        self._conn: Any = None
+        self._reader: Optional[threading.Thread] = None
+        self._dead = False
+        self._stopping = False
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        self._process = ctx.Process(
+            target=_writer_main,
+            args=(child_conn, self._io_bytes, self._nice, self._crc32),
+            name="asyncckpt-writer",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        self._conn = parent_conn
+        self._reader = threading.Thread(target=self._read_replies, name="asyncckpt-writer-replies", daemon=True)
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead and self._process is not None and self._process.is_alive()
+
+    def submit(self, op: Operation) -> None:
+        with self._lock:
+            if self._dead or self._stopping:
+                raise RuntimeError("the writer process is not running; it takes no more operations")
+            self._inflight[op.seq] = op
+            try:
+                self._drop_released_arenas()
+                if op.kind == "save":
+                    staged = op.staged
+                    self._share_arena(staged.arena)
+                    message: Tuple[Any, ...] = (
+                        "save", op.seq, op.target, op.storage_options,
+                        staged.skeleton, staged.arena.id, staged.groups, staged.specs,
+                    )
+                else:
+                    message = (op.kind, op.seq, op.target)
+                self._conn.send(message)
+            except (OSError, EOFError, BrokenPipeError):
+                # The process is gone; the reply reader fails everything in flight, this included.
+                pass
+
+    def _share_arena(self, arena: Any) -> None:
+        if arena.id in self._arenas:
+            return
+        self._conn.send(("arena", arena.id, arena.nbytes))
+        reduction.send_handle(self._conn, arena.fd, self._process.pid)
+        self._arenas[arena.id] = weakref.ref(arena)
+
+    def _drop_released_arenas(self) -> None:
+        for arena_id, ref in list(self._arenas.items()):
+            if ref() is None:
+                del self._arenas[arena_id]
+                self._conn.send(("drop", arena_id))
+
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                reply = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if reply[0] == "done":
+                _, seq, error, write_seconds = reply
+                with self._lock:
+                    op = self._inflight.pop(seq, None)
+                if op is None:
+                    continue
+                op.write_seconds = write_seconds or 0.0
+                op.on_done(op, error)
+            elif reply[0] == "stopped":
+                break
+        self._fail_inflight()
+
+    def _fail_inflight(self) -> None:
+        process = self._process
+        if process is not None:
+            process.join(5)
+        with self._lock:
+            self._dead = True
+            lost = sorted(self._inflight.values(), key=lambda op: op.seq)
+            self._inflight.clear()
+        if not lost:
+            return
+        code = process.exitcode if process is not None else None
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        for op in lost:
+            err = WriterDiedError(
+                f"the asyncckpt writer process (pid {self.pid}) {how} before finishing the {op.kind} "
+                f"of {op.path!r}; the engine starts a new writer process for the next operation",
+                op.path,
+            )
+            op.on_done(op, err)
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Finish what is queued, end the process and reap it (no zombie is left)."""
+        with self._lock:
+            if self._process is None:
+                return True
+            self._stopping = True
+            if not self._dead:
+                try:
+                    self._conn.send(("stop",))
+                except OSError:
+                    pass
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(5)
+        self._conn.close()
+        return True
+
+
+def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
+    """The writer process's loop: map arenas, rebuild checkpoints from them, write in order."""
+    # Preemption sends SIGTERM to every process of the job; the parent drains this process
+    # before it exits, so the writer must not die first. SIGINT likewise belongs to the parent.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
+    import torch
+
+    from .staging import build_views, restore, storages_in
+
+    torch.set_num_threads(1)
+    if not crc32:
+        torch.utils.serialization.config.save.compute_crc32 = False
+    checkpoint_io = pickle.loads(io_bytes)
+    arenas: Dict[int, Tuple[mmap.mmap, Any]] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break  # the parent is gone; everything it sent has been handled
+        kind = message[0]
+        if kind == "arena":
+            _, arena_id, nbytes = message
+            fd = reduction.recv_handle(conn)
+            mapping = mmap.mmap(fd, max(nbytes, 1))
+            os.close(fd)
+            arenas[arena_id] = (mapping, torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes])
+        elif kind == "drop":
+            arenas.pop(message[1], None)
+        elif kind == "stop":
+            try:
+                checkpoint_io.teardown()
+            except Exception:  # noqa: BLE001 - the parent tears down its own copy and reports
+                log.exception("asyncckpt: teardown of the wrapped IO in the writer process failed")
+            conn.send(("stopped",))
+            break
+        else:
+            op = Operation(seq=message[1], kind=kind, path=str(message[2]), target=message[2], on_done=None)
+            error: Optional[BaseException] = None
+            try:
+                checkpoint = None
+                if kind == "save":
+                    _, _, _, op.storage_options, skeleton, arena_id, groups, specs = message
+                    views = build_views(storages_in(arenas[arena_id][1], groups), specs)
+                    checkpoint = restore(skeleton, views)
+                perform(checkpoint_io, op, checkpoint)
+            except BaseException as err:  # noqa: BLE001 - reported to the parent, never fatal here
+                error = _portable(err)
+            checkpoint = None
+            conn.send(("done", op.seq, error, op.write_seconds))
