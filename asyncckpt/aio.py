@@ -209,6 +209,7 @@ class AsyncAPIMixin:
         """Take a free slot, awaiting one while all are busy; holds nothing when cancelled."""
         while True:
             with self._cv:
+                self._raise_pending_errors()  # a failure (e.g. a dead writer) freed the slot
                 if self._free_slots:
                     return self._free_slots.pop()
                 if self.when_full == "raise":

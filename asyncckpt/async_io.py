@@ -106,6 +106,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._pending_paths: Dict[int, str] = {}
         self._errors: List[AsyncCheckpointError] = []
         self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
+        if writer == "process" and checkpoint_io is not None:
+            from .process_writer import check_picklable
+
+            check_picklable(checkpoint_io)
         _exit.register(self)
         if handle_sigterm:
             _exit.install_sigterm_handler()
@@ -161,7 +165,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         op = Operation(0, "save", key, path, self._on_done, storage_options=storage_options, staged=staged, slot=slot)
         op.wait_seconds = waited
         op.blocking_seconds = time.perf_counter() - blocking_since
-        self._submit(op)
+        try:
+            self._submit(op)
+        except BaseException:
+            self._release_slot(slot)
+            raise
 
     def load_checkpoint(
         self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
@@ -243,6 +251,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 )
             while not self._free_slots:
                 self._check_writer_alive()
+                if self._errors:
+                    break
+                self._cv.wait(_POLL_SECONDS)
+        self._raise_pending_errors()
+        with self._cv:
+            while not self._free_slots:  # another thread took the slot freed by a failure
                 self._cv.wait(_POLL_SECONDS)
             return self._free_slots.pop()
 
@@ -331,13 +345,14 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     # -- waiting --------------------------------------------------------------------------
 
     def _check_writer_alive(self) -> None:
-        if self._submitted > self._done and (self._writer is None or not self._writer.alive):
-            lost = sorted(set(self._pending_paths.values()))
-            raise WriterDiedError(
-                f"the asyncckpt writer stopped with {self._submitted - self._done} operation(s) "
-                f"unfinished ({', '.join(lost)})",
-                lost[0] if lost else None,
-            )
+        """If the writer died, fail what it still held, so waiters wake instead of hanging.
+
+        The failures are recorded like any background error and raised once, by the call that
+        is waiting now or the next one.
+        """
+        writer = self._writer
+        if writer is not None and self._submitted > self._done and not writer.alive:
+            writer.reap()
 
     def _wait_until(self, seq: int, timeout: Optional[float]) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

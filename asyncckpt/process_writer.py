@@ -46,6 +46,17 @@ def _portable(err: BaseException) -> BaseException:
     return RemoteWriterError(f"{type(err).__name__}: {err}\n{''.join(traceback.format_exception(err))}")
 
 
+def check_picklable(checkpoint_io: Any) -> bytes:
+    """The pickled IO; a clear error where it cannot travel to the writer process."""
+    try:
+        return pickle.dumps(checkpoint_io)
+    except Exception as err:
+        raise TypeError(
+            f"writer='process' sends the wrapped checkpoint_io to the writer process, but "
+            f"{checkpoint_io!r} cannot be pickled ({err}); use writer='thread' or make it picklable"
+        ) from err
+
+
 class ProcessWriter:
     """A persistent spawned process that performs operations in FIFO order."""
 
@@ -53,13 +64,7 @@ class ProcessWriter:
     arena_kind = "shared"
 
     def __init__(self, checkpoint_io: Any, *, nice: int = 0, crc32: bool = True) -> None:
-        try:
-            self._io_bytes = pickle.dumps(checkpoint_io)
-        except Exception as err:
-            raise TypeError(
-                f"writer='process' sends the wrapped checkpoint_io to the writer process, but "
-                f"{checkpoint_io!r} cannot be pickled ({err}); use writer='thread' or make it picklable"
-            ) from err
+        self._io_bytes = check_picklable(checkpoint_io)
         self._nice = nice
         self._crc32 = crc32
         self._lock = threading.Lock()
@@ -145,6 +150,11 @@ class ProcessWriter:
             elif reply[0] == "stopped":
                 break
         self._fail_inflight()
+
+    def reap(self) -> None:
+        """Fail every operation in flight on a writer process that is no longer running."""
+        if self._process is not None and not self._process.is_alive():
+            self._fail_inflight()
 
     def _fail_inflight(self) -> None:
         process = self._process

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Optional
 
+from .errors import WriterDiedError
+
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +89,16 @@ class ThreadWriter:
                 raise RuntimeError("the writer is stopping; it takes no more operations")
             self._queue.append(op)
             self._cv.notify()
+
+    def reap(self) -> None:
+        """Fail every operation still queued on a thread that is no longer running."""
+        if self.alive:
+            return
+        with self._cv:
+            lost, self._queue = list(self._queue), collections.deque()
+        for op in lost:
+            message = f"the asyncckpt writer thread stopped before the {op.kind} of {op.path!r}"
+            op.on_done(op, WriterDiedError(message, op.path))
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Finish what is queued, then end the thread; returns whether it ended in time."""

@@ -9,7 +9,6 @@ import threading
 
 import pytest
 import torch
-from conftest import FailingIO, FileEvent, GatedIO, load, temp_files
 
 from asyncckpt import (
     AsyncCheckpointIO,
@@ -18,6 +17,7 @@ from asyncckpt import (
     QueueFullError,
     TorchCheckpointIO,
 )
+from conftest import FailingIO, FileEvent, GatedIO, load, temp_files
 
 # -- 1. Point in time ------------------------------------------------------------------------
 
