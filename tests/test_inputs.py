@@ -8,9 +8,9 @@ import threading
 
 import pytest
 import torch
-from conftest import load, temp_files
 
 from asyncckpt import AsyncCheckpointIO, InvalidPathError, NotSerializableError, TorchCheckpointIO
+from conftest import load, temp_files
 
 
 @pytest.fixture(params=["async", "sync"])
