@@ -1,0 +1,31 @@
+"""asyncckpt for ``pytorch_lightning`` (the ``pytorch-lightning`` package).
+
+Usage::
+
+    from pytorch_lightning import Trainer
+    from asyncckpt.pytorch_lightning import AsyncCheckpointCallback, AsyncCheckpointIO
+
+    trainer = Trainer(plugins=[AsyncCheckpointIO()], callbacks=[AsyncCheckpointCallback()])
+
+For the ``lightning`` package use :mod:`asyncckpt.lightning`: a Trainer accepts
+only the ``CheckpointIO`` of its own package family. See ``docs/lightning.md``.
+"""
+
+from __future__ import annotations
+
+from .integrations._lightning_common import UnsupportedStrategyError, build
+
+_family = build("pytorch_lightning")
+
+AsyncCheckpointIO = _family.AsyncCheckpointIO
+AsyncCheckpointCallback = _family.AsyncCheckpointCallback
+check_strategy = _family.check_strategy
+find_async_io = _family.find_async_io
+
+__all__ = [
+    "AsyncCheckpointCallback",
+    "AsyncCheckpointIO",
+    "UnsupportedStrategyError",
+    "check_strategy",
+    "find_async_io",
+]

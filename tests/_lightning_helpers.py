@@ -1,0 +1,161 @@
+"""Shared pieces for the Lightning tests: the two package families, a tiny module, held IOs.
+
+The "held" IOs are fault injection: a real ``asyncckpt.TorchCheckpointIO`` whose writes wait on a
+``threading.Event``, so saves (and removes queued behind them) stay pending while Lightning runs on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import threading
+import types
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+import torch
+
+import asyncckpt
+from asyncckpt.storage import is_temp_file
+
+FAMILIES = ("lightning", "pytorch_lightning")
+
+
+def load_family(name: str) -> types.SimpleNamespace:
+    """The family's modules, or skip when that package is not installed."""
+    if name == "lightning":
+        pl = pytest.importorskip("lightning.pytorch")
+        fabric_plugins = importlib.import_module("lightning.fabric.plugins")
+        ours = importlib.import_module("asyncckpt.lightning")
+        wrapper = importlib.import_module("lightning.pytorch.plugins.io.wrapper")._WrappingCheckpointIO
+        family = "lightning.pytorch"
+    else:
+        pl = pytest.importorskip("pytorch_lightning")
+        fabric_plugins = importlib.import_module("lightning_fabric.plugins")
+        ours = importlib.import_module("asyncckpt.pytorch_lightning")
+        wrapper = importlib.import_module("pytorch_lightning.plugins.io.wrapper")._WrappingCheckpointIO
+        family = "pytorch_lightning"
+    return types.SimpleNamespace(
+        name=name,
+        family=family,
+        pl=pl,
+        ours=ours,
+        TorchIO=fabric_plugins.TorchCheckpointIO,
+        Wrapping=wrapper,
+        strategies=importlib.import_module(f"{family}.strategies"),
+    )
+
+
+class Boom(RuntimeError):
+    """The training exception the tests raise on purpose."""
+
+
+def make_module(pl: Any, fail_at: Optional[int] = None) -> Any:
+    """A LightningModule with 8->2 linear layer; logs a deterministic, non-monotone ``score``."""
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 2)
+            self.start_step: Optional[int] = None
+            self.tested: List[float] = []
+
+        def on_train_start(self) -> None:
+            if self.start_step is None:
+                self.start_step = self.global_step
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            if fail_at is not None and self.global_step == fail_at:
+                raise Boom(f"failing on purpose at step {fail_at}")
+            # Score pattern 0,2,4,1,3,0,...: top-k keeps changing, so old files are removed.
+            self.log("score", torch.tensor(float((self.global_step * 2) % 5)))
+            return self.layer(batch).pow(2).mean()
+
+        def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+            self.log("val_loss", self.layer(batch).pow(2).mean())
+
+        def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+            self.tested.append(float(self.layer.weight.sum()))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self) -> Any:
+            return torch.utils.data.DataLoader(
+                torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), batch_size=4
+            )
+
+        val_dataloader = test_dataloader = train_dataloader
+
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def make_trainer(fam: types.SimpleNamespace, root: Any, plugins: Any = None, callbacks: Any = (), **kw: Any) -> Any:
+    options: Dict[str, Any] = dict(
+        default_root_dir=str(root),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        max_steps=8,
+    )
+    options.update(kw)
+    return fam.pl.Trainer(plugins=plugins, callbacks=list(callbacks), **options)
+
+
+class HeldIO(asyncckpt.TorchCheckpointIO):
+    """Fault injection: every save waits for ``release`` before writing; records the op order."""
+
+    def __init__(self) -> None:
+        super().__init__(durable=False)
+        self.release = threading.Event()
+        self.ops: List[Tuple[str, str]] = []
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        assert self.release.wait(60), "test never released the held write"
+        super().save_checkpoint(checkpoint, path, storage_options)
+        self.ops.append(("save", os.path.basename(os.fspath(path))))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        self.ops.append(("remove", os.path.basename(os.fspath(path))))
+
+
+class FailingIO(asyncckpt.TorchCheckpointIO):
+    """Fault injection: every save fails in the background, as a full disk would."""
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        raise OSError(28, "No space left on device (injected)")
+
+
+def listing(folder: Any) -> Dict[str, Optional[str]]:
+    """File name -> symlink target (None for a regular file)."""
+    return {
+        name: (os.readlink(os.path.join(folder, name)) if os.path.islink(os.path.join(folder, name)) else None)
+        for name in os.listdir(folder)
+    }
+
+
+def check_files(folder: Any, last_step: Optional[int] = None) -> None:
+    """No temp files; each checkpoint loads and holds the step its name says."""
+    for name in os.listdir(folder):
+        assert not is_temp_file(name), f"stray temp file {name}"
+        ckpt = torch.load(os.path.join(folder, name), weights_only=False)
+        match = re.search(r"step=(\d+)", name)
+        if match:
+            assert ckpt["global_step"] == int(match.group(1)), name
+        elif name.startswith("last") and last_step is not None:
+            assert ckpt["global_step"] == last_step, name
+
+
+def steps(folder: Any) -> Dict[str, int]:
+    """File name -> the ``global_step`` stored in it (links followed)."""
+    return {
+        name: torch.load(os.path.join(folder, name), weights_only=False)["global_step"] for name in os.listdir(folder)
+    }
