@@ -24,6 +24,15 @@ from .stats import SaveStats
 from .storage import cleanup_temp_files
 from .torch_io import TorchCheckpointIO
 
+
+def __getattr__(name: str):
+    # XLACheckpointIO lives in asyncckpt.xla, which imports torch_xla only when it is used.
+    if name == "XLACheckpointIO":
+        from .xla import XLACheckpointIO
+
+        return XLACheckpointIO
+    raise AttributeError(f"module 'asyncckpt' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -41,5 +50,6 @@ __all__ = [
     "SaveStats",
     "TorchCheckpointIO",
     "WriterDiedError",
+    "XLACheckpointIO",
     "cleanup_temp_files",
 ]
