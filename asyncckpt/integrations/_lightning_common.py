@@ -134,6 +134,7 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
             max_pending: int = 2,
             when_full: str = "wait",
             writer: str = "thread",
+            writer_nice: int = 0,
             exit_timeout: float = 300.0,
             handle_sigterm: bool = True,
         ) -> None:
@@ -144,6 +145,7 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
                 max_pending=max_pending,
                 when_full=when_full,
                 writer=writer,
+                writer_nice=writer_nice,
                 exit_timeout=exit_timeout,
                 handle_sigterm=handle_sigterm,
             )
@@ -219,6 +221,7 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
                     max_pending=self.max_pending,
                     when_full=self.when_full,
                     writer=self.writer_kind,
+                    writer_nice=self.writer_nice,
                     exit_timeout=self.exit_timeout,
                     handle_sigterm=self.handle_sigterm,
                 ),
