@@ -14,7 +14,7 @@ import re
 import shutil
 import uuid
 from contextlib import suppress
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .errors import InvalidPathError
 
@@ -38,10 +38,23 @@ def local_path_of(path: str) -> str | None:
     return None
 
 
+_NAME_MAX = 255
+
+
 def temp_path_for(target: str) -> str:
-    """A unique temp file name in the target's folder, so the final rename stays on one filesystem."""
+    """A unique temp file name in the target's folder, so the final rename stays on one filesystem.
+
+    The name is ``.<name>.asyncckpt-tmp-<pid>-<hex8>``; where that would exceed the filesystem's
+    255-byte name limit (a target name that ``torch.save`` itself could still write), ``<name>``
+    is shortened, so any name that fits on its own can be written.
+    """
     folder, name = os.path.split(target)
-    return os.path.join(folder, f".{name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    suffix = f"{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    room = _NAME_MAX - 1 - len(suffix.encode())
+    encoded = os.fsencode(name)
+    if len(encoded) > room:
+        name = os.fsdecode(encoded[:room].decode("utf-8", "ignore").encode()) or "ckpt"
+    return os.path.join(folder, f".{name}{suffix}")
 
 
 def is_temp_file(filename: str) -> bool:
@@ -103,11 +116,18 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[str], None], *, durable: bool = True) -> int:
+def atomic_write(
+    path: str,
+    write: Callable[[str], None],
+    *,
+    durable: bool = True,
+    before_commit: Optional[Callable[[str], None]] = None,
+) -> int:
     """Run ``write(temp_path)``, then move the finished temp file over ``path``.
 
-    Returns the size in bytes of the committed file. On any failure, the temp file is removed
-    and the target is untouched.
+    ``before_commit(temp_path)``, if given, runs after the temp file is complete (and fsynced)
+    and before the rename; the checksum record is committed there. Returns the size in bytes of
+    the committed file. On any failure, the temp file is removed and the target is untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -118,6 +138,8 @@ def atomic_write(path: str, write: Callable[[str], None], *, durable: bool = Tru
         if durable:
             fsync_file(tmp)
         size = os.path.getsize(tmp)
+        if before_commit is not None:
+            before_commit(tmp)
         os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):
