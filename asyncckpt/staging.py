@@ -30,15 +30,16 @@ import torch
 from ._pickling import describe_unpicklable
 from .errors import NotSerializableError
 
-_STAGED_DEVICE_TYPES = ("cpu", "cuda", "xla")
-
 
 def _is_stageable(obj: Any) -> bool:
-    """Plain dense tensors go through the staging buffers; anything else is pickled by value."""
+    """Plain dense CPU, CUDA or XLA tensors go through the staging buffers; others are pickled by value.
+
+    Runs once per tensor on the caller's thread, so it uses the cheapest attribute checks.
+    """
     return (
         type(obj) is torch.Tensor
+        and (obj.is_cpu or obj.is_cuda or obj.is_xla)
         and obj.layout is torch.strided
-        and obj.device.type in _STAGED_DEVICE_TYPES
         and not obj.is_quantized
         and not obj.is_conj()
         and not obj.is_neg()
@@ -55,7 +56,7 @@ class _TensorCollector(pickle.Pickler):
         self._index: Dict[int, int] = {}
 
     def persistent_id(self, obj: Any) -> Optional[int]:
-        if not isinstance(obj, torch.Tensor) or not _is_stageable(obj):
+        if type(obj) is not torch.Tensor or not _is_stageable(obj):
             return None
         index = self._index.get(id(obj))
         if index is None:
