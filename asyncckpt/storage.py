@@ -164,6 +164,11 @@ def remove_path(path: str) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process; a zombie (dead, not yet reaped) counts as gone.
+
+    Zombies matter in containers whose init does not reap orphans: a killed writer process
+    would otherwise keep its temp files "live" forever.
+    """
     if pid == os.getpid():
         return True
     try:
@@ -172,7 +177,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 def find_temp_files(folder: str) -> List[Tuple[str, int]]:
