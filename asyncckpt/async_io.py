@@ -172,9 +172,17 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             raise
 
     def load_checkpoint(
-        self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+        self,
+        path: PathLike,
+        map_location: Optional[Any] = None,
+        weights_only: Optional[bool] = None,
+        verify: bool = False,
     ) -> Dict[str, Any]:
-        """Load ``path`` once every queued operation on it has taken effect."""
+        """Load ``path`` once every queued operation on it has taken effect.
+
+        ``verify=True`` (needs a wrapped IO that supports it, as ``TorchCheckpointIO`` does)
+        checks the whole file first and raises :class:`asyncckpt.IntegrityError` if it is damaged.
+        """
         key = self._path_key(path)
         self._wait_for_path(key)
         self._raise_pending_errors()
@@ -183,6 +191,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             kwargs["map_location"] = map_location
         if weights_only is not None:
             kwargs["weights_only"] = weights_only
+        if verify:
+            kwargs["verify"] = True
         return self._wrapped().load_checkpoint(path, **kwargs)
 
     def remove_checkpoint(self, path: PathLike) -> None:
