@@ -138,7 +138,7 @@ def check_zip(path: str) -> VerifyResult:
         raise IntegrityError(f"checkpoint {path!r} is empty (0 bytes)", path)
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as err:
+    except Exception as err:  # noqa: BLE001 - damaged headers raise BadZipFile, ValueError, EOFError...
         if head == _LOCAL_SIGNATURE:
             raise IntegrityError(
                 f"checkpoint {path!r} is truncated or damaged: the zip directory at its end is missing or "
@@ -158,13 +158,21 @@ def check_zip(path: str) -> VerifyResult:
                 f"checkpoint {path!r} is a zip file without a data.pkl record: not a torch checkpoint", path
             )
         for info in infos:
-            if info.compress_type != zipfile.ZIP_STORED:
-                with archive.open(info) as entry:  # zipfile checks the CRC32 as it reads
-                    try:
+            if info.external_attr & 0x10 or info.filename.endswith("/"):  # MS-DOS directory bit
+                raise IntegrityError(
+                    f"checkpoint {path!r} is corrupted: record {info.filename!r} is marked as a folder in the "
+                    "zip directory (torch would read it as empty)",
+                    path,
+                )
+            if info.compress_type != zipfile.ZIP_STORED:  # torch stores; another writer may not
+                try:
+                    with archive.open(info) as entry:  # zipfile checks the CRC32 as it reads
                         while entry.read(CHUNK_BYTES):
                             pass
-                    except zipfile.BadZipFile as err:
-                        raise IntegrityError(f"checkpoint {path!r}: record {info.filename!r}: {err}", path) from err
+                except Exception as err:  # noqa: BLE001 - any failure to read the record is damage
+                    raise IntegrityError(
+                        f"checkpoint {path!r} is corrupted: record {info.filename!r}: {err}", path
+                    ) from err
                 continue
             crc = _stored_entry_crc(f, info, path, size)
             if info.CRC == 0 and info.file_size > 0:
@@ -175,10 +183,38 @@ def check_zip(path: str) -> VerifyResult:
                     f"its CRC32 check (stored {info.CRC:08x}, read {crc:08x}); its bytes changed after writing",
                     path,
                 )
+    _check_with_torch_reader(path, infos)
     return VerifyResult(path, size, "crc32", records=len(infos), unchecked_records=unchecked)
 
 
+def _check_with_torch_reader(path: str, infos: List[zipfile.ZipInfo]) -> None:
+    """Open the file with torch's own zip reader (miniz), which is stricter than ``zipfile``
+    about some directory fields, and locate every record the way ``torch.load`` does."""
+    import torch
+
+    try:
+        reader = torch._C.PyTorchFileReader(path)
+        names = reader.get_all_records()
+        for name in names:
+            reader.get_record_offset(name)
+        reader.get_record("data.pkl")
+    except Exception as err:  # noqa: BLE001 - torch.load would fail the same way
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise IntegrityError(f"checkpoint {path!r} is corrupted: torch cannot read it: {first}", path) from err
+    if len(names) != len(infos):
+        raise IntegrityError(
+            f"checkpoint {path!r} is corrupted: torch finds {len(names)} records, the zip directory {len(infos)}",
+            path,
+        )
+
+
 def _stored_entry_crc(f, info: zipfile.ZipInfo, path: str, size: int) -> int:
+    if not 0 <= info.header_offset < size or not 0 <= info.file_size <= size:
+        raise IntegrityError(
+            f"checkpoint {path!r} is corrupted: the zip directory entry of record {info.filename!r} "
+            f"points outside the file (offset {info.header_offset}, {info.file_size} bytes, file {size} bytes)",
+            path,
+        )
     f.seek(info.header_offset)
     header = f.read(_LOCAL_HEADER.size)
     if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:

@@ -1,0 +1,193 @@
+"""Integrity: the opt-in checksum record, ``asyncckpt verify`` and ``load_checkpoint(verify=True)``.
+
+Damage is made for real on real files (truncation, a flipped bit). ``-s`` prints the bit-flip
+figures recorded in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from asyncckpt import AsyncCheckpointIO, IntegrityError, TorchCheckpointIO
+from asyncckpt.__main__ import main
+from asyncckpt.integrity import read_record, record_path, verify_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ckpt(value: float = 1.0) -> dict:
+    return {"w": torch.full((50_000,), value), "b": torch.arange(10), "meta": {"epoch": 3}}
+
+
+def _flip(path, offset: int, bit: int = 0) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 1 << bit
+    open(path, "wb").write(data)
+
+
+def _truncate(path, keep: int) -> None:
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:keep])
+
+
+def _tensor_data_offset(path) -> int:
+    """An offset inside the bytes of tensor ``w`` (the largest record)."""
+    import zipfile
+
+    info = max(zipfile.ZipFile(path).infolist(), key=lambda i: i.file_size)
+    return info.header_offset + 200 + info.file_size // 2
+
+
+def test_checksum_is_off_by_default_and_the_folder_holds_only_the_checkpoint(tmp_path, writer):
+    io = AsyncCheckpointIO(writer=writer)
+    io.save_checkpoint(_ckpt(), tmp_path / "a.ckpt")
+    io.teardown()
+    assert os.listdir(tmp_path) == ["a.ckpt"]
+
+
+def test_checksum_record_matches_the_file_and_is_sha256sum_format(tmp_path, writer):
+    io = AsyncCheckpointIO(TorchCheckpointIO(checksum=True), writer=writer)
+    for value in (1.0, 2.0, 3.0):  # replaced twice: the record is pruned back to one line
+        io.save_checkpoint(_ckpt(value), tmp_path / "a.ckpt")
+    io.flush()
+    digest = hashlib.sha256((tmp_path / "a.ckpt").read_bytes()).hexdigest()
+    assert (tmp_path / "a.ckpt.sha256").read_text() == f"{digest}  a.ckpt\n"
+    checked = subprocess.run(["sha256sum", "-c", "a.ckpt.sha256"], cwd=tmp_path, capture_output=True, text=True)
+    assert checked.returncode == 0 and "a.ckpt: OK" in checked.stdout
+    assert verify_file(str(tmp_path / "a.ckpt")).method == "sha256"
+    io.remove_checkpoint(tmp_path / "a.ckpt")  # the record goes with the file
+    io.teardown()
+    assert os.listdir(tmp_path) == []
+
+
+def test_record_lists_old_and_new_digest_while_the_rename_is_pending(tmp_path, monkeypatch):
+    """The instant between committing the record and renaming the new file over the old one:
+    both files are accepted, so a crash there leaves a file that verifies."""
+    io = TorchCheckpointIO(checksum=True)
+    target = tmp_path / "a.ckpt"
+    io.save_checkpoint(_ckpt(1.0), target)
+    old = hashlib.sha256(target.read_bytes()).hexdigest()
+    seen = {}
+    real_replace = os.replace
+
+    def replace_and_look(src, dst):
+        if os.fspath(dst) == str(target):  # the checkpoint's rename, not the record's
+            seen["record"] = read_record(str(target))
+            seen["new"] = hashlib.sha256(open(src, "rb").read()).hexdigest()
+            verify_file(str(target))  # the old file verifies right before the rename
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_and_look)
+    io.save_checkpoint(_ckpt(2.0), target)
+    assert seen["record"] == [seen["new"], old]
+    assert read_record(str(target)) == [seen["new"]]
+
+
+def test_a_plain_save_over_a_checksummed_file_drops_the_stale_record(tmp_path):
+    TorchCheckpointIO(checksum=True).save_checkpoint(_ckpt(1.0), tmp_path / "a.ckpt")
+    TorchCheckpointIO().save_checkpoint(_ckpt(2.0), tmp_path / "a.ckpt")
+    assert not os.path.exists(record_path(str(tmp_path / "a.ckpt")))
+    assert verify_file(str(tmp_path / "a.ckpt")).method == "crc32"
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+@pytest.mark.parametrize("damage", ["truncated", "bit flip"])
+def test_verify_cli_and_load_verify_reject_a_damaged_file(tmp_path, capsys, checksum, damage):
+    target = tmp_path / "a.ckpt"
+    TorchCheckpointIO(checksum=checksum).save_checkpoint(_ckpt(), target)
+    assert main(["verify", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK {target}:") and ("sha256" if checksum else "CRC32") in out
+    if damage == "truncated":
+        _truncate(target, target.stat().st_size - 1000)
+    else:
+        _flip(target, _tensor_data_offset(target))
+    assert main(["verify", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"FAIL {target}:")
+    if checksum:
+        assert "does not match its checksum record" in err
+    assert ("truncated" if damage == "truncated" else "CRC32") in err
+    with pytest.raises(IntegrityError):
+        TorchCheckpointIO().load_checkpoint(target, verify=True)
+    io = AsyncCheckpointIO()
+    with pytest.raises(IntegrityError):
+        io.load_checkpoint(target, verify=True)
+    io.teardown()
+
+
+def test_torch_load_itself_does_not_notice_a_flipped_bit_in_tensor_data(tmp_path):
+    """Why verify reads every record: torch.load skips the CRC32s."""
+    target = tmp_path / "a.ckpt"
+    torch.save(_ckpt(), target)
+    _flip(target, _tensor_data_offset(target), bit=3)
+    loaded = torch.load(target, weights_only=True)  # no error
+    assert not torch.equal(loaded["w"], _ckpt()["w"])
+    with pytest.raises(IntegrityError, match="CRC32"):
+        verify_file(str(target))
+
+
+def test_the_cli_runs_as_a_module_and_a_console_script(tmp_path):
+    good, bad = tmp_path / "good.ckpt", tmp_path / "bad.ckpt"
+    torch.save(_ckpt(), good)
+    torch.save(_ckpt(), bad)
+    _truncate(bad, 100)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ok = subprocess.run([sys.executable, "-m", "asyncckpt", "verify", str(good)], capture_output=True, text=True,
+                        env=env)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK "), ok.stderr
+    fail = subprocess.run([sys.executable, "-m", "asyncckpt", "verify", str(good), str(bad)], capture_output=True,
+                          text=True, env=env)
+    assert fail.returncode == 1 and "FAIL" in fail.stderr and "truncated" in fail.stderr
+    script = os.path.join(os.path.dirname(sys.executable), "asyncckpt")
+    if os.path.exists(script):  # installed (pip install -e .): the declared console script
+        assert subprocess.run([script, "verify", str(good)], capture_output=True, env=env).returncode == 0
+
+
+def test_the_cli_reports_a_missing_file_and_a_non_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["verify", str(tmp_path / "missing.ckpt"), str(tmp_path / "notes.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "not a zip-format torch checkpoint" in err
+
+
+def test_cleanup_command_removes_stale_temp_files(tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".a.ckpt.asyncckpt-tmp-{int(dead.stdout)}-0123abcd"
+    stale.write_bytes(b"partial")
+    assert main(["cleanup", str(tmp_path)]) == 0
+    assert not stale.exists() and "removed 1" in capsys.readouterr().out
+
+
+def test_every_single_bit_flip_is_detected_or_harmless(tmp_path):
+    """One random bit flipped at every byte of a small checkpoint, no checksum record: verify
+    either rejects the file or the file loads exactly as saved (the bit carried no data)."""
+    original = {"w": torch.arange(50, dtype=torch.float32), "meta": {"step": 3}}
+    clean = tmp_path / "clean.ckpt"
+    TorchCheckpointIO().save_checkpoint(original, clean)
+    data = clean.read_bytes()
+    damaged = tmp_path / "damaged.ckpt"
+    rng = random.Random(0)
+    outcome = collections.Counter()
+    for offset in range(len(data)):
+        flipped = bytearray(data)
+        flipped[offset] ^= 1 << rng.randrange(8)
+        damaged.write_bytes(flipped)
+        try:
+            verify_file(str(damaged))
+        except IntegrityError:
+            outcome["detected"] += 1
+            continue
+        loaded = torch.load(damaged, weights_only=True)
+        assert loaded.keys() == original.keys() and loaded["meta"] == original["meta"], offset
+        assert torch.equal(loaded["w"], original["w"]), offset
+        outcome["harmless (loads identical)"] += 1
+    print(f"\nbit flips without a checksum record: {len(data)} tried, {dict(outcome)}, missed 0")
