@@ -1,0 +1,60 @@
+"""The CUDA staging path: pinned buffers, a side stream, an event. Skipped without a GPU (never faked)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncckpt import AsyncCheckpointIO
+from conftest import load
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_cuda_point_in_time_while_the_next_steps_run(tmp_path, writer):
+    model = torch.nn.Linear(1024, 1024).cuda()
+    opt = torch.optim.Adam(model.parameters())
+    io = AsyncCheckpointIO(max_pending=2, writer=writer)
+    expected = []
+    for step in range(4):
+        model(torch.randn(64, 1024, device="cuda")).sum().backward()
+        opt.step()
+        expected.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        io.save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / f"{step}.ckpt")
+        with torch.no_grad():  # queued on the current stream right after the save returns
+            for p in model.parameters():
+                p.mul_(-3.0).add_(7.0)
+    io.teardown()
+    for step in range(4):
+        out = load(tmp_path / f"{step}.ckpt")
+        for key, value in expected[step].items():
+            assert out["model"][key].device.type == "cpu"
+            assert torch.equal(out["model"][key], value), (step, key)
+
+
+def test_cuda_staging_uses_pinned_buffers_reused_across_saves(tmp_path):
+    io = AsyncCheckpointIO(max_pending=1)
+    weight = torch.randn(4096, 256, device="cuda")
+    io.save_checkpoint({"w": weight}, tmp_path / "a.ckpt")
+    io.flush()
+    (slot,) = io._free_slots
+    assert slot.arena.kind == "pinned" and slot.arena.tensor.is_pinned()
+    arena = slot.arena
+    weight.add_(1)
+    io.save_checkpoint({"w": weight}, tmp_path / "b.ckpt")
+    io.teardown()
+    assert slot.arena is arena or slot.arena is None
+    assert torch.equal(load(tmp_path / "b.ckpt")["w"], weight.cpu())
+
+
+def test_cuda_staging_does_not_allocate_gpu_memory(tmp_path):
+    weight = torch.randn(8192, 1024, device="cuda")  # 32 MB
+    io = AsyncCheckpointIO()
+    torch.cuda.synchronize()
+    before = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    io.save_checkpoint({"w": weight}, tmp_path / "a.ckpt")
+    io.flush()
+    assert torch.cuda.max_memory_allocated() <= before  # no clone on the GPU (Lightning #21630)
+    io.teardown()
