@@ -1,0 +1,155 @@
+"""Order under stress: random sequences of save, remove, load and flush over a few paths, with
+writes of random small delays so operations overlap, checked against a model of the folder
+(path -> expected value, or absent). One engine per writer kind serves every example (a fresh
+folder each), as a long training run would use it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO
+from conftest import temp_files
+
+PATHS = ["a.ckpt", "b.ckpt", os.path.join("sub", "c.ckpt")]
+
+
+class JitteryIO(TorchCheckpointIO):
+    """Fault injection: a disk with random latency (0-3 ms before each save or remove), so
+    queued operations overlap with the caller's. The writes themselves are real."""
+
+    def __init__(self) -> None:
+        super().__init__(durable=False)
+        self._rng = random.Random(0)
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        time.sleep(self._rng.uniform(0, 0.003))
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def remove_checkpoint(self, path):
+        time.sleep(self._rng.uniform(0, 0.003))
+        super().remove_checkpoint(path)
+
+
+_ENGINES: dict = {}
+RUNS: dict = {}
+
+
+def _engine(writer: str) -> AsyncCheckpointIO:
+    if writer not in _ENGINES:
+        _ENGINES[writer] = AsyncCheckpointIO(JitteryIO(), writer=writer, max_pending=2)
+    return _ENGINES[writer]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _teardown_engines():
+    yield
+    for engine in _ENGINES.values():
+        engine.teardown()
+    _ENGINES.clear()
+
+
+def _content(value: int) -> dict:
+    return {"v": value, "w": torch.full((64,), float(value))}
+
+
+def _value_of(obj: dict) -> int:
+    assert torch.equal(obj["w"], torch.full((64,), float(obj["v"]))), "a mixed checkpoint"
+    return obj["v"]
+
+
+def make_machine(writer: str):
+    class FolderModel(RuleBasedStateMachine):
+        @initialize()
+        def start(self) -> None:
+            self.io = _engine(writer)
+            RUNS[writer] = RUNS.get(writer, 0) + 1
+            self.folder = tempfile.mkdtemp(prefix="asyncckpt-stateful-")
+            self.model: dict = {}
+            self.counter = 0
+            self.live: dict = {}
+
+        def path(self, name: str) -> str:
+            return os.path.join(self.folder, name)
+
+        @rule(name=st.sampled_from(PATHS), mutate=st.booleans())
+        def save(self, name: str, mutate: bool) -> None:
+            self.counter += 1
+            ckpt = _content(self.counter)
+            self.io.save_checkpoint(ckpt, self.path(name))
+            if mutate:  # point in time: a change after return never reaches the file
+                ckpt["w"].add_(1000)
+                ckpt["v"] = -1
+            self.model[name] = self.counter
+
+        @rule(name=st.sampled_from(PATHS))
+        def remove(self, name: str) -> None:
+            self.io.remove_checkpoint(self.path(name))
+            self.model.pop(name, None)
+
+        @rule(name=st.sampled_from(PATHS))
+        def load(self, name: str) -> None:
+            if name in self.model:
+                assert _value_of(self.io.load_checkpoint(self.path(name))) == self.model[name]
+            else:
+                with pytest.raises(FileNotFoundError):
+                    self.io.load_checkpoint(self.path(name))
+
+        @rule()
+        def flush(self) -> None:
+            self.io.flush()
+            self.check_folder()
+
+        @precondition(lambda self: hasattr(self, "folder"))
+        @invariant()
+        def nothing_failed(self) -> None:
+            assert not self.io._errors, self.io._errors
+
+        def check_folder(self) -> None:
+            on_disk = {}
+            for name in PATHS:
+                if os.path.exists(self.path(name)):
+                    on_disk[name] = _value_of(torch.load(self.path(name), weights_only=True))
+            assert on_disk == self.model
+            assert temp_files(self.folder) == []
+
+        def teardown(self) -> None:
+            if hasattr(self, "folder"):
+                try:
+                    self.io.flush()
+                    self.check_folder()
+                finally:
+                    shutil.rmtree(self.folder, ignore_errors=True)
+
+    FolderModel.__name__ = f"FolderModel_{writer}"
+    return FolderModel
+
+
+SETTINGS = settings(
+    max_examples=200,
+    stateful_step_count=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_random_operations_match_the_model_of_the_folder(writer):
+    machine = make_machine(writer)
+    started = time.monotonic()
+    machine.TestCase.settings = SETTINGS
+    machine.TestCase("runTest").runTest()
+    print(f"\nstateful, writer={writer}: {RUNS[writer]} runs of up to 15 operations, no divergence "
+          f"({time.monotonic() - started:.0f}s)")
+    assert RUNS[writer] >= 200
