@@ -71,7 +71,6 @@ def _marked_torch_save_to_file(checkpoint: Any, path: str) -> None:
     mark(f"sync {_writing}")
 
 
-torch_io._torch_save_to_file = _marked_torch_save_to_file  # a marker only; the write is real
 
 
 class PhaseIO(TorchCheckpointIO):
@@ -79,6 +78,9 @@ class PhaseIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Any = None) -> None:
         global _writing
+        # Patched here, in the killed process or its writer process only, never in the test's:
+        # adds the "sync" marker after torch.save; the write itself is the real one.
+        torch_io._torch_save_to_file = _marked_torch_save_to_file
         _writing = f"{os.path.basename(os.fspath(path))} {checkpoint['step']}"
         mark(f"write {_writing}")
         super().save_checkpoint(checkpoint, path, storage_options)
