@@ -97,7 +97,7 @@ def test_the_users_own_sigterm_handler_still_runs(tmp_path):
     proc = run_script(
         """
         def handler(signum, frame):
-            os.write(1, b"user handler ran\n")  # print() is not reentrant; the signal may land inside one
+            os.write(1, b"user handler ran\\n")  # print() is not reentrant; the signal may land inside one
             sys.exit(7)
         signal.signal(signal.SIGTERM, handler)
         io = AsyncCheckpointIO(SlowIO(0.5))
