@@ -327,8 +327,9 @@ def target_lines(summary: Dict[str, Any], workload: str, max_pending: int) -> Li
             if other is None or not other.available:
                 continue
             ok = mine.lost_pct <= other.lost_pct / 3
+            verdict = _verdict(ok) if other.lost_pct > 0 else "N/A "  # a ratio to noise says nothing
             lines.append(
-                f"{_verdict(ok)} {LABELS[ours]}: lost {mine.lost_pct:.1f}% vs {LABELS[peer]} {other.lost_pct:.1f}% "
+                f"{verdict} {LABELS[ours]}: lost {mine.lost_pct:.1f}% vs {LABELS[peer]} {other.lost_pct:.1f}% "
                 "(target <= 1/3 of it)"
             )
         limit = max_pending * 1.1
