@@ -28,7 +28,7 @@ from .errors import (
     QueueFullError,
     WriterDiedError,
 )
-from .staging import Stager, StagingSlot
+from .staging import Stager, StagingSlot, default_staging_threads
 from .stats import SaveStats
 from .storage import check_target, local_path_of
 from .torch_io import TorchCheckpointIO
@@ -67,10 +67,16 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             in flight fail with :class:`WriterDiedError` and the next operation starts a new one.
         writer_nice: niceness added to the writer process (``writer="process"`` only), so
             the OS favours the training process when both want a core.
+        staging_threads: threads that share the host-to-host copy while the caller waits
+            (default: the cores this process may use, up to 4; 1 copies on the caller alone).
         exit_timeout: seconds allowed at interpreter exit or on SIGTERM to write pending saves.
         handle_sigterm: install a SIGTERM handler that writes pending saves before the process
             ends, then hands the signal on (see :mod:`asyncckpt._exit`).
     """
+
+    #: With no ``checkpoint_io``, ours is used at once; a framework plugin that receives its base
+    #: IO later (Lightning's strategy fills it in) sets this, and the writer starts at first use.
+    _base_io_comes_later = False
 
     def __init__(
         self,
@@ -80,6 +86,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         when_full: str = "wait",
         writer: str = "thread",
         writer_nice: int = 0,
+        staging_threads: Optional[int] = None,
         exit_timeout: float = 300.0,
         handle_sigterm: bool = True,
     ) -> None:
@@ -98,7 +105,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._cv = threading.Condition(threading.RLock())
         arena_kind = "shared" if writer == "process" else "plain"
         self._free_slots: List[StagingSlot] = [StagingSlot(i, arena_kind) for i in range(max_pending)]
-        self._stager = Stager()
+        if staging_threads is None:
+            staging_threads = default_staging_threads()
+        if isinstance(staging_threads, bool) or not isinstance(staging_threads, int) or staging_threads < 1:
+            raise ValueError(f"staging_threads must be an integer >= 1, got {staging_threads!r}")
+        self.staging_threads = staging_threads
+        self._stager = Stager(staging_threads)
         self._writer: Optional[Any] = None
         self._submitted = 0
         self._done = 0
@@ -106,10 +118,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._pending_paths: Dict[int, str] = {}
         self._errors: List[AsyncCheckpointError] = []
         self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
-        if writer == "process" and checkpoint_io is not None:
+        self._prewarm_thread: Optional[threading.Thread] = None
+        if writer == "process" and (checkpoint_io is not None or not self._base_io_comes_later):
             from .process_writer import check_picklable
 
-            check_picklable(checkpoint_io)
+            check_picklable(self._wrapped())
+            self._writer = self._new_writer()  # its interpreter starts while training runs
         _exit.register(self)
         if handle_sigterm:
             _exit.install_sigterm_handler()
@@ -123,6 +137,18 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     @checkpoint_io.setter
     def checkpoint_io(self, io: Any) -> None:
+        # The writer owns the IO it started with: let it finish what it has (keeping order),
+        # then the next operation starts a writer with the new IO.
+        if self.writer_kind == "process" and io is not None:
+            from .process_writer import check_picklable
+
+            check_picklable(io)
+        with self._cv:
+            writer, self._writer = self._writer, None
+            target = self._submitted
+        if writer is not None:
+            self._wait_until(target, None)
+            writer.stop()
         self._checkpoint_io = io
 
     def _wrapped(self) -> Any:
@@ -162,6 +188,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         except BaseException:
             self._release_slot(slot)
             raise
+        if slot.fresh:  # a new layout: warm the unused slots for the next saves
+            slot.fresh = False
+            self._prewarm_spares(slot)
         op = Operation(0, "save", key, path, self._on_done, storage_options=storage_options, staged=staged, slot=slot)
         op.wait_seconds = waited
         op.blocking_seconds = time.perf_counter() - blocking_since
@@ -225,9 +254,13 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             writer, self._writer = self._writer, None
         if writer is not None:
             writer.stop()
+        if self._prewarm_thread is not None:
+            self._prewarm_thread.join()
+            self._prewarm_thread = None
         with self._cv:
             for slot in self._free_slots:
                 slot.release_memory()
+        self._stager.copier.close()
         if self.checkpoint_io is not None:
             try:
                 self.checkpoint_io.teardown()
@@ -269,6 +302,34 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             while not self._free_slots:  # another thread took the slot freed by a failure
                 self._cv.wait(_POLL_SECONDS)
             return self._free_slots.pop()
+
+    def _prewarm_spares(self, template: StagingSlot) -> None:
+        """Lay out and fault in never-used slots on a background thread, like ``template``.
+
+        Only slots that hold no layout yet are taken, so two alternating checkpoint layouts
+        never make slots thrash; each is back in the free list when it is ready.
+        """
+        with self._cv:
+            spares = [s for s in self._free_slots if s.layout is None]
+            if not spares:
+                return
+            for spare in spares:
+                self._free_slots.remove(spare)
+        layout, whole_copy = template.layout, list(template.whole_copy)
+
+        def prepare() -> None:
+            for spare in spares:
+                try:
+                    self._stager.prepare_like(spare, layout, whole_copy)
+                except Exception:  # noqa: BLE001 - a cold slot is slower, never wrong
+                    spare.release_memory()
+                    log.debug("asyncckpt: could not prepare a spare staging slot", exc_info=True)
+                finally:
+                    self._release_slot(spare)
+
+        thread = threading.Thread(target=prepare, name="asyncckpt-prewarm", daemon=True)
+        self._prewarm_thread = thread
+        thread.start()
 
     def _release_slot(self, slot: StagingSlot) -> None:
         with self._cv:

@@ -104,13 +104,22 @@ def test_an_unpicklable_wrapped_io_is_refused_clearly(tmp_path):
 
     with pytest.raises(TypeError, match="writer='process'.*cannot be pickled.*writer='thread'"):
         AsyncCheckpointIO(LocalIO(), writer="process")
-    # set later (as Lightning's strategy does): refused at the first save, holding no slot
+    # set later: refused where it is set
     io = AsyncCheckpointIO(writer="process")
-    io.checkpoint_io = LocalIO()
     with pytest.raises(TypeError, match="cannot be pickled"):
-        io.save_checkpoint({"v": 1}, tmp_path / "a.ckpt")
-    assert len(io._free_slots) == io.max_pending
+        io.checkpoint_io = LocalIO()
     io.teardown()
+
+
+def test_changing_the_wrapped_io_finishes_queued_work_first(tmp_path, gated_io, writer):
+    io = AsyncCheckpointIO(gated_io, writer=writer)
+    io.save_checkpoint({"v": 1}, tmp_path / "a.ckpt")
+    io.checkpoint_io = TorchCheckpointIO()
+    assert load(tmp_path / "a.ckpt") == {"v": 1} and gated_io.log[-1].startswith("save-done")
+    io.save_checkpoint({"v": 2}, tmp_path / "b.ckpt")
+    io.teardown()
+    assert load(tmp_path / "b.ckpt") == {"v": 2}
+    assert not any("b.ckpt" in line for line in gated_io.log)
 
 
 def test_writer_process_ignores_sigterm_so_the_parent_can_drain_it(tmp_path, gated_io):

@@ -126,6 +126,7 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
         # fresh default on every access, and only the first one (or the one a base-less inner
         # wrapper still needs) may stick. The core setter would replace the base each time.
         checkpoint_io = wrapping_cls.checkpoint_io
+        _base_io_comes_later = True
 
         def __init__(
             self,

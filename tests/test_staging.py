@@ -1,0 +1,54 @@
+"""Staging internals that the contract tests reach only indirectly: the parallel copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncckpt import AsyncCheckpointIO
+from asyncckpt.staging import ParallelCopier
+from conftest import load
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_parallel_copy_is_exact_for_any_split(threads):
+    gen = torch.Generator().manual_seed(threads)
+    sizes = [3, 5_000_000, 17, 0, 2_100_000, 1, 4_000_001, 64]
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.uint8,
+              torch.float64, torch.bool, torch.int16, torch.float16]
+    src = [torch.randint(0, 255, (n,), generator=gen).to(dt) for n, dt in zip(sizes, dtypes, strict=True)]
+    src.append(torch.randn(3000, 1000, generator=gen).t())  # non-contiguous: copied whole, never cut
+    dst = [torch.empty_like(s) for s in src]
+    copier = ParallelCopier(threads)
+    copier.copy(dst, src)
+    copier.close()
+    for d, s in zip(dst, src, strict=True):
+        assert torch.equal(d.reshape(-1).view(torch.uint8) if d.is_contiguous() else d,
+                           s.reshape(-1).view(torch.uint8) if d.is_contiguous() else s)
+
+
+def test_split_balances_bytes_and_covers_everything():
+    copier = ParallelCopier(3)
+    src = [torch.ones(10_000_000, dtype=torch.uint8), torch.ones(2_000_000, dtype=torch.uint8)]
+    dst = [torch.empty_like(s) for s in src]
+    chunks = copier._split(dst, src, 12_000_000)
+    sizes = [sum(t.numel() for t in d) for d, _ in chunks]
+    assert sum(sizes) == 12_000_000
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("staging_threads", [1, 2])
+def test_engine_with_several_staging_threads_keeps_point_in_time(tmp_path, staging_threads):
+    io = AsyncCheckpointIO(staging_threads=staging_threads, max_pending=1)
+    big = torch.randn(8, 1024, 1024)  # 32 MB: above the parallel threshold
+    expected = big.clone()
+    io.save_checkpoint({"big": big, "view": big[3]}, tmp_path / "a.ckpt")
+    big.add_(1)
+    io.teardown()
+    out = load(tmp_path / "a.ckpt")
+    assert torch.equal(out["big"], expected) and torch.equal(out["view"], expected[3])
+
+
+def test_staging_threads_must_be_positive():
+    with pytest.raises(ValueError, match="staging_threads"):
+        AsyncCheckpointIO(staging_threads=0)
