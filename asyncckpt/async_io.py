@@ -118,7 +118,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._pending_paths: Dict[int, str] = {}
         self._errors: List[AsyncCheckpointError] = []
         self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
-        self._prewarm_thread: Optional[threading.Thread] = None
         if writer == "process" and (checkpoint_io is not None or not self._base_io_comes_later):
             from .process_writer import check_picklable
 
@@ -188,9 +187,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         except BaseException:
             self._release_slot(slot)
             raise
-        if slot.fresh:  # a new layout: warm the unused slots for the next saves
-            slot.fresh = False
-            self._prewarm_spares(slot)
         op = Operation(0, "save", key, path, self._on_done, storage_options=storage_options, staged=staged, slot=slot)
         op.wait_seconds = waited
         op.blocking_seconds = time.perf_counter() - blocking_since
@@ -254,9 +250,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             writer, self._writer = self._writer, None
         if writer is not None:
             writer.stop()
-        if self._prewarm_thread is not None:
-            self._prewarm_thread.join()
-            self._prewarm_thread = None
         with self._cv:
             for slot in self._free_slots:
                 slot.release_memory()
@@ -302,34 +295,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             while not self._free_slots:  # another thread took the slot freed by a failure
                 self._cv.wait(_POLL_SECONDS)
             return self._free_slots.pop()
-
-    def _prewarm_spares(self, template: StagingSlot) -> None:
-        """Lay out and fault in never-used slots on a background thread, like ``template``.
-
-        Only slots that hold no layout yet are taken, so two alternating checkpoint layouts
-        never make slots thrash; each is back in the free list when it is ready.
-        """
-        with self._cv:
-            spares = [s for s in self._free_slots if s.layout is None]
-            if not spares:
-                return
-            for spare in spares:
-                self._free_slots.remove(spare)
-        layout, whole_copy = template.layout, list(template.whole_copy)
-
-        def prepare() -> None:
-            for spare in spares:
-                try:
-                    self._stager.prepare_like(spare, layout, whole_copy)
-                except Exception:  # noqa: BLE001 - a cold slot is slower, never wrong
-                    spare.release_memory()
-                    log.debug("asyncckpt: could not prepare a spare staging slot", exc_info=True)
-                finally:
-                    self._release_slot(spare)
-
-        thread = threading.Thread(target=prepare, name="asyncckpt-prewarm", daemon=True)
-        self._prewarm_thread = thread
-        thread.start()
 
     def _release_slot(self, slot: StagingSlot) -> None:
         with self._cv:

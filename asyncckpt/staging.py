@@ -196,7 +196,6 @@ class StagingSlot:
     views: List[torch.Tensor] = field(default_factory=list)
     whole_copy: List[bool] = field(default_factory=list)
     members: List[List[int]] = field(default_factory=list)
-    fresh: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -401,18 +400,6 @@ class Stager:
         slot.layout = layout
         slot.whole_copy = list(whole_copy)
         slot.members = members
-        slot.fresh = True
-
-    def prepare_like(self, spare: StagingSlot, layout: _Layout, whole_copy: Sequence[bool]) -> None:
-        """Give ``spare`` the layout of ``template`` and touch its memory, off the training thread.
-
-        A fresh arena costs page faults (the kernel zeroing pages) on first copy, about twice
-        the copy itself; paying that in the background keeps later saves at the warm speed.
-        """
-        self._plan(spare, layout, whole_copy)
-        spare.fresh = False
-        if spare.arena is not None and spare.arena.kind != "pinned":
-            spare.arena.tensor.fill_(0)
 
     def _copy(
         self, slot: StagingSlot, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]
