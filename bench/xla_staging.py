@@ -18,16 +18,6 @@ import tempfile
 import time
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=256, help="state dict size in MB")
@@ -72,14 +62,25 @@ def main(argv=None) -> None:
         io.save_checkpoint(state, os.path.join(folder, "x.ckpt"))
         blocking.append(time.perf_counter() - started)
 
-    rows = [
-        ("batched transfer (floor)", _median_ms(batched, args.repeats)),
-        ("per-tensor .cpu()", _median_ms(per_tensor, args.repeats)),
-        ("CPU memcpy of the same bytes", _median_ms(memcpy, args.repeats)),
+    # Interleaved rounds, so that noise and allocator warm-up fall on every method alike.
+    methods = [
+        ("batched transfer (floor)", batched),
+        ("per-tensor .cpu()", per_tensor),
+        ("CPU memcpy of the same bytes", memcpy),
+        ("asyncckpt save_checkpoint (blocking)", save),
     ]
-    _median_ms(save, args.repeats)
+    times: dict = {name: [] for name, _ in methods}
+    for fn in (batched, per_tensor, memcpy, save):
+        fn()  # warm up
+    blocking.clear()
+    for _ in range(args.repeats):
+        for name, fn in methods:
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
     io.teardown()
-    rows.append(("asyncckpt save_checkpoint (blocking)", statistics.median(blocking[1:]) * 1e3))
+    times["asyncckpt save_checkpoint (blocking)"] = blocking
+    rows = [(name, statistics.median(times[name]) * 1e3) for name, _ in methods]
     floor = rows[0][1]
     print(f"XLA (CPU PJRT) state dict: {args.mb} MB in {args.tensors} tensors, median of {args.repeats}")
     print(f"{'what':40s} {'ms':>9s} {'x transfer floor':>17s}")
