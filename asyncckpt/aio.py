@@ -30,7 +30,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict
 
-from .checkpoint_io import PathLike
+from .checkpoint_io import PathLike, load_options
 from .errors import FlushTimeoutError, InvalidPathError, QueueFullError
 from .storage import fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
 from .torch_io import TorchCheckpointIO
@@ -79,27 +79,28 @@ class AsyncAPIMixin:
         self._stage_and_submit(checkpoint, path, key, storage_options, slot, time.perf_counter(), waited)
 
     async def aload_checkpoint(
-        self, path: PathLike, map_location: Any | None = None, weights_only: bool | None = None
+        self,
+        path: PathLike,
+        map_location: Any | None = None,
+        weights_only: bool | None = None,
+        verify: bool = False,
     ) -> Dict[str, Any]:
         """Await every queued operation on ``path``, then load it without blocking the loop.
 
         With :class:`TorchCheckpointIO` and a local path, the bytes are read with async file
         I/O and ``torch.load`` runs in a worker thread on them; any other wrapped IO's own
-        ``load_checkpoint`` runs in a worker thread.
+        ``load_checkpoint`` runs in a worker thread, and so does a load with ``verify=True``
+        (the wrapped IO checks the whole file first, as ``load_checkpoint`` does).
         """
         import anyio
 
         key = self._path_key(path)
         await self._await_path(key)
         self._raise_pending_errors()
-        kwargs: Dict[str, Any] = {}
-        if map_location is not None:
-            kwargs["map_location"] = map_location
-        if weights_only is not None:
-            kwargs["weights_only"] = weights_only
+        kwargs = load_options(map_location, weights_only, verify)
         wrapped = self._wrapped()
         local = local_path_of(os.fspath(path))
-        if local is None or type(wrapped).load_checkpoint is not TorchCheckpointIO.load_checkpoint:
+        if verify or local is None or type(wrapped).load_checkpoint is not TorchCheckpointIO.load_checkpoint:
             return await anyio.to_thread.run_sync(
                 lambda: wrapped.load_checkpoint(path, **kwargs), abandon_on_cancel=True
             )

@@ -18,7 +18,7 @@ from typing import Any, Deque, Dict, List, Optional
 
 from . import _exit
 from .aio import AsyncAPIMixin
-from .checkpoint_io import CheckpointIO, PathLike
+from .checkpoint_io import CheckpointIO, PathLike, load_options
 from .errors import (
     AsyncCheckpointError,
     CheckpointRemoveError,
@@ -211,13 +211,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         key = self._path_key(path)
         self._wait_for_path(key)
         self._raise_pending_errors()
-        kwargs: Dict[str, Any] = {}
-        if map_location is not None:
-            kwargs["map_location"] = map_location
-        if weights_only is not None:
-            kwargs["weights_only"] = weights_only
-        if verify:
-            kwargs["verify"] = True
+        kwargs = load_options(map_location, weights_only, verify)
         return self._wrapped().load_checkpoint(path, **kwargs)
 
     def remove_checkpoint(self, path: PathLike) -> None:

@@ -33,3 +33,16 @@ class CheckpointIO(ABC):
 
     def teardown(self) -> None:  # noqa: B027 - optional hook, a no-op unless overridden
         """Release what the IO holds; called once training ends."""
+
+
+def load_options(map_location: Any, weights_only: Optional[bool], verify: bool = False) -> Dict[str, Any]:
+    """The keyword arguments to pass on to a wrapped ``load_checkpoint``: only those given, so
+    the wrapped IO's own defaults (Lightning's ``map_location`` among them) still apply."""
+    kwargs: Dict[str, Any] = {}
+    if map_location is not None:
+        kwargs["map_location"] = map_location
+    if weights_only is not None:
+        kwargs["weights_only"] = weights_only
+    if verify:
+        kwargs["verify"] = True
+    return kwargs

@@ -3,7 +3,6 @@ bounded time, and a log line says so. Real subprocesses, real signals."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,22 +12,14 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _slow_disk import child_env
 
 PRELUDE = textwrap.dedent(
     """
     import os, sys, time, signal
     import torch
-    from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO
-
-    class SlowIO(TorchCheckpointIO):
-        # Fault injection: a slow disk, so saves are still pending when the process ends.
-        def __init__(self, delay):
-            super().__init__()
-            self.delay = delay
-        def save_checkpoint(self, checkpoint, path, storage_options=None):
-            time.sleep(self.delay)
-            super().save_checkpoint(checkpoint, path, storage_options)
+    from asyncckpt import AsyncCheckpointIO
+    from _slow_disk import SlowDiskIO as SlowIO  # fault injection: a slow disk, so saves are pending
     """
 )
 
@@ -36,7 +27,7 @@ PRELUDE = textwrap.dedent(
 def run_script(body: str, tmp_path, **kwargs) -> subprocess.Popen:
     script = tmp_path / "script.py"
     script.write_text(PRELUDE + textwrap.dedent(body))
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = child_env()
     return subprocess.Popen(
         [sys.executable, str(script), str(tmp_path)],
         stdout=subprocess.PIPE,

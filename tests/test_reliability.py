@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from _slow_disk import child_env
 from asyncckpt import AsyncCheckpointIO, NotSerializableError
 from conftest import load, temp_files
 
@@ -44,17 +45,8 @@ TRAINING = textwrap.dedent(
 TRAIN_SCRIPT = TRAINING + textwrap.dedent(
     """
     import os, sys, time, signal
-    from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO
-
-    class SlowDiskIO(TorchCheckpointIO):
-        # Fault injection: a slow disk (the sleep), so saves are pending when SIGTERM arrives.
-        # The write after it is the real one.
-        def __init__(self, delay):
-            super().__init__()
-            self.delay = delay
-        def save_checkpoint(self, checkpoint, path, storage_options=None):
-            time.sleep(self.delay)
-            super().save_checkpoint(checkpoint, path, storage_options)
+    from asyncckpt import AsyncCheckpointIO
+    from _slow_disk import SlowDiskIO  # fault injection: a slow disk, so saves are pending
 
     def main(folder, writer, handler, delay, exit_timeout):
         torch.set_num_threads(1)
@@ -90,7 +82,7 @@ def _start_training(tmp_path, writer, handler, delay, exit_timeout) -> subproces
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PYTHONPATH=ROOT),
+        env=child_env(),
         start_new_session=True,
     )
 
