@@ -139,6 +139,22 @@ def run_lightning_bench(
     }
 
 
+def format_table(result: Dict[str, Any]) -> str:
+    """The wall time of each variant's fit, and its lost time against the fit without checkpoints."""
+    config = result["config"]
+    lines = [
+        f"Lightning fit ({config['family']}): {config['steps']} steps, checkpoint {result['checkpoint_mb']:.0f} MB "
+        f"every {config['every']} steps ({result['saves_per_fit']} saves), {config['rounds']} rounds, medians",
+        f"{'variant':<18}{'fit s':>9}{'lost %':>9}  runs",
+    ]
+    for variant, median in result["median_seconds"].items():
+        lost = result["lost_percent"].get(variant)
+        lost_text = f"{lost:9.1f}" if lost is not None else f"{'-':>9}"
+        runs = " ".join(f"{t:.2f}" for t in result["runs"][variant])
+        lines.append(f"{variant:<18}{median:9.2f}{lost_text}  {runs}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.lightning_fit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
@@ -160,16 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         durable=args.durable,
         variants=[v for v in args.variants.split(",") if v],
     )
-    print(
-        f"Lightning fit ({args.family}): {args.steps} steps, checkpoint {result['checkpoint_mb']:.0f} MB "
-        f"every {args.every} steps ({result['saves_per_fit']} saves), {args.rounds} rounds, medians"
-    )
-    print(f"{'variant':<18}{'fit s':>9}{'lost %':>9}  runs")
-    for variant, median in result["median_seconds"].items():
-        lost = result["lost_percent"].get(variant)
-        lost_text = f"{lost:9.1f}" if lost is not None else f"{'-':>9}"
-        runs = " ".join(f"{t:.2f}" for t in result["runs"][variant])
-        print(f"{variant:<18}{median:9.2f}{lost_text}  {runs}")
+    print(format_table(result))
     return 0
 
 

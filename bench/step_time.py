@@ -68,6 +68,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--copy-repeats", type=int, default=3, help="repeats of the copy-floor measurement")
     p.add_argument("--tmp", default=None, help="folder for checkpoint files (default: system temp, real disk)")
     p.add_argument("--out", default=DEFAULT_OUT, help="where the JSON and PNG go (default bench/results/)")
+    p.add_argument("--lightning-rounds", type=int, default=3,
+                   help="rounds of the Lightning fit run (sync, Lightning async, asyncckpt); 0 skips it")
     args = p.parse_args(argv)
     full = args.full
     args.rounds = args.rounds or (5 if full else 3)
@@ -427,6 +429,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for workload in args.workload:
         for threads in args.threads:
             configurations.append(run_configuration(args, workload, threads))
+    lightning = None
+    if args.lightning_rounds > 0:
+        from .lightning_fit import format_table, run_lightning_bench
+
+        print("\n## Lightning fit: the sync default vs Lightning AsyncCheckpointIO vs asyncckpt")
+        lightning = run_lightning_bench(rounds=args.lightning_rounds)
+        print(format_table(lightning))
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
@@ -434,6 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "engine": engine_version(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "configurations": configurations,
+        "lightning_fit": lightning,
         "wall_seconds": time.perf_counter() - started,
     }
     path = os.path.join(args.out, "step_time.json")
