@@ -100,7 +100,17 @@ class HostArena:
         self.fd: Optional[int] = None
         if kind == "shared":
             self.fd = os.memfd_create(f"asyncckpt-arena-{self.id}", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, max(nbytes, 1))
+            try:
+                os.ftruncate(self.fd, max(nbytes, 1))
+            except OSError as err:
+                os.close(self.fd)
+                self.fd = None
+                raise type(err)(
+                    err.errno,
+                    f"cannot allocate {nbytes} bytes of shared staging memory for writer='process' "
+                    f"({err.strerror}); it is a memfd, so the file size limit (RLIMIT_FSIZE, "
+                    "'ulimit -f') applies to it: raise the limit or use writer='thread'",
+                ) from err
             self._mmap = mmap.mmap(self.fd, max(nbytes, 1))
             self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)[:nbytes]
         elif kind == "pinned":

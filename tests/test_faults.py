@@ -96,6 +96,7 @@ def test_file_size_limit_efbig(tmp_path, writer):
                 report["staging_errno"] = None
             except OSError as err:
                 report["staging_errno"] = err.errno
+                report["staging_message"] = str(err)
             resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         io.save_checkpoint(big, target)
         report["error"] = failure(io)
@@ -123,6 +124,7 @@ def test_file_size_limit_efbig(tmp_path, writer):
     assert report["after"] == 3.0
     if writer == "process":
         assert report["staging_errno"] == errno.EFBIG
+        assert "staging memory" in report["staging_message"] and "ulimit -f" in report["staging_message"]
 
 
 def _drop_root_permission_bypass() -> None:
