@@ -97,8 +97,8 @@ def _one_fit(variant: str, family: str, width: int, layers: int, steps: int, eve
 def run_lightning_bench(
     *,
     rounds: int = 3,
-    steps: int = 45,
-    every: int = 10,
+    steps: int = 90,
+    every: int = 20,
     width: int = 2048,
     layers: int = 4,
     family: str = "lightning",
@@ -158,8 +158,8 @@ def format_table(result: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.lightning_fit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
-    parser.add_argument("--steps", type=int, default=45, help="training steps per fit")
-    parser.add_argument("--every", type=int, default=10, help="save every N steps")
+    parser.add_argument("--steps", type=int, default=90, help="training steps per fit")
+    parser.add_argument("--every", type=int, default=20, help="save every N steps")
     parser.add_argument("--width", type=int, default=2048, help="linear layer width")
     parser.add_argument("--layers", type=int, default=4, help="number of linear layers")
     parser.add_argument("--family", choices=("lightning", "pytorch_lightning"), default="lightning")
