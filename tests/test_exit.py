@@ -143,3 +143,28 @@ def test_sigterm_handler_respects_what_was_there_before(tmp_path, previous):
         assert proc.returncode == 0 and "still running" in out
     else:
         assert proc.returncode == -signal.SIGTERM and "still running" not in out
+
+
+def test_a_forked_child_exits_at_once_with_the_parents_saves_pending(tmp_path):
+    proc = run_script(
+        """
+        import multiprocessing
+        io = AsyncCheckpointIO(SlowIO(3))
+        io.save_checkpoint({"v": 1}, os.path.join(sys.argv[1], "a.ckpt"))
+        io.save_checkpoint({"v": 2}, os.path.join(sys.argv[1], "b.ckpt"))
+        # a forked worker (as a DataLoader's) exits while the parent's writes are in flight
+        child = multiprocessing.get_context("fork").Process(target=lambda: None)
+        started = time.monotonic()
+        child.start()
+        child.join(60)
+        print("child exit", child.exitcode, round(time.monotonic() - started, 1), flush=True)
+        print("ready", flush=True)
+        """,
+        tmp_path,
+    )
+    first = proc.stdout.readline().split()
+    wait_ready(proc)
+    _, err = proc.communicate(timeout=60)
+    assert first[:3] == ["child", "exit", "0"], (first, err)
+    assert float(first[3]) < 2.0  # the parent's writes take 6 s; the child did not wait for them
+    assert torch.load(tmp_path / "b.ckpt", weights_only=True) == {"v": 2}
