@@ -170,11 +170,18 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
             if local:
                 os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
-            self._queued_kind[self._path_key(path)] = "save"
+            self._note_queued(path, "save")
 
         def remove_checkpoint(self, path: Any) -> None:
             super().remove_checkpoint(path)
-            self._queued_kind[self._path_key(path)] = "remove"
+            self._note_queued(path, "remove")
+
+        def _note_queued(self, path: Any, kind: str) -> None:
+            """Remember the last queued kind per path; forget paths with nothing queued any more,
+            so a long run that saves under a new name each time does not grow this map."""
+            with self._cv:
+                self._queued_kind = {k: v for k, v in self._queued_kind.items() if k in self._last_seq_by_path}
+                self._queued_kind[self._path_key(path)] = kind
 
         def will_exist(self, path: Any) -> Optional[bool]:
             """Whether ``path`` exists once its queued operations are done; None when none are queued.
