@@ -124,8 +124,21 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             check_picklable(self._wrapped())
             self._writer = self._new_writer()  # its interpreter starts while training runs
         _exit.register(self)
+        self.handle_sigterm = handle_sigterm
         if handle_sigterm:
             _exit.install_sigterm_handler()
+
+    def options(self) -> Dict[str, Any]:
+        """The keyword options this engine was built with (to build an equal one elsewhere)."""
+        return dict(
+            max_pending=self.max_pending,
+            when_full=self.when_full,
+            writer=self.writer_kind,
+            writer_nice=self.writer_nice,
+            staging_threads=self.staging_threads,
+            exit_timeout=self.exit_timeout,
+            handle_sigterm=self.handle_sigterm,
+        )
 
     # -- the wrapped IO -------------------------------------------------------------------
 

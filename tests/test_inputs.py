@@ -164,3 +164,12 @@ def test_odd_tensors_round_trip_as_torch_save_gives(tmp_path):
     assert torch.equal(out["deep"]["a"][0][0][0][0]["b"][0], torch.ones(1))
     assert out["grad_tensor"].requires_grad == plain["grad_tensor"].requires_grad
     assert torch.equal(out["grad_tensor"], plain["grad_tensor"])
+
+
+def test_options_rebuild_an_equal_engine():
+    io = AsyncCheckpointIO(max_pending=3, when_full="raise", staging_threads=1, exit_timeout=5, handle_sigterm=False)
+    again = AsyncCheckpointIO(**io.options())
+    assert again.options() == io.options()
+    assert io.options()["staging_threads"] == 1 and io.options()["when_full"] == "raise"
+    io.teardown()
+    again.teardown()

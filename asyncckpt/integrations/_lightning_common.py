@@ -128,29 +128,12 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
         checkpoint_io = wrapping_cls.checkpoint_io
         _base_io_comes_later = True
 
-        def __init__(
-            self,
-            checkpoint_io: Optional[Any] = None,
-            *,
-            max_pending: int = 2,
-            when_full: str = "wait",
-            writer: str = "thread",
-            writer_nice: int = 0,
-            exit_timeout: float = 300.0,
-            handle_sigterm: bool = True,
-        ) -> None:
+        def __init__(self, checkpoint_io: Optional[Any] = None, **options: Any) -> None:
+            """``options`` are those of :class:`asyncckpt.AsyncCheckpointIO` (``max_pending``,
+            ``when_full``, ``writer``, ``writer_nice``, ``staging_threads``, ``exit_timeout``,
+            ``handle_sigterm``); one list, kept by the core, so the two cannot drift apart."""
             wrapping_cls.__init__(self, checkpoint_io)  # sets _base_checkpoint_io_configured
-            _CoreAsyncCheckpointIO.__init__(
-                self,
-                checkpoint_io,
-                max_pending=max_pending,
-                when_full=when_full,
-                writer=writer,
-                writer_nice=writer_nice,
-                exit_timeout=exit_timeout,
-                handle_sigterm=handle_sigterm,
-            )
-            self.handle_sigterm = handle_sigterm
+            _CoreAsyncCheckpointIO.__init__(self, checkpoint_io, **options)
             self._saves_requested = 0
             self._queued_kind: Dict[str, str] = {}
 
@@ -225,14 +208,7 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
             return {
                 "checkpoint_io": self._checkpoint_io,
                 "base_configured": self._base_checkpoint_io_configured,
-                "options": dict(
-                    max_pending=self.max_pending,
-                    when_full=self.when_full,
-                    writer=self.writer_kind,
-                    writer_nice=self.writer_nice,
-                    exit_timeout=self.exit_timeout,
-                    handle_sigterm=self.handle_sigterm,
-                ),
+                "options": self.options(),
             }
 
         def __setstate__(self, state: Dict[str, Any]) -> None:
