@@ -228,6 +228,18 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def _memmovable(d: torch.Tensor, s: torch.Tensor) -> bool:
+    return d.is_cpu and s.is_cpu and d.is_contiguous() and s.is_contiguous() and d.dtype == s.dtype
+
+
+def _memmove_pairs(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    """Raw byte copies; ctypes releases the GIL for the call, and no torch thread pool is used."""
+    for d, s in zip(dst, src, strict=True):
+        nbytes = d.numel() * d.element_size()
+        if nbytes:
+            ctypes.memmove(d.data_ptr(), s.data_ptr(), nbytes)
+
+
 class ParallelCopier:
     """Host-to-host copies split across ``threads`` threads (the caller's included).
 
@@ -248,11 +260,18 @@ class ParallelCopier:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="asyncckpt-stage")
-        chunks = self._split(dst, src, total)
-        futures = [self._pool.submit(torch._foreach_copy_, d, s) for d, s in chunks[1:] if d]
+        # Only contiguous CPU pairs are shared out, and the helper threads copy them with a
+        # plain memmove: a torch copy on a new thread would start an OpenMP team of its own,
+        # which measurably slowed a 2-intra-op-thread training loop for seconds afterwards.
+        plain = [(d, s) for d, s in zip(dst, src, strict=True) if _memmovable(d, s)]
+        rest = [(d, s) for d, s in zip(dst, src, strict=True) if not _memmovable(d, s)]
+        chunks = self._split([d for d, _ in plain], [s for _, s in plain], total)
+        futures = [self._pool.submit(_memmove_pairs, d, s) for d, s in chunks[1:] if d]
         try:
-            if chunks[0][0]:
-                torch._foreach_copy_(*chunks[0])
+            main_dst = chunks[0][0] + [d for d, _ in rest]
+            main_src = chunks[0][1] + [s for _, s in rest]
+            if main_dst:
+                torch._foreach_copy_(main_dst, main_src)
         finally:
             for future in futures:
                 future.result()
