@@ -265,7 +265,8 @@ class ParallelCopier:
         # which measurably slowed a 2-intra-op-thread training loop for seconds afterwards.
         plain = [(d, s) for d, s in zip(dst, src, strict=True) if _memmovable(d, s)]
         rest = [(d, s) for d, s in zip(dst, src, strict=True) if not _memmovable(d, s)]
-        chunks = self._split([d for d, _ in plain], [s for _, s in plain], total)
+        plain_bytes = sum(d.numel() * d.element_size() for d, _ in plain)
+        chunks = self._split([d for d, _ in plain], [s for _, s in plain], plain_bytes)
         futures = [self._pool.submit(_memmove_pairs, d, s) for d, s in chunks[1:] if d]
         try:
             main_dst = chunks[0][0] + [d for d, _ in rest]
@@ -279,12 +280,13 @@ class ParallelCopier:
     def _split(
         self, dst: List[torch.Tensor], src: List[torch.Tensor], total: int
     ) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """``threads`` chunks of about equal bytes; all pairs are contiguous (see ``copy``)."""
         share = -(-total // self.threads)
         chunks: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = [([], []) for _ in range(self.threads)]
         index, room = 0, share
         for d, s in zip(dst, src, strict=True):
             nbytes = d.numel() * d.element_size()
-            if nbytes <= room or index == self.threads - 1 or not d.is_contiguous() or not s.is_contiguous():
+            if nbytes <= room or index == self.threads - 1:
                 chunks[index][0].append(d)
                 chunks[index][1].append(s)
                 room -= nbytes
