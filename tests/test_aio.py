@@ -29,6 +29,7 @@ from asyncckpt import (
     TorchCheckpointIO,
 )
 from asyncckpt.storage import is_temp_file
+from conftest import FailingIO
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,15 +54,6 @@ class HeldIO(TorchCheckpointIO):
         assert self.gate.wait(30), "test gate never opened"
         own = self.path_gates.get(os.path.basename(os.fspath(path)))
         assert own is None or own.wait(30), "test gate never opened"
-        super().save_checkpoint(checkpoint, path, storage_options)
-
-
-class FailingIO(TorchCheckpointIO):
-    """Saves to names starting with ``fail`` raise (injected storage error)."""
-
-    def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if os.path.basename(os.fspath(path)).startswith("fail"):
-            raise OSError(28, "No space left on device (injected)")
         super().save_checkpoint(checkpoint, path, storage_options)
 
 
