@@ -1,12 +1,21 @@
-"""Finding which key of a checkpoint cannot be pickled, for error messages people can act on."""
+"""Pickling for staging and for error messages.
+
+:func:`split` is staging's single pickling pass: every plain tensor, wherever it sits (dicts,
+lists, namedtuples, dataclasses, a module's ``_parameters``), is set aside by ``persistent_id``;
+everything else is serialized into a small "skeleton", the point-in-time copy of all non-tensor
+state. Pickling it on the caller's thread surfaces an unpicklable object where the user can act
+on it; :func:`describe_unpicklable` then names the key. :func:`restore` is the inverse.
+"""
 
 from __future__ import annotations
 
 import io
 import pickle
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .errors import NotSerializableError
 
 _DIAGNOSE_MAX_DEPTH = 64
 
@@ -67,3 +76,69 @@ def describe_unpicklable(obj: Any, path: str, cause: BaseException) -> str:
         f"({type(reason).__name__}: {reason}); remove it from the checkpoint or convert it to "
         "tensors, numbers, strings, lists or dicts"
     )
+
+
+# -- the staging pass: one pickler that sets tensors aside and serializes everything else ----
+
+
+def is_stageable(obj: Any) -> bool:
+    """Plain dense CPU, CUDA or XLA tensors go through the staging buffers; others are pickled by value.
+
+    Runs once per tensor on the caller's thread, so it uses the cheapest attribute checks.
+    """
+    return (
+        type(obj) is torch.Tensor
+        and (obj.is_cpu or obj.is_cuda or obj.is_xla)
+        and obj.layout is torch.strided
+        and not obj.is_quantized
+        and not obj.is_conj()
+        and not obj.is_neg()
+        and not obj.__dict__
+    )
+
+
+class TensorCollector(pickle.Pickler):
+    """Pickles the non-tensor skeleton and collects stageable tensors as persistent ids."""
+
+    def __init__(self, buffer: io.BytesIO) -> None:
+        super().__init__(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: List[torch.Tensor] = []
+        self._index: Dict[int, int] = {}
+
+    def persistent_id(self, obj: Any) -> Optional[int]:
+        if type(obj) is not torch.Tensor or not is_stageable(obj):
+            return None
+        index = self._index.get(id(obj))
+        if index is None:
+            index = len(self.tensors)
+            self._index[id(obj)] = index
+            self.tensors.append(obj)  # keeps the object alive, so its id stays unique
+        return index
+
+
+class _TensorRestorer(pickle.Unpickler):
+    def __init__(self, data: bytes, tensors: Sequence[Any]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._tensors = tensors
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._tensors[pid]
+
+
+def split(checkpoint: Any, path: str) -> Tuple[bytes, List[torch.Tensor]]:
+    """One pickling pass: the skeleton (every non-tensor object, by value) and the tensors set aside.
+
+    An object the pickler refuses raises :class:`NotSerializableError` naming its key.
+    """
+    buffer = io.BytesIO()
+    collector = TensorCollector(buffer)
+    try:
+        collector.dump(checkpoint)
+    except Exception as err:
+        raise NotSerializableError(describe_unpicklable(checkpoint, path, err), path) from err
+    return buffer.getvalue(), collector.tensors
+
+
+def restore(skeleton: bytes, tensors: Sequence[Any]) -> Any:
+    """Rebuild the checkpoint object from its skeleton and staged tensors."""
+    return _TensorRestorer(skeleton, tensors).load()

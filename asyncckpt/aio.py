@@ -28,7 +28,7 @@ import io
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 from .checkpoint_io import PathLike, load_options
 from .errors import FlushTimeoutError, InvalidPathError, QueueFullError
@@ -37,6 +37,7 @@ from .torch_io import TorchCheckpointIO
 
 if TYPE_CHECKING:
     from .staging import StagingSlot
+    from .writer import Operation
 
 _WAIT_SLICE = 0.25  # longest an abandoned waiter thread lingers after its task was cancelled
 _COPY_CHUNK = 8 << 20
@@ -46,7 +47,7 @@ class AsyncAPIMixin:
     """Async methods of :class:`~asyncckpt.AsyncCheckpointIO`; see the module docstring.
 
     Mixed into the engine class; it uses the engine's state (``_cv``, ``_free_slots``,
-    ``_submitted``/``_done``, ``_last_seq_by_path``) and its helpers, and adds none of its own.
+    ``_ops``, ``_last_op``) and its helpers, and adds none of its own.
     """
 
     # -- public API -----------------------------------------------------------------------
@@ -129,13 +130,11 @@ class AsyncAPIMixin:
         """
         import anyio
 
-        with self._cv:
-            target = self._submitted
+        ops = self._pending_ops()
         with anyio.move_on_after(timeout) as scope:
-            await self._await_done(target)
+            await self._await_ops(ops)
         if scope.cancelled_caught:
-            with self._cv:
-                left = target - self._done
+            left = sum(1 for op in ops if not op.done())
             raise FlushTimeoutError(f"flush timed out after {timeout}s with {left} operation(s) pending", None)
         self._raise_pending_errors()
 
@@ -199,9 +198,7 @@ class AsyncAPIMixin:
         import anyio
 
         with anyio.CancelScope(shield=True):
-            with self._cv:
-                target = self._submitted
-            await self._await_done(target)
+            await self._await_ops(self._pending_ops())
             await anyio.to_thread.run_sync(self.teardown)
 
     # -- waiting without blocking the loop ----------------------------------------------
@@ -219,17 +216,17 @@ class AsyncAPIMixin:
                         "still being written; await aflush(), raise max_pending, or use when_full='wait'",
                         key,
                     )
-                self._check_writer_alive()
-            await self._await_engine(lambda: bool(self._free_slots))
+            await self._await_engine(lambda: bool(self._free_slots) or bool(self._errors))
 
-    async def _await_done(self, seq: int) -> None:
-        await self._await_engine(lambda: self._done >= seq)
+    async def _await_ops(self, ops: "List[Operation]") -> None:
+        """Await ``ops`` (each one handed over, so the engine forgets it when it completes)."""
+        await self._await_engine(lambda: all(op.seq not in self._ops for op in ops))
 
     async def _await_path(self, key: str) -> None:
         with self._cv:
-            seq = self._last_seq_by_path.get(key)
-        if seq is not None:
-            await self._await_done(seq)
+            op = self._last_op.get(key)
+        if op is not None:
+            await self._await_ops([op])
 
     async def _await_engine(self, ready: Callable[[], bool]) -> None:
         """Await ``ready()`` (called with the engine's lock held) without blocking the loop.
@@ -253,7 +250,6 @@ class AsyncAPIMixin:
         def wait() -> None:
             with self._cv:
                 while not ready() and not abandoned.is_set():
-                    self._check_writer_alive()
                     self._cv.wait(_WAIT_SLICE)
 
         try:

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, Iterable, List, Optional
 
 from . import _exit
 from .aio import AsyncAPIMixin
@@ -32,14 +32,13 @@ from .staging import Stager, StagingSlot, default_staging_threads
 from .stats import SaveStats
 from .storage import check_target, local_path_of
 from .torch_io import TorchCheckpointIO
-from .writer import Operation, ThreadWriter
+from .writer import Operation, ThreadWriter, Writer, WriterGoneError
 
 log = logging.getLogger("asyncckpt")
 
 WHEN_FULL_CHOICES = ("wait", "raise")
 WRITER_CHOICES = ("thread", "process")
 _STATS_KEPT = 1000
-_POLL_SECONDS = 0.5
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> Any:
@@ -111,11 +110,13 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             raise ValueError(f"staging_threads must be an integer >= 1, got {staging_threads!r}")
         self.staging_threads = staging_threads
         self._stager = Stager(staging_threads)
-        self._writer: Optional[Any] = None
-        self._submitted = 0
-        self._done = 0
-        self._last_seq_by_path: Dict[str, int] = {}
-        self._pending_paths: Dict[int, str] = {}
+        self._writer: Optional[Writer] = None
+        # Submission is serialized by its own lock, never the condition's: a send to a busy
+        # writer process may block, and completions (which take ``_cv``) must go on meanwhile.
+        self._submit_lock = threading.RLock()
+        self._seq = 0
+        self._ops: Dict[int, Operation] = {}  # handed to the writer, not yet complete; by seq
+        self._last_op: Dict[str, Operation] = {}  # per path key: the last pending operation
         self._errors: List[AsyncCheckpointError] = []
         self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
         if writer == "process" and (checkpoint_io is not None or not self._base_io_comes_later):
@@ -155,11 +156,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             from .process_writer import check_picklable
 
             check_picklable(io)
-        with self._cv:
+        with self._submit_lock:
             writer, self._writer = self._writer, None
-            target = self._submitted
+            ops = self._pending_ops()
         if writer is not None:
-            self._wait_until(target, None)
+            self._wait_for(ops, None)
             writer.stop()
         self._checkpoint_io = io
 
@@ -200,7 +201,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         except BaseException:
             self._release_slot(slot)
             raise
-        op = Operation(0, "save", key, path, self._on_done, storage_options=storage_options, staged=staged, slot=slot)
+        op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
         op.wait_seconds = waited
         op.blocking_seconds = time.perf_counter() - blocking_since
         try:
@@ -221,8 +222,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         ``verify=True`` (needs a wrapped IO that supports it, as ``TorchCheckpointIO`` does)
         checks the whole file first and raises :class:`asyncckpt.IntegrityError` if it is damaged.
         """
-        key = self._path_key(path)
-        self._wait_for_path(key)
+        self.wait_for_path(path)
         self._raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
         return self._wrapped().load_checkpoint(path, **kwargs)
@@ -231,13 +231,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """Queue the removal of ``path``, after every earlier operation on it."""
         key = self._path_key(path)
         self._raise_pending_errors()
-        self._submit(Operation(0, "remove", key, path, self._on_done))
+        self._submit(Operation("remove", key, path))
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait until every operation submitted before this call is done, then raise failures."""
-        with self._cv:
-            target = self._submitted
-        self._wait_until(target, timeout)
+        self._wait_for(self._pending_ops(), timeout)
         self._raise_pending_errors()
 
     def teardown(self) -> None:
@@ -248,15 +246,13 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """
         first_error: Optional[BaseException] = None
         try:
-            with self._cv:
-                target = self._submitted
-            self._wait_until(target, None)
+            self._wait_for(self._pending_ops(), None)
         except BaseException as err:  # noqa: BLE001 - raised below, after cleanup
             first_error = err
-        with self._cv:
+        with self._submit_lock:  # a concurrent save waits here, then starts a new writer
             writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.stop()
+            if writer is not None:
+                writer.stop()
         with self._cv:
             for slot in self._free_slots:
                 slot.release_memory()
@@ -280,7 +276,23 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     def pending(self) -> int:
         """Operations submitted and not yet done."""
         with self._cv:
-            return self._submitted - self._done
+            return len(self._ops)
+
+    def queued_kind(self, path: PathLike) -> Optional[str]:
+        """``"save"`` or ``"remove"``: the last operation queued on ``path`` and not yet done;
+        None when nothing is pending there. Answers at once, without waiting for the writer."""
+        key = self._path_key(path)
+        with self._cv:
+            op = self._last_op.get(key)
+            return op.kind if op is not None else None
+
+    def wait_for_path(self, path: PathLike, timeout: Optional[float] = None) -> None:
+        """Block until every operation queued on ``path`` has taken effect (errors are not raised)."""
+        key = self._path_key(path)
+        with self._cv:
+            op = self._last_op.get(key)
+        if op is not None:
+            self._wait_for([op], timeout)
 
     # -- admission and slots --------------------------------------------------------------
 
@@ -292,15 +304,14 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                     "still being written; call flush(), raise max_pending, or use when_full='wait'",
                     key,
                 )
-            while not self._free_slots:
-                self._check_writer_alive()
-                if self._errors:
-                    break
-                self._cv.wait(_POLL_SECONDS)
+            # Every slot is held by an operation that frees it when it completes (a writer's
+            # death completes its operations too), so this wait always ends.
+            while not self._free_slots and not self._errors:
+                self._cv.wait()
         self._raise_pending_errors()
         with self._cv:
             while not self._free_slots:  # another thread took the slot freed by a failure
-                self._cv.wait(_POLL_SECONDS)
+                self._cv.wait()
             return self._free_slots.pop()
 
     def _release_slot(self, slot: StagingSlot) -> None:
@@ -311,28 +322,52 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     # -- submission and completion --------------------------------------------------------
 
     def _submit(self, op: Operation) -> None:
-        with self._cv:
-            if self._writer is None or not self._writer.alive:
-                self._writer = self._new_writer()
-            self._submitted += 1
-            op.seq = self._submitted
-            self._last_seq_by_path[op.path] = op.seq
-            self._pending_paths[op.seq] = op.path
-            self._writer.submit(op)
+        """Hand ``op`` to the writer; it counts as pending only once fully handed over.
 
-    def _new_writer(self) -> Any:
+        Anything that fails before that (an unpicklable message, an interrupted send) raises
+        here and leaves nothing counted; the caller gives the slot back.
+        """
+        op.add_done_callback(self._on_done)
+        with self._submit_lock:
+            for _ in range(2):
+                writer = self._live_writer()
+                with self._cv:
+                    self._seq += 1
+                    op.seq = self._seq
+                try:
+                    writer.submit(op)
+                except WriterGoneError:
+                    continue  # it died since we looked: start another and hand it over there
+                break
+            else:
+                raise WriterDiedError(f"could not hand the {op.kind} of {op.path!r} to a writer", op.path)
+            with self._cv:
+                if not op.done():  # a fast writer may have finished it already
+                    self._ops[op.seq] = op
+                    self._last_op[op.path] = op
+
+    def _live_writer(self) -> Writer:
+        """The running writer, starting one when there is none or the last one died."""
+        writer = self._writer
+        if writer is None or not writer.alive:
+            self._writer = self._new_writer()
+        return self._writer
+
+    def _new_writer(self) -> Writer:
         if self.writer_kind == "process":
             from .process_writer import ProcessWriter
 
-            writer: Any = ProcessWriter(self._wrapped(), nice=self.writer_nice)
+            writer: Writer = ProcessWriter(self._wrapped(), nice=self.writer_nice)
         else:
             writer = ThreadWriter(self._wrapped())
         writer.start()
         weakref.finalize(self, writer.stop, 5)
         return writer
 
-    def _on_done(self, op: Operation, error: Optional[BaseException]) -> None:
-        """Runs on the writer: release the slot, record stats or the error, wake waiters."""
+    def _on_done(self, op: Operation) -> None:
+        """Runs once per operation, on the thread that completes it: free the slot, record
+        stats or the error, forget the operation, wake slot waiters."""
+        error = op.error
         if error is not None:
             wrapped_error = self._background_error(op, error)
             log.error("asyncckpt: %s", wrapped_error, exc_info=error)
@@ -352,10 +387,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                     )
             if error is not None:
                 self._errors.append(wrapped_error)
-            self._done += 1
-            self._pending_paths.pop(op.seq, None)
-            if self._last_seq_by_path.get(op.path) == op.seq:
-                del self._last_seq_by_path[op.path]
+            self._ops.pop(op.seq, None)
+            if self._last_op.get(op.path) is op:
+                del self._last_op[op.path]
             op.staged = op.slot = None
             self._cv.notify_all()
 
@@ -387,43 +421,45 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     # -- waiting --------------------------------------------------------------------------
 
-    def _check_writer_alive(self) -> None:
-        """If the writer died, fail what it still held, so waiters wake instead of hanging.
-
-        The failures are recorded like any background error and raised once, by the call that
-        is waiting now or the next one.
-        """
-        writer = self._writer
-        if writer is not None and self._submitted > self._done and not writer.alive:
-            writer.reap()
-
-    def _wait_until(self, seq: int, timeout: Optional[float]) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _pending_ops(self) -> List[Operation]:
+        """The operations handed over and not yet complete, in submission order."""
         with self._cv:
-            while self._done < seq:
-                self._check_writer_alive()
-                remaining = _POLL_SECONDS
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise FlushTimeoutError(
-                            f"flush timed out after {timeout}s with {seq - self._done} operation(s) pending",
-                            None,
-                        )
-                    remaining = min(remaining, left)
-                self._cv.wait(remaining)
+            return list(self._ops.values())
+
+    @staticmethod
+    def _wait_for(ops: Iterable[Operation], timeout: Optional[float]) -> None:
+        """Wait for each of ``ops`` to complete; :class:`FlushTimeoutError` after ``timeout`` s.
+
+        No polling: each operation is completed by its writer, or failed by the writer's death
+        (the process writer's reply reader sees the pipe close; the thread writer's loop fails
+        what it took on its way out).
+        """
+        ops = list(ops)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for i, op in enumerate(ops):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not op.wait(left):
+                still = sum(1 for later in ops[i:] if not later.done())
+                raise FlushTimeoutError(
+                    f"flush timed out after {timeout}s with {still} operation(s) pending", None
+                )
+
+    # Names the Lightning plugin used before ``queued_kind``/``wait_for_path`` existed.
+    @property
+    def _last_seq_by_path(self) -> Dict[str, int]:
+        with self._cv:
+            return {key: op.seq for key, op in self._last_op.items()}
 
     def _wait_for_path(self, key: str) -> None:
         with self._cv:
-            seq = self._last_seq_by_path.get(key)
-        if seq is not None:
-            self._wait_until(seq, None)
+            op = self._last_op.get(key)
+        if op is not None:
+            self._wait_for([op], None)
 
     def _drain_before_exit(self, reason: str) -> None:
-        with self._cv:
-            pending = self._submitted - self._done
-            target = self._submitted
-            paths = sorted(set(self._pending_paths.values()))
+        ops = self._pending_ops()
+        pending = len(ops)
+        paths = sorted({op.path for op in ops})
         if pending == 0:
             return
         log.warning(
@@ -435,7 +471,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         )
         started = time.monotonic()
         try:
-            self._wait_until(target, self.exit_timeout)
+            self._wait_for(ops, self.exit_timeout)
         except AsyncCheckpointError as err:
             log.error("asyncckpt: pending checkpoints not all written before %s: %s", reason, err)
             return

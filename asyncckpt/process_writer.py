@@ -25,7 +25,7 @@ from multiprocessing import reduction
 from typing import Any, Dict, Optional, Tuple
 
 from .errors import WriterDiedError
-from .writer import Operation, perform
+from .writer import Operation, WriterGoneError, perform
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,13 @@ def check_picklable(checkpoint_io: Any) -> bytes:
 
 
 class ProcessWriter:
-    """A persistent spawned process that performs operations in FIFO order."""
+    """A persistent spawned process that performs operations in FIFO order.
+
+    Two locks, so that a reply is never held up by a send: ``_send_lock`` orders everything
+    written to the pipe (a send may block while the writer is busy and the pipe is full);
+    ``_table_lock`` guards the map from sequence numbers to operations, which the reply reader
+    uses. The map only routes replies; each operation completes itself exactly once.
+    """
 
     kind = "process"
     arena_kind = "shared"
@@ -67,7 +73,8 @@ class ProcessWriter:
         self._io_bytes = check_picklable(checkpoint_io)
         self._nice = nice
         self._crc32 = crc32
-        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._table_lock = threading.Lock()
         self._inflight: Dict[int, Operation] = {}
         self._arenas: Dict[int, "weakref.ref[Any]"] = {}
         self._process: Optional[multiprocessing.process.BaseProcess] = None
@@ -97,28 +104,48 @@ class ProcessWriter:
 
     @property
     def alive(self) -> bool:
-        return not self._dead and self._process is not None and self._process.is_alive()
+        return (
+            not self._dead and not self._stopping and self._process is not None and self._process.is_alive()
+        )
 
     def submit(self, op: Operation) -> None:
-        with self._lock:
-            if self._dead or self._stopping:
-                raise RuntimeError("the writer process is not running; it takes no more operations")
-            self._inflight[op.seq] = op
+        """Send ``op``; an operation that cannot be pickled raises here and nothing is sent."""
+        if op.kind == "save":
+            staged = op.staged
+            message: Tuple[Any, ...] = (
+                "save", op.seq, op.target, op.storage_options,
+                staged.skeleton, staged.arena.id, staged.groups, staged.specs,
+            )
+        else:
+            message = (op.kind, op.seq, op.target)
+        data = bytes(reduction.ForkingPickler.dumps(message))  # fails here, before any byte is sent
+        with self._send_lock:
+            with self._table_lock:
+                if self._dead or self._stopping:
+                    raise WriterGoneError("the writer process is not running; it takes no more operations")
+                self._inflight[op.seq] = op  # from here the reader (or the writer's death) completes it
             try:
                 self._drop_released_arenas()
                 if op.kind == "save":
-                    staged = op.staged
-                    self._share_arena(staged.arena)
-                    message: Tuple[Any, ...] = (
-                        "save", op.seq, op.target, op.storage_options,
-                        staged.skeleton, staged.arena.id, staged.groups, staged.specs,
-                    )
-                else:
-                    message = (op.kind, op.seq, op.target)
-                self._conn.send(message)
-            except (OSError, EOFError, BrokenPipeError):
-                # The process is gone; the reply reader fails everything in flight, this included.
-                pass
+                    self._share_arena(op.staged.arena)
+                self._conn.send_bytes(data)
+            except (OSError, EOFError):
+                pass  # the process is gone; the reply reader fails everything in flight, this included
+            except BaseException:
+                # Interrupted part-way (an exception from a signal handler): the pipe may hold a
+                # partial message, so this writer can take nothing more. Earlier operations
+                # still complete (or fail as lost); this one was never handed over.
+                with self._table_lock:
+                    self._inflight.pop(op.seq, None)
+                self._break()
+                raise
+
+    def _break(self) -> None:
+        """End a writer whose command stream can no longer be trusted."""
+        with self._table_lock:
+            self._stopping = True
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
 
     def _share_arena(self, arena: Any) -> None:
         if arena.id in self._arenas:
@@ -134,33 +161,36 @@ class ProcessWriter:
                 self._conn.send(("drop", arena_id))
 
     def _read_replies(self) -> None:
-        while True:
-            try:
-                reply = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            if reply[0] == "done":
-                _, seq, error, write_seconds = reply
-                with self._lock:
-                    op = self._inflight.pop(seq, None)
-                if op is None:
-                    continue
-                op.write_seconds = write_seconds or 0.0
-                op.on_done(op, error)
-            elif reply[0] == "stopped":
-                break
-        self._fail_inflight()
-
-    def reap(self) -> None:
-        """Fail every operation in flight on a writer process that is no longer running."""
-        if self._process is not None and not self._process.is_alive():
+        try:
+            while True:
+                try:
+                    reply = self._conn.recv()
+                except (EOFError, OSError):
+                    break
+                if reply[0] == "done":
+                    _, seq, error, write_seconds = reply
+                    with self._table_lock:
+                        op = self._inflight.pop(seq, None)
+                    if op is None:
+                        continue
+                    op.write_seconds = write_seconds or 0.0
+                    op.complete(error)
+                elif reply[0] == "stopped":
+                    break
+        except BaseException:  # noqa: BLE001 - an unreadable reply: this writer is done for
+            log.exception("asyncckpt: could not read a reply from the writer process; stopping it")
+            self._break()
+        finally:
             self._fail_inflight()
 
     def _fail_inflight(self) -> None:
         process = self._process
         if process is not None:
             process.join(5)
-        with self._lock:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        with self._table_lock:
             self._dead = True
             lost = sorted(self._inflight.values(), key=lambda op: op.seq)
             self._inflight.clear()
@@ -174,15 +204,17 @@ class ProcessWriter:
                 f"of {op.path!r}; the engine starts a new writer process for the next operation",
                 op.path,
             )
-            op.on_done(op, err)
+            op.complete(err)
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Finish what is queued, end the process and reap it (no zombie is left)."""
-        with self._lock:
+        with self._send_lock:
             if self._process is None:
                 return True
-            self._stopping = True
-            if not self._dead:
+            with self._table_lock:
+                was_stopping, self._stopping = self._stopping, True
+                dead = self._dead
+            if not dead and not was_stopping:
                 try:
                     self._conn.send(("stop",))
                 except OSError:
@@ -207,7 +239,8 @@ def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
         os.nice(nice)
     import torch
 
-    from .staging import build_views, restore, storages_in
+    from ._arena import build_views, storages_in
+    from ._pickling import restore
 
     torch.set_num_threads(1)
     if not crc32:
@@ -236,7 +269,7 @@ def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
             conn.send(("stopped",))
             break
         else:
-            op = Operation(seq=message[1], kind=kind, path=str(message[2]), target=message[2], on_done=None)
+            op = Operation(kind, str(message[2]), message[2], seq=message[1])
             error: Optional[BaseException] = None
             try:
                 checkpoint = None

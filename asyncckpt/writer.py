@@ -1,9 +1,14 @@
-"""The queue and the writer: operations run one at a time, in the order they were submitted.
+"""Operations, the writer interface, and the thread writer.
 
-A single worker keeps the order contract trivially true: a remove queued after a save to the
-same path runs after that save commits, and a save queued after a remove re-creates the file.
-The writer owns the wrapped ``CheckpointIO``; :class:`ThreadWriter` runs it on a thread,
-:class:`asyncckpt.process_writer.ProcessWriter` in a separate process.
+Every save or remove is an :class:`Operation` that carries its own state, as a
+``concurrent.futures`` work item carries its Future: it is completed exactly once (by the writer
+that ran it, or by the writer's death), and its completion is what ``flush``,
+``load_checkpoint`` and the exit drain wait on. A single worker per engine keeps the order
+contract trivially true: a remove queued after a save to the same path runs after that save
+commits, and a save queued after a remove re-creates the file.
+
+Both writers implement :class:`Writer`: :class:`ThreadWriter` runs the wrapped ``CheckpointIO``
+on a thread, :class:`asyncckpt.process_writer.ProcessWriter` in a separate process.
 """
 
 from __future__ import annotations
@@ -12,33 +17,110 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Optional
+from typing import Any, Callable, Deque, List, Optional, Protocol
 
 from .errors import WriterDiedError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+class WriterGoneError(RuntimeError):
+    """``submit`` on a writer that has stopped or died: nothing was handed over, start another."""
+
+
 class Operation:
     """One unit of background work: a save or a remove of ``path``.
 
-    ``path`` is the normalized key used for ordering; ``target`` is the path exactly as the
-    caller gave it, handed to the wrapped IO.
+    ``path`` is the normalized key used for ordering; ``target`` is the path handed to the
+    wrapped IO. :meth:`complete` runs the done callbacks and wakes waiters, once; later calls
+    (a writer's death racing its last reply, say) do nothing.
     """
 
-    seq: int
+    def __init__(
+        self,
+        kind: str,
+        path: str,
+        target: Any,
+        *,
+        storage_options: Any = None,
+        staged: Any = None,
+        slot: Any = None,
+        seq: int = 0,
+    ) -> None:
+        self.seq = seq
+        self.kind = kind
+        self.path = path
+        self.target = target
+        self.storage_options = storage_options
+        self.staged = staged
+        self.slot = slot
+        self.wait_seconds = 0.0
+        self.blocking_seconds = 0.0
+        self.write_seconds = 0.0
+        self.error: Optional[BaseException] = None
+        self._lock = threading.Lock()
+        self._completed = False
+        self._event = threading.Event()
+        self._callbacks: List[Callable[["Operation"], None]] = []
+
+    def add_done_callback(self, fn: Callable[["Operation"], None]) -> None:
+        """Run ``fn(op)`` at completion (at once if already complete), on the completing thread."""
+        with self._lock:
+            if not self._completed:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def complete(self, error: Optional[BaseException] = None) -> bool:
+        """Record the outcome, run the callbacks, wake the waiters; True the first time only."""
+        with self._lock:
+            if self._completed:
+                return False
+            self._completed = True
+            self.error = error
+            callbacks, self._callbacks = self._callbacks, []
+        try:
+            for fn in callbacks:
+                try:
+                    fn(self)
+                except Exception:  # noqa: BLE001 - one failing callback must not skip the others
+                    log.exception("asyncckpt: internal error while completing %s of %s", self.kind, self.path)
+        finally:
+            self._event.set()
+        return True
+
+    def done(self) -> bool:
+        """Whether the operation has completed (its callbacks may still be running)."""
+        return self._completed
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until completed and its callbacks have run; returns False on timeout."""
+        return self._event.wait(timeout)
+
+    def __repr__(self) -> str:
+        state = "done" if self._completed else "pending"
+        return f"Operation(#{self.seq} {self.kind} {self.path!r}, {state})"
+
+
+class Writer(Protocol):
+    """What the engine needs of a writer; :class:`ThreadWriter` and ``ProcessWriter`` provide it.
+
+    ``submit`` either hands the operation over (the writer then completes it exactly once, by
+    running it or, if the writer dies first, with :class:`WriterDiedError`) or raises and keeps
+    nothing; it raises :class:`WriterGoneError` when the writer is no longer running.
+    """
+
     kind: str
-    path: str
-    target: Any
-    on_done: Callable[["Operation", Optional[BaseException]], None]
-    storage_options: Any = None
-    staged: Any = field(default=None, repr=False)
-    slot: Any = field(default=None, repr=False)
-    wait_seconds: float = 0.0
-    blocking_seconds: float = 0.0
-    write_seconds: float = 0.0
+    arena_kind: str
+
+    def start(self) -> None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def submit(self, op: Operation) -> None: ...
+
+    def stop(self, timeout: Optional[float] = None) -> bool: ...
 
 
 def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
@@ -58,6 +140,9 @@ class ThreadWriter:
 
     The thread is a daemon so that an idle writer never keeps the interpreter alive; pending
     work is drained at exit by :mod:`asyncckpt._exit`, before daemon threads are stopped.
+    An ``Exception`` from the wrapped IO fails that operation only; anything else that ends
+    the thread (a ``SystemExit`` or ``KeyboardInterrupt`` raised in it) completes every
+    operation it took with :class:`WriterDiedError`, so no waiter is left hanging.
     """
 
     kind = "thread"
@@ -69,36 +154,26 @@ class ThreadWriter:
         self._queue: Deque[Operation] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._dead = False
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
         with self._cv:
-            if self._thread is not None and self._thread.is_alive():
+            if self._thread is not None:
                 return
-            self._stopping = False
             self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
             self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._dead and not self._stopping and self._thread is not None and self._thread.is_alive()
 
     def submit(self, op: Operation) -> None:
         with self._cv:
-            if self._stopping:
-                raise RuntimeError("the writer is stopping; it takes no more operations")
+            if self._dead or self._stopping or self._thread is None:
+                raise WriterGoneError("the writer thread is not running; it takes no more operations")
             self._queue.append(op)
             self._cv.notify()
-
-    def reap(self) -> None:
-        """Fail every operation still queued on a thread that is no longer running."""
-        if self.alive:
-            return
-        with self._cv:
-            lost, self._queue = list(self._queue), collections.deque()
-        for op in lost:
-            message = f"the asyncckpt writer thread stopped before the {op.kind} of {op.path!r}"
-            op.on_done(op, WriterDiedError(message, op.path))
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Finish what is queued, then end the thread; returns whether it ended in time."""
@@ -112,19 +187,37 @@ class ThreadWriter:
         return not thread.is_alive()
 
     def _loop(self) -> None:
-        while True:
+        op: Optional[Operation] = None
+        cause: Optional[BaseException] = None
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue and not self._stopping:
+                        self._cv.wait()
+                    if not self._queue:
+                        return
+                    op = self._queue.popleft()
+                error: Optional[BaseException] = None
+                try:
+                    perform(self._io, op, op.staged.materialize() if op.kind == "save" else None)
+                except Exception as err:  # noqa: BLE001 - reported through the operation
+                    error = err
+                op.complete(error)
+                op = None
+        except BaseException as err:
+            cause = err
+            raise
+        finally:
             with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                op = self._queue.popleft()
-            error: Optional[BaseException] = None
-            try:
-                perform(self._io, op, op.staged.materialize() if op.kind == "save" else None)
-            except BaseException as err:  # noqa: BLE001 - every failure is reported, none kills the loop
-                error = err
-            try:
-                op.on_done(op, error)
-            except BaseException:  # noqa: BLE001
-                log.exception("asyncckpt: internal error while completing %s of %s", op.kind, op.path)
+                self._dead = True
+                lost = ([op] if op is not None else []) + list(self._queue)
+                self._queue.clear()
+            for item in lost:
+                died = WriterDiedError(
+                    f"the asyncckpt writer thread stopped ({type(cause).__name__ if cause else 'ended'}) "
+                    f"before finishing the {item.kind} of {item.path!r}; the engine starts a new "
+                    "writer for the next operation",
+                    item.path,
+                )
+                died.__cause__ = cause
+                item.complete(died)

@@ -50,9 +50,9 @@ def checkpoint_to_cpu(checkpoint: Any) -> Any:
     Structure is kept exactly (OrderedDict and its ``_metadata``, tuples, namedtuples,
     Parameters), unlike torch_xla's own converter, because it reuses staging's pickling pass.
     """
-    from .staging import Stager, restore
+    from ._pickling import restore, split
 
-    skeleton, tensors = Stager._split(checkpoint, "<xla checkpoint>")
+    skeleton, tensors = split(checkpoint, "<xla checkpoint>")
     xla = [i for i, t in enumerate(tensors) if t.device.type == "xla"]
     if not xla:
         return checkpoint

@@ -312,7 +312,7 @@ def test_background_failure_is_logged_then_raised_once_by_the_next_call(tmp_path
 def test_every_entry_point_raises_a_pending_failure(tmp_path, next_call, writer):
     io = AsyncCheckpointIO(FailingIO(), writer=writer)
     io.save_checkpoint({"x": 1}, tmp_path / "fail.ckpt")
-    io._wait_until(io._submitted, 30)
+    io._wait_for(io._pending_ops(), 30)
     calls = {
         "save": lambda: io.save_checkpoint({"x": 2}, tmp_path / "ok.ckpt"),
         "flush": io.flush,

@@ -24,16 +24,20 @@ def test_tensor_bytes_are_not_pickled_through_the_pipe(tmp_path):
     io.flush()
     sent = []
     conn = io._writer._conn
-    original = conn.send
+    original, original_bytes = conn.send, conn.send_bytes
 
     def counting_send(message):
         sent.append(len(__import__("pickle").dumps(message)))
         original(message)
 
-    conn.send = counting_send
+    def counting_send_bytes(data):
+        sent.append(len(data))
+        original_bytes(data)
+
+    conn.send, conn.send_bytes = counting_send, counting_send_bytes
     io.save_checkpoint({"w": torch.ones(4 * 1024 * 1024)}, tmp_path / "big.ckpt")  # 16 MB
     io.flush()
-    conn.send = original
+    conn.send, conn.send_bytes = original, original_bytes
     assert sent and max(sent) < 64 * 1024, sent
     assert torch.equal(load(tmp_path / "big.ckpt")["w"], torch.ones(4 * 1024 * 1024))
     io.teardown()

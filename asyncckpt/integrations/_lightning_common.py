@@ -135,7 +135,6 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
             wrapping_cls.__init__(self, checkpoint_io)  # sets _base_checkpoint_io_configured
             _CoreAsyncCheckpointIO.__init__(self, checkpoint_io, **options)
             self._saves_requested = 0
-            self._queued_kind: Dict[str, str] = {}
 
         @property
         def saves_requested(self) -> int:
@@ -153,34 +152,18 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
             if local:
                 os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
-            self._note_queued(path, "save")
-
-        def remove_checkpoint(self, path: Any) -> None:
-            super().remove_checkpoint(path)
-            self._note_queued(path, "remove")
-
-        def _note_queued(self, path: Any, kind: str) -> None:
-            """Remember the last queued kind per path; forget paths with nothing queued any more,
-            so a long run that saves under a new name each time does not grow this map."""
-            with self._cv:
-                self._queued_kind = {k: v for k, v in self._queued_kind.items() if k in self._last_seq_by_path}
-                self._queued_kind[self._path_key(path)] = kind
 
         def will_exist(self, path: Any) -> Optional[bool]:
             """Whether ``path`` exists once its queued operations are done; None when none are queued.
 
             Answers without waiting, so a check never stalls the training step behind a write.
             """
-            key = self._path_key(path)
-            with self._cv:
-                if key not in self._last_seq_by_path:
-                    self._queued_kind.pop(key, None)
-                    return None
-                return self._queued_kind.get(key) == "save"
+            kind = self.queued_kind(path)
+            return None if kind is None else kind == "save"
 
         def wait_for(self, path: Any) -> None:
             """Block until every queued operation on ``path`` has taken effect (then ``exists`` is true)."""
-            self._wait_for_path(self._path_key(path))
+            self.wait_for_path(path)
 
         def teardown(self) -> None:
             """Flush, stop the writer, tear down the wrapped IO.
