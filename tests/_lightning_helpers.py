@@ -51,13 +51,19 @@ class Boom(RuntimeError):
     """The training exception the tests raise on purpose."""
 
 
-def make_module(pl: Any, fail_at: Optional[int] = None) -> Any:
-    """A LightningModule with 8->2 linear layer; logs a deterministic, non-monotone ``score``."""
+def _tiny_class(pl: Any, name: str) -> type:
+    """The test LightningModule for one family, defined once and findable by pickle (ddp_spawn)."""
+    qualname = f"Tiny_{name}"
+    if qualname in globals():
+        return globals()[qualname]
 
     class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
+        """An 8->2 linear layer; logs a deterministic, non-monotone ``score``."""
+
+        def __init__(self, fail_at: Optional[int] = None) -> None:
             super().__init__()
             self.layer = torch.nn.Linear(8, 2)
+            self.fail_at = fail_at
             self.start_step: Optional[int] = None
             self.tested: List[float] = []
 
@@ -66,8 +72,8 @@ def make_module(pl: Any, fail_at: Optional[int] = None) -> Any:
                 self.start_step = self.global_step
 
         def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            if fail_at is not None and self.global_step == fail_at:
-                raise Boom(f"failing on purpose at step {fail_at}")
+            if self.fail_at is not None and self.global_step == self.fail_at:
+                raise Boom(f"failing on purpose at step {self.fail_at}")
             # Score pattern 0,2,4,1,3,0,...: top-k keeps changing, so old files are removed.
             self.log("score", torch.tensor(float((self.global_step * 2) % 5)))
             return self.layer(batch).pow(2).mean()
@@ -88,8 +94,24 @@ def make_module(pl: Any, fail_at: Optional[int] = None) -> Any:
 
         val_dataloader = test_dataloader = train_dataloader
 
+    Tiny.__name__ = Tiny.__qualname__ = qualname
+    Tiny.__module__ = __name__
+    globals()[qualname] = Tiny
+    return Tiny
+
+
+def __getattr__(name: str) -> Any:
+    """Lets pickle find ``Tiny_<family>`` in a spawned process before anything built it there."""
+    if name.startswith("Tiny_"):
+        return _tiny_class(load_family(name[len("Tiny_") :]).pl, name[len("Tiny_") :])
+    raise AttributeError(name)
+
+
+def make_module(pl: Any, fail_at: Optional[int] = None) -> Any:
+    """A fresh, seeded instance of the family's test module (see :func:`_tiny_class`)."""
+    name = "lightning" if pl.__name__.startswith("lightning") else "pytorch_lightning"
     torch.manual_seed(0)
-    return Tiny()
+    return _tiny_class(pl, name)(fail_at)
 
 
 def make_trainer(fam: types.SimpleNamespace, root: Any, plugins: Any = None, callbacks: Any = (), **kw: Any) -> Any:

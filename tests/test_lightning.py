@@ -147,25 +147,27 @@ def test_load_waits_for_a_pending_write(fam, tmp_path):
     trainer.test(model, ckpt_path="last")
     assert torch.equal(model.layer.weight, final) and model.tested
 
-    # Now a save that is still pending when the test/resume asks for it.
-    for load in ("test", "resume"):
-        held.release.clear()
-        path = tmp_path / f"manual-{load}.ckpt"
-        trainer.save_checkpoint(path)
-        saved = model.layer.weight.detach().clone()
-        assert io.pending == 1 and not path.exists()
-        with torch.no_grad():
-            model.layer.weight.add_(100.0)  # must not reach the file: it was saved before this
-        threading.Timer(0.5, held.release.set).start()
-        if load == "test":
-            trainer.test(model, ckpt_path=path)
-            assert torch.equal(model.layer.weight, saved)
-        else:
-            resumed = make_module(fam.pl)
-            trainer2 = make_trainer(fam, tmp_path, plugins=[io], callbacks=[], max_steps=6, enable_checkpointing=False)
-            trainer2.fit(resumed, ckpt_path=path)
-            assert resumed.start_step == 4 and trainer2.global_step == 6
-        assert torch.load(path, weights_only=False)["global_step"] == 4
+    # A save queued inside the stage, still pending when a load of it comes (held writes).
+    held.release.clear()
+    path = tmp_path / "manual.ckpt"
+    seen = {}
+
+    class SaveThenLoad(fam.pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                trainer.save_checkpoint(path)
+                seen["saved"] = pl_module.layer.weight.detach().clone()
+                seen["pending"], seen["exists"] = io.pending, path.exists()
+                with torch.no_grad():
+                    pl_module.layer.weight.add_(100.0)  # must not reach the file: it was saved before this
+                threading.Timer(0.5, held.release.set).start()
+                seen["loaded"] = trainer.strategy.load_checkpoint(path)  # waits for the held write
+
+    trainer2 = make_trainer(fam, tmp_path, plugins=[io], callbacks=[SaveThenLoad()], max_steps=6)
+    trainer2.fit(model)
+    assert seen["pending"] == 1 and not seen["exists"]
+    assert torch.equal(seen["loaded"]["state_dict"]["layer.weight"], seen["saved"])
+    assert seen["loaded"]["global_step"] == 5
 
 
 def test_exception_in_training_step(fam, tmp_path):

@@ -10,12 +10,13 @@ Lightning is imported only when one of them is.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import sys
 import types
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..async_io import AsyncCheckpointIO as _CoreAsyncCheckpointIO
 from ..errors import AsyncCheckpointError
@@ -25,6 +26,7 @@ from ..storage import local_path_of
 log = logging.getLogger("asyncckpt")
 
 _FAMILIES: Dict[str, types.SimpleNamespace] = {}
+_NOT_GIVEN: Any = type("NotGiven", (), {"__repr__": lambda self: "<not given>"})()
 
 
 class UnsupportedStrategyError(AsyncCheckpointError, ValueError):
@@ -96,7 +98,7 @@ def build(family: str) -> types.SimpleNamespace:
         if reason is not None:
             raise UnsupportedStrategyError(f"asyncckpt: {reason}")
 
-    io_cls = _make_io_class(wrapping_cls, family)
+    io_cls = _make_io_class(wrapping_cls, family, _in_stage_finder(pl.Trainer))
     callback_cls = _make_callback_class(pl.Callback, model_checkpoint_cls, check_strategy, family)
     ns = types.SimpleNamespace(
         AsyncCheckpointIO=io_cls,
@@ -109,15 +111,52 @@ def build(family: str) -> types.SimpleNamespace:
     return ns
 
 
-def _make_io_class(wrapping_cls: type, family: str) -> type:
+def _in_stage_finder(trainer_cls: type) -> Callable[[], bool]:
+    """A function that says whether the calling thread is inside a running stage of a Trainer.
+
+    Lightning runs every stage (fit, validate, test, predict) in ``Trainer._run_stage``, on the
+    thread that called ``fit``/``validate``/...; the strategy's teardown, ``on_fit_end``, the
+    ``ddp_spawn``/``ddp_fork`` launchers' result hand-over and any call after ``fit`` returns run
+    outside it. Lightning gives a ``CheckpointIO`` no hook for the start of a stage, so the
+    plugin looks for that method's frame on the calling thread's stack (a few microseconds,
+    once per operation). Should a Lightning version rename the method, every operation is
+    treated as outside a stage: saves become synchronous, never unsafe.
+    """
+    code = getattr(getattr(trainer_cls, "_run_stage", None), "__code__", None)
+    if code is None:
+        log.warning(
+            "asyncckpt: this Lightning version has no Trainer._run_stage; checkpoints are written synchronously"
+        )
+
+    def in_stage() -> bool:
+        if code is None:
+            return False
+        frame: Optional[types.FrameType] = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is code:
+                return True
+            frame = frame.f_back
+        return False
+
+    return in_stage
+
+
+def _make_io_class(wrapping_cls: type, family: str, in_stage: Callable[[], bool]) -> type:
     class AsyncCheckpointIO(_CoreAsyncCheckpointIO, wrapping_cls):  # type: ignore[misc, valid-type]
         """asyncckpt's engine as a Lightning ``CheckpointIO`` plugin.
 
         Pass it as ``Trainer(plugins=[AsyncCheckpointIO()])`` or ``Strategy(checkpoint_io=...)``.
         With no ``checkpoint_io`` the strategy fills in its default (``TorchCheckpointIO``, or
         ``XLACheckpointIO`` on XLA), also when this object sits inside, or holds, another wrapping
-        IO. The strategy's ``teardown()`` (end of fit/validate/test, and after an exception)
-        calls :meth:`teardown`, which writes every pending checkpoint before returning.
+        IO.
+
+        Saves and removes made while a Trainer stage runs (``ModelCheckpoint``, or
+        ``trainer.save_checkpoint`` from a hook) are queued and written in the background; the
+        strategy's ``teardown()`` at the end of the stage writes them all and stops the writer.
+        Anywhere else (after ``fit`` returns, in ``on_fit_end``, in the ``ddp_spawn``/``ddp_fork``
+        launchers, from another thread, without a Trainer) there is no training to overlap with:
+        the call does its IO before it returns, through the wrapped IO, exactly as Lightning's
+        default plugin would (errors included), and starts no thread.
 
         Args: as :class:`asyncckpt.AsyncCheckpointIO`.
         """
@@ -142,16 +181,52 @@ def _make_io_class(wrapping_cls: type, family: str) -> type:
             return self._saves_requested
 
         def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-            """Stage and queue the save; create the local folder now, as a synchronous save would.
+            """In a running stage: stage, queue and return; elsewhere: write before returning.
 
+            In a stage the local folder is created now, as a synchronous save would:
             ``ModelCheckpoint(save_last="link")`` puts its ``last.ckpt`` symlink into that folder
             right after this call returns, before the writer has run.
             """
             self._saves_requested += 1
+            if not in_stage():
+                self._now().save_checkpoint(checkpoint, path, storage_options=storage_options)
+                return
             local = local_path_of(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else None
             if local:
                 os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+        def remove_checkpoint(self, path: Any) -> None:
+            """In a running stage: queue the removal behind earlier operations; elsewhere: remove now."""
+            if not in_stage():
+                self._now().remove_checkpoint(path)
+                return
+            super().remove_checkpoint(path)
+
+        def load_checkpoint(
+            self, path: Any, map_location: Any = _NOT_GIVEN, weights_only: Any = _NOT_GIVEN, verify: bool = False
+        ) -> Dict[str, Any]:
+            """Load ``path`` once its queued operations are done.
+
+            The arguments reach the wrapped IO exactly as given (``weights_only=None`` included);
+            those not given are left to its defaults.
+            """
+            self.wait_for(path)
+            self._raise_pending_errors()
+            kwargs: Dict[str, Any] = {}
+            if map_location is not _NOT_GIVEN:
+                kwargs["map_location"] = map_location
+            if weights_only is not _NOT_GIVEN:
+                kwargs["weights_only"] = weights_only
+            if verify:
+                kwargs["verify"] = True
+            return self._wrapped().load_checkpoint(path, **kwargs)
+
+        def _now(self) -> Any:
+            """The wrapped IO, for an operation done on the caller's thread: once every queued
+            operation is done (order), and any background failure raised (it comes first)."""
+            self.flush()
+            return self._wrapped()
 
         def will_exist(self, path: Any) -> Optional[bool]:
             """Whether ``path`` exists once its queued operations are done; None when none are queued.
@@ -221,16 +296,18 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
         - ``setup``: raises :class:`UnsupportedStrategyError` for a strategy that never calls its
           CheckpointIO (DeepSpeed, sharded FSDP/ModelParallel), and flushes, so a strategy that
           reads checkpoint files directly sees every earlier save.
-        - Makes each ``ModelCheckpoint``'s existence checks (version counter ``-v1`` names) and
-          ``save_last="link"`` wait for queued operations on that one path, so file names match a
-          synchronous run.
+        - Keeps each ``ModelCheckpoint``'s file names as a synchronous run makes them: its
+          ``file_exists`` answers from the queue for a path with queued operations (version
+          counter ``-v1`` names), and before ``ModelCheckpoint`` runs in a hook, a queued save of
+          the ``save_last="link"`` path is waited for (so the link is not replaced by that file).
         - Warns once if a checkpoint was dumped but never reached the plugin (a strategy that
           saves on its own).
         - ``on_exception``: writes pending saves before Lightning tears down; a save failure is
           logged and noted on the training exception rather than replacing it.
         - ``teardown``: flushes (covers a wrapping IO around ours that does not forward teardown)
           and logs :attr:`asyncckpt.AsyncCheckpointIO.stats` to the trainer's loggers as
-          ``asyncckpt/blocking_s``, ``asyncckpt/write_s``, ``asyncckpt/wait_s``, ``asyncckpt/tensor_mb``.
+          ``asyncckpt/blocking_s``, ``asyncckpt/write_s``, ``asyncckpt/wait_s``, ``asyncckpt/tensor_mb``,
+          at the step Lightning logs its own metrics at.
 
         Args:
             log_stats: send per-save measurements to the trainer's loggers.
@@ -266,7 +343,7 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
             self._expected_saves = None
             for cb in trainer.checkpoint_callbacks:
                 if isinstance(cb, model_checkpoint_cls):
-                    _order_model_checkpoint(cb, self._io)
+                    _QueueAwareFileExists.install(cb)
 
         def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
             counter = getattr(self._io, "saves_requested", None)
@@ -290,12 +367,32 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
                     stacklevel=2,
                 )
 
+        def _before_model_checkpoint(self, trainer: Any) -> None:
+            """Runs in each hook ``ModelCheckpoint`` saves in, before it (Lightning runs checkpoint
+            callbacks last). ``save_last="link"`` replaces ``last.ckpt`` with a symlink using ``os``
+            calls; a save of that same path still queued would later rename a file over the link.
+            Waits only then: while ``last.ckpt`` is still a file being written."""
+            if self._io is None or not trainer.is_global_zero or not hasattr(self._io, "will_exist"):
+                return
+            for cb in trainer.checkpoint_callbacks:
+                last = getattr(cb, "last_model_path", "") if getattr(cb, "save_last", None) == "link" else ""
+                if last and self._io.will_exist(last) is not None:
+                    self._io.wait_for(last)
+
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             self._check_bypass(trainer)
+            self._before_model_checkpoint(trainer)
             self._log_new_stats(trainer)
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self._before_model_checkpoint(trainer)
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            self._before_model_checkpoint(trainer)
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             self._check_bypass(trainer)
+            self._before_model_checkpoint(trainer)
 
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
             if self._io is None:
@@ -327,6 +424,7 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
             if not fresh:
                 return
             self._last_logged = fresh[-1]
+            step = _logging_step(trainer)
             for record in fresh:
                 metrics = {
                     "asyncckpt/blocking_s": record.blocking_seconds,
@@ -335,7 +433,7 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
                     "asyncckpt/tensor_mb": record.tensor_megabytes,
                 }
                 for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=trainer.global_step)
+                    logger.log_metrics(metrics, step=step)
             if save:
                 for logger in trainer.loggers:
                     logger.save()
@@ -344,33 +442,53 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
     return AsyncCheckpointCallback
 
 
-def _order_model_checkpoint(mc: Any, io: Any) -> None:
-    """Make ``mc``'s on-disk checks see the queue, so its file names match a synchronous run.
+def _logging_step(trainer: Any) -> int:
+    """The step Lightning logs its own metrics at now (``self.log`` in ``training_step``, epoch
+    and validation metrics): the count of batches that stepped, not ``global_step``, which is one
+    ahead in ``on_train_batch_end``. Loggers that refuse a step going backwards (W&B) would drop
+    metrics logged at ``global_step``."""
+    step = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "_batches_that_stepped", None)
+    return step if isinstance(step, int) else trainer.global_step
+
+
+class _QueueAwareFileExists:
+    """``ModelCheckpoint.file_exists`` for one instance, answering from asyncckpt's queue.
 
     ``ModelCheckpoint`` names a new file ``-v1`` when the name already exists. With a save of that
     name still queued, the disk says "missing" where a synchronous run would say "exists" (and the
-    other way round for a queued remove); the check now answers from the queue, without waiting.
-    ``save_last="link"`` deletes and re-creates ``last.ckpt`` with ``os`` calls: with a save of
-    ``last.ckpt`` still queued, its rename would later replace the new link, so the link waits for
-    operations queued on that one path (rare: only when ``last.ckpt`` turns from a file into a link).
+    other way round for a queued remove); for such a path the answer comes from the queue, without
+    waiting. Every other path goes to the instance's own ``file_exists`` (its class's, or one a
+    user set on the instance), so subclasses and doubles keep their behaviour.
+
+    It holds no engine (found through the ``trainer`` argument at each call) and no closure, so a
+    ``ModelCheckpoint``, and a Trainer holding it, still pickle (``torch.save(trainer)``, ``ddp_spawn``).
     """
-    if getattr(mc, "_asyncckpt_io", None) is io or not hasattr(io, "will_exist"):
-        return
-    cls = type(mc)
-    file_exists = cls.file_exists
-    link = cls._link_checkpoint
 
-    def ordered_file_exists(filepath: Any, trainer: Any) -> bool:
-        queued = io.will_exist(filepath) if trainer.is_global_zero else None
+    def __init__(self, mc: Any, prior: Optional[Any]) -> None:
+        self._mc = mc
+        self._prior = prior  # an instance-level callable the user set; None: the class's method
+
+    @classmethod
+    def install(cls, mc: Any) -> None:
+        current = mc.__dict__.get("file_exists") if hasattr(mc, "__dict__") else None
+        if isinstance(current, cls):
+            return
+        if current is None and not callable(getattr(type(mc), "file_exists", None)):
+            return  # nothing of ModelCheckpoint's to stand in for (a test double)
+        mc.file_exists = cls(mc, current)
+
+    def _original(self) -> Any:
+        if self._prior is not None:
+            return self._prior
+        attr = inspect.getattr_static(type(self._mc), "file_exists")
+        return attr.__get__(self._mc, type(self._mc)) if hasattr(attr, "__get__") else attr
+
+    def __call__(self, filepath: Any, trainer: Any) -> bool:
+        io = find_async_io(trainer.strategy.checkpoint_io)
+        queued = io.will_exist(filepath) if io is not None and hasattr(io, "will_exist") else None
+        if trainer.world_size > 1:
+            # One collective on every rank, then the same branch everywhere: only rank 0 has a queue.
+            queued = trainer.strategy.broadcast(queued if trainer.is_global_zero else None, src=0)
         if queued is None:
-            return file_exists(mc, filepath, trainer)
-        return trainer.strategy.reduce_boolean_decision(queued, all=False)
-
-    def ordered_link(trainer: Any, filepath: str, linkpath: str) -> None:
-        if trainer.is_global_zero:
-            io.wait_for(linkpath)
-        link(trainer, filepath, linkpath)
-
-    mc.file_exists = ordered_file_exists
-    mc._link_checkpoint = ordered_link
-    mc._asyncckpt_io = io
+            return self._original()(filepath, trainer)
+        return bool(queued)
