@@ -109,18 +109,29 @@ def _restore_env(saved):
 def test_forked_ddp_on_cpu(family, strategy, tmp_path):
     """The fork launcher saves ``.temp.ckpt`` in the worker after teardown and reads it in the parent."""
     fam = load_family(family)
+
+    class SeeFiles(fam.pl.Callback):
+        """Runs after the asyncckpt callback's teardown, on every rank: are rank 0's files there?"""
+
+        def teardown(self, trainer, pl_module, stage):
+            seen = sorted(os.listdir(tmp_path / "ckpt")) if (tmp_path / "ckpt").exists() else []
+            (tmp_path / f"seen-by-{trainer.global_rank}").write_text(",".join(seen))
+
     saved = dict(os.environ)
     try:
         io = fam.ours.AsyncCheckpointIO(slow_io(fam))  # the worker would exit before a background write
         mc = fam.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", **every(2))
+        callbacks = [mc, fam.ours.AsyncCheckpointCallback(), SeeFiles()]
         trainer = make_trainer(
-            fam, tmp_path, plugins=[io], callbacks=[mc], max_steps=4, strategy=strategy, devices=2
+            fam, tmp_path, plugins=[io], callbacks=callbacks, max_steps=4, strategy=strategy, devices=2
         )
         model = make_module(fam.pl)
         trainer.fit(model)
     finally:
         _restore_env(saved)
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["step=2.ckpt", "step=4.ckpt"]
+    for rank in (0, 1):  # as after a synchronous run, every rank's stage ends with the files on disk
+        assert (tmp_path / f"seen-by-{rank}").read_text() == "step=2.ckpt,step=4.ckpt"
     last = torch.load(tmp_path / "ckpt" / "step=4.ckpt", weights_only=False)
     assert torch.equal(last["state_dict"]["layer.weight"], model.layer.weight)  # the parent got the weights
     path = tmp_path / "after.ckpt"

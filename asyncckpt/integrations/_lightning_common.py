@@ -304,10 +304,11 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
           saves on its own).
         - ``on_exception``: writes pending saves before Lightning tears down; a save failure is
           logged and noted on the training exception rather than replacing it.
-        - ``teardown``: flushes (covers a wrapping IO around ours that does not forward teardown)
-          and logs :attr:`asyncckpt.AsyncCheckpointIO.stats` to the trainer's loggers as
-          ``asyncckpt/blocking_s``, ``asyncckpt/write_s``, ``asyncckpt/wait_s``, ``asyncckpt/tensor_mb``,
-          at the step Lightning logs its own metrics at.
+        - ``teardown``: flushes (covers a wrapping IO around ours that does not forward teardown),
+          holds every rank at a barrier until rank 0's writes are on disk, and logs
+          :attr:`asyncckpt.AsyncCheckpointIO.stats` to the trainer's loggers as ``asyncckpt/blocking_s``,
+          ``asyncckpt/write_s``, ``asyncckpt/wait_s``, ``asyncckpt/tensor_mb``, at the step Lightning
+          logs its own metrics at.
 
         Args:
             log_stats: send per-save measurements to the trainer's loggers.
@@ -406,9 +407,15 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
         def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
             if self._io is None:
                 return
-            self._check_bypass(trainer)
-            self._io.flush()
-            self._log_new_stats(trainer, save=True)
+            try:
+                self._check_bypass(trainer)
+                self._io.flush()
+                self._log_new_stats(trainer, save=True)
+            finally:
+                # Only rank 0 writes. After a synchronous save Lightning holds every rank at a barrier
+                # until the file is written; here every rank waits once, for rank 0's last writes,
+                # so on no rank does fit/validate/test return before the files are on disk.
+                trainer.strategy.barrier("asyncckpt.teardown")
 
         def _log_new_stats(self, trainer: Any, save: bool = False) -> None:
             if not self.log_stats or self._io is None or not trainer.loggers or not trainer.is_global_zero:
