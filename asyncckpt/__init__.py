@@ -31,6 +31,10 @@ def __getattr__(name: str):
         from .xla import XLACheckpointIO
 
         return XLACheckpointIO
+    if name == "DistributedCheckpointIO":  # imports torch.distributed pieces only when used
+        from .distributed import DistributedCheckpointIO
+
+        return DistributedCheckpointIO
     raise AttributeError(f"module 'asyncckpt' has no attribute {name!r}")
 
 __version__ = "0.1.0"
@@ -42,6 +46,7 @@ __all__ = [
     "CheckpointLoadError",
     "CheckpointRemoveError",
     "CheckpointSaveError",
+    "DistributedCheckpointIO",
     "FlushTimeoutError",
     "IntegrityError",
     "InvalidPathError",

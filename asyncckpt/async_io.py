@@ -182,8 +182,17 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         key = self._check_path(path)
         self._raise_pending_errors()
         started = time.perf_counter()
+        checkpoint = self._stageable_form(checkpoint)
         slot = self._acquire_slot(key)
         self._stage_and_submit(checkpoint, path, key, storage_options, slot, started, time.perf_counter() - started)
+
+    def _stageable_form(self, checkpoint: Any) -> Any:
+        """The hook for wrapped IOs whose state is not all plain tensors: an IO with a
+        ``prepare_for_staging(checkpoint)`` method returns a form the stager can copy (for
+        :class:`asyncckpt.DistributedCheckpointIO`: each DTensor as its local tensor), and its
+        ``save_checkpoint`` receives that form back, rebuilt from the staged copy."""
+        prepare = getattr(self._wrapped(), "prepare_for_staging", None)
+        return checkpoint if prepare is None else prepare(checkpoint)
 
     def _stage_and_submit(
         self,
@@ -216,16 +225,19 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         map_location: Optional[Any] = None,
         weights_only: Optional[bool] = None,
         verify: bool = False,
+        **wrapped_options: Any,
     ) -> Dict[str, Any]:
         """Load ``path`` once every queued operation on it has taken effect.
 
         ``verify=True`` (needs a wrapped IO that supports it, as ``TorchCheckpointIO`` does)
         checks the whole file first and raises :class:`asyncckpt.IntegrityError` if it is damaged.
+        Other keyword arguments go to the wrapped IO's ``load_checkpoint`` (for example
+        ``state=`` of :class:`asyncckpt.DistributedCheckpointIO`).
         """
         self.wait_for_path(path)
         self._raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
-        return self._wrapped().load_checkpoint(path, **kwargs)
+        return self._wrapped().load_checkpoint(path, **kwargs, **wrapped_options)
 
     def remove_checkpoint(self, path: PathLike) -> None:
         """Queue the removal of ``path``, after every earlier operation on it."""

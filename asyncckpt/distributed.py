@@ -1,0 +1,362 @@
+"""Sharded checkpoints across processes, on ``torch.distributed.checkpoint`` (DCP).
+
+:class:`DistributedCheckpointIO` is a collective ``CheckpointIO``: every rank calls
+``save_checkpoint(state, path)`` with its own state dict (DTensor shards, replicated tensors,
+plain objects), and ``path`` becomes a DCP checkpoint folder: DCP's planner, its ``.metadata``
+and its ``.distcp`` files, readable by ``dcp.load`` at any world size. Wrapped in
+:class:`asyncckpt.AsyncCheckpointIO` it saves in the background: each rank stages only its own
+local shards, and the writer thread runs DCP's save.
+
+What it adds to a plain ``dcp.save``:
+
+- **Its own process group.** The save's collectives (plan exchange, gathering the write results,
+  the ``.metadata`` commit) run on a gloo group created for this IO, never on the training group,
+  so a background save cannot interleave with the training step's collectives. Every rank's
+  writer runs operations in call order, so the collectives match rank to rank.
+- **Commit = ``.metadata``.** Each save writes its shard files under names no earlier save used,
+  then the coordinator replaces ``.metadata`` atomically (temp file, fsync, ``os.replace``,
+  folder fsync), and only then deletes the files of the checkpoint it replaced. Until that
+  rename the folder still holds the previous complete checkpoint; a new folder without
+  ``.metadata`` is no checkpoint at all. (DCP's own writer deletes ``.metadata`` before it
+  renames the new one into place, and rewrites shard files in place.)
+- **A failure on one rank is raised on all**: DCP gathers every rank's write result to the
+  coordinator and broadcasts a failure to every rank; no ``.metadata`` is written then.
+- **Plan caching**: DCP's ``enable_plan_caching``, keyed per IO, so saves of an unchanged layout
+  skip the plan exchange's payload.
+
+The process writer (``writer="process"``) cannot take part: the save runs collectives, and only
+the ranks' own processes are members of the job's process groups. Such an engine is refused at
+construction (see ``__reduce__``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import pickle
+import re
+import shutil
+import uuid
+from datetime import timedelta
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .checkpoint_io import CheckpointIO, PathLike
+from .errors import CheckpointLoadError, InvalidPathError
+from .storage import local_path_of
+
+log = logging.getLogger("asyncckpt")
+
+METADATA_FILE = ".metadata"
+_SHARD_FILE = re.compile(r"^__\d+_.*\.distcp$")
+_instances = itertools.count()
+
+
+class LocalShard:
+    """A DTensor's local tensor in a staged checkpoint; ``spec`` indexes the IO's table of
+    (mesh, placements, global shape, stride), which never enters the pickled skeleton."""
+
+    __slots__ = ("local", "spec")
+
+    def __init__(self, local: torch.Tensor, spec: int) -> None:
+        self.local = local
+        self.spec = spec
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (LocalShard, (self.local, self.spec))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_storage_writer(path: str, before_commit: Optional[Callable[[str], None]], **options: Any) -> Any:
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import _StoragePrefix
+
+    class _CommitOnMetadataWriter(FileSystemWriter):
+        """DCP's file writer with fresh shard names per save and an atomic ``.metadata`` commit."""
+
+        def prepare_local_plan(self, plan: Any) -> Any:
+            # The folder may hold the previous checkpoint: it stays valid until the commit, so
+            # the "existing checkpoint" warning of the base class does not apply.
+            os.makedirs(self.path, exist_ok=True)
+            return plan
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            # Names no earlier save used (a cached plan would repeat the prefix), so the shard
+            # files of the committed checkpoint are never overwritten.
+            prefix = f"__{self.rank or 0}_{uuid.uuid4().hex[:12]}_"
+            return super().write_data(dataclasses.replace(plan, storage_data=_StoragePrefix(prefix)), planner)
+
+        def finish(self, metadata: Any, results: List[List[Any]]) -> None:
+            from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+
+            folder = os.fspath(self.path)
+            metadata.version = CURRENT_DCP_VERSION
+            storage = {}
+            for per_rank in results:
+                storage.update({wr.index: wr.storage_data for wr in per_rank})
+            metadata.storage_data = storage
+            metadata.storage_meta = self.storage_meta()
+            if before_commit is not None:
+                before_commit(folder)
+            final = os.path.join(folder, METADATA_FILE)
+            tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    pickle.dump(metadata, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)  # the commit
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(folder)
+            keep = {info.relative_path for info in storage.values()}
+            for name in os.listdir(folder):
+                stale = (_SHARD_FILE.match(name) and name not in keep) or (
+                    name.startswith(METADATA_FILE + ".") and name.endswith(".tmp")
+                )
+                if stale:
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                    except FileNotFoundError:
+                        pass
+
+    return _CommitOnMetadataWriter(path, **options)
+
+
+class DistributedCheckpointIO(CheckpointIO):
+    """A collective ``CheckpointIO`` that writes DCP checkpoint folders.
+
+    Every rank calls :meth:`save_checkpoint` with its own state dict, in the same order, as with
+    ``dcp.save``. Wrap it in :class:`asyncckpt.AsyncCheckpointIO` to save in the background.
+
+    Args:
+        process_group: the group the save's collectives run on. Default: a gloo group of its own,
+            created (collectively, on the default group) at the first save or
+            :meth:`prepare_for_staging`, which every rank reaches at the same point.
+        timeout: seconds a collective of the save may wait for the other ranks (a rank that died
+            fails the save on the others after at most this long; usually at once, when its
+            connections close).
+        cache_plans: let DCP reuse the save plan while the state's layout does not change.
+        thread_count: DCP writer threads per rank.
+        sync_files: fsync every shard file before the commit (needed for the crash guarantee).
+    """
+
+    #: The Lightning integration sets this to split Lightning's checkpoint the way its strategies do.
+    def __init__(
+        self,
+        *,
+        process_group: Optional[Any] = None,
+        timeout: float = 600.0,
+        cache_plans: bool = True,
+        thread_count: int = 1,
+        sync_files: bool = True,
+    ) -> None:
+        self._pg = process_group
+        self._own_group = process_group is None
+        self.timeout = float(timeout)
+        self.cache_plans = cache_plans
+        self.thread_count = thread_count
+        self.sync_files = sync_files
+        self._plan_key = f"asyncckpt.DistributedCheckpointIO-{next(_instances)}"
+        self._specs: List[Tuple[Any, Tuple[Any, ...], torch.Size, Tuple[int, ...]]] = []
+        self._spec_index: Dict[Any, int] = {}
+
+    # -- process group ------------------------------------------------------------------------
+
+    @property
+    def process_group(self) -> Optional[Any]:
+        """The group the save's collectives run on (None before the first save, or without
+        ``torch.distributed`` initialized: then this IO saves as a single process)."""
+        return self._pg
+
+    def _ensure_group(self) -> None:
+        import torch.distributed as dist
+
+        if self._pg is None and dist.is_available() and dist.is_initialized():
+            self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+
+    def _is_coordinator(self) -> bool:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return True
+        return dist.get_rank(self._pg) == 0 if self._pg is not None else dist.get_rank() == 0
+
+    # -- the engine's staging hook ------------------------------------------------------------
+
+    def prepare_for_staging(self, checkpoint: Any) -> Any:
+        """A copy of ``checkpoint``'s containers in which each DTensor is a :class:`LocalShard`.
+
+        Called by :class:`asyncckpt.AsyncCheckpointIO` on the caller's thread before it stages:
+        the local tensor is then staged like any plain tensor (no all-gather, no full tensor),
+        and the mesh and placements stay out of the pickled skeleton. Creates the process group
+        on first use, on this (the training) thread, where every rank reaches it in step.
+        """
+        self._ensure_group()
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch built without distributed
+            return checkpoint
+        with torch.no_grad():
+            return self._to_local(checkpoint, DTensor)
+
+    def _to_local(self, obj: Any, dtensor_cls: type) -> Any:
+        if isinstance(obj, dtensor_cls):
+            local = obj.to_local()
+            key = (obj.device_mesh, tuple(obj.placements), tuple(obj.shape), tuple(obj.stride()))
+            index = self._spec_index.get(key)
+            if index is None:
+                index = self._spec_index[key] = len(self._specs)
+                self._specs.append((obj.device_mesh, tuple(obj.placements), obj.shape, tuple(obj.stride())))
+            return LocalShard(local, index)
+        return _map_containers(obj, lambda value: self._to_local(value, dtensor_cls))
+
+    def _from_local(self, obj: Any) -> Any:
+        if isinstance(obj, LocalShard):
+            from torch.distributed.tensor import DTensor
+
+            mesh, placements, shape, stride = self._specs[obj.spec]
+            return DTensor.from_local(obj.local, mesh, placements, run_check=False, shape=shape, stride=stride)
+        return _map_containers(obj, self._from_local)
+
+    # -- CheckpointIO ---------------------------------------------------------------------------
+
+    def check_path(self, path: PathLike) -> None:
+        """Refuse, on the caller's thread, a path that cannot become a checkpoint folder."""
+        _local_folder(path)
+
+    def save_checkpoint(
+        self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None
+    ) -> None:
+        """Collective: write this rank's part of ``checkpoint`` into the DCP folder ``path``."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
+        folder = _local_folder(path)
+        self._ensure_group()
+        with torch.no_grad():
+            state = self._from_local(checkpoint)
+        self._save_state(state, folder, None)
+
+    def _save_state(self, state: Dict[str, Any], folder: str, before_commit: Optional[Callable[[str], None]]) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultSavePlanner
+
+        planner = DefaultSavePlanner(enable_plan_caching=self.cache_plans)
+        planner._cached_plans_key = self._plan_key  # per IO, not per planner class
+        writer = self._storage_writer(folder, before_commit)
+        no_dist = not (dist.is_available() and dist.is_initialized())
+        dcp.save(state, storage_writer=writer, planner=planner, process_group=self._pg, no_dist=no_dist)
+
+    def _storage_writer(self, folder: str, before_commit: Optional[Callable[[str], None]]) -> Any:
+        return _make_storage_writer(folder, before_commit, thread_count=self.thread_count, sync_files=self.sync_files)
+
+    def load_checkpoint(
+        self,
+        path: PathLike,
+        map_location: Optional[Any] = None,
+        weights_only: Optional[bool] = None,
+        state: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, Any]:
+        """Read the DCP folder ``path``.
+
+        With ``state`` (collective, on the default group): DCP's in-place load into ``state``'s
+        tensors and DTensors, resharded to their current layout (any world size), returned.
+        Without: the whole checkpoint as full tensors, like ``torch.load`` of an unsharded file;
+        not collective, and every caller reads everything. ``map_location`` and ``weights_only`` are accepted for the interface and
+        not used: DCP loads into the given tensors' devices.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        folder = _local_folder(path)
+        if not os.path.isfile(os.path.join(folder, METADATA_FILE)):
+            raise CheckpointLoadError(
+                f"{folder!r} is not a complete checkpoint: it has no {METADATA_FILE} (a save that never "
+                "committed, or not a torch.distributed.checkpoint folder)",
+                folder,
+            )
+        if state is None:
+            from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+            from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+            full: Dict[str, Any] = {}
+            _load_state_dict(
+                full, storage_reader=dcp.FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+            )
+            return full
+        dcp.load(state, checkpoint_id=folder)
+        return state
+
+    def remove_checkpoint(self, path: PathLike) -> None:
+        """Remove the folder, from the coordinator only (other ranks return at once).
+
+        Queued behind this rank's earlier saves; those end only once every rank has written
+        its shards (the commit gathers all write results), so no rank still writes into it.
+        The folder is renamed away first, so a removal cut short never looks like a checkpoint.
+        """
+        folder = _local_folder(path)
+        if not self._is_coordinator() or not os.path.lexists(folder):
+            return
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            os.unlink(folder)
+            return
+        doomed = f"{folder}.removing-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "DistributedCheckpointIO cannot be sent to another process: its saves run collectives on a "
+            "process group that only the ranks' own processes belong to, so it cannot run in "
+            "writer='process'; use AsyncCheckpointIO(DistributedCheckpointIO(), writer='thread') (the default)"
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(cache_plans={self.cache_plans}, thread_count={self.thread_count})"
+
+
+def _map_containers(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` with ``fn`` applied to each item of its dicts, lists and tuples (new containers)."""
+    if isinstance(obj, dict):
+        new = obj.copy()  # keeps the dict's type (OrderedDict, defaultdict)
+        for key, value in obj.items():
+            new[key] = fn(value)
+        return new
+    if isinstance(obj, list):
+        return [fn(value) for value in obj]
+    if isinstance(obj, tuple):
+        items = [fn(value) for value in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+def _local_folder(path: PathLike) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidPathError(f"checkpoint path must be a str or os.PathLike, not {type(path).__name__}")
+    text = os.fspath(path)
+    local = local_path_of(text)
+    if not local:
+        raise InvalidPathError(
+            f"DistributedCheckpointIO writes to local or shared filesystems only, not {text!r}; "
+            "mount the storage, or copy the folder to object storage after the save",
+            text,
+        )
+    if os.path.isfile(local):
+        raise InvalidPathError(
+            f"checkpoint path {text!r} is an existing file; a sharded checkpoint is a folder: "
+            "remove the file or choose another name",
+            text,
+        )
+    return os.path.abspath(local)

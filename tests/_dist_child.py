@@ -1,0 +1,268 @@
+"""One rank of a multi-process test of ``asyncckpt.DistributedCheckpointIO`` (see test_distributed.py).
+
+Run as ``python _dist_child.py SCENARIO OUT [ARG]`` with ``RANK``, ``WORLD_SIZE`` and
+``MASTER_PORT`` set; a real gloo process group on 127.0.0.1, a real FSDP2 model and optimizer.
+Each rank writes ``OUT/result-RANK.json``; rank 0 writes the expected full state of each save
+to ``OUT/expected-NAME.pt`` (full tensors, gathered on the training group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from datetime import timedelta
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import asyncckpt
+from asyncckpt.distributed import DistributedCheckpointIO
+
+SCENARIO, OUT = sys.argv[1], sys.argv[2]
+ARG = sys.argv[3] if len(sys.argv) > 3 else None
+RANK = int(os.environ["RANK"])
+WORLD = int(os.environ["WORLD_SIZE"])
+result: Dict[str, Any] = {"rank": RANK}
+
+
+def write_result() -> None:
+    path = os.path.join(OUT, f"result-{RANK}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+
+
+def build(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def train_step(model: Any, opt: Any) -> None:
+    torch.manual_seed(1000 + RANK)
+    model(torch.randn(4, 16)).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def state_of(model: Any, opt: Any, step: int) -> Dict[str, Any]:
+    msd, osd = get_state_dict(model, opt)
+    # a replicated plain tensor and plain objects ride along with the shards
+    return {"model": msd, "optim": osd, "step": step, "extra": {"marker": torch.arange(5) + step, "name": "run"}}
+
+
+def full(obj: Any) -> Any:
+    """Full tensors (collective over the training group, same order on every rank)."""
+    if isinstance(obj, DTensor):
+        return obj.full_tensor().clone()
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: full(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [full(v) for v in obj]
+    return obj
+
+
+def record_expected(name: str, state: Dict[str, Any]) -> None:
+    value = full(state)
+    if RANK == 0:
+        torch.save(value, os.path.join(OUT, f"expected-{name}.pt"))
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def load_and_compare(io: Any, path: str, name: str, expected_in: str = OUT) -> bool:
+    """Load ``path`` into a freshly built (differently initialized) model at this world size."""
+    model, opt = build(seed=99)
+    train_step(model, opt)  # optimizer state exists, so it has somewhere to load into
+    state = state_of(model, opt, -1)
+    io.load_checkpoint(path, state=state)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    now = full(state_of(model, opt, state["step"]))
+    now["extra"] = full(state["extra"])
+    return same(now, torch.load(os.path.join(expected_in, f"expected-{name}.pt")))
+
+
+def load_full_and_compare(path: str, name: str) -> bool:
+    """Load ``path`` whole in this process alone (no collectives) and compare."""
+    loaded = DistributedCheckpointIO().load_checkpoint(path)
+    return same(loaded, torch.load(os.path.join(OUT, f"expected-{name}.pt")))
+
+
+def local_bytes(state: Any) -> int:
+    """Bytes of this rank's local storages (DTensor local shards and plain tensors)."""
+    seen: Dict[int, int] = {}
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, DTensor):
+            obj = obj.to_local()
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(state)
+    return sum(seen.values())
+
+
+class SlowWriteIO(DistributedCheckpointIO):
+    """Fault injection: a sleep stands in for a slow disk (this rank's shard writes start late);
+    the write after it is DCP's real one."""
+
+    delay = 0.0
+
+    def _storage_writer(self, folder: str, before_commit: Any) -> Any:
+        writer = super()._storage_writer(folder, before_commit)
+        write_data = writer.write_data
+
+        def slow_write_data(plan: Any, planner: Any) -> Any:
+            if self.delay:
+                open(os.path.join(OUT, f"in-save-{RANK}"), "w").close()
+                time.sleep(self.delay)
+            return write_data(plan, planner)
+
+        writer.write_data = slow_write_data
+        return writer
+
+
+def main() -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+        rank=RANK,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    ck = os.path.join(OUT, "ck")
+    model, opt = build()
+    train_step(model, opt)
+
+    if SCENARIO == "save":
+        if ARG is not None:  # a checkpoint written at another world size
+            result["foreign_load_equal"] = load_and_compare(
+                DistributedCheckpointIO(), ARG, "two", os.path.dirname(os.path.dirname(ARG))
+            )
+        io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(), max_pending=2)
+        s1 = state_of(model, opt, 1)
+        io.save_checkpoint(s1, os.path.join(ck, "one"))
+        record_expected("one", s1)
+        train_step(model, opt)  # in place: must not reach "one"
+        s2 = state_of(model, opt, 2)
+        io.save_checkpoint(s2, os.path.join(ck, "two"))
+        record_expected("two", s2)
+        with torch.no_grad():  # in place, right after the call returned
+            for p in model.parameters():
+                p.add_(1000.0)
+        s2["extra"]["marker"].add_(1000)
+        # order per folder: save, remove, save again (survives); save, remove (gone)
+        io.save_checkpoint(state_of(model, opt, 3), os.path.join(ck, "three"))
+        io.remove_checkpoint(os.path.join(ck, "three"))
+        s3 = state_of(model, opt, 3)
+        io.save_checkpoint(s3, os.path.join(ck, "three"))
+        record_expected("three", s3)
+        io.save_checkpoint(s3, os.path.join(ck, "gone"))
+        io.remove_checkpoint(os.path.join(ck, "gone"))
+        io.flush()
+        result["gone_exists"] = os.path.exists(os.path.join(ck, "gone"))
+        result["local_bytes"] = local_bytes(s3)
+        result["full_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        result["staging_bytes"] = sum(slot.nbytes for slot in io._free_slots)
+        result["max_pending"] = io.max_pending
+        result["tensor_bytes"] = [s.tensor_bytes for s in io.stats]
+        result["files_two"] = sorted(os.listdir(os.path.join(ck, "two")))
+        for name in ("one", "two", "three"):
+            result[f"load_{name}_equal"] = load_and_compare(io, os.path.join(ck, name), name)
+        io.teardown()
+
+    elif SCENARIO == "fail":
+        io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO())
+        s1 = state_of(model, opt, 1)
+        io.save_checkpoint(s1, ck)
+        record_expected("one", s1)
+        io.flush()
+        train_step(model, opt)
+        if RANK == 1:  # a real write failure on this rank only: the file size limit
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+        io.save_checkpoint(state_of(model, opt, 2), ck)
+        errors = []
+        for _ in range(2):  # raised once
+            try:
+                io.flush()
+            except asyncckpt.CheckpointSaveError as err:
+                errors.append(f"{err} <- {err.__cause__!r}")
+        if RANK == 1:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        result["errors"] = errors
+        result["metadata_still_first"] = load_and_compare(io, ck, "one")
+        s3 = state_of(model, opt, 3)  # the next save works again
+        io.save_checkpoint(s3, ck)
+        record_expected("three", s3)
+        io.flush()
+        result["after_recovery_equal"] = load_and_compare(io, ck, "three")
+        result["stray"] = [n for n in os.listdir(ck) if n.endswith(".tmp")]
+        io.teardown()
+
+    elif SCENARIO in ("sigkill", "sigterm"):
+        io_impl = SlowWriteIO()
+        io = asyncckpt.AsyncCheckpointIO(io_impl, exit_timeout=60)
+        s1 = state_of(model, opt, 1)
+        io.save_checkpoint(s1, ck)
+        record_expected("one", s1)
+        io.flush()
+        train_step(model, opt)
+        if SCENARIO == "sigterm" or RANK == 1:
+            io_impl.delay = 3.0 if SCENARIO == "sigterm" else 120.0
+        s2 = state_of(model, opt, 2)
+        io.save_checkpoint(s2, ck)
+        record_expected("two", s2)
+        open(os.path.join(OUT, f"returned-{RANK}"), "w").close()
+        if SCENARIO == "sigterm":
+            time.sleep(120)  # the test sends SIGTERM; the handler writes the pending save, then exits
+            return
+        if RANK == 1:
+            time.sleep(120)  # the test SIGKILLs this rank while its write sleeps
+            return
+        try:
+            io.flush(timeout=60)
+            result["error"] = None
+        except asyncckpt.AsyncCheckpointError as err:
+            result["error"] = f"{type(err).__name__}: {err}"
+        result["saves_reported"] = len(io.stats)
+        result["metadata_still_first"] = load_full_and_compare(ck, "one")
+        write_result()
+        os._exit(0)  # the training group lost a member; nothing left to tear down cleanly
+
+    write_result()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
