@@ -275,8 +275,8 @@ class DistributedCheckpointIO(CheckpointIO):
         With ``state`` (collective, on the default group): DCP's in-place load into ``state``'s
         tensors and DTensors, resharded to their current layout (any world size), returned.
         Without: the whole checkpoint as full tensors, like ``torch.load`` of an unsharded file;
-        not collective, and every caller reads everything. ``map_location`` and ``weights_only`` are accepted for the interface and
-        not used: DCP loads into the given tensors' devices.
+        not collective, and every caller reads everything. ``map_location`` and ``weights_only``
+        are accepted for the interface and not used: DCP loads into the given tensors' devices.
         """
         import torch.distributed.checkpoint as dcp
 
@@ -300,21 +300,27 @@ class DistributedCheckpointIO(CheckpointIO):
         return state
 
     def remove_checkpoint(self, path: PathLike) -> None:
-        """Remove the folder, from the coordinator only (other ranks return at once).
+        """Collective: every rank calls it; the coordinator removes the folder, and every rank
+        returns once it is gone (a failure is raised on every rank).
 
         Queued behind this rank's earlier saves; those end only once every rank has written
         its shards (the commit gathers all write results), so no rank still writes into it.
-        The folder is renamed away first, so a removal cut short never looks like a checkpoint.
         """
+        import torch.distributed as dist
+
         folder = _local_folder(path)
-        if not self._is_coordinator() or not os.path.lexists(folder):
-            return
-        if os.path.islink(folder) or not os.path.isdir(folder):
-            os.unlink(folder)
-            return
-        doomed = f"{folder}.removing-{uuid.uuid4().hex[:8]}"
-        os.rename(folder, doomed)
-        shutil.rmtree(doomed)
+        failure: Optional[str] = None
+        if self._is_coordinator():
+            try:
+                _remove_folder(folder)
+            except Exception as err:  # noqa: BLE001 - sent to every rank below
+                failure = f"{type(err).__name__}: {err}"
+        if self._pg is not None and dist.is_initialized():
+            box = [failure]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self._pg, 0), group=self._pg)
+            failure = box[0]
+        if failure is not None:
+            raise OSError(f"removing checkpoint folder {folder!r} failed on the coordinator: {failure}")
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -340,6 +346,18 @@ def _map_containers(obj: Any, fn: Callable[[Any], Any]) -> Any:
         items = [fn(value) for value in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
+
+
+def _remove_folder(folder: str) -> None:
+    """Renamed away first, so a removal cut short never looks like a checkpoint."""
+    if not os.path.lexists(folder):
+        return
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        os.unlink(folder)
+        return
+    doomed = f"{folder}.removing-{uuid.uuid4().hex[:8]}"
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed)
 
 
 def _local_folder(path: PathLike) -> str:

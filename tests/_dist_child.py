@@ -87,7 +87,7 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -150,6 +150,39 @@ class SlowWriteIO(DistributedCheckpointIO):
         return writer
 
 
+def failing_rank(model: Any, opt: Any, ck: str) -> None:
+    """The last rank's shard write fails for real (file size limit); every rank must raise."""
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO())
+    s1 = state_of(model, opt, 11)
+    io.save_checkpoint(s1, ck)
+    record_expected("failing-one", s1)
+    io.flush()
+    train_step(model, opt)
+    last = RANK == WORLD - 1
+    if last:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+    io.save_checkpoint(state_of(model, opt, 12), ck)
+    errors = []
+    for _ in range(2):  # raised once
+        try:
+            io.flush()
+        except asyncckpt.CheckpointSaveError as err:
+            errors.append(f"{err} <- {err.__cause__!r}")
+    if last:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    result["errors"] = errors
+    result["metadata_still_first"] = load_and_compare(io, ck, "failing-one")
+    s3 = state_of(model, opt, 13)  # the next save works again
+    io.save_checkpoint(s3, ck)
+    record_expected("failing-three", s3)
+    io.flush()
+    result["after_recovery_equal"] = load_and_compare(io, ck, "failing-three")
+    result["stray"] = [n for n in os.listdir(ck) if n.endswith(".tmp")]
+    io.teardown()
+
+
 def main() -> None:
     dist.init_process_group(
         "gloo",
@@ -198,36 +231,7 @@ def main() -> None:
         for name in ("one", "two", "three"):
             result[f"load_{name}_equal"] = load_and_compare(io, os.path.join(ck, name), name)
         io.teardown()
-
-    elif SCENARIO == "fail":
-        io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO())
-        s1 = state_of(model, opt, 1)
-        io.save_checkpoint(s1, ck)
-        record_expected("one", s1)
-        io.flush()
-        train_step(model, opt)
-        if RANK == 1:  # a real write failure on this rank only: the file size limit
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
-        io.save_checkpoint(state_of(model, opt, 2), ck)
-        errors = []
-        for _ in range(2):  # raised once
-            try:
-                io.flush()
-            except asyncckpt.CheckpointSaveError as err:
-                errors.append(f"{err} <- {err.__cause__!r}")
-        if RANK == 1:
-            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        result["errors"] = errors
-        result["metadata_still_first"] = load_and_compare(io, ck, "one")
-        s3 = state_of(model, opt, 3)  # the next save works again
-        io.save_checkpoint(s3, ck)
-        record_expected("three", s3)
-        io.flush()
-        result["after_recovery_equal"] = load_and_compare(io, ck, "three")
-        result["stray"] = [n for n in os.listdir(ck) if n.endswith(".tmp")]
-        io.teardown()
+        failing_rank(model, opt, os.path.join(ck, "failing"))
 
     elif SCENARIO in ("sigkill", "sigterm"):
         io_impl = SlowWriteIO()

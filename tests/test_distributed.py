@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt.distributed import METADATA_FILE, DistributedCheckpointIO
 from _slow_disk import TESTS, child_env
+from asyncckpt.distributed import METADATA_FILE, DistributedCheckpointIO
 
 CHILD = os.path.join(TESTS, "_dist_child.py")
 TIMEOUT = 180
@@ -64,7 +64,7 @@ def finish(procs: List[subprocess.Popen], timeout: float = TIMEOUT) -> List[str]
 def run_ranks(scenario: str, world: int, out: str, arg: Optional[str] = None) -> List[Dict]:
     procs = start_ranks(scenario, world, out, arg)
     outputs = finish(procs)
-    for rank, (p, text) in enumerate(zip(procs, outputs)):
+    for rank, (p, text) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{text[-4000:]}"
     return [json.load(open(os.path.join(out, f"result-{r}.json"))) for r in range(world)]
 
@@ -85,7 +85,7 @@ def same(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -124,7 +124,7 @@ def test_staging_holds_only_local_shards_within_the_memory_bound(two_rank_run):
     _, results = two_rank_run
     for r in results:
         # no full tensor was staged: each save staged about this rank's half of the state
-        assert all(b <= r["local_bytes"] for b in r["tensor_bytes"]), r
+        assert all(0.9 * r["local_bytes"] <= b <= r["local_bytes"] for b in r["tensor_bytes"][:3]), r
         assert r["local_bytes"] < r["full_bytes"] * 3, r  # model + 2 Adam moments, sharded
         alignment = 64 * 64
         assert r["staging_bytes"] <= r["max_pending"] * r["local_bytes"] + alignment, r
@@ -137,16 +137,21 @@ def test_three_ranks_reshard_a_two_rank_checkpoint_and_save_their_own(two_rank_r
     for r in results:
         assert r["foreign_load_equal"], r  # 2 -> 3 ranks
         assert r["load_one_equal"] and r["load_two_equal"] and r["load_three_equal"], r
+    check_failure_results(results)
     files = os.listdir(os.path.join(out3, "ck", "two"))
     assert len([f for f in files if f.endswith(".distcp")]) == 3, files
     expected = torch.load(os.path.join(out3, "expected-two.pt"))
     assert same(load_whole(os.path.join(out3, "ck", "two")), expected)  # 3 -> 1 rank
 
 
-def test_a_rank_whose_write_fails_fails_the_save_on_every_rank_once(tmp_path):
-    results = run_ranks("fail", 2, str(tmp_path))
+def test_a_rank_whose_write_fails_fails_the_save_on_every_rank_once(two_rank_run):
+    _, results = two_rank_run  # the 3-rank run below checks the same
+    check_failure_results(results)
+
+
+def check_failure_results(results: List[Dict]) -> None:
     for r in results:
-        assert len(r["errors"]) == 1, r  # raised on both ranks, once
+        assert len(r["errors"]) == 1, r  # raised on every rank, once
         assert "failed in the background" in r["errors"][0], r
         assert r["metadata_still_first"], r  # nothing committed; the previous checkpoint stands
         assert r["after_recovery_equal"], r
@@ -176,7 +181,7 @@ def test_sigterm_on_every_rank_writes_the_pending_save_first(tmp_path):
     for p in procs:
         p.send_signal(signal.SIGTERM)
     outputs = finish(procs)
-    for p, text in zip(procs, outputs):
+    for p, text in zip(procs, outputs, strict=True):
         assert p.returncode == -signal.SIGTERM, text[-4000:]
         assert "writing them first" in text, text[-4000:]
     expected = torch.load(os.path.join(out, "expected-two.pt"))

@@ -22,6 +22,7 @@ from ..async_io import AsyncCheckpointIO as _CoreAsyncCheckpointIO
 from ..errors import AsyncCheckpointError
 from ..stats import SaveStats
 from ..storage import local_path_of
+from . import _lightning_sharded
 
 log = logging.getLogger("asyncckpt")
 
@@ -50,9 +51,9 @@ def find_async_io(io: Any) -> Optional[_CoreAsyncCheckpointIO]:
 def _bypass_reason(strategy: Any, strategies: Any) -> Optional[str]:
     """Why ``strategy`` will never hand checkpoints to its ``checkpoint_io``; None when it will.
 
-    Read from the installed Lightning source: DeepSpeed always saves through its engine; FSDP
-    with ``state_dict_type="sharded"`` and ModelParallel with ``save_distributed_checkpoint=True``
-    write with ``torch.distributed.checkpoint``. Their full-state modes do use the CheckpointIO.
+    Read from the installed Lightning source: DeepSpeed always saves through its own engine.
+    The sharded modes of FSDP and ModelParallel bypass the CheckpointIO too, but the callback
+    connects them to the engine (:mod:`._lightning_sharded`).
     """
     name = type(strategy).__name__
     deepspeed = getattr(strategies, "DeepSpeedStrategy", None)
@@ -61,24 +62,6 @@ def _bypass_reason(strategy: Any, strategies: Any) -> Optional[str]:
             f"{name} saves checkpoints through deepspeed's own engine.save_checkpoint and never calls the "
             "CheckpointIO it is given, so asyncckpt would not be used; remove the asyncckpt plugin, or use "
             "a strategy that saves through its CheckpointIO (DDP, FSDP with state_dict_type='full')"
-        )
-    fsdp = getattr(strategies, "FSDPStrategy", None)
-    if fsdp is not None and isinstance(strategy, fsdp) and getattr(strategy, "_state_dict_type", "full") != "full":
-        return (
-            f"{name}(state_dict_type={strategy._state_dict_type!r}) writes sharded checkpoints with "
-            "torch.distributed.checkpoint and never calls the CheckpointIO; pass state_dict_type='full' to "
-            "save through asyncckpt, or remove the asyncckpt plugin"
-        )
-    model_parallel = getattr(strategies, "ModelParallelStrategy", None)
-    if (
-        model_parallel is not None
-        and isinstance(strategy, model_parallel)
-        and getattr(strategy, "_save_distributed_checkpoint", True)
-    ):
-        return (
-            f"{name}(save_distributed_checkpoint=True) writes sharded checkpoints with "
-            "torch.distributed.checkpoint and never calls the CheckpointIO; pass "
-            "save_distributed_checkpoint=False to save through asyncckpt, or remove the asyncckpt plugin"
         )
     return None
 
@@ -294,8 +277,10 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
         """Companion callback for the asyncckpt plugin; optional, recommended.
 
         - ``setup``: raises :class:`UnsupportedStrategyError` for a strategy that never calls its
-          CheckpointIO (DeepSpeed, sharded FSDP/ModelParallel), and flushes, so a strategy that
-          reads checkpoint files directly sees every earlier save.
+          CheckpointIO (DeepSpeed), flushes, so a strategy that reads checkpoint files directly
+          sees every earlier save, and connects a sharded strategy (ModelParallel, FSDP with
+          ``state_dict_type="sharded"``) to the plugin: it needs this callback to save in the
+          background (see ``docs/distributed.md``).
         - Keeps each ``ModelCheckpoint``'s file names as a synchronous run makes them: its
           ``file_exists`` answers from the queue for a path with queued operations (version
           counter ``-v1`` names), and before ``ModelCheckpoint`` runs in a hook, a queued save of
@@ -339,6 +324,7 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
                 )
                 return
             self._io.flush()
+            _lightning_sharded.connect(trainer.strategy, self._io)
             stats = self._io.stats
             self._last_logged = stats[-1] if stats else None
             self._expected_saves = None

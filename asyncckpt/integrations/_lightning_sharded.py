@@ -1,0 +1,147 @@
+"""Lightning's sharded strategies, saving through the asyncckpt engine.
+
+``ModelParallelStrategy`` (``save_distributed_checkpoint=True``, its default) and
+``FSDPStrategy(state_dict_type="sharded")`` write their checkpoints with
+``torch.distributed.checkpoint`` inside ``Strategy.save_checkpoint`` and never call their
+``CheckpointIO``. The integration point is that public method: :func:`connect` (called by
+``AsyncCheckpointCallback.setup``) gives the strategy object an instance-level
+``save_checkpoint`` that hands the checkpoint to the plugin's engine, and a ``load_checkpoint``
+that flushes the engine before the strategy's own loader reads the folder. Only public
+``Strategy`` methods are replaced, on that one object, and the folder layout is the one
+Lightning's loader reads (``meta.pt`` beside the DCP files, model under ``state_dict`` or
+``model``, optimizers under ``optimizer_{i}``), so a Lightning upgrade that keeps its checkpoint
+format keeps working. ``remove_checkpoint`` needs no override: the base ``Strategy`` already hands
+it to the ``CheckpointIO`` on global rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from ..distributed import DistributedCheckpointIO, _fsync_dir, _local_folder, _remove_folder
+
+META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
+
+
+def _has_class(obj: Any, name: str) -> bool:
+    return any(cls.__name__ == name for cls in type(obj).__mro__)
+
+
+def sharded_model_key(strategy: Any) -> Optional[str]:
+    """The key Lightning stores the model under in a sharded checkpoint of ``strategy``, or
+    None when the strategy saves full checkpoints through its ``CheckpointIO``."""
+    if _has_class(strategy, "ModelParallelStrategy") and getattr(strategy, "_save_distributed_checkpoint", True):
+        return "state_dict"
+    if _has_class(strategy, "FSDPStrategy") and getattr(strategy, "_state_dict_type", "full") == "sharded":
+        return "model"
+    return None
+
+
+class LightningShardedIO(DistributedCheckpointIO):
+    """:class:`DistributedCheckpointIO` writing the folder layout of Lightning's sharded strategies.
+
+    The model and optimizer states go into the DCP files; the rest of Lightning's checkpoint
+    (loops, callbacks, hyperparameters) into ``meta.pt``, written by the coordinator just before
+    ``.metadata`` is committed.
+    """
+
+    def __init__(self, model_key: str = "state_dict", **options: Any) -> None:
+        super().__init__(**options)
+        self.model_key = model_key
+
+    def save_checkpoint(
+        self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
+        folder = _local_folder(path)
+        self._ensure_group()
+        with torch.no_grad():
+            rest = dict(self._from_local(checkpoint))
+        converted = {self.model_key: rest.pop("state_dict")}
+        converted.update({f"optimizer_{i}": s for i, s in enumerate(rest.pop("optimizer_states", []))})
+        self._save_state(converted, folder, _meta_writer(rest))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Not collective: Lightning's strategies remove from global rank 0 only (which is this
+        IO's coordinator). Ordered after every rank's writes into the folder: this rank's earlier
+        save of it ended only when every rank had written its shards."""
+        _remove_folder(_local_folder(path))
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Optional[Any] = None,
+        weights_only: Optional[bool] = None,
+        state: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, Any]:
+        """The whole checkpoint as one Lightning checkpoint dict (full tensors); the strategies
+        load sharded folders themselves, this is for reading one elsewhere."""
+        if state is not None:
+            return super().load_checkpoint(path, state=state)
+        folder = _local_folder(path)
+        full = super().load_checkpoint(folder)
+        checkpoint = torch.load(os.path.join(folder, META_FILE), map_location=map_location, weights_only=False)
+        checkpoint["state_dict"] = full.pop(self.model_key)
+        optimizers = sorted((k for k in full if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+        checkpoint["optimizer_states"] = [full[k] for k in optimizers]
+        return checkpoint
+
+
+def _meta_writer(meta: Dict[str, Any]) -> Callable[[str], None]:
+    def write(folder: str) -> None:
+        final = os.path.join(folder, META_FILE)
+        tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(folder)
+
+    return write
+
+
+def connect(strategy: Any, engine: Any) -> bool:
+    """Route ``strategy``'s sharded saves through ``engine`` (the plugin); False if it has none.
+
+    Idempotent. The engine's wrapped IO becomes a :class:`LightningShardedIO` (a sharded strategy
+    never uses the base ``CheckpointIO`` it would otherwise fill in).
+    """
+    key = sharded_model_key(strategy)
+    if key is None:
+        return False
+    if getattr(strategy, "_asyncckpt_engine", None) is engine:
+        return True
+    io = engine.checkpoint_io
+    if not isinstance(io, LightningShardedIO) or io.model_key != key:
+        from ..async_io import AsyncCheckpointIO as _Core
+
+        _Core.checkpoint_io.fset(engine, LightningShardedIO(key))  # waits for what the old IO had queued
+        engine._base_checkpoint_io_configured = True
+
+    def save_checkpoint(checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(strategy).__name__}.save_checkpoint(..., storage_options=...) is not supported")
+        # every rank writes into the folder rank 0 names, as the strategy's own save does
+        engine.save_checkpoint(checkpoint, strategy.broadcast(filepath))
+
+    strategy_load = strategy.load_checkpoint
+
+    def load_checkpoint(*args: Any, **kwargs: Any) -> Dict[str, Any]:
+        engine.flush()  # the strategy reads the folder itself: every earlier save first
+        return strategy_load(*args, **kwargs)
+
+    strategy.save_checkpoint = save_checkpoint
+    strategy.load_checkpoint = load_checkpoint
+    strategy._asyncckpt_engine = engine
+    return True

@@ -1,0 +1,102 @@
+"""A 2-process Lightning run with ModelParallelStrategy (FSDP2) on CPU (see test_lightning_sharded.py).
+
+``python _lightning_sharded_child.py FAMILY MODE OUT``: FAMILY is ``lightning`` or
+``pytorch_lightning``; MODE ``sync`` (the strategy's own DCP save) or ``async`` (asyncckpt's
+plugin and callback). Lightning starts the second rank by running this script again. It fits
+8 steps with ``ModelCheckpoint(save_top_k=2, save_last=True, every_n_train_steps=2)``, then
+resumes from ``last.ckpt`` in a new Trainer and fits to step 12. Rank 0 writes ``OUT/result.json``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+import torch
+
+FAMILY, MODE, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
+pl = importlib.import_module("lightning.pytorch" if FAMILY == "lightning" else "pytorch_lightning")
+ours = importlib.import_module("asyncckpt.lightning" if FAMILY == "lightning" else "asyncckpt.pytorch_lightning")
+
+
+class Sharded(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.net[0], self.net[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.net(batch).pow(2).mean()
+        # deterministic and not monotone, so top-k keeps and removes checkpoints
+        self.log("score", float((self.global_step * 7) % 5), sync_dist=False)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(1 + self.global_rank)
+        return torch.utils.data.DataLoader(torch.randn(64, 16, generator=g), batch_size=4)
+
+
+def trainer(max_steps: int) -> object:
+    plugins, callbacks = [], []
+    if MODE == "async":
+        plugins.append(ours.AsyncCheckpointIO())
+        callbacks.append(ours.AsyncCheckpointCallback(log_stats=False))
+    callbacks.append(
+        pl.callbacks.ModelCheckpoint(
+            dirpath=os.path.join(OUT, "ckpt"),
+            filename="{step}",
+            monitor="score",
+            mode="max",
+            save_top_k=2,
+            save_last=True,
+            every_n_train_steps=2,
+        )
+    )
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=max_steps,
+        plugins=plugins,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def main() -> None:
+    first = trainer(8)
+    first.fit(Sharded())
+    after_first = sorted(os.listdir(os.path.join(OUT, "ckpt")))
+    second = trainer(12)
+    second.fit(Sharded(), ckpt_path=os.path.join(OUT, "ckpt", "last.ckpt"))
+    if second.is_global_zero:
+        io = second.strategy.checkpoint_io
+        result = {
+            "after_first": after_first,
+            "after_resume": sorted(os.listdir(os.path.join(OUT, "ckpt"))),
+            "resumed_at": second.global_step,
+            "engine_saves": len(io.stats) if hasattr(io, "stats") else None,
+            "connected": getattr(second.strategy, "_asyncckpt_engine", None) is not None,
+        }
+        with open(os.path.join(OUT, "result.json"), "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Lightning's ModelParallelStrategy (FSDP2) on CPU, 2 processes, saving through asyncckpt.
+
+Three real runs of ``_lightning_sharded_child.py`` side by side: the strategy's own synchronous
+DCP save (``lightning``), and asyncckpt's plugin + callback in both package families. Each fits
+with top-k and last checkpoints, then resumes from ``last.ckpt`` (Lightning's own loader reads
+our folder) and fits on. The async runs must leave the same checkpoints, with the same values,
+as the synchronous one. Lightning's ``FSDPStrategy`` needs a GPU and is not run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _slow_disk import TESTS, child_env
+
+pytest.importorskip("lightning")
+pytest.importorskip("pytorch_lightning")
+
+from asyncckpt.distributed import METADATA_FILE  # noqa: E402
+from asyncckpt.integrations._lightning_sharded import META_FILE, LightningShardedIO  # noqa: E402
+
+CHILD = os.path.join(TESTS, "_lightning_sharded_child.py")
+RUNS = (("lightning", "sync"), ("lightning", "async"), ("pytorch_lightning", "async"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("lightning_sharded")
+    procs = {}
+    for family, mode in RUNS:  # side by side: each run is 2 processes of mostly imports
+        out = base / f"{family}-{mode}"
+        out.mkdir()
+        env = dict(child_env(), OMP_NUM_THREADS="1")
+        env.pop("MASTER_PORT", None)
+        procs[(family, mode)] = (
+            out,
+            subprocess.Popen(
+                [sys.executable, CHILD, family, mode, str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+        )
+    results = {}
+    try:
+        for key, (out, proc) in procs.items():
+            text, _ = proc.communicate(timeout=400)
+            assert proc.returncode == 0, f"{key} exited {proc.returncode}:\n{text[-5000:]}"
+            results[key] = (out, json.loads((out / "result.json").read_text()))
+    finally:
+        for _, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return results
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize("family", ["lightning", "pytorch_lightning"])
+def test_async_run_keeps_the_same_checkpoints_as_the_synchronous_save(runs, family):
+    sync_out, sync = runs[("lightning", "sync")]
+    out, ours = runs[(family, "async")]
+    assert ours["connected"] and ours["engine_saves"], ours
+    # top-k removals and last.ckpt: the same names after the first fit and after the resume
+    assert ours["after_first"] == sync["after_first"], (ours, sync)
+    assert ours["after_resume"] == sync["after_resume"], (ours, sync)
+    assert ours["resumed_at"] == sync["resumed_at"] == 12
+    for name in sync["after_resume"]:
+        folder, reference = out / "ckpt" / name, sync_out / "ckpt" / name
+        files = os.listdir(folder)
+        assert METADATA_FILE in files and META_FILE in files, files
+        assert not [f for f in files if ".tmp" in f], files
+        # read whole in this one process with DCP's reader (another world size than the writers)
+        mine, theirs = LightningShardedIO().load_checkpoint(folder), LightningShardedIO().load_checkpoint(reference)
+        assert same(mine["state_dict"], theirs["state_dict"]), name
+        assert same(mine["optimizer_states"], theirs["optimizer_states"]), name
+        for key in ("global_step", "epoch"):
+            assert mine[key] == theirs[key], (name, key)
