@@ -43,6 +43,7 @@ from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_io import CheckpointIO, PathLike
 from .errors import CheckpointLoadError, InvalidPathError
@@ -53,6 +54,22 @@ log = logging.getLogger("asyncckpt")
 METADATA_FILE = ".metadata"
 _SHARD_FILE = re.compile(r"^__\d+_.*\.distcp$")
 _instances = itertools.count()
+
+
+class ShardedSaveError(RuntimeError):
+    """A sharded save failed on one or more ranks; raised on every rank (the cause is DCP's
+    ``CheckpointException``, with each failing rank's exception and traceback)."""
+
+
+def _describe_failures(folder: str, err: Any) -> str:
+    failures = getattr(err, "failures", {}) or {}
+    parts = []
+    for rank in sorted(failures):
+        failure = failures[rank]
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+    detail = "; ".join(parts) or str(err)
+    return f"the sharded save of {folder!r} failed ({detail}); nothing was committed, the previous checkpoint stands"
 
 
 class LocalShard:
@@ -258,7 +275,12 @@ class DistributedCheckpointIO(CheckpointIO):
         planner._cached_plans_key = self._plan_key  # per IO, not per planner class
         writer = self._storage_writer(folder, before_commit)
         no_dist = not (dist.is_available() and dist.is_initialized())
-        dcp.save(state, storage_writer=writer, planner=planner, process_group=self._pg, no_dist=no_dist)
+        try:
+            dcp.save(state, storage_writer=writer, planner=planner, process_group=self._pg, no_dist=no_dist)
+        except CheckpointException as err:
+            # DCP raises the same exception on every rank, as a BaseException; an Exception lets
+            # the engine report it as a failed save instead of a dying writer.
+            raise ShardedSaveError(_describe_failures(folder, err)) from err
 
     def _storage_writer(self, folder: str, before_commit: Optional[Callable[[str], None]]) -> Any:
         return _make_storage_writer(folder, before_commit, thread_count=self.thread_count, sync_files=self.sync_files)

@@ -55,6 +55,11 @@ CHILD_TIMEOUT_S = 900
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sharded", action="store_true",
+                   help="only the sharded configuration: 2 CPU ranks, FSDP2, DCP vs asyncckpt (bench/sharded.py)")
+    p.add_argument("--sharded-impls", nargs="+", default=None,
+                   choices=("sync", "dcp", "dcp-process", "thread", "process"),
+                   help="sharded implementations to run (default all; 'none' is always added)")
     p.add_argument("--full", action="store_true", help="1 and 2 threads, both workloads, 5 rounds, 40 steps")
     p.add_argument("--rounds", type=int, help="rounds of every implementation (default 3; --full 5)")
     p.add_argument("--ckpt-mb", type=float, default=256.0, help="checkpoint tensor size in MB (default 256)")
@@ -424,6 +429,11 @@ def engine_version() -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.sharded:
+        from .sharded import run_sharded
+
+        run_sharded(args)
+        return 0
     started = time.perf_counter()
     configurations = []
     for workload in args.workload:

@@ -222,6 +222,9 @@ def main() -> None:
         io.remove_checkpoint(os.path.join(ck, "gone"))
         io.flush()
         result["gone_exists"] = os.path.exists(os.path.join(ck, "gone"))
+        from torch.distributed.checkpoint.planner import SavePlanner
+
+        result["plan_cached"] = io.checkpoint_io._plan_key in SavePlanner._cached_save_plan
         result["local_bytes"] = local_bytes(s3)
         result["full_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         result["staging_bytes"] = sum(slot.nbytes for slot in io._free_slots)

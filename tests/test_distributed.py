@@ -105,7 +105,8 @@ def test_two_ranks_point_in_time_order_and_same_world_size_load(two_rank_run):
         # loaded back at 2 ranks into a differently initialized model: values at the call,
         # not after the optimizer step / add_ that followed each save
         assert r["load_one_equal"] and r["load_two_equal"] and r["load_three_equal"], r
-        assert r["gone_exists"] is False
+        assert r["gone_exists"] is False  # on every rank, right after its flush
+        assert r["plan_cached"], r  # DCP's plan cache, under this IO's own key
     # each rank wrote its own shard file; nothing else but the commit
     files = results[0]["files_two"]
     assert METADATA_FILE in files

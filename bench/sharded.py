@@ -1,0 +1,304 @@
+"""``python -m bench --sharded``: sharded saves on 2 CPU ranks (gloo, FSDP2), side by side.
+
+Each rank trains an FSDP2 MLP whose parameters plus Adam state add up to ``--ckpt-mb`` (default
+256 MB over both ranks, so about half of it per rank), saving every ``--every`` steps with:
+
+- ``sync``: ``dcp.save(state, checkpoint_id=folder)`` on the training thread, default group
+  (what Lightning's ModelParallelStrategy does);
+- ``dcp``: ``dcp.async_save(..., process_group=<a gloo group of its own>)``, thread executor;
+  the previous save's future is waited for inside the next save (as its docs require);
+- ``dcp-process``: the same with ``async_checkpointer_type=PROCESS``;
+- ``thread``: ``asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(), max_pending=2)``;
+- ``process``: ``writer="process"``, which asyncckpt refuses (reported as such).
+
+Per rank: blocking per save (the call), as a multiple of the copy floor (copying this rank's
+local tensors once into warm preallocated buffers), lost time against the loop without saves
+(final wait included), and the peak RSS increase during the run. Rounds are interleaved;
+medians are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Dict, List, Optional
+
+IMPLS = ("none", "sync", "dcp", "dcp-process", "thread", "process")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples this process's RSS every few ms on a thread; ``peak - start`` in bytes."""
+
+    def __init__(self) -> None:
+        self.start = _rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _rss()) - self.start
+
+
+def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import asyncckpt
+    from asyncckpt.distributed import DistributedCheckpointIO
+
+    torch.set_num_threads(cfg["threads"])
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=600)
+    )
+    layers = 4
+    params = cfg["ckpt_mb"] * 1e6 / 4 / 3  # float32 parameters; Adam keeps two more of each
+    width = int(math.sqrt(params / layers))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = torch.randn(16, width)
+
+    def step() -> None:
+        model(batch).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    step()
+    side_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=600))
+
+    def state() -> Dict[str, Any]:
+        msd, osd = get_state_dict(model, opt)
+        return {"model": msd, "optim": osd}
+
+    locals_ = []
+
+    def collect(obj: Any) -> None:
+        if isinstance(obj, DTensor):
+            obj = obj.to_local()
+        if isinstance(obj, torch.Tensor):
+            locals_.append(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                collect(v)
+
+    collect(state())
+    local_bytes = sum(t.numel() * t.element_size() for t in locals_)
+    buffers = [torch.empty_like(t) for t in locals_]
+    floors = []
+    for _ in range(5):
+        t = time.perf_counter()
+        torch._foreach_copy_(buffers, locals_)
+        floors.append(time.perf_counter() - t)
+    floor = min(floors)
+    del buffers
+
+    root = cfg["tmp"]
+    results: Dict[str, Any] = {
+        "rank": rank,
+        "local_mb": local_bytes / 1e6,
+        "floor_s": floor,
+        "runs": {name: [] for name in cfg["impls"]},
+    }
+
+    def run(name: str, round_: int) -> Optional[Dict[str, Any]]:
+        folder = os.path.join(root, name)
+        engine = None
+        pending: List[Any] = []
+        if name == "thread":
+            engine = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(), max_pending=2)
+        elif name == "process":
+            try:
+                asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(), writer="process")
+            except TypeError as err:
+                return {"unavailable": f"refused: {str(err).split(':')[0]}"}
+        if name == "dcp-process":
+            from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        def save(target: str) -> None:
+            s = state()
+            if name == "sync":
+                dcp.save(s, checkpoint_id=target)
+            elif name in ("dcp", "dcp-process"):
+                if pending:
+                    pending.pop().result()
+                kwargs = {"async_checkpointer_type": AsyncCheckpointerType.PROCESS} if name == "dcp-process" else {}
+                pending.append(dcp.async_save(s, checkpoint_id=target, process_group=side_group, **kwargs))
+            else:
+                engine.save_checkpoint(s, target)
+
+        dist.barrier()
+        rss = PeakRSS()
+        blocking = []
+        started = time.perf_counter()
+        for i in range(cfg["steps"]):
+            step()
+            if name != "none" and (i + 1) % cfg["every"] == 0:
+                t = time.perf_counter()
+                save(os.path.join(folder, "ab"[(i // cfg["every"]) % 2]))
+                blocking.append(time.perf_counter() - t)
+        if pending:
+            pending.pop().result()
+        if engine is not None:
+            engine.flush()
+        loop = time.perf_counter() - started
+        peak = rss.stop()
+        if engine is not None:
+            engine.teardown()
+        dist.barrier()
+        return {"round": round_, "loop_s": loop, "blocking_s": blocking, "peak_rss_mb": peak / 1e6}
+
+    for round_ in range(cfg["rounds"]):
+        for name in cfg["impls"]:
+            try:
+                results["runs"][name].append(run(name, round_))
+            except Exception as err:  # noqa: BLE001 - reported in the table, the others still run
+                results["runs"][name].append({"unavailable": f"{type(err).__name__}: {err}"[:200]})
+                dist.barrier()
+    with open(os.path.join(cfg["out_dir"], f"sharded-rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def _summarize(rank_results: Dict[str, Any]) -> List[Dict[str, Any]]:
+    runs = rank_results["runs"]
+    base = [r["loop_s"] for r in runs.get("none", []) if r and "loop_s" in r]
+    rows = []
+    for name, entries in runs.items():
+        ok = [e for e in entries if e and "loop_s" in e]
+        if not ok:
+            reason = next((e["unavailable"] for e in entries if e and "unavailable" in e), "not run")
+            rows.append({"impl": name, "unavailable": reason})
+            continue
+        lost = [
+            (e["loop_s"] - b) / b * 100 for e, b in zip(ok, base, strict=False)
+        ] if base else []
+        blocks = [b for e in ok for b in e["blocking_s"]]
+        rows.append(
+            {
+                "impl": name,
+                "blocking_ms": statistics.median(blocks) * 1e3 if blocks else 0.0,
+                "x_floor": statistics.median(blocks) / rank_results["floor_s"] if blocks else 0.0,
+                "lost_pct": statistics.median(lost) if lost else 0.0,
+                "peak_rss_mb": statistics.median(e["peak_rss_mb"] for e in ok),
+            }
+        )
+    return rows
+
+
+def format_table(rank: int, rank_results: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    lines = [
+        f"rank {rank}: local state {rank_results['local_mb']:.0f} MB, copy floor "
+        f"{rank_results['floor_s'] * 1e3:.1f} ms",
+        "| impl | blocking per save (ms) | x floor | lost time | peak RSS increase (MB) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        if "unavailable" in row:
+            lines.append(f"| {row['impl']} | not available: {row['unavailable']} | | | |")
+        elif row["impl"] == "none":
+            lines.append(f"| none | - | - | 0 (reference) | {row['peak_rss_mb']:.0f} |")
+        else:
+            lines.append(
+                f"| {row['impl']} | {row['blocking_ms']:.1f} | {row['x_floor']:.2f}x | {row['lost_pct']:.1f}% "
+                f"| {row['peak_rss_mb']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def run_sharded(args: Any) -> Dict[str, Any]:
+    """Start the 2 ranks, wait for them, print and return the per-rank tables."""
+    import torch.multiprocessing as mp
+
+    os.makedirs(args.out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="asyncckpt-bench-sharded-", dir=args.tmp)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    impls = [i for i in (args.sharded_impls or IMPLS) if i != "none"]
+    cfg = {
+        "ckpt_mb": args.ckpt_mb,
+        "threads": (args.threads or [1])[0],
+        "steps": args.steps or 12,
+        "every": args.every or 4,
+        "rounds": args.rounds or 2,
+        "impls": ["none"] + impls,
+        "tmp": tmp,
+        "out_dir": args.out,
+    }
+    print(f"## Sharded: 2 ranks, FSDP2, {cfg['ckpt_mb']:.0f} MB of parameters + Adam state in total, "
+          f"{cfg['steps']} steps, a save every {cfg['every']}, {cfg['rounds']} rounds", flush=True)
+    try:
+        mp.start_processes(worker, args=(2, port, cfg), nprocs=2, join=True, start_method="spawn")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = {"config": cfg, "ranks": []}
+    for rank in range(2):
+        with open(os.path.join(args.out, f"sharded-rank{rank}.json")) as f:
+            rank_results = json.load(f)
+        rows = _summarize(rank_results)
+        report["ranks"].append({"raw": rank_results, "rows": rows})
+        print(format_table(rank, rank_results, rows), flush=True)
+    path = os.path.join(args.out, "sharded.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    _plot(report, os.path.join(args.out, "sharded.png"))
+    print(f"raw results: {path}")
+    return report
+
+
+def _plot(report: Dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for rank, entry in enumerate(report["ranks"]):
+        rows = [r for r in entry["rows"] if "unavailable" not in r and r["impl"] != "none"]
+        names = [r["impl"] for r in rows]
+        offset = (rank - 0.5) * 0.38
+        xs = [i + offset for i in range(len(rows))]
+        axes[0].bar(xs, [r["x_floor"] for r in rows], width=0.38, label=f"rank {rank}")
+        axes[1].bar(xs, [r["lost_pct"] for r in rows], width=0.38, label=f"rank {rank}")
+        for ax in axes:
+            ax.set_xticks(range(len(rows)), names)
+    axes[0].set_title("blocking per save, x local copy floor")
+    axes[0].set_yscale("log")
+    axes[1].set_title("lost time, % of the loop without saves")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit("run it as: python -m bench --sharded")
