@@ -302,6 +302,52 @@ def test_storage_options_fail_at_the_call_during_fit(fam, tmp_path):
     assert isinstance(seen["error"], TypeError)
 
 
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    from _lightning_helpers import load_family, make_module, make_trainer
+
+    for name in ("lightning", "pytorch_lightning"):
+        fam = load_family(name)
+        for variant in ("default", "asyncckpt"):
+            root = os.path.join(sys.argv[2], name, variant)
+
+            class Preempt(fam.pl.Callback):
+                def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                    if trainer.global_step == 3:
+                        os.kill(os.getpid(), signal.SIGTERM)
+
+            plugins = [fam.ours.AsyncCheckpointIO()] if variant == "asyncckpt" else []
+            mc = fam.pl.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+            trainer = make_trainer(fam, root, plugins=plugins, callbacks=[mc, Preempt()], max_steps=8)
+            try:
+                trainer.fit(make_module(fam.pl))
+            except BaseException as err:
+                print(name, variant, "raised", type(err).__name__, sorted(os.listdir(root)), flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigterm_during_fit_stops_as_lightning_does(tmp_path):
+    """Lightning's SIGTERM handler stops training gracefully (SIGTERMException, then teardown);
+    asyncckpt's own handler, chained behind it, used to end the process at once."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_SCRIPT, os.path.join(REPO, "tests"), str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line.split(" ", 2) for line in proc.stdout.splitlines() if " raised " in line]
+    outcome = {(name, variant): rest for name, variant, rest in lines}
+    assert proc.returncode == 0 and len(outcome) == 4, f"rc={proc.returncode} {proc.stdout} {proc.stderr[-2000:]}"
+    for name in FAMILIES:
+        assert outcome[(name, "asyncckpt")] == outcome[(name, "default")], outcome
+        assert "SIGTERMException" in outcome[(name, "default")]
+
+
 KEEPING_SCRIPT = textwrap.dedent(
     """
     import sys

@@ -153,7 +153,13 @@ def _make_io_class(wrapping_cls: type, family: str, in_stage: Callable[[], bool]
         def __init__(self, checkpoint_io: Optional[Any] = None, **options: Any) -> None:
             """``options`` are those of :class:`asyncckpt.AsyncCheckpointIO` (``max_pending``,
             ``when_full``, ``writer``, ``writer_nice``, ``staging_threads``, ``exit_timeout``,
-            ``handle_sigterm``); one list, kept by the core, so the two cannot drift apart."""
+            ``handle_sigterm``); one list, kept by the core, so the two cannot drift apart.
+
+            ``handle_sigterm`` defaults to False here: during a stage Lightning's own SIGTERM
+            handler stops training at the end of the batch and raises ``SIGTERMException``, and
+            the teardown that follows writes every queued save. asyncckpt's handler, chained
+            behind Lightning's, would end the process before that graceful stop."""
+            options.setdefault("handle_sigterm", False)
             wrapping_cls.__init__(self, checkpoint_io)  # sets _base_checkpoint_io_configured
             _CoreAsyncCheckpointIO.__init__(self, checkpoint_io, **options)
             self._saves_requested = 0
