@@ -18,8 +18,10 @@ from .errors import (
     InvalidPathError,
     NotSerializableError,
     QueueFullError,
+    RemoteStorageError,
     WriterDiedError,
 )
+from .remote import RetryPolicy
 from .stats import SaveStats
 from .storage import cleanup_temp_files
 from .torch_io import TorchCheckpointIO
@@ -52,6 +54,8 @@ __all__ = [
     "InvalidPathError",
     "NotSerializableError",
     "QueueFullError",
+    "RemoteStorageError",
+    "RetryPolicy",
     "SaveStats",
     "TorchCheckpointIO",
     "WriterDiedError",

@@ -181,6 +181,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """
         key = self._check_path(path)
         self._raise_pending_errors()
+        if storage_options is not None:  # this copy of the IO loads it; a writer process saves it
+            remember = getattr(self._wrapped(), "remember_storage_options", None)
+            if remember is not None:
+                remember(path, storage_options)
         started = time.perf_counter()
         checkpoint = self._stageable_form(checkpoint)
         slot = self._acquire_slot(key)

@@ -58,3 +58,11 @@ class FlushTimeoutError(AsyncCheckpointError, TimeoutError):
 
 class IntegrityError(AsyncCheckpointError):
     """A checkpoint file does not match its checksum record, or cannot be read as a checkpoint."""
+
+
+class RemoteStorageError(AsyncCheckpointError, OSError):
+    """A request to object storage failed for good (after its retries); names the URL.
+
+    Its text never holds credentials: values of secret-looking ``storage_options`` and of the
+    usual credential environment variables are replaced by ``***``.
+    """

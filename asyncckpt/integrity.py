@@ -16,6 +16,9 @@ Two independent checks, used by ``asyncckpt verify`` and ``load_checkpoint(..., 
   every entry and checks its CRC32, its local header and its length. A truncated file has lost
   the zip directory at its end and is reported as such. Not covered without a record: bit flips
   in bytes that carry no data (zip padding, timestamps); they do not change what loads.
+
+Both work on fsspec URLs too (``s3://bucket/run/last.ckpt``, its record ``<url>.sha256``): the
+object is streamed for the digest, and read with ranged requests for the zip check.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import IO, Any, Callable, List, Mapping, Optional
 
 from .errors import IntegrityError
 
@@ -85,6 +88,11 @@ def read_record(path: str) -> Optional[List[str]]:
             text = f.read()
     except FileNotFoundError:
         return None
+    return parse_record(text)
+
+
+def parse_record(text: str) -> List[str]:
+    """The digests a record's text lists, newest first."""
     digests = []
     for line in text.splitlines():
         match = _LINE_RE.match(line.strip())
@@ -99,13 +107,20 @@ def format_record(path: str, digests: List[str]) -> bytes:
     return "".join(f"{d}  {name}\n" for d in digests[:MAX_ACCEPTED]).encode("utf-8")
 
 
-def verify_file(path: str) -> VerifyResult:
+def verify_file(path: str, storage_options: Optional[Mapping[str, Any]] = None) -> VerifyResult:
     """Check the checkpoint at ``path`` completely; raise :class:`IntegrityError` if it is damaged.
 
     With a checksum record, the file's SHA-256 must be one the record lists. Without one, every
-    zip entry is read and its CRC32 checked (what ``torch.load`` skips).
+    zip entry is read and its CRC32 checked (what ``torch.load`` skips). ``path`` may be an
+    fsspec URL; ``storage_options`` then open its filesystem.
     """
     path = os.fspath(path)
+    from .storage import local_path_of
+
+    local = local_path_of(path)
+    if local is None:
+        return _verify_url(path, storage_options)
+    path = local
     if not os.path.exists(path):
         raise IntegrityError(f"checkpoint {path!r} does not exist", path)
     if os.path.isdir(path):
@@ -129,16 +144,62 @@ def verify_file(path: str) -> VerifyResult:
     return check_zip(path)
 
 
+def _verify_url(url: str, storage_options: Optional[Mapping[str, Any]]) -> VerifyResult:
+    from .remote import invalidate, url_to_fs
+
+    fs, fs_path = url_to_fs(url, storage_options)
+    invalidate(fs, fs_path)
+    if not fs.exists(fs_path):
+        raise IntegrityError(f"checkpoint {url!r} does not exist", url)
+    if fs.isdir(fs_path):
+        raise IntegrityError(f"checkpoint {url!r} is a folder, not a checkpoint file", url)
+    size = fs.size(fs_path)
+
+    def opener() -> IO[bytes]:
+        return fs.open(fs_path, "rb", block_size=CHUNK_BYTES)
+
+    try:
+        record = fs.cat_file(fs_path + RECORD_SUFFIX).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return _check_zip(url, size, opener)
+    accepted = parse_record(record)
+    digest = hashlib.sha256()
+    with opener() as f:
+        while True:
+            chunk = f.read(CHUNK_BYTES)
+            if not chunk:
+                break
+            digest.update(chunk)
+    hexdigest = digest.hexdigest()
+    if hexdigest in accepted:
+        return VerifyResult(url, size, "sha256", digest=hexdigest)
+    try:
+        _check_zip(url, size, opener)
+        why = "its contents changed since it was written (the zip structure still reads)"
+    except IntegrityError as err:
+        why = str(err)
+    raise IntegrityError(
+        f"checkpoint {url!r} does not match its checksum record {record_path(url)!r}: "
+        f"sha256 {hexdigest} is not among the {len(accepted)} accepted; {why}",
+        url,
+    )
+
+
 def check_zip(path: str) -> VerifyResult:
     """Read every entry of the torch zip file at ``path``, checking headers, lengths and CRC32."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    return _check_zip(path, os.path.getsize(path), lambda: open(path, "rb"))
+
+
+def _check_zip(path: str, size: int, opener: Callable[[], IO[bytes]]) -> VerifyResult:
+    with opener() as f:
         head = f.read(4)
     if size == 0:
         raise IntegrityError(f"checkpoint {path!r} is empty (0 bytes)", path)
+    zip_source = opener()
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(zip_source)
     except Exception as err:  # noqa: BLE001 - damaged headers raise BadZipFile, ValueError, EOFError...
+        zip_source.close()
         if head == _LOCAL_SIGNATURE:
             raise IntegrityError(
                 f"checkpoint {path!r} is truncated or damaged: the zip directory at its end is missing or "
@@ -151,7 +212,7 @@ def check_zip(path: str) -> VerifyResult:
             path,
         ) from err
     unchecked = 0
-    with archive, open(path, "rb") as f:
+    with zip_source, archive, opener() as f:
         infos = archive.infolist()
         if not any(info.filename.endswith("data.pkl") for info in infos):
             raise IntegrityError(
@@ -183,17 +244,18 @@ def check_zip(path: str) -> VerifyResult:
                     f"its CRC32 check (stored {info.CRC:08x}, read {crc:08x}); its bytes changed after writing",
                     path,
                 )
-    _check_with_torch_reader(path, infos)
+    with opener() as f:
+        _check_with_torch_reader(path, f if "://" in path else path, infos)
     return VerifyResult(path, size, "crc32", records=len(infos), unchecked_records=unchecked)
 
 
-def _check_with_torch_reader(path: str, infos: List[zipfile.ZipInfo]) -> None:
+def _check_with_torch_reader(path: str, source: Any, infos: List[zipfile.ZipInfo]) -> None:
     """Open the file with torch's own zip reader (miniz), which is stricter than ``zipfile``
     about some directory fields, and locate every record the way ``torch.load`` does."""
     import torch
 
     try:
-        reader = torch._C.PyTorchFileReader(path)
+        reader = torch._C.PyTorchFileReader(source)
         names = reader.get_all_records()
         for name in names:
             reader.get_record_offset(name)

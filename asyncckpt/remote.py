@@ -1,0 +1,607 @@
+"""Checkpoints in object storage (fsspec URLs): streamed, atomic per object, retried, and quiet
+about credentials.
+
+* **S3** (``s3://``, through ``s3fs``): ``torch.save`` writes into :class:`S3Upload`, a file
+  object that cuts the stream into parts and uploads each one while serialization goes on
+  (at most ``max_inflight`` parts in memory). Small checkpoints go up as one ``PutObject``.
+  The object appears only when ``CompleteMultipartUpload`` succeeds, which S3 does atomically;
+  until then readers see the previous object. Any failure aborts the upload; an abort that
+  cannot reach the server is retried before the next upload and at teardown, so no orphan
+  parts stay behind (a killed process can still leave some: see docs/object-storage.md).
+* **Other protocols** (``gs://``, ``az://``, ``memory://`` ...): written inside an fsspec
+  transaction, so a failed write commits nothing; atomicity is then that of the backend.
+
+Every request to the server is retried on transient errors (connection lost, HTTP 5xx,
+throttling) up to :class:`RetryPolicy` ``attempts`` times with exponential backoff, on top of
+the retries of the transport itself; then a :class:`~asyncckpt.errors.RemoteStorageError`
+names the URL. Its message and any text asyncckpt writes are passed through :func:`redact`,
+which removes the values of secret-looking ``storage_options`` and credential environment
+variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
+
+from .errors import RemoteStorageError
+
+log = logging.getLogger(__name__)
+
+#: Credential environment variables whose values never appear in asyncckpt's text.
+SECRET_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_CLIENT_SECRET",
+)
+_SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "sas", "signature", "connection")
+_MIN_SECRET_LEN = 4
+REDACTED = "***"
+
+MIN_PART_BYTES = 5 * 1024 * 1024  # S3's smallest part, except the last one
+MAX_PARTS = 10_000
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def secret_values(storage_options: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """The secret strings to keep out of text: values of secret-looking option keys (nested
+    too, e.g. ``client_kwargs``) and of the credential environment variables."""
+    found: List[str] = []
+
+    def walk(value: Any, secret: bool) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, secret or any(word in str(k).lower() for word in _SECRET_WORDS))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, secret)
+        elif secret and isinstance(value, (str, bytes)):
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+            if len(text) >= _MIN_SECRET_LEN:
+                found.append(text)
+
+    walk(storage_options or {}, False)
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= _MIN_SECRET_LEN:
+            found.append(value)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced by ``***``."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+class RedactedError(Exception):
+    """Stands in for an exception whose text held a secret; carries the redacted text."""
+
+
+def _chain_text(err: BaseException) -> str:
+    parts = []
+    seen = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(f"{type(current).__name__}: {current}")
+        parts.extend(getattr(current, "__notes__", []) or [])
+        current = current.__cause__ or current.__context__
+    return "\n".join(parts)
+
+
+def safe_cause(err: BaseException, secrets: Iterable[str]) -> BaseException:
+    """``err`` itself when neither it nor its causes mention a secret, else a redacted stand-in."""
+    secrets = list(secrets)
+    text = _chain_text(err)
+    if not any(s in text for s in secrets):
+        return err
+    return RedactedError(redact(text, secrets))
+
+
+def describe_options(storage_options: Optional[Mapping[str, Any]]) -> str:
+    """A repr of storage options that names the keys and hides every value."""
+    if not storage_options:
+        return "None"
+    return "{" + ", ".join(f"{k!r}: {REDACTED}" for k in sorted(storage_options, key=str)) + "}"
+
+
+# -- retries ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often, and how patiently, a request to object storage is tried.
+
+    Each request (one part, the completion, a remove ...) is tried at most ``attempts`` times;
+    before try ``n`` (from 2) it waits ``min(max_backoff, backoff * 2**(n-2))`` seconds, scaled
+    by a random factor in [0.5, 1] so that many ranks do not retry in step. Only transient
+    errors are retried: lost connections, timeouts, HTTP 5xx, throttling.
+    """
+
+    attempts: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 10.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be an integer >= 1, got {self.attempts!r}")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("RetryPolicy.backoff and max_backoff must be >= 0 seconds")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed try number ``attempt`` (1-based)."""
+        return min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+_THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+}
+
+
+def _client_error_info(err: BaseException) -> Tuple[Optional[str], Optional[int]]:
+    response = getattr(err, "response", None)
+    if not isinstance(response, dict):
+        return None, None
+    code = (response.get("Error") or {}).get("Code")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return (str(code) if code is not None else None), status
+
+
+def _chain(err: BaseException) -> List[BaseException]:
+    out, seen = [], set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        out.append(current)
+        current = current.__cause__ or current.__context__
+    return out
+
+
+def error_code(err: BaseException) -> Optional[str]:
+    """The S3 error code (``NoSuchUpload``, ``SlowDown`` ...) anywhere in ``err``'s chain."""
+    for e in _chain(err):
+        code, _ = _client_error_info(e)
+        if code:
+            return code
+    return None
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying the request may succeed: connection lost, timeout, HTTP 5xx, throttling."""
+    for e in _chain(err):
+        code, status = _client_error_info(e)
+        if code is not None or status is not None:
+            return (status is not None and (status >= 500 or status == 429)) or code in _THROTTLE_CODES
+        if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+            return True
+        module = type(e).__module__ or ""
+        name = type(e).__name__
+        if module.startswith("botocore") and ("Connection" in name or "Timeout" in name or "Endpoint" in name):
+            return True
+        if module.startswith("aiohttp") and ("Connect" in name or "Disconnected" in name or "Payload" in name):
+            return True
+        if name in ("IncompleteRead", "ResponseParserError", "ProtocolError"):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.EPIPE, errno.ETIMEDOUT):
+            return True
+    return False
+
+
+def call_with_retries(
+    what: str,
+    url: str,
+    fn: Callable[[], Any],
+    policy: RetryPolicy,
+    secrets: Iterable[str],
+    passthrough: Tuple[type, ...] = (),
+) -> Any:
+    """``fn()``, tried per ``policy``; the last failure becomes a :class:`RemoteStorageError`.
+
+    Errors of the ``passthrough`` types that are not transient are raised as they are (e.g. a
+    damaged file on load says so itself).
+    """
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - classified below
+            transient = is_transient(err)
+            if isinstance(err, (FileNotFoundError, *passthrough)) and not transient:
+                if any(secret in _chain_text(err) for secret in secrets):
+                    raise remote_error(what, url, err, attempt, secrets) from safe_cause(err, secrets)
+                raise
+            if not transient or attempt >= policy.attempts:
+                raise remote_error(what, url, err, attempt, secrets) from safe_cause(err, secrets)
+            delay = policy.delay(attempt)
+            log.warning(
+                "asyncckpt: %s %s failed (try %d of %d), retrying in %.2fs: %s",
+                what, url, attempt, policy.attempts, delay, redact(f"{type(err).__name__}: {err}", secrets),
+            )
+            time.sleep(delay)
+            attempt += 1
+
+
+def remote_error(what: str, url: str, err: BaseException, attempts: int, secrets: Iterable[str]) -> RemoteStorageError:
+    """The error people see: what failed, on which URL, after how many tries, and what to do."""
+    secrets = list(secrets)
+    if isinstance(err, RemoteStorageError):
+        return err
+    cause = f"{type(err).__name__}: {err}"
+    for e in _chain(err):
+        code, status = _client_error_info(e)
+        if code or status:
+            cause += f" (S3 error {code}, HTTP {status})"
+            break
+    cause = redact(cause, secrets)
+    if is_transient(err):
+        advice = (
+            f"gave up after {attempts} tries (transient errors: connection, HTTP 5xx or throttling); "
+            "check that the storage endpoint is reachable, or raise TorchCheckpointIO(retry=RetryPolicy(...))"
+        )
+    elif isinstance(err, PermissionError) or (error_code(err) or "") in ("AccessDenied", "InvalidAccessKeyId",
+                                                                          "SignatureDoesNotMatch", "ExpiredToken"):
+        advice = "the credentials were refused; check the keys given in storage_options or the environment"
+    else:
+        advice = "not retried (not a transient error)"
+    message = f"{what} {url!r} failed: {cause}; {advice}"
+    return RemoteStorageError(redact(message, secrets), url)
+
+
+# -- filesystems ------------------------------------------------------------------------------
+
+
+def url_to_fs(url: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[Any, str]:
+    """The fsspec filesystem and the path inside it for ``url``; errors are redacted."""
+    import fsspec
+
+    secrets = secret_values(storage_options)
+    try:
+        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except Exception as err:
+        raise RemoteStorageError(
+            redact(f"cannot open the filesystem of {url!r}: {type(err).__name__}: {err}", secrets), url
+        ) from safe_cause(err, secrets)
+
+
+def is_s3(fs: Any) -> bool:
+    """Whether ``fs`` is an ``s3fs`` filesystem, written to with :class:`S3Upload`."""
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocol and hasattr(fs, "_call_s3") and hasattr(fs, "split_path")
+
+
+def _run(fs: Any, coro: Any) -> "Future[Any]":
+    """Schedule ``coro`` on the filesystem's event loop; returns a ``concurrent.futures.Future``."""
+    return asyncio.run_coroutine_threadsafe(coro, fs.loop)
+
+
+def s3_call(fs: Any, method: str, **kwargs: Any) -> Any:
+    """One S3 API call through ``s3fs`` (its session, credentials and transport retries)."""
+    return _run(fs, fs._call_s3(method, **kwargs)).result()
+
+
+async def _s3_call_with_retries(fs: Any, method: str, policy: RetryPolicy, url: str, secrets: List[str],
+                                **kwargs: Any) -> Any:
+    attempt = 1
+    while True:
+        try:
+            return await fs._call_s3(method, **kwargs)
+        except Exception as err:  # noqa: BLE001 - classified below
+            if not is_transient(err) or attempt >= policy.attempts:
+                raise remote_error(f"S3 {method} of", url, err, attempt, secrets) from safe_cause(err, secrets)
+            delay = policy.delay(attempt)
+            log.warning(
+                "asyncckpt: S3 %s of %s failed (try %d of %d), retrying in %.2fs: %s",
+                method, url, attempt, policy.attempts, delay, redact(f"{type(err).__name__}: {err}", secrets),
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
+# -- aborts that could not reach the server ----------------------------------------------------
+
+_pending_aborts: Dict[Tuple[int, str, str, str], Tuple[Any, str]] = {}
+_pending_lock = threading.Lock()
+
+
+def _abort_upload(fs: Any, bucket: str, key: str, upload_id: str, url: str) -> bool:
+    """Abort a multipart upload (a missing one counts as aborted); returns whether it worked."""
+    try:
+        s3_call(fs, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+    except Exception as err:  # noqa: BLE001 - kept for a later try
+        if error_code(err) == "NoSuchUpload" or isinstance(err, FileNotFoundError):
+            return True
+        log.debug("asyncckpt: abort of an upload to %s failed: %s", url, type(err).__name__)
+        return False
+    return True
+
+
+def retry_pending_aborts() -> int:
+    """Try again the aborts that failed earlier (server down); returns how many are still left.
+
+    Runs before every S3 upload and at teardown, so a server that comes back is left with no
+    orphan parts.
+    """
+    with _pending_lock:
+        items = list(_pending_aborts.items())
+    for entry, (fs, url) in items:
+        _, bucket, key, upload_id = entry
+        if _abort_upload(fs, bucket, key, upload_id, url):
+            with _pending_lock:
+                _pending_aborts.pop(entry, None)
+            log.info("asyncckpt: aborted the unfinished upload of %s left by an earlier failure", url)
+    with _pending_lock:
+        left = len(_pending_aborts)
+    return left
+
+
+def pending_aborts() -> List[str]:
+    """URLs of failed uploads whose abort has not reached the server yet."""
+    with _pending_lock:
+        return [url for _, url in _pending_aborts.values()]
+
+
+# -- the streaming S3 upload ------------------------------------------------------------------
+
+
+class S3Upload:
+    """The file object ``torch.save`` writes into: parts upload while serialization goes on.
+
+    Memory: at most ``max_inflight`` parts being uploaded plus the one being filled. Nothing is
+    visible at the URL until :meth:`commit`; :meth:`abort` removes every uploaded part.
+    """
+
+    def __init__(
+        self,
+        fs: Any,
+        url: str,
+        fs_path: str,
+        *,
+        policy: RetryPolicy,
+        part_bytes: int,
+        max_inflight: int,
+        secrets: List[str],
+        sha256: bool = False,
+    ) -> None:
+        self._fs = fs
+        self.url = url
+        self.bucket, self.key, _ = fs.split_path(fs_path)
+        self._policy = policy
+        self._part_bytes = max(int(part_bytes), MIN_PART_BYTES)
+        self._max_inflight = max(1, int(max_inflight))
+        self._secrets = secrets
+        self._hash = hashlib.sha256() if sha256 else None
+        self._buf = bytearray(self._part_bytes)
+        self._fill = 0
+        self.error: Optional[BaseException] = None
+        self._written = 0
+        self._upload_id: Optional[str] = None
+        self._inflight: Deque[Tuple[int, "Future[Any]", int]] = collections.deque()
+        self._parts: List[Dict[str, Any]] = []
+        self._finished = False
+
+    # file protocol used by torch.save
+    def write(self, data: Any) -> int:
+        try:
+            return self._write(data)
+        except BaseException as err:
+            self.error = err  # torch.save replaces it with an opaque RuntimeError; the caller re-raises this
+            raise
+
+    def _write(self, data: Any) -> int:
+        if self._finished:
+            raise RuntimeError(f"the upload of {self.url!r} is already finished")
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self._hash is not None:
+            self._hash.update(view)
+        while len(view):
+            room = len(self._buf) - self._fill
+            take = min(room, len(view))
+            self._buf[self._fill : self._fill + take] = view[:take]
+            self._fill += take
+            view = view[take:]
+            if self._fill == len(self._buf):
+                self._send_part(final=False)
+        self._written += n
+        return n
+
+    def _take_buffer(self, fresh: bool = True) -> bytearray:
+        """The bytes filled so far (no copy), and a fresh buffer for the next part."""
+        body = self._buf
+        del body[self._fill :]
+        self._buf, self._fill = (bytearray(self._part_bytes) if fresh else bytearray()), 0
+        return body
+
+    def flush(self) -> None:
+        """Nothing to do: parts go up as they fill; :meth:`commit` sends the rest."""
+
+    def tell(self) -> int:
+        return self._written
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._written
+
+    def sha256(self) -> Optional[str]:
+        """Hex SHA-256 of everything written (with ``sha256=True``)."""
+        return self._hash.hexdigest() if self._hash is not None else None
+
+    # parts
+    def _send_part(self, *, final: bool) -> None:
+        if self._upload_id is None:
+            created = _run(
+                self._fs,
+                _s3_call_with_retries(self._fs, "create_multipart_upload", self._policy, self.url, self._secrets,
+                                      Bucket=self.bucket, Key=self.key),
+            ).result()
+            self._upload_id = created["UploadId"]
+        number = len(self._parts) + len(self._inflight) + 1
+        if number > MAX_PARTS:
+            raise RemoteStorageError(
+                f"checkpoint {self.url!r} needs more than {MAX_PARTS} parts of {self._part_bytes} bytes; "
+                "raise TorchCheckpointIO(part_bytes=...)",
+                self.url,
+            )
+        if number % 1000 == 0:  # parts may differ in size: grow them so huge files fit in 10,000
+            self._part_bytes *= 2
+        body = self._take_buffer()
+        future = _run(
+            self._fs,
+            _s3_call_with_retries(self._fs, "upload_part", self._policy, self.url, self._secrets, Bucket=self.bucket,
+                                  Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=body),
+        )
+        self._inflight.append((number, future, len(body)))
+        while len(self._inflight) >= self._max_inflight or (final and self._inflight):
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        number, future, _ = self._inflight.popleft()
+        result = future.result()
+        self._parts.append({"PartNumber": number, "ETag": result["ETag"]})
+
+    def commit(self, before_complete: Optional[Callable[[], None]] = None) -> None:
+        """Make the object appear: upload what is left, complete, and check its size on the server.
+
+        ``before_complete`` runs once every byte is uploaded and before the object appears.
+        """
+        if self._finished:
+            raise RuntimeError(f"the upload of {self.url!r} is already finished")
+        if self._upload_id is None:
+            body = self._take_buffer(fresh=False)
+            if before_complete is not None:
+                before_complete()
+            call_with_retries(
+                "S3 PutObject of", self.url,
+                lambda: s3_call(self._fs, "put_object", Bucket=self.bucket, Key=self.key, Body=body),
+                self._policy, self._secrets,
+            )
+        else:
+            if self._fill or not (self._parts or self._inflight):
+                self._send_part(final=True)
+            while self._inflight:
+                self._wait_oldest()
+            if before_complete is not None:
+                before_complete()
+            self._complete()
+        self._finished = True
+        self._check_size()
+
+    def _complete(self) -> None:
+        parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+        attempt = 1
+        while True:
+            try:
+                s3_call(self._fs, "complete_multipart_upload", Bucket=self.bucket, Key=self.key,
+                        UploadId=self._upload_id, MultipartUpload={"Parts": parts})
+                return
+            except Exception as err:  # noqa: BLE001 - classified below
+                if attempt > 1 and error_code(err) == "NoSuchUpload" and self._completed_by_earlier_try(parts):
+                    log.info("asyncckpt: the completion of %s had gone through before its reply was lost", self.url)
+                    return
+                if not is_transient(err) or attempt >= self._policy.attempts:
+                    raise remote_error("S3 CompleteMultipartUpload of", self.url, err, attempt, self._secrets) \
+                        from safe_cause(err, self._secrets)
+                delay = self._policy.delay(attempt)
+                log.warning("asyncckpt: completing %s failed (try %d of %d), retrying in %.2fs: %s", self.url,
+                            attempt, self._policy.attempts, delay,
+                            redact(f"{type(err).__name__}: {err}", self._secrets))
+                time.sleep(delay)
+                attempt += 1
+
+    def _completed_by_earlier_try(self, parts: List[Dict[str, Any]]) -> bool:
+        """Whether the object on the server is this upload (its multipart ETag and size match)."""
+        try:  # a part's ETag is the MD5 of its bytes; the object's is the MD5 of those, then "-<parts>"
+            digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
+        except ValueError:
+            return False
+        expected = hashlib.md5(digests, usedforsecurity=False).hexdigest() + f"-{len(parts)}"
+        try:
+            head = s3_call(self._fs, "head_object", Bucket=self.bucket, Key=self.key)
+        except Exception:  # noqa: BLE001 - then it did not go through
+            return False
+        return head.get("ETag", "").strip('"') == expected and head.get("ContentLength") == self._written
+
+    def _check_size(self) -> None:
+        """Nothing is reported saved that is not there: the server must hold every byte written."""
+        head = call_with_retries(
+            "S3 HeadObject of", self.url,
+            lambda: s3_call(self._fs, "head_object", Bucket=self.bucket, Key=self.key),
+            self._policy, self._secrets,
+        )
+        if head.get("ContentLength") != self._written:
+            raise RemoteStorageError(
+                f"checkpoint {self.url!r} was uploaded with {self._written} bytes but the server holds "
+                f"{head.get('ContentLength')}; the object is not a complete checkpoint, save it again",
+                self.url,
+            )
+
+    def abort(self) -> None:
+        """Drop the upload: wait for parts in flight, then abort it (later, if the server is down)."""
+        self._finished = True
+        self._buf, self._fill = bytearray(), 0
+        for _, future, _ in self._inflight:
+            future.cancel()
+        for _, future, _ in self._inflight:
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - the upload is being dropped anyway
+                pass
+        self._inflight.clear()
+        if self._upload_id is None:
+            return
+        upload_id, self._upload_id = self._upload_id, None
+        for attempt in range(1, self._policy.attempts + 1):
+            if _abort_upload(self._fs, self.bucket, self.key, upload_id, self.url):
+                return
+            if attempt < self._policy.attempts:
+                time.sleep(self._policy.delay(attempt))
+        with _pending_lock:
+            _pending_aborts[(id(self._fs), self.bucket, self.key, upload_id)] = (self._fs, self.url)
+        log.warning(
+            "asyncckpt: could not abort the unfinished upload of %s (server unreachable); asyncckpt tries again "
+            "before its next upload and at teardown. Its parts cost storage until then (a bucket lifecycle rule "
+            "AbortIncompleteMultipartUpload cleans them up after a crash)",
+            self.url,
+        )
+
+
+def invalidate(fs: Any, fs_path: str) -> None:
+    """Forget cached listings around ``fs_path`` (fsspec caches folder listings per filesystem)."""
+    invalidate_cache = getattr(fs, "invalidate_cache", None)
+    if invalidate_cache is not None:
+        try:
+            invalidate_cache(fs_path)
+        except Exception:  # noqa: BLE001 - a stale cache only costs a fresh listing
+            pass

@@ -1,0 +1,378 @@
+"""Checkpoints in S3, against a live S3 server (moto's) on 127.0.0.1, through s3fs over HTTP.
+
+The server starts once per test session on a free port. Faults: the server is stopped for
+real mid-upload; server errors (500, 503, throttling) and a server echoing the access key in
+an error come from a small real HTTP proxy in front of it (fault injection: a local server
+cannot be made to answer those on cue; said in tests/_s3_server.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+import uuid
+
+import pytest
+import torch
+
+from _s3_server import ACCESS_KEY, SECRET_KEY, SECRETS, SESSION_TOKEN, FaultProxy, MotoServer
+
+pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'asyncckpt[test]')")
+s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install 'asyncckpt[test]')")
+
+import asyncckpt  # noqa: E402
+from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO  # noqa: E402
+
+_ENV = {
+    "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    "AWS_SESSION_TOKEN": SESSION_TOKEN,
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+_ENV_NAMES = (*_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CONFIG_FILE",
+              "AWS_SHARED_CREDENTIALS_FILE")
+
+
+@pytest.fixture(scope="session")
+def server():
+    """moto's S3 server, once per session; the environment points s3fs at it (as a user's would)."""
+    srv = MotoServer()
+    srv.start()
+    saved = {name: os.environ.get(name) for name in _ENV_NAMES}
+    os.environ.update(_ENV, AWS_ENDPOINT_URL=srv.endpoint)
+    os.environ.pop("AWS_PROFILE", None)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield srv
+    srv.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def admin(endpoint: str):
+    """An s3fs filesystem for the test's own checks (a fresh instance, no shared cache)."""
+    return s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, token=SESSION_TOKEN,
+                             client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+
+
+@pytest.fixture
+def bucket(server):
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    admin(server.endpoint).mkdir(name)
+    return name
+
+
+def orphans(endpoint: str, bucket: str):
+    """Multipart uploads started and neither completed nor aborted."""
+    return admin(endpoint).call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+
+
+def options(endpoint: str, **extra):
+    return {"key": ACCESS_KEY, "secret": SECRET_KEY, "token": SESSION_TOKEN,
+            "client_kwargs": {"endpoint_url": endpoint}, **extra}
+
+
+@pytest.fixture
+def no_env_credentials(server, monkeypatch):
+    """Only explicit storage_options can reach the server now (the case of issue 14)."""
+    for name in _ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()  # s3fs caches filesystems, with the credentials they found
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def ckpt(value: float = 1.0, mb: float = 0.1):
+    n = max(1, int(mb * 1e6 / 4))
+    return {"w": torch.full((n,), float(value)), "step": int(value), "meta": {"name": "run"}}
+
+
+def fast_retry(attempts: int = 3):
+    from asyncckpt import RetryPolicy
+
+    return RetryPolicy(attempts=attempts, backoff=0.01, max_backoff=0.05)
+
+
+# -- round trip and credentials once -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_save_load_remove_with_options_given_once_at_save(server, bucket, writer, no_env_credentials):
+    io = AsyncCheckpointIO(TorchCheckpointIO(), writer=writer)
+    url = f"s3://{bucket}/run/step=1.ckpt"
+    try:
+        io.save_checkpoint(ckpt(1.0), url, storage_options=options(server.endpoint))
+        loaded = io.load_checkpoint(url)  # no options: those of the save are remembered
+        assert loaded["step"] == 1 and torch.equal(loaded["w"], ckpt(1.0)["w"])
+        io.remove_checkpoint(url)
+        io.flush()
+    finally:
+        io.teardown()
+    assert not admin(server.endpoint).exists(f"{bucket}/run/step=1.ckpt")
+    assert orphans(server.endpoint, bucket) == []
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_options_given_at_construction(server, bucket, writer, no_env_credentials):
+    io = AsyncCheckpointIO(TorchCheckpointIO(storage_options=options(server.endpoint)), writer=writer)
+    url = f"s3://{bucket}/a.ckpt"
+    try:
+        io.save_checkpoint(ckpt(2.0), url)
+        assert io.load_checkpoint(url)["step"] == 2
+        io.remove_checkpoint(url)
+        io.flush()
+    finally:
+        io.teardown()
+    assert not admin(server.endpoint).exists(f"{bucket}/a.ckpt")
+
+
+def test_environment_credentials_keep_working(server, bucket):
+    io = AsyncCheckpointIO(TorchCheckpointIO())
+    url = f"s3://{bucket}/env.ckpt"
+    try:
+        io.save_checkpoint(ckpt(3.0), url)
+        assert io.load_checkpoint(url)["step"] == 3
+        io.remove_checkpoint(url)
+        io.flush()
+    finally:
+        io.teardown()
+    assert not admin(server.endpoint).exists(f"{bucket}/env.ckpt")
+
+
+def test_remove_and_load_are_ordered_after_pending_saves(server, bucket):
+    io = AsyncCheckpointIO(TorchCheckpointIO(), max_pending=4)
+    url = f"s3://{bucket}/o.ckpt"
+    try:
+        for i in range(3):
+            io.save_checkpoint(ckpt(float(i), mb=2), url)
+            assert io.load_checkpoint(url)["step"] == i
+        io.save_checkpoint(ckpt(9.0), url)
+        io.remove_checkpoint(url)
+        io.save_checkpoint(ckpt(10.0), f"s3://{bucket}/p.ckpt")
+        io.flush()
+        assert not admin(server.endpoint).exists(f"{bucket}/o.ckpt")
+        assert io.load_checkpoint(f"s3://{bucket}/p.ckpt")["step"] == 10
+    finally:
+        io.teardown()
+
+
+# -- streaming and atomicity -------------------------------------------------------------------
+
+
+_MEMORY_CHILD = """
+import sys, tracemalloc, torch
+from asyncckpt import TorchCheckpointIO
+part = 5 * 1024 * 1024
+io = TorchCheckpointIO(part_bytes=part, max_inflight_parts=1)
+big = {"w": torch.ones(32 * 1024 * 1024)}  # 128 MiB of tensor bytes (torch memory, not traced)
+tracemalloc.start()
+io.save_checkpoint(big, sys.argv[1])
+print(tracemalloc.get_traced_memory()[1])
+"""
+
+
+@pytest.mark.slow
+def test_large_save_streams_into_a_multipart_upload_with_bounded_memory(server, bucket):
+    """The save runs in a child process, so only the client's memory is traced (the server is here)."""
+    import subprocess
+    import sys
+
+    part = 5 * 1024 * 1024
+    url = f"s3://{bucket}/big.ckpt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, url], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.split()[-1])
+    head = admin(server.endpoint).call_s3("head_object", Bucket=bucket, Key="big.ckpt")
+    assert head["ETag"].strip('"').endswith(f"-{head['ContentLength'] // part + 1}")  # one part per 5 MiB
+    assert head["ContentLength"] > 128 * 1024 * 1024
+    # Python-side buffers: the parts being filled and sent, the transport's copies of them, and
+    # botocore's service models; never the whole 128 MiB file.
+    assert peak < 64 * 1024 * 1024, f"peak Python memory {peak / 1e6:.1f} MB during a 128 MiB upload"
+    assert orphans(server.endpoint, bucket) == []
+
+
+def test_unpicklable_checkpoint_commits_nothing_and_keeps_the_previous_object(server, bucket):
+    io = TorchCheckpointIO(part_bytes=5 * 1024 * 1024)
+    url = f"s3://{bucket}/keep.ckpt"
+    io.save_checkpoint(ckpt(1.0), url)
+    with pytest.raises(asyncckpt.NotSerializableError):
+        io.save_checkpoint({"w": torch.zeros(4 << 20), "f": lambda: None}, url)
+    assert io.load_checkpoint(url)["step"] == 1
+    assert orphans(server.endpoint, bucket) == []
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(server):
+    p = FaultProxy(server.port)
+    yield p
+    p.close()
+
+
+def no_transport_retries(endpoint: str):
+    """Options whose botocore does no retries of its own, so the test counts asyncckpt's."""
+    return options(endpoint, config_kwargs={"retries": {"total_max_attempts": 1}})
+
+
+@pytest.mark.parametrize("error", ["500", "503", "slowdown"])
+def test_server_errors_are_retried_then_the_save_succeeds(proxy, bucket, error):
+    io = TorchCheckpointIO(storage_options=no_transport_retries(proxy.endpoint), retry=fast_retry(4),
+                           part_bytes=5 * 1024 * 1024)
+    url = f"s3://{bucket}/r.ckpt"
+    value = ckpt(5.0, mb=12)
+    proxy.fail("UploadPart", error, times=2, after=1)
+    io.save_checkpoint(value, url)
+    assert [a for _, a in proxy.injected] == [error, error]
+    proxy.clear()
+    assert torch.equal(io.load_checkpoint(url)["w"], value["w"])
+    assert orphans(proxy.endpoint, bucket) == []
+
+
+def test_persistent_errors_fail_loudly_after_bounded_retries(proxy, bucket, caplog):
+    inner = TorchCheckpointIO(storage_options=no_transport_retries(proxy.endpoint), retry=fast_retry(3),
+                              part_bytes=5 * 1024 * 1024, max_inflight_parts=1)
+    io = AsyncCheckpointIO(inner)
+    url = f"s3://{bucket}/fail.ckpt"
+    io.save_checkpoint(ckpt(1.0), url)
+    io.flush()
+    proxy.fail("UploadPart", "503")
+    io.save_checkpoint(ckpt(2.0, mb=12), url)
+    with pytest.raises(asyncckpt.CheckpointSaveError) as info:
+        io.flush()
+    assert url in str(info.value) and "3 tries" in str(info.value) and "HTTP 503" in str(info.value)
+    assert proxy.count("UploadPart") == 3  # exactly the policy's attempts (s3fs skips 503s; botocore is off)
+    assert isinstance(info.value.__cause__, asyncckpt.RemoteStorageError)
+    proxy.clear()
+    assert io.load_checkpoint(url)["step"] == 1  # the previous object is intact
+    assert orphans(proxy.endpoint, bucket) == []  # the failed upload was aborted
+    io.save_checkpoint(ckpt(3.0), url)  # and the engine works on
+    io.flush()
+    assert io.load_checkpoint(url)["step"] == 3
+    io.teardown()
+
+
+def test_server_stopped_mid_upload_then_back(server, bucket):
+    """The server really stops while parts are uploading; the save fails naming the URL; the
+    previous object is intact; once the server is back the engine works and no upload is orphaned."""
+    own = MotoServer()
+    own.start()
+    front = FaultProxy(own.port)
+    try:
+        inner = TorchCheckpointIO(storage_options=no_transport_retries(front.endpoint), retry=fast_retry(2),
+                                  part_bytes=5 * 1024 * 1024)
+        io = AsyncCheckpointIO(inner)
+        url = f"s3://{bucket}/down.ckpt"
+        io.save_checkpoint(ckpt(1.0), url)
+        io.flush()
+        front.fail("UploadPart", "forward", times=1, after=1, then=own.stop)  # stop at the 2nd part
+        io.save_checkpoint(ckpt(2.0, mb=16), url)
+        with pytest.raises(asyncckpt.CheckpointSaveError) as info:
+            io.flush()
+        assert url in str(info.value)
+        assert asyncckpt.remote.pending_aborts() == [url]  # the abort could not reach the server
+        own.start()  # the server comes back on the same address
+        front.clear()
+        assert io.load_checkpoint(url)["step"] == 1
+        io.save_checkpoint(ckpt(3.0, mb=8), url)
+        io.flush()
+        assert io.load_checkpoint(url)["step"] == 3
+        assert asyncckpt.remote.pending_aborts() == []
+        assert orphans(server.endpoint, bucket) == []
+        io.teardown()
+    finally:
+        front.close()
+        own.stop()
+
+
+def test_lost_reply_to_complete_is_not_a_failure(proxy, bucket):
+    """The completion goes through but its reply is lost; the retry finds the object complete."""
+    io = TorchCheckpointIO(storage_options=no_transport_retries(proxy.endpoint), retry=fast_retry(3),
+                           part_bytes=5 * 1024 * 1024)
+    url = f"s3://{bucket}/c.ckpt"
+    value = ckpt(4.0, mb=12)
+    proxy.fail("CompleteMultipartUpload", "lost-reply", times=1)
+    io.save_checkpoint(value, url)
+    assert proxy.injected == [("CompleteMultipartUpload", "lost-reply")]
+    assert proxy.count("CompleteMultipartUpload") == 2
+    proxy.clear()
+    assert torch.equal(io.load_checkpoint(url)["w"], value["w"])
+
+
+# -- secrets -----------------------------------------------------------------------------------
+
+
+def _all_text(err: BaseException) -> str:
+    return "".join(traceback.format_exception(err)) + repr(err)
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_secrets_never_appear_in_logs_messages_reprs_or_stats(proxy, bucket, caplog, writer):
+    caplog.set_level(logging.DEBUG, logger="asyncckpt")
+    opts = no_transport_retries(proxy.endpoint)
+    inner = TorchCheckpointIO(storage_options=opts, retry=fast_retry(2))
+    io = AsyncCheckpointIO(inner, writer=writer)
+    url = f"s3://{bucket}/secret.ckpt"
+    io.save_checkpoint(ckpt(1.0), url, storage_options=opts)
+    io.flush()
+    texts = [repr(io), repr(inner), str(io.stats), repr(io.stats)]
+    # A server that echoes the access key in its error message (some S3-compatible ones do).
+    proxy.fail("PutObject", "bad-key")
+    io.save_checkpoint(ckpt(2.0), url, storage_options=opts)
+    with pytest.raises(asyncckpt.CheckpointSaveError) as info:
+        io.flush()
+    assert url in str(info.value) and "credentials" in str(info.value)
+    texts.append(_all_text(info.value))
+    proxy.fail("PutObject", "503")
+    io.save_checkpoint(ckpt(3.0), url)
+    with pytest.raises(asyncckpt.CheckpointSaveError) as info:
+        io.flush()
+    texts.append(_all_text(info.value))
+    proxy.clear()
+    from asyncckpt.writer import Operation
+
+    texts.append(repr(Operation("save", url, url, storage_options=opts)))
+    io.teardown()
+    texts += [record.getMessage() for record in caplog.records]
+    texts += [_all_text(r.exc_info[1]) for r in caplog.records if r.exc_info]
+    joined = "\n".join(texts)
+    assert "secret.ckpt" in joined and "503" in joined  # the text is there, only the secrets are not
+    for secret in SECRETS:
+        assert secret not in joined
+
+
+def test_verify_cli_and_load_verify_on_s3(server, bucket, capsys):
+    from asyncckpt.__main__ import main
+
+    io = TorchCheckpointIO(checksum=True)
+    url = f"s3://{bucket}/v.ckpt"
+    io.save_checkpoint(ckpt(1.0, mb=1), url)
+    io.save_checkpoint(ckpt(2.0, mb=1), url)
+    fs = admin(server.endpoint)
+    assert len(fs.cat_file(f"{bucket}/v.ckpt.sha256").splitlines()) == 1
+    assert io.load_checkpoint(url, verify=True)["step"] == 2
+    assert main(["verify", url]) == 0
+    assert "sha256" in capsys.readouterr().out
+    plain = f"s3://{bucket}/plain.ckpt"
+    TorchCheckpointIO().save_checkpoint(ckpt(3.0, mb=1), plain)
+    assert main(["verify", plain]) == 0
+    assert "CRC32" in capsys.readouterr().out
+    data = bytearray(fs.cat_file(f"{bucket}/plain.ckpt"))
+    data[len(data) // 2] ^= 0xFF  # a flipped bit in tensor data
+    fs.pipe_file(f"{bucket}/plain.ckpt", bytes(data))
+    assert main(["verify", plain]) == 1
+    assert "corrupted" in capsys.readouterr().err
+    with pytest.raises(asyncckpt.IntegrityError):
+        TorchCheckpointIO().load_checkpoint(plain, verify=True)
+    io.remove_checkpoint(url)
+    assert not fs.exists(f"{bucket}/v.ckpt.sha256")
