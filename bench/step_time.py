@@ -2,6 +2,7 @@
 
     python -m bench                      # short default: 1 thread, compute workload, 3 rounds
     python -m bench --full               # 1 and 2 threads, compute and Python-heavy, 5 rounds
+    python -m bench --s3                 # also the object-storage row (local S3 server; --s3-only: just it)
     python -m bench --rounds 5 --ckpt-mb 64 --threads 1 2 --workload compute python \\
         --impls none sync thread --out bench/results
 
@@ -75,6 +76,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=DEFAULT_OUT, help="where the JSON and PNG go (default bench/results/)")
     p.add_argument("--lightning-rounds", type=int, default=3,
                    help="rounds of the Lightning fit run (sync, Lightning async, asyncckpt); 0 skips it")
+    p.add_argument("--s3", action="store_true",
+                   help="also the object-storage row: saves to a local S3 server (moto), see bench/object_storage.py")
+    p.add_argument("--s3-only", action="store_true", help="only the object-storage row")
+    p.add_argument("--s3-rounds", type=int, default=3, help="rounds of the object-storage row (default 3)")
+    p.add_argument("--s3-ckpt-mb", type=float, default=64.0, help="checkpoint size of the object-storage row (MB)")
     args = p.parse_args(argv)
     full = args.full
     args.rounds = args.rounds or (5 if full else 3)
@@ -436,6 +442,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     started = time.perf_counter()
     configurations = []
+    if args.s3_only:
+        args.workload, args.lightning_rounds, args.s3 = [], 0, True
     for workload in args.workload:
         for threads in args.threads:
             configurations.append(run_configuration(args, workload, threads))
@@ -446,6 +454,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n## Lightning fit: the sync default vs Lightning AsyncCheckpointIO vs asyncckpt")
         lightning = run_lightning_bench(rounds=args.lightning_rounds)
         print(format_table(lightning))
+    object_storage = None
+    if args.s3:
+        from . import object_storage as s3_bench
+
+        print("\n## Object storage: saves to a local S3 server")
+        object_storage = s3_bench.run(rounds=args.s3_rounds, ckpt_mb=args.s3_ckpt_mb)
+        print(s3_bench.format_table(object_storage))
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
@@ -454,9 +469,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "configurations": configurations,
         "lightning_fit": lightning,
+        "object_storage": object_storage,
         "wall_seconds": time.perf_counter() - started,
     }
-    path = os.path.join(args.out, "step_time.json")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "object_storage.json" if args.s3_only else "step_time.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, default=str)
     print(f"\nraw results: {path}; total {report['wall_seconds']:.0f}s")

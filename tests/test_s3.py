@@ -376,3 +376,48 @@ def test_verify_cli_and_load_verify_on_s3(server, bucket, capsys):
         TorchCheckpointIO().load_checkpoint(plain, verify=True)
     io.remove_checkpoint(url)
     assert not fs.exists(f"{bucket}/v.ckpt.sha256")
+
+
+# -- Lightning ---------------------------------------------------------------------------------
+
+
+def _objects(endpoint: str, prefix: str):
+    """Object name -> the global_step stored in it."""
+    fs = admin(endpoint)
+    out = {}
+    for path in fs.find(prefix):
+        with fs.open(path, "rb") as f:
+            out[path[len(prefix) + 1:]] = torch.load(f, weights_only=False)["global_step"]
+    return out
+
+
+@pytest.mark.lightning
+@pytest.mark.parametrize("base", ["asyncckpt", "lightning"])
+@pytest.mark.parametrize("family", ["lightning", "pytorch_lightning"])
+def test_lightning_model_checkpoint_to_s3_matches_sync_and_resumes(server, bucket, family, base, tmp_path):
+    from _lightning_helpers import load_family, make_module, make_trainer
+
+    fam = load_family(family)
+    config = dict(save_top_k=2, monitor="score", mode="max", save_last=True, every_n_train_steps=1, filename="{step}")
+    sync_mc = fam.pl.callbacks.ModelCheckpoint(dirpath=f"s3://{bucket}/sync", **config)
+    make_trainer(fam, tmp_path, callbacks=[sync_mc]).fit(make_module(fam.pl))
+
+    io = fam.ours.AsyncCheckpointIO(TorchCheckpointIO() if base == "asyncckpt" else None, max_pending=4)
+    mc = fam.pl.callbacks.ModelCheckpoint(dirpath=f"s3://{bucket}/run", **config)
+    make_trainer(fam, tmp_path, plugins=[io], callbacks=[mc, fam.ours.AsyncCheckpointCallback()]).fit(
+        make_module(fam.pl)
+    )
+    assert io.pending == 0
+    synced, ours = _objects(server.endpoint, f"{bucket}/sync"), _objects(server.endpoint, f"{bucket}/run")
+    assert ours == synced
+    assert ours["last.ckpt"] == 8 and len(ours) == 3
+    assert orphans(server.endpoint, bucket) == []
+
+    # Resume from the s3:// checkpoint, through the plugin's load.
+    module = make_module(fam.pl)
+    io2 = fam.ours.AsyncCheckpointIO(TorchCheckpointIO() if base == "asyncckpt" else None)
+    trainer = make_trainer(fam, tmp_path, plugins=[io2], max_steps=10,
+                           callbacks=[fam.pl.callbacks.ModelCheckpoint(dirpath=f"s3://{bucket}/run", **config)])
+    trainer.fit(module, ckpt_path=f"s3://{bucket}/run/last.ckpt")
+    assert module.start_step == 8 and trainer.global_step == 10
+    assert _objects(server.endpoint, f"{bucket}/run")["last.ckpt"] == 10
