@@ -8,7 +8,11 @@
 
 ``asyncckpt cleanup FOLDER...``
     Remove temp files that crashed writers left behind (those of processes still running are
-    kept). Exits 0.
+    kept). For an ``s3://bucket/prefix`` URL, abort the multipart uploads under it that started
+    more than ``--older-than-hours`` ago (default 24): the parts a killed writer left. Exits 0.
+
+``PATH`` and ``FOLDER`` may be fsspec URLs; credentials and endpoints come from the environment
+(e.g. ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``), never the command line.
 """
 
 from __future__ import annotations
@@ -40,10 +44,18 @@ def _verify(paths: List[str]) -> int:
     return status
 
 
-def _cleanup(folders: List[str]) -> int:
-    from .storage import cleanup_temp_files
+def _cleanup(folders: List[str], older_than_hours: float = 24.0) -> int:
+    from .storage import cleanup_temp_files, local_path_of
 
     for folder in folders:
+        if local_path_of(folder) is None:
+            from .remote import abort_stale_uploads
+
+            aborted = abort_stale_uploads(folder, older_than_hours * 3600)
+            print(f"{folder}: aborted {len(aborted)} unfinished upload(s) older than {older_than_hours:g} h")
+            for url in aborted:
+                print(f"  {url}")
+            continue
         removed = cleanup_temp_files(folder)
         print(f"{folder}: removed {len(removed)} stale temp file(s)")
         for path in removed:
@@ -59,10 +71,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     verify.add_argument("paths", nargs="+", metavar="PATH")
     cleanup = commands.add_parser("cleanup", help="remove temp files left by crashed writers")
     cleanup.add_argument("folders", nargs="+", metavar="FOLDER")
+    cleanup.add_argument("--older-than-hours", type=float, default=24.0,
+                         help="s3:// only: abort unfinished uploads started at least this long ago (default 24)")
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args.paths)
-    return _cleanup(args.folders)
+    return _cleanup(args.folders, args.older_than_hours)
 
 
 if __name__ == "__main__":

@@ -605,3 +605,33 @@ def invalidate(fs: Any, fs_path: str) -> None:
             invalidate_cache(fs_path)
         except Exception:  # noqa: BLE001 - a stale cache only costs a fresh listing
             pass
+
+
+def abort_stale_uploads(url: str, older_than_seconds: float,
+                        storage_options: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """Abort the S3 multipart uploads under ``url`` (a bucket or prefix) started more than
+    ``older_than_seconds`` ago: the parts a killed writer left. Returns their keys.
+
+    Younger uploads are kept: a writer may still be working on them.
+    """
+    import datetime
+
+    fs, fs_path = url_to_fs(url, storage_options)
+    if not is_s3(fs):
+        raise ValueError(f"{url!r} is not an s3:// URL; only S3 multipart uploads can be left behind")
+    bucket, prefix, _ = fs.split_path(fs_path)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    aborted: List[str] = []
+    kwargs: Dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        page = s3_call(fs, "list_multipart_uploads", **kwargs)
+        for upload in page.get("Uploads", []):
+            initiated = upload["Initiated"]
+            if initiated.tzinfo is None:
+                initiated = initiated.replace(tzinfo=datetime.timezone.utc)
+            if (now - initiated).total_seconds() >= older_than_seconds:
+                if _abort_upload(fs, bucket, upload["Key"], upload["UploadId"], f"s3://{bucket}/{upload['Key']}"):
+                    aborted.append(f"s3://{bucket}/{upload['Key']}")
+        if not page.get("IsTruncated"):
+            return aborted
+        kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))

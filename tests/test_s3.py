@@ -421,3 +421,21 @@ def test_lightning_model_checkpoint_to_s3_matches_sync_and_resumes(server, bucke
     trainer.fit(module, ckpt_path=f"s3://{bucket}/run/last.ckpt")
     assert module.start_step == 8 and trainer.global_step == 10
     assert _objects(server.endpoint, f"{bucket}/run")["last.ckpt"] == 10
+
+
+def test_cleanup_aborts_uploads_a_killed_writer_left(server, bucket, capsys):
+    """A writer killed mid-upload cannot abort; `asyncckpt cleanup s3://...` does, by age."""
+    from asyncckpt.__main__ import main
+
+    fs = admin(server.endpoint)
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key="run/step=5.ckpt")
+    fs.call_s3("upload_part", Bucket=bucket, Key="run/step=5.ckpt", UploadId=upload["UploadId"], PartNumber=1,
+               Body=b"x" * 1024)
+    # moto reports every upload as initiated in 2010, so "younger than the limit" needs a long limit here.
+    assert main(["cleanup", "--older-than-hours", str(200 * 365 * 24), f"s3://{bucket}/run"]) == 0
+    assert len(orphans(server.endpoint, bucket)) == 1  # younger than the limit: kept (a writer may be on it)
+    assert main(["cleanup", "--older-than-hours", "0", f"s3://{bucket}/other"]) == 0  # another prefix
+    assert len(orphans(server.endpoint, bucket)) == 1
+    assert main(["cleanup", "--older-than-hours", "0", f"s3://{bucket}/run"]) == 0
+    assert orphans(server.endpoint, bucket) == []
+    assert f"s3://{bucket}/run/step=5.ckpt" in capsys.readouterr().out
