@@ -302,6 +302,7 @@ class TorchCheckpointIO(CheckpointIO):
     def _save_s3(self, checkpoint: Dict[str, Any], url: str, fs: Any, fs_path: str, secrets: List[str]) -> None:
         """Stream ``torch.save`` into a multipart upload; the object appears only when it is complete."""
         retry_pending_aborts()
+        invalidate(fs, fs_path)  # exists() below must not answer from a stale listing
         upload = S3Upload(fs, url, fs_path, policy=self.retry, part_bytes=self.part_bytes,
                           max_inflight=self.max_inflight_parts, secrets=secrets, sha256=self.checksum)
         digests: List[str] = []

@@ -439,3 +439,25 @@ def test_cleanup_aborts_uploads_a_killed_writer_left(server, bucket, capsys):
     assert main(["cleanup", "--older-than-hours", "0", f"s3://{bucket}/run"]) == 0
     assert orphans(server.endpoint, bucket) == []
     assert f"s3://{bucket}/run/step=5.ckpt" in capsys.readouterr().out
+
+
+_EXIT_CHILD = """
+import sys, torch, asyncckpt
+io = asyncckpt.AsyncCheckpointIO(asyncckpt.TorchCheckpointIO())
+io.save_checkpoint({"w": torch.ones(4 << 20)}, sys.argv[1])
+"""  # and exits at once, the upload still pending
+
+
+@pytest.mark.slow
+def test_pending_upload_is_finished_at_interpreter_exit(server, bucket):
+    import subprocess
+    import sys
+
+    url = f"s3://{bucket}/exit.ckpt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", _EXIT_CHILD, url], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert "pending checkpoint operations finished" in out.stderr
+    assert TorchCheckpointIO().load_checkpoint(url)["w"].numel() == 4 << 20
+    assert orphans(server.endpoint, bucket) == []
