@@ -70,6 +70,7 @@ class AsyncAPIMixin:
 
         await lowlevel.checkpoint()  # cancel and schedule point while nothing is held yet
         key = self._check_path(path)
+        self._finish_lazy()
         self._raise_pending_errors()
         started = time.perf_counter()
         slot = await self._aacquire_slot(key)
@@ -220,6 +221,7 @@ class AsyncAPIMixin:
 
     async def _await_ops(self, ops: "List[Operation]") -> None:
         """Await ``ops`` (each one handed over, so the engine forgets it when it completes)."""
+        self._finish_lazy()  # a lazy copy is verified here, at a guard point, before the writer goes on
         await self._await_engine(lambda: all(op.seq not in self._ops for op in ops))
 
     async def _await_path(self, key: str) -> None:

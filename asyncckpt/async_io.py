@@ -28,6 +28,7 @@ from .errors import (
     QueueFullError,
     WriterDiedError,
 )
+from .lazy import LazyStager, TensorModifiedError, check_staging
 from .staging import Stager, StagingSlot, default_staging_threads
 from .stats import SaveStats
 from .storage import check_target, local_path_of
@@ -71,6 +72,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         exit_timeout: seconds allowed at interpreter exit or on SIGTERM to write pending saves.
         handle_sigterm: install a SIGTERM handler that writes pending saves before the process
             ends, then hands the signal on (see :mod:`asyncckpt._exit`).
+        staging: ``"eager"`` (``save_checkpoint`` copies every tensor before it returns) or
+            ``"lazy"`` (it copies small tensors, starts a background copy of the rest and
+            returns; an optimizer step pre-hook and every call into the engine wait for that
+            copy, and version counters prove nothing modified it meanwhile, else that save
+            fails with :class:`asyncckpt.lazy.TensorModifiedError`). See :mod:`asyncckpt.lazy`.
     """
 
     #: With no ``checkpoint_io``, ours is used at once; a framework plugin that receives its base
@@ -88,6 +94,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         staging_threads: Optional[int] = None,
         exit_timeout: float = 300.0,
         handle_sigterm: bool = True,
+        staging: str = "eager",
     ) -> None:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
@@ -110,6 +117,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             raise ValueError(f"staging_threads must be an integer >= 1, got {staging_threads!r}")
         self.staging_threads = staging_threads
         self._stager = Stager(staging_threads)
+        self.staging = check_staging(staging, self.writer_kind)
+        self._lazy: Optional[LazyStager] = LazyStager(self._stager) if staging == "lazy" else None
         self._writer: Optional[Writer] = None
         # Submission is serialized by its own lock, never the condition's: a send to a busy
         # writer process may block, and completions (which take ``_cv``) must go on meanwhile.
@@ -139,6 +148,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             staging_threads=self.staging_threads,
             exit_timeout=self.exit_timeout,
             handle_sigterm=self.handle_sigterm,
+            staging=self.staging,
         )
 
     # -- the wrapped IO -------------------------------------------------------------------
@@ -180,6 +190,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         tensors or containers do not reach it.
         """
         key = self._check_path(path)
+        self._finish_lazy()
         self._raise_pending_errors()
         if storage_options is not None:  # this copy of the IO loads it; a writer process saves it
             remember = getattr(self._wrapped(), "remember_storage_options", None)
@@ -210,8 +221,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     ) -> None:
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
         try:
-            staged = self._stager.stage(checkpoint, slot, key)
+            if self._lazy is not None:
+                staged = self._lazy.stage(checkpoint, slot, key)
+            else:
+                staged = self._stager.stage(checkpoint, slot, key)
         except BaseException:
+            self._finish_lazy()  # no copy may still write into the slot once it is free
             self._release_slot(slot)
             raise
         op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
@@ -220,8 +235,24 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         try:
             self._submit(op)
         except BaseException:
+            self._finish_lazy()
             self._release_slot(slot)
             raise
+
+    def wait_staged(self) -> None:
+        """Wait until the last save's tensors are copied (``staging="lazy"``), and check them.
+
+        After it returns, the checkpoint's tensors may be modified in any way. An optimizer
+        step and every call into the engine wait for the copy on their own; call this before
+        modifying checkpoint tensors in place anywhere else. With ``staging="eager"`` the copy
+        is done when ``save_checkpoint`` returns, and this returns at once.
+        """
+        self._finish_lazy(host_sync=True)
+
+    def _finish_lazy(self, host_sync: bool = False) -> None:
+        """A guard point: finish and verify this engine's lazy copy (see :mod:`asyncckpt.lazy`)."""
+        if self._lazy is not None:
+            self._lazy.finish(host_sync)
 
     def load_checkpoint(
         self,
@@ -411,7 +442,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     @staticmethod
     def _background_error(op: Operation, error: BaseException) -> AsyncCheckpointError:
-        if isinstance(error, WriterDiedError):
+        if isinstance(error, (WriterDiedError, TensorModifiedError)):
             return error
         if op.kind == "save":
             err: AsyncCheckpointError = CheckpointSaveError(
@@ -442,14 +473,14 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         with self._cv:
             return list(self._ops.values())
 
-    @staticmethod
-    def _wait_for(ops: Iterable[Operation], timeout: Optional[float]) -> None:
+    def _wait_for(self, ops: Iterable[Operation], timeout: Optional[float]) -> None:
         """Wait for each of ``ops`` to complete; :class:`FlushTimeoutError` after ``timeout`` s.
 
         No polling: each operation is completed by its writer, or failed by the writer's death
         (the process writer's reply reader sees the pipe close; the thread writer's loop fails
         what it took on its way out).
         """
+        self._finish_lazy()  # the writer waits for a lazy copy to be verified at a guard point
         ops = list(ops)
         deadline = None if timeout is None else time.monotonic() + timeout
         for i, op in enumerate(ops):
@@ -522,5 +553,5 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.checkpoint_io!r}, max_pending={self.max_pending}, "
-            f"when_full={self.when_full!r}, writer={self.writer_kind!r})"
+            f"when_full={self.when_full!r}, writer={self.writer_kind!r}, staging={self.staging!r})"
         )

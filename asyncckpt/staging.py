@@ -138,6 +138,16 @@ class Stager:
         )
 
     def _copy_into(self, slot: StagingSlot, tensors: List[torch.Tensor]) -> Tuple[int, Optional[Callable[[], None]]]:
+        storages, tensor_bytes = self.prepare(slot, tensors)
+        with torch.no_grad():
+            waiter = self._copy(slot, tensors, storages)
+        return tensor_bytes, waiter
+
+    def prepare(self, slot: StagingSlot, tensors: List[torch.Tensor]) -> Tuple[List[torch.UntypedStorage], int]:
+        """Lay ``tensors`` out in ``slot`` (reusing its buffers when the layout repeats).
+
+        Returns the distinct source storages, in the slot's group order, and their total bytes.
+        """
         storages: List[torch.UntypedStorage] = []
         storage_keys: Dict[Any, int] = {}
         per_tensor = []
@@ -155,9 +165,7 @@ class Stager:
         layout: _Layout = (tuple((st.device.type, st.nbytes()) for st in storages), tuple(per_tensor))
         if slot.layout != layout:
             self._plan(slot, layout, _whole_copy_flags(layout, tensors))
-        with torch.no_grad():
-            waiter = self._copy(slot, tensors, storages)
-        return sum(nbytes for _, nbytes in layout[0]), waiter
+        return storages, sum(nbytes for _, nbytes in layout[0])
 
     @staticmethod
     def _plan(slot: StagingSlot, layout: _Layout, whole_copy: Sequence[bool]) -> None:

@@ -1,0 +1,399 @@
+"""Lazy staging: the tensor copy runs while training goes on, and is proven untouched.
+
+With ``staging="lazy"``, ``save_checkpoint`` pickles the non-tensor skeleton (the point in time
+for everything that is not a tensor), copies the small tensors at once (see
+:data:`EAGER_MAX_BYTES`), records the version counter (``tensor._version``) of every other
+tensor, starts a background copy of those into the slot's buffers, and returns. The training
+loop's next forward and backward run while the copy runs.
+
+Guards, so the copy cannot be overwritten by the training loop:
+
+- A global optimizer step pre-hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``)
+  waits for every lazy copy in progress, in every engine, before any ``optimizer.step()``. For
+  torch's own optimizers, which evaluate a closure before they touch a parameter, the wait runs
+  right after the closure instead, so a closure's forward and backward (Lightning's automatic
+  optimization) still overlap the copy.
+- Every call into the engine (save, flush, load, teardown, the exit drain, ``wait_staged()``)
+  waits for the copy first.
+
+Verification: once the copy is done, at the first guard point, the version counter of every
+lazily copied tensor is compared with the one recorded at the call. If one changed, something
+modified that tensor in place while it was (maybe) being copied: that save fails with
+:class:`TensorModifiedError` naming the key path, and no file is written. The comparison runs
+at a guard point, on the thread that reached it, not on the copying thread: PyTorch bumps a
+version counter when an in-place operation *ends*, so a check right after the copy could miss
+an operation that was still writing; an operation the guarding thread started has ended by the
+time that thread reaches the guard.
+
+What version counters cannot see (documented in docs/index.md): writes through ``tensor.data``,
+through aliases that share memory without sharing the counter (``set_``, ``from_numpy``,
+NumPy views, ctypes), and writes by native kernels that do not bump the counter (BatchNorm's running
+statistics, the fused optimizers' ``_fused_adam_``/``_fused_sgd_``). The optimizer hook covers
+the fused optimizers; the small-tensor rule covers BatchNorm statistics; the rest is the user's
+to avoid, or ``staging="eager"``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import weakref
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+from .errors import CheckpointSaveError
+
+#: Storages of at most this many bytes are copied at the call, not lazily. Forward passes mutate
+#: small buffers in place (BatchNorm running statistics, ``num_batches_tracked``), and the
+#: BatchNorm kernel does so without bumping their version counters, so a lazy copy could not
+#: even detect it. Running statistics are one value per channel: 64 KiB holds 16,384 fp32
+#: channels, more than any common network has. Copying every tensor this small at the call
+#: costs little (they are a small fraction of a checkpoint's bytes) and closes that hole.
+EAGER_MAX_BYTES = 64 * 1024
+
+STAGING_CHOICES = ("eager", "lazy")
+
+
+class TensorModifiedError(CheckpointSaveError):
+    """A tensor was modified in place while ``staging="lazy"`` copied it; that save was not written.
+
+    Attributes:
+        key: the tensor's key path in the checkpoint, e.g. ``state_dict.layer3.weight``.
+    """
+
+    def __init__(self, message: str, path: Optional[str] = None, key: Optional[str] = None) -> None:
+        super().__init__(message, path)
+        self.key = key
+
+
+# -- key paths ---------------------------------------------------------------------------------
+
+
+class _Marker:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def key_paths(skeleton: bytes, count: int, wanted: Iterable[int]) -> Dict[int, str]:
+    """Key paths (``state_dict.layer3.weight``, ``optimizer_states[0].state.3.exp_avg``) of tensors.
+
+    Rebuilt from the pickled skeleton, so the path is the one at the call, whatever the caller
+    did to its containers since. Only run when a save fails, so the call pays nothing for it.
+    """
+    from .staging import restore
+
+    wanted = set(wanted)
+    found: Dict[int, str] = {}
+    try:
+        root = restore(skeleton, [_Marker(i) for i in range(count)])  # type: ignore[list-item]
+    except Exception:  # noqa: BLE001 - a name is a nicety; the error is raised without it
+        return found
+    seen: Set[int] = set()
+    stack: List[Tuple[Any, str, int]] = [(root, "", 0)]
+    while stack and len(found) < len(wanted):
+        obj, prefix, depth = stack.pop()
+        if isinstance(obj, _Marker):
+            if obj.index in wanted and obj.index not in found:
+                found[obj.index] = prefix or "<the checkpoint itself>"
+            continue
+        if id(obj) in seen or depth > 64:
+            continue
+        seen.add(id(obj))
+        children: List[Tuple[Any, str]] = []
+        if isinstance(obj, dict):
+            children = [(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            children = [(v, f"{prefix}[{i}]") for i, v in enumerate(obj)]
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            children = [(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in vars(obj).items()]
+        stack.extend((child, name, depth + 1) for child, name in reversed(children))
+    return found
+
+
+# -- one lazy copy -----------------------------------------------------------------------------
+
+
+def _memmove_all(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """Raw byte copies; ctypes releases the GIL, and no torch thread pool is started."""
+    for d, s in zip(dst, src, strict=True):
+        nbytes = d.numel() * d.element_size()
+        if nbytes:
+            ctypes.memmove(d.data_ptr(), s.data_ptr(), nbytes)
+
+
+class LazyCopy:
+    """The deferred copy of one save: started at the call, finished and verified at a guard.
+
+    ``finish()`` (any guard point, any thread, idempotent) waits for the copy and compares the
+    version counters; ``wait_for_writer()`` (the writer, before it serializes) waits for
+    ``finish()`` to have run and raises :class:`TensorModifiedError` if the check failed.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        skeleton: bytes,
+        tensor_count: int,
+        cpu_pairs: Tuple[List[torch.Tensor], List[torch.Tensor]],
+        cuda_event: Any,
+        watched: List[Tuple[int, torch.Tensor, int]],
+    ) -> None:
+        self.path = path
+        self._skeleton = skeleton
+        self._tensor_count = tensor_count
+        self._cpu_dst, self._cpu_src = cpu_pairs
+        self._cuda_event = cuda_event
+        self._watched = watched
+        self._copied = threading.Event()
+        self._verified = threading.Event()
+        self._lock = threading.Lock()
+        self._copy_error: Optional[BaseException] = None
+        self.error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        if not self._cpu_dst:
+            self._copied.set()
+            return
+        self._thread = threading.Thread(target=self._run, name="asyncckpt-lazy-copy", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            _memmove_all(self._cpu_dst, self._cpu_src)
+        except BaseException as err:  # noqa: BLE001 - reported through the save that needed it
+            self._copy_error = err
+        finally:
+            self._cpu_dst = self._cpu_src = []
+            self._copied.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._verified.is_set()
+
+    def finish(self, host_sync: bool = False) -> None:
+        """Wait for the copy, then check the version counters (once). Never raises."""
+        with self._lock:
+            if not self._verified.is_set():
+                self._copied.wait()
+                if self._cuda_event is not None:
+                    # Kernels queued on the training stream from now on run after the copy; the
+                    # host does not wait. Those queued since the call were seen by the counters.
+                    torch.cuda.current_stream().wait_event(self._cuda_event)
+                self.error = self._copy_error or self._check_versions()
+                self._watched = []
+                self._verified.set()
+                _forget(self)
+        if host_sync and self._cuda_event is not None:
+            self._cuda_event.synchronize()
+
+    def _check_versions(self) -> Optional[BaseException]:
+        changed = [(i, before, t._version) for i, t, before in self._watched if t._version != before]
+        if not changed:
+            return None
+        names = key_paths(self._skeleton, self._tensor_count, (i for i, _, _ in changed))
+        index, before, after = changed[0]
+        name = names.get(index, f"tensor #{index}")
+        more = f" (and {len(changed) - 1} more tensor(s))" if len(changed) > 1 else ""
+        return TensorModifiedError(
+            f"checkpoint {self.path!r} was not written: {name}{more} was modified in place while "
+            f"staging='lazy' copied it (version counter {before} -> {after}), so the copy may mix two "
+            "states. Call io.wait_staged() before modifying checkpoint tensors outside an optimizer "
+            "step, or use staging='eager'",
+            self.path,
+            key=name,
+        )
+
+    def wait_for_writer(self) -> None:
+        """The writer's wait: until a guard has verified the copy; raises if it failed."""
+        self._verified.wait()
+        if self._cuda_event is not None:
+            self._cuda_event.synchronize()
+        if self.error is not None:
+            raise self.error
+
+
+# -- the global guard ------------------------------------------------------------------------
+
+_registry_lock = threading.Lock()
+_in_progress: "weakref.WeakSet[LazyCopy]" = weakref.WeakSet()
+_hook_handle: Any = None
+
+
+def _remember(job: LazyCopy) -> None:
+    global _hook_handle
+    with _registry_lock:
+        _in_progress.add(job)
+        if _hook_handle is None:
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            _hook_handle = register_optimizer_step_pre_hook(_before_optimizer_step)
+
+
+def _forget(job: LazyCopy) -> None:
+    with _registry_lock:
+        _in_progress.discard(job)
+
+
+def finish_all() -> None:
+    """Wait for every lazy copy in progress, in every engine, and verify it."""
+    with _registry_lock:
+        jobs = list(_in_progress)
+    for job in jobs:
+        job.finish()
+
+
+def _evaluates_closure_first(optimizer: Any) -> bool:
+    """torch's own optimizers call the closure before they modify any parameter."""
+    return type(optimizer).__module__.startswith("torch.optim.")
+
+
+def _before_optimizer_step(optimizer: Any, args: tuple, kwargs: dict) -> Optional[Tuple[tuple, dict]]:
+    """The global step pre-hook: no optimizer step starts while a lazy copy is in progress."""
+    if not _in_progress:
+        return None
+    # args[0] is the optimizer itself (the hook sees the wrapped step's arguments).
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is None or not callable(closure) or not _evaluates_closure_first(optimizer):
+        finish_all()
+        return None
+
+    def closure_then_finish(*a: Any, **k: Any) -> Any:
+        try:
+            return closure(*a, **k)
+        finally:
+            finish_all()
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure_then_finish}
+    return (args[0], closure_then_finish, *args[2:]), kwargs
+
+
+# -- staging ---------------------------------------------------------------------------------
+
+
+def _is_eager(storage: torch.UntypedStorage, members: Sequence[torch.Tensor]) -> bool:
+    """Copied at the call: small storages, and tensors whose changes cannot be verified."""
+    if storage.nbytes() <= EAGER_MAX_BYTES or storage.device.type not in ("cpu", "cuda"):
+        return True
+    return any(t.is_inference() for t in members)
+
+
+class LazyStager:
+    """Stages like :class:`asyncckpt.staging.Stager`, leaving the large copies to a background job.
+
+    At most one job per engine is in progress: the engine finishes it before the next save.
+    """
+
+    def __init__(self, stager: Any) -> None:
+        self._stager = stager
+        self._cuda_stream: Any = None
+        self.current: Optional[LazyCopy] = None
+
+    def finish(self, host_sync: bool = False) -> None:
+        job = self.current
+        if job is not None:
+            job.finish(host_sync)
+            if job.finished:
+                self.current = None
+
+    def stage(self, checkpoint: Any, slot: Any, path: str) -> Any:
+        import time
+
+        from .staging import StagedCheckpoint
+
+        started = time.perf_counter()
+        self.finish()
+        stager = self._stager
+        skeleton, tensors = stager._split(checkpoint, path)
+        xla = [i for i, t in enumerate(tensors) if t.device.type == "xla"]
+        if xla:
+            from .xla import transfer_to_cpu
+
+            for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
+                tensors[i] = cpu_tensor
+        storages, tensor_bytes = stager.prepare(slot, tensors)
+        eager_dst: List[torch.Tensor] = []
+        eager_src: List[torch.Tensor] = []
+        lazy_cpu: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+        lazy_cuda: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+        watched: List[Tuple[int, torch.Tensor, int]] = []
+        for group, st in enumerate(storages):
+            if not st.nbytes():
+                continue
+            if slot.whole_copy[group]:
+                i = slot.members[group][0]
+                dst, src = slot.views[i], tensors[i]
+            else:
+                dst, src = slot.byte_views[group], torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
+            members = slot.members[group]
+            if _is_eager(st, [tensors[i] for i in members]):
+                eager_dst.append(dst)
+                eager_src.append(src)
+                continue
+            target = lazy_cuda if st.device.type == "cuda" else lazy_cpu
+            target[0].append(dst)
+            target[1].append(src)
+            watched.extend((i, tensors[i], tensors[i]._version) for i in members)
+        with torch.no_grad():
+            eager_waiter = None
+            if eager_dst:
+                if any(s.device.type == "cuda" for s in eager_src):
+                    eager_waiter = stager._copy_from_cuda(eager_dst, eager_src)
+                else:
+                    stager.copier.copy(eager_dst, eager_src)
+            cuda_event = self._start_cuda(*lazy_cuda) if lazy_cuda[0] else None
+        job = LazyCopy(path, skeleton, len(tensors), lazy_cpu, cuda_event, watched)
+        if watched:
+            _remember(job)
+            job.start()
+            self.current = job
+        else:
+            job.finish()
+
+        def wait_for_copies() -> None:
+            if eager_waiter is not None:
+                eager_waiter()
+            job.wait_for_writer()
+
+        return StagedCheckpoint(
+            skeleton=skeleton,
+            tensors=list(slot.views),
+            tensor_bytes=tensor_bytes,
+            arena=slot.arena,
+            groups=slot.groups,
+            specs=slot.layout[1] if slot.layout else (),
+            staging_seconds=time.perf_counter() - started,
+            wait_for_copies=wait_for_copies,
+        )
+
+    def _start_cuda(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> Any:
+        """Device-to-pinned copies on a side stream that the training stream does not wait for."""
+        if self._cuda_stream is None:
+            self._cuda_stream = torch.cuda.Stream()
+        stream = self._cuda_stream
+        stream.wait_stream(torch.cuda.current_stream())  # values produced so far, then copy
+        with torch.cuda.stream(stream):
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s, non_blocking=True)
+                s.record_stream(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+
+def check_staging(value: Any, writer: str) -> str:
+    """Validate ``staging=``; lazy copies need a writer that can wait on this process's copy."""
+    if value not in STAGING_CHOICES:
+        raise ValueError(f"unknown staging={value!r}; allowed values: {', '.join(repr(a) for a in STAGING_CHOICES)}")
+    if value == "lazy" and writer != "thread":
+        raise ValueError(
+            "staging='lazy' works with writer='thread' only in this version: the writer process "
+            "cannot wait for a copy still running in this process; use staging='eager' with "
+            "writer='process', or writer='thread'"
+        )
+    return value
+
