@@ -349,10 +349,10 @@ class LazyStager:
         job = LazyCopy(path, skeleton, len(tensors), lazy_cpu, cuda_event, watched)
         if watched:
             _remember(job)
-            job.start()
             self.current = job
-        else:
-            job.finish()
+        job.start()
+        if not watched:
+            job.finish()  # everything was copied at the call: nothing to verify
 
         def wait_for_copies() -> None:
             if eager_waiter is not None:

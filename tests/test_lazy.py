@@ -1,0 +1,373 @@
+"""Lazy staging (``staging="lazy"``): the file holds the checkpoint at the call, or the save fails
+loudly naming the tensor; never anything else.
+
+Real torch optimizers, real files. Where a test needs the background copy to still be running
+while the training loop goes on, the copy is held on a ``threading.Event`` (fault injection: a
+copy slower than the next step cannot be produced on demand on a shared machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from typing import Any, Dict, Iterator, List
+
+import pytest
+import torch
+from torch import nn
+
+from asyncckpt import AsyncCheckpointIO, CheckpointSaveError
+from asyncckpt import lazy as lazy_mod
+from asyncckpt.lazy import EAGER_MAX_BYTES, TensorModifiedError, key_paths
+
+WIDTH = 192  # 192x192 fp32 = 144 KiB: above EAGER_MAX_BYTES, so copied lazily
+
+
+def _model(bn: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers: List[nn.Module] = [nn.Linear(WIDTH, WIDTH)]
+    if bn:
+        layers.append(nn.BatchNorm1d(WIDTH))
+    layers += [nn.Tanh(), nn.Linear(WIDTH, WIDTH)]
+    return nn.Sequential(*layers)
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int = 1) -> None:
+    x = torch.randn(8, WIDTH, generator=torch.Generator().manual_seed(seed))
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+
+
+def _checkpoint(model: nn.Module, opt: torch.optim.Optimizer, step: int = 0) -> Dict[str, Any]:
+    return {"step": step, "state_dict": model.state_dict(), "optimizer": opt.state_dict()}
+
+
+def _assert_same(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"values differ at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture
+def io() -> Iterator[AsyncCheckpointIO]:
+    engine = AsyncCheckpointIO(staging="lazy", handle_sigterm=False)
+    yield engine
+    try:
+        engine.teardown()
+    except CheckpointSaveError:
+        pass
+
+
+@pytest.fixture
+def held_copy(monkeypatch):
+    """Fault injection: the background copy starts only once the test sets the event."""
+    release = threading.Event()
+    started = threading.Event()
+    original = lazy_mod._memmove_all
+
+    def held(dst, src):
+        started.set()
+        assert release.wait(30), "the test never released the held copy"
+        original(dst, src)
+
+    monkeypatch.setattr(lazy_mod, "_memmove_all", held)
+    yield release
+    release.set()
+
+
+def _optimizers() -> List[Any]:
+    cases = []
+    for name in ("SGD", "Adam", "AdamW"):
+        for impl in ("foreach", "fused", "for-loop"):
+            cases.append(pytest.param(name, impl, id=f"{name}-{impl}"))
+    return cases
+
+
+def _make_optimizer(name: str, impl: str, params: Any) -> torch.optim.Optimizer:
+    kwargs: Dict[str, Any] = {"lr": 0.05}
+    if name == "SGD":
+        kwargs["momentum"] = 0.9
+    if impl == "foreach":
+        kwargs["foreach"] = True
+    elif impl == "fused":
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = False
+    try:
+        return getattr(torch.optim, name)(params, **kwargs)
+    except (RuntimeError, ValueError, TypeError) as err:  # fused not available for this build/device
+        pytest.skip(f"{name}({impl}) not available here: {err}")
+
+
+# -- point in time under the guards -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,impl", _optimizers())
+def test_optimizer_steps_right_after_the_call_never_reach_the_file(io, tmp_path, name, impl):
+    model = _model(bn=True)
+    opt = _make_optimizer(name, impl, model.parameters())
+    _train_step(model, opt)
+    state = _checkpoint(model, opt, step=1)
+    expected = copy.deepcopy(state)
+    io.save_checkpoint(state, tmp_path / "a.ckpt")
+    for seed in range(2, 5):  # forward (BatchNorm statistics change), backward, step: at once
+        _train_step(model, opt, seed)
+    io.flush()
+    _assert_same(torch.load(tmp_path / "a.ckpt", weights_only=False), expected)
+    # and the training did move on: the file is not just the live state
+    assert not torch.equal(model[0].weight, expected["state_dict"]["0.weight"])
+
+
+@pytest.mark.parametrize("name,impl", _optimizers())
+def test_optimizer_step_waits_for_a_copy_still_running(io, tmp_path, held_copy, name, impl):
+    model = _model()
+    opt = _make_optimizer(name, impl, model.parameters())
+    _train_step(model, opt)
+    expected = copy.deepcopy(_checkpoint(model, opt))
+    io.save_checkpoint(_checkpoint(model, opt), tmp_path / "a.ckpt")
+    x = torch.randn(8, WIDTH)
+    opt.zero_grad()
+    model(x).square().mean().backward()  # forward and backward run while the copy is held
+    stepped = threading.Event()
+    worker = threading.Thread(target=lambda: (opt.step(), stepped.set()))
+    worker.start()
+    time.sleep(0.2)
+    assert not stepped.is_set(), "optimizer.step() ran while the lazy copy was still in progress"
+    assert torch.equal(model[0].weight, expected["state_dict"]["0.weight"])
+    held_copy.set()
+    worker.join(30)
+    assert stepped.is_set()
+    io.flush()
+    _assert_same(torch.load(tmp_path / "a.ckpt", weights_only=False), expected)
+
+
+def test_a_closure_still_overlaps_the_copy_with_torch_optimizers(io, tmp_path, held_copy):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_step(model, opt)
+    expected = copy.deepcopy(_checkpoint(model, opt))
+    io.save_checkpoint(_checkpoint(model, opt), tmp_path / "a.ckpt")
+    closure_done = threading.Event()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(torch.randn(8, WIDTH)).square().mean()
+        loss.backward()
+        closure_done.set()
+        return loss
+
+    worker = threading.Thread(target=opt.step, args=(closure,))
+    worker.start()
+    assert closure_done.wait(10), "the closure (forward + backward) should run while the copy runs"
+    time.sleep(0.1)
+    assert torch.equal(model[0].weight, expected["state_dict"]["0.weight"]), "the update ran before the copy ended"
+    held_copy.set()
+    worker.join(30)
+    io.flush()
+    _assert_same(torch.load(tmp_path / "a.ckpt", weights_only=False), expected)
+
+
+def test_an_unknown_optimizer_waits_before_its_closure(io, tmp_path, held_copy):
+    class PerturbFirst(torch.optim.Optimizer):
+        """Modifies the parameters before it evaluates the closure (as SAM does)."""
+
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {})
+
+        @torch.no_grad()
+        def step(self, closure: Any = None) -> Any:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(1.0)
+            with torch.enable_grad():
+                return closure()
+
+    model = _model()
+    opt = PerturbFirst(model.parameters())
+    expected = copy.deepcopy(model.state_dict())
+    io.save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "a.ckpt")
+    worker = threading.Thread(target=opt.step, args=(lambda: model(torch.randn(2, WIDTH)).sum(),))
+    worker.start()
+    time.sleep(0.2)
+    assert torch.equal(model[0].weight, expected["0.weight"]), "a custom optimizer stepped before the copy ended"
+    held_copy.set()
+    worker.join(30)
+    io.flush()
+    _assert_same(torch.load(tmp_path / "a.ckpt")["state_dict"], expected)
+
+
+def test_every_engine_with_a_copy_in_progress_is_waited_for(tmp_path, held_copy):
+    engines = [AsyncCheckpointIO(staging="lazy", handle_sigterm=False) for _ in range(2)]
+    try:
+        models = [_model(), _model()]
+        expected = [copy.deepcopy(m.state_dict()) for m in models]
+        for engine, model, name in zip(engines, models, "ab", strict=True):
+            engine.save_checkpoint({"state_dict": model.state_dict()}, tmp_path / f"{name}.ckpt")
+        opt = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.1)
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        worker = threading.Thread(target=opt.step)
+        worker.start()
+        time.sleep(0.2)
+        assert all(torch.equal(m[0].weight, e["0.weight"]) for m, e in zip(models, expected, strict=True))
+        held_copy.set()
+        worker.join(30)
+        for engine, name, exp in zip(engines, "ab", expected, strict=True):
+            engine.flush()
+            _assert_same(torch.load(tmp_path / f"{name}.ckpt")["state_dict"], exp)
+    finally:
+        for engine in engines:
+            engine.teardown()
+
+
+def test_wait_staged_makes_any_modification_safe(io, tmp_path, held_copy):
+    model = _model()
+    expected = copy.deepcopy(model.state_dict())
+    io.save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "a.ckpt")
+    threading.Timer(0.1, held_copy.set).start()
+    io.wait_staged()
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+        model[0].weight.data.add_(1)  # even the modification version counters cannot see
+    io.flush()
+    _assert_same(torch.load(tmp_path / "a.ckpt")["state_dict"], expected)
+
+
+def test_small_buffers_mutated_by_a_forward_are_copied_at_the_call(io, tmp_path, held_copy):
+    model = _model(bn=True)
+    expected = copy.deepcopy(model.state_dict())
+    io.save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "a.ckpt")
+    model(torch.randn(8, WIDTH))  # train-mode forward: running statistics change in place
+    assert not torch.equal(model[1].running_mean, expected["1.running_mean"])
+    held_copy.set()
+    io.flush()
+    _assert_same(torch.load(tmp_path / "a.ckpt")["state_dict"], expected)
+
+
+def test_batchnorm_statistics_are_invisible_to_version_counters():
+    """Why the small-tensor rule exists: if torch ever bumps these, the rule can be revisited."""
+    bn = nn.BatchNorm1d(WIDTH)
+    before = bn.running_mean._version
+    bn(torch.randn(4, WIDTH))
+    assert bn.running_mean._version == before
+    assert bn.running_mean.numel() * 4 <= EAGER_MAX_BYTES
+
+
+def test_tensors_without_version_counters_are_copied_at_the_call(io, tmp_path):
+    with torch.inference_mode():
+        frozen = torch.randn(WIDTH, WIDTH)
+    expected = frozen.clone()
+    io.save_checkpoint({"frozen": frozen}, tmp_path / "a.ckpt")
+    with torch.inference_mode():
+        frozen.add_(1)
+    io.flush()
+    assert torch.equal(torch.load(tmp_path / "a.ckpt")["frozen"], expected)
+
+
+# -- loud when a guard is bypassed ---------------------------------------------------------------
+
+
+def test_a_modification_outside_the_guards_fails_that_save_naming_the_tensor(io, tmp_path):
+    model = _model()
+    old = {"old": torch.ones(3)}
+    io.save_checkpoint(old, tmp_path / "a.ckpt")
+    io.flush()
+    io.save_checkpoint({"epoch": 3, "state_dict": model.state_dict()}, tmp_path / "a.ckpt")
+    with torch.no_grad():
+        model[2].weight.mul_(2)
+    with pytest.raises(TensorModifiedError) as info:
+        io.flush()
+    message = str(info.value)
+    assert info.value.key == "state_dict.2.weight"
+    assert "state_dict.2.weight" in message and "a.ckpt" in message
+    assert "wait_staged()" in message and "staging='eager'" in message
+    assert isinstance(info.value, CheckpointSaveError)
+    _assert_same(torch.load(tmp_path / "a.ckpt"), old)  # the earlier file was not replaced
+    assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]  # no temp file either
+    io.flush()  # raised once
+    io.save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "b.ckpt")
+    io.flush()  # and the engine goes on
+    assert os.path.exists(tmp_path / "b.ckpt")
+
+
+def test_the_key_path_names_optimizer_state_too(io, tmp_path):
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    _train_step(model, opt)
+    io.save_checkpoint({"optimizer_states": [opt.state_dict()]}, tmp_path / "a.ckpt")
+    with torch.no_grad():
+        opt.state[model[0].weight]["exp_avg"].zero_()
+    with pytest.raises(TensorModifiedError, match=r"optimizer_states\[0\]\.state\.0\.exp_avg"):
+        io.flush()
+    assert not os.path.exists(tmp_path / "a.ckpt")
+
+
+class Holder:
+    def __init__(self) -> None:
+        self.inner = {"w": torch.zeros(2)}
+
+
+def test_key_paths_of_nested_containers_and_objects():
+    from asyncckpt.staging import Stager
+
+    obj = {"a": [torch.zeros(1), (torch.zeros(1), {"b": torch.zeros(1)})], "h": Holder()}
+    skeleton, tensors = Stager._split(obj, "x")
+    assert key_paths(skeleton, len(tensors), range(len(tensors))) == {
+        0: "a[0]",
+        1: "a[1][0]",
+        2: "a[1][1].b",
+        3: "h.inner.w",
+    }
+
+
+def test_staging_option_is_checked_and_kept():
+    with pytest.raises(ValueError, match="staging"):
+        AsyncCheckpointIO(staging="later", handle_sigterm=False)
+    with pytest.raises(ValueError, match="writer='thread'"):
+        AsyncCheckpointIO(staging="lazy", writer="process", handle_sigterm=False)
+    engine = AsyncCheckpointIO(staging="lazy", handle_sigterm=False)
+    assert engine.options()["staging"] == "lazy"
+    assert AsyncCheckpointIO(**engine.options()).staging == "lazy"
+
+
+def test_teardown_waits_for_the_copy_before_freeing_its_buffers(tmp_path, held_copy):
+    engine = AsyncCheckpointIO(staging="lazy", handle_sigterm=False)
+    model = _model()
+    expected = copy.deepcopy(model.state_dict())
+    engine.save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "a.ckpt")
+    threading.Timer(0.2, held_copy.set).start()
+    engine.teardown()
+    _assert_same(torch.load(tmp_path / "a.ckpt")["state_dict"], expected)
+
+
+def test_load_right_after_a_lazy_save(io, tmp_path):
+    model = _model()
+    expected = copy.deepcopy(model.state_dict())
+    io.save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "a.ckpt")
+    _assert_same(io.load_checkpoint(tmp_path / "a.ckpt")["state_dict"], expected)
+
+
+def test_views_and_shared_storage_under_lazy_staging(io, tmp_path):
+    base = torch.randn(4 * WIDTH * WIDTH)
+    state = {"base": base, "view": base[10:].view(-1, 2)[:, 1], "t": base.view(4, -1).t()}
+    expected = copy.deepcopy(state)
+    io.save_checkpoint(state, tmp_path / "a.ckpt")
+    io.flush()
+    got = torch.load(tmp_path / "a.ckpt")
+    _assert_same(got, expected)
+    assert got["view"].untyped_storage().data_ptr() == got["base"].untyped_storage().data_ptr()
+    assert got["t"].stride() == expected["t"].stride()
