@@ -16,6 +16,8 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from asyncckpt import AsyncCheckpointIO, CheckpointSaveError
@@ -371,3 +373,110 @@ def test_views_and_shared_storage_under_lazy_staging(io, tmp_path):
     _assert_same(got, expected)
     assert got["view"].untyped_storage().data_ptr() == got["base"].untyped_storage().data_ptr()
     assert got["t"].stride() == expected["t"].stride()
+
+
+def test_data_writes_inside_an_optimizer_step_are_covered_by_the_hook(io, tmp_path, held_copy):
+    """``p.data`` writes bypass version counters; inside ``step()`` the hook still covers them."""
+
+    class OldStyleSGD(torch.optim.Optimizer):
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {"lr": 0.1})
+
+        def step(self, closure: Any = None) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(p.grad.data, alpha=-group["lr"])
+
+    model = _model()
+    opt = OldStyleSGD(model.parameters())
+    _train_step(model, opt)
+    expected = copy.deepcopy(model.state_dict())
+    io.save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "a.ckpt")
+    threading.Timer(0.1, held_copy.set).start()
+    _train_step(model, opt, seed=2)
+    io.flush()
+    _assert_same(torch.load(tmp_path / "a.ckpt")["state_dict"], expected)
+
+
+# -- random moments --------------------------------------------------------------------------------
+
+_ACTIONS = st.one_of(
+    st.tuples(st.just("sleep"), st.integers(0, 2000)),
+    st.tuples(st.just("step")),
+    st.tuples(st.just("forward")),
+    st.tuples(st.just("wait_staged")),
+    st.tuples(st.just("mutate"), st.sampled_from(["0.weight", "3.weight", "1.running_var"]), st.booleans()),
+)
+
+
+class _Rig:
+    """One engine, model and optimizer shared by every example (building them costs more than a save)."""
+
+    def __init__(self, folder: str) -> None:
+        from asyncckpt import TorchCheckpointIO
+
+        self.folder = folder
+        self.io = AsyncCheckpointIO(TorchCheckpointIO(durable=False), staging="lazy", handle_sigterm=False)
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.Tanh(), nn.Linear(512, 512))
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.live = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        self.x = torch.randn(4, 512)
+        self.count = 0
+
+    def step(self) -> None:
+        self.opt.zero_grad()
+        self.model(self.x).square().mean().backward()
+        self.opt.step()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    rig = _Rig(str(tmp_path_factory.mktemp("lazy-random")))
+    rig.step()
+    yield rig
+    rig.io.teardown()
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=st.lists(_ACTIONS, min_size=1, max_size=5))
+def test_mutations_at_random_moments_are_exact_or_loud(rig, actions):
+    rig.count += 1
+    path = os.path.join(rig.folder, f"{rig.count}.ckpt")
+    state = {"state_dict": rig.model.state_dict(), "optimizer": rig.opt.state_dict()}
+    expected = copy.deepcopy(state)
+    rig.io.save_checkpoint(state, path)
+    guarded = False  # past a guard point: the copy is done and checked
+    unguarded: List[str] = []  # lazily copied tensors modified before any guard point
+    for action in actions:
+        kind = action[0]
+        if kind == "sleep":
+            time.sleep(action[1] / 1e6)
+        elif kind == "step":
+            rig.step()
+            guarded = True
+        elif kind == "forward":
+            with torch.no_grad():
+                rig.model(rig.x)  # BatchNorm statistics change in place, unseen by version counters
+        elif kind == "wait_staged":
+            rig.io.wait_staged()
+            guarded = True
+        else:
+            _, name, whole = action
+            target = rig.live[name] if whole else rig.live[name][0]  # a view shares the counter
+            with torch.no_grad():
+                target.mul_(1.5)
+            big = rig.live[name].numel() * rig.live[name].element_size() > EAGER_MAX_BYTES
+            if big and not guarded:
+                unguarded.append(f"state_dict.{name}")
+    event("loud" if unguarded else "exact")
+    if unguarded:
+        with pytest.raises(TensorModifiedError) as info:
+            rig.io.flush()
+        assert info.value.key in unguarded
+        assert not os.path.exists(path)
+    else:
+        rig.io.flush()
+        _assert_same(torch.load(path, weights_only=False), expected)
+        os.unlink(path)
