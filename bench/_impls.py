@@ -27,10 +27,11 @@ LABELS: Dict[str, str] = {
     "dcp": "DCP async_save",
     "thread": "asyncckpt thread",
     "process": "asyncckpt process",
+    "lazy": "asyncckpt lazy (thread)",
 }
 IMPLS = tuple(LABELS)
 SAVING_IMPLS = tuple(name for name in IMPLS if name != "none")
-OURS = ("thread", "process")
+OURS = ("thread", "process", "lazy")
 
 
 class Unavailable(Exception):
@@ -130,16 +131,19 @@ class DcpSaver(Saver):
 class AsyncckptSaver(Saver):
     """asyncckpt's ``AsyncCheckpointIO`` over its durable ``TorchCheckpointIO``."""
 
-    def __init__(self, writer: str, max_pending: int) -> None:
+    def __init__(self, writer: str, max_pending: int, staging: str = "eager") -> None:
         from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO
 
-        self.name = writer
+        self.name = writer if staging == "eager" else staging
+        options = {"staging": staging} if staging != "eager" else {}
         try:
             self.io = AsyncCheckpointIO(
-                TorchCheckpointIO(), max_pending=max_pending, writer=writer, handle_sigterm=False
+                TorchCheckpointIO(), max_pending=max_pending, writer=writer, handle_sigterm=False, **options
             )
-        except ValueError as err:
-            raise Unavailable(f"AsyncCheckpointIO(writer={writer!r}) is not available in this build: {err}") from err
+        except (ValueError, TypeError) as err:
+            raise Unavailable(
+                f"AsyncCheckpointIO(writer={writer!r}, staging={staging!r}) is not available in this build: {err}"
+            ) from err
 
     def save(self, state: Dict[str, Any], path: str) -> None:
         self.io.save_checkpoint(state, path)
@@ -163,6 +167,7 @@ def make_saver(name: str, max_pending: int = 2) -> Saver:
         "dcp": DcpSaver,
         "thread": lambda: AsyncckptSaver("thread", max_pending),
         "process": lambda: AsyncckptSaver("process", max_pending),
+        "lazy": lambda: AsyncckptSaver("thread", max_pending, staging="lazy"),
     }
     if name not in makers:
         raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(SAVING_IMPLS)}")
