@@ -36,13 +36,15 @@ to avoid, or ``staging="eager"``.
 from __future__ import annotations
 
 import _thread
-import ctypes
 import threading
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
+from ._arena import byte_view
+from ._copier import _memmove_pairs
+from ._pickling import restore, split
 from .errors import CheckpointSaveError
 
 #: Storages of at most this many bytes are copied at the call, not lazily. Forward passes mutate
@@ -84,8 +86,6 @@ def key_paths(skeleton: bytes, count: int, wanted: Iterable[int]) -> Dict[int, s
     Rebuilt from the pickled skeleton, so the path is the one at the call, whatever the caller
     did to its containers since. Only run when a save fails, so the call pays nothing for it.
     """
-    from .staging import restore
-
     wanted = set(wanted)
     found: Dict[int, str] = {}
     try:
@@ -118,11 +118,8 @@ def key_paths(skeleton: bytes, count: int, wanted: Iterable[int]) -> Dict[int, s
 
 
 def _memmove_all(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
-    """Raw byte copies; ctypes releases the GIL, and no torch thread pool is started."""
-    for d, s in zip(dst, src, strict=True):
-        nbytes = d.numel() * d.element_size()
-        if nbytes:
-            ctypes.memmove(d.data_ptr(), s.data_ptr(), nbytes)
+    """Raw byte copies: ctypes releases the GIL, and no torch thread pool (OpenMP team) starts."""
+    _memmove_pairs(list(dst), list(src))
 
 
 class LazyCopy:
@@ -310,7 +307,7 @@ class LazyStager:
         started = time.perf_counter()
         self.finish()
         stager = self._stager
-        skeleton, tensors = stager._split(checkpoint, path)
+        skeleton, tensors = split(checkpoint, path)
         xla = [i for i, t in enumerate(tensors) if t.device.type == "xla"]
         if xla:
             from .xla import transfer_to_cpu
@@ -330,7 +327,7 @@ class LazyStager:
                 i = slot.members[group][0]
                 dst, src = slot.views[i], tensors[i]
             else:
-                dst, src = slot.byte_views[group], torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
+                dst, src = slot.byte_views[group], byte_view(st)
             members = slot.members[group]
             if _is_eager(st, [tensors[i] for i in members]):
                 eager_dst.append(dst)

@@ -324,10 +324,10 @@ class Holder:
 
 
 def test_key_paths_of_nested_containers_and_objects():
-    from asyncckpt.staging import Stager
+    from asyncckpt._pickling import split
 
     obj = {"a": [torch.zeros(1), (torch.zeros(1), {"b": torch.zeros(1)})], "h": Holder()}
-    skeleton, tensors = Stager._split(obj, "x")
+    skeleton, tensors = split(obj, "x")
     assert key_paths(skeleton, len(tensors), range(len(tensors))) == {
         0: "a[0]",
         1: "a[1][0]",
