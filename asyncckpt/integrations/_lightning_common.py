@@ -153,7 +153,7 @@ def _make_io_class(wrapping_cls: type, family: str, in_stage: Callable[[], bool]
         def __init__(self, checkpoint_io: Optional[Any] = None, **options: Any) -> None:
             """``options`` are those of :class:`asyncckpt.AsyncCheckpointIO` (``max_pending``,
             ``when_full``, ``writer``, ``writer_nice``, ``staging_threads``, ``exit_timeout``,
-            ``handle_sigterm``); one list, kept by the core, so the two cannot drift apart.
+            ``handle_sigterm``, ``staging``); one list, kept by the core, so the two cannot drift apart.
 
             ``handle_sigterm`` defaults to False here: during a stage Lightning's own SIGTERM
             handler stops training at the end of the batch and raises ``SIGTERMException``, and
