@@ -36,6 +36,7 @@ to avoid, or ``staging="eager"``.
 from __future__ import annotations
 
 import _thread
+import os
 import threading
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -150,6 +151,7 @@ class LazyCopy:
         self._lock = threading.Lock()
         self._copy_error: Optional[BaseException] = None
         self.error: Optional[BaseException] = None
+        self._pid = os.getpid()
 
     def start(self) -> None:
         if not self._cpu_dst:
@@ -175,6 +177,8 @@ class LazyCopy:
 
     def finish(self, host_sync: bool = False) -> None:
         """Wait for the copy, then check the version counters (once). Never raises."""
+        if os.getpid() != self._pid:
+            return  # a forked child: the copying thread is the parent's, and so is this save
         with self._lock:
             if not self._verified.is_set():
                 self._copied.wait()
@@ -235,6 +239,17 @@ def _remember(job: LazyCopy) -> None:
 def _forget(job: LazyCopy) -> None:
     with _registry_lock:
         _in_progress.discard(job)
+
+
+def _forget_all_in_forked_child() -> None:
+    # The copying threads did not survive the fork; the child must not wait for them in its
+    # own optimizer steps (a DataLoader worker or an evaluation process that trains).
+    global _registry_lock, _in_progress
+    _registry_lock = threading.Lock()
+    _in_progress = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_forget_all_in_forked_child)
 
 
 def finish_all() -> None:

@@ -480,3 +480,33 @@ def test_mutations_at_random_moments_are_exact_or_loud(rig, actions):
         rig.io.flush()
         _assert_same(torch.load(path, weights_only=False), expected)
         os.unlink(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_wait_for_the_parents_copy(io, tmp_path, held_copy):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    io.save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "a.ckpt")
+    pid = os.fork()
+    if pid == 0:  # the child steps its own copy of the model: the parent's copy is not its to wait for
+        code = 1
+        try:
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            opt.step()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung in optimizer.step() on the parent's lazy copy")
+    assert os.waitstatus_to_exitcode(status) == 0
+    held_copy.set()
+    io.flush()
