@@ -22,6 +22,19 @@ from asyncckpt.storage import is_temp_file
 FAMILIES = ("lightning", "pytorch_lightning")
 
 
+def writer_threads() -> List[str]:
+    """Names of the asyncckpt writer threads alive now (there must be none once a stage returned)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("asyncckpt-writer")]
+
+
+@pytest.fixture(autouse=True)
+def no_writer_thread_left() -> Any:
+    """Autouse in every Lightning test module that imports it: no test leaves a writer thread."""
+    before = set(writer_threads())
+    yield
+    assert set(writer_threads()) <= before, "a writer thread outlived the test"
+
+
 def load_family(name: str) -> types.SimpleNamespace:
     """The family's modules, or skip when that package is not installed."""
     if name == "lightning":

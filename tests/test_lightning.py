@@ -28,6 +28,7 @@ from _lightning_helpers import (
     load_family,
     make_module,
     make_trainer,
+    no_writer_thread_left,  # noqa: F401 - autouse fixture
     steps,
 )
 

@@ -14,12 +14,18 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
 import torch
-from _lightning_helpers import FAMILIES, load_family, make_module, make_trainer
+from _lightning_helpers import (  # noqa: F401 - no_writer_thread_left is an autouse fixture
+    FAMILIES,
+    load_family,
+    make_module,
+    make_trainer,
+    no_writer_thread_left,
+    writer_threads,
+)
 
 pytestmark = pytest.mark.lightning
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,17 +34,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(params=FAMILIES)
 def fam(request):
     return load_family(request.param)
-
-
-def writer_threads():
-    return [t.name for t in threading.enumerate() if t.name.startswith("asyncckpt-writer")]
-
-
-@pytest.fixture(autouse=True)
-def no_writer_thread_left():
-    before = set(writer_threads())
-    yield
-    assert set(writer_threads()) <= before, "a writer thread outlived the test"
 
 
 def slow_io(fam, delay=0.3):

@@ -295,7 +295,8 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
           saves on its own).
         - ``on_exception``: writes pending saves before Lightning tears down; a save failure is
           logged and noted on the training exception rather than replacing it.
-        - ``teardown``: flushes (covers a wrapping IO around ours that does not forward teardown),
+        - ``teardown``: tears the engine down (covers a wrapping IO around ours that does not
+          forward teardown),
           holds every rank at a barrier until rank 0's writes are on disk, and logs
           :attr:`asyncckpt.AsyncCheckpointIO.stats` to the trainer's loggers as ``asyncckpt/blocking_s``,
           ``asyncckpt/write_s``, ``asyncckpt/wait_s``, ``asyncckpt/tensor_mb``, at the step Lightning
@@ -401,7 +402,10 @@ def _make_callback_class(callback_base: type, model_checkpoint_cls: type, check_
                 return
             try:
                 self._check_bypass(trainer)
-                self._io.flush()
+                # Normally the strategy's teardown already did this (then it is a no-op); a wrapping
+                # IO around ours that does not forward teardown() (Lightning's base does not)
+                # would leave the queue unwritten and the writer running after the stage.
+                self._io.teardown()
                 self._log_new_stats(trainer, save=True)
             finally:
                 # Only rank 0 writes. After a synchronous save Lightning holds every rank at a barrier
