@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -89,6 +90,34 @@ def test_io_in_on_fit_end_is_done_when_it_returns(fam, tmp_path):
     io = fam.ours.AsyncCheckpointIO(slow_io(fam))
     make_trainer(fam, tmp_path, plugins=[io], callbacks=[SaveAtFitEnd()], max_steps=2).fit(make_module(fam.pl))
     assert seen["exists"] and io.pending == 0 and writer_threads() == []
+
+
+def test_only_the_thread_running_the_stage_saves_in_the_background(fam, tmp_path):
+    """Another thread during the stage, and no Trainer at all: the call writes before it returns."""
+    seen = {}
+
+    class SaveFromAnotherThread(fam.pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                trainer.save_checkpoint(tmp_path / "stage-thread.ckpt")
+                seen["queued"] = trainer.strategy.checkpoint_io.pending == 1
+
+                def other():
+                    trainer.strategy.checkpoint_io.save_checkpoint({"x": torch.ones(2)}, tmp_path / "other.ckpt")
+                    seen["other_exists"] = (tmp_path / "other.ckpt").exists()
+
+                thread = threading.Thread(target=other)
+                thread.start()
+                thread.join()
+
+    io = fam.ours.AsyncCheckpointIO(slow_io(fam))
+    make_trainer(fam, tmp_path, plugins=[io], callbacks=[SaveFromAnotherThread()], max_steps=3).fit(
+        make_module(fam.pl)
+    )
+    assert seen == {"queued": True, "other_exists": True}
+    alone = fam.ours.AsyncCheckpointIO(slow_io(fam))
+    alone.save_checkpoint({"x": torch.ones(2)}, tmp_path / "alone.ckpt")
+    assert (tmp_path / "alone.ckpt").exists() and alone.pending == 0 and writer_threads() == []
 
 
 def _restore_env(saved):
