@@ -53,10 +53,19 @@ def server():
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+_ADMINS = {}
+
+
 def admin(endpoint: str):
-    """An s3fs filesystem for the test's own checks (a fresh instance, no shared cache)."""
-    return s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, token=SESSION_TOKEN,
-                             client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    """An s3fs filesystem for the test's own checks: its own instance (not the one the code under
+    test uses), made once per endpoint (building a client costs seconds), listings never cached."""
+    fs = _ADMINS.get(endpoint)
+    if fs is None:
+        fs = _ADMINS[endpoint] = s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, token=SESSION_TOKEN,
+                                                   client_kwargs={"endpoint_url": endpoint},
+                                                   skip_instance_cache=True)
+    fs.invalidate_cache()
+    return fs
 
 
 @pytest.fixture
@@ -213,11 +222,19 @@ def test_unpicklable_checkpoint_commits_nothing_and_keeps_the_previous_object(se
 # -- faults ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def proxy(server):
+@pytest.fixture(scope="session")
+def _session_proxy(server):
     p = FaultProxy(server.port)
     yield p
     p.close()
+
+
+@pytest.fixture
+def proxy(_session_proxy):
+    """The fault proxy in front of the session's server; one endpoint, so s3fs reuses its clients."""
+    _session_proxy.clear()
+    yield _session_proxy
+    _session_proxy.clear()
 
 
 def no_transport_retries(endpoint: str):
@@ -392,6 +409,7 @@ def _objects(endpoint: str, prefix: str):
 
 
 @pytest.mark.lightning
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["asyncckpt", "lightning"])
 @pytest.mark.parametrize("family", ["lightning", "pytorch_lightning"])
 def test_lightning_model_checkpoint_to_s3_matches_sync_and_resumes(server, bucket, family, base, tmp_path):
