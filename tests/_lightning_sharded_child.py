@@ -4,7 +4,8 @@
 ``pytorch_lightning``; MODE ``sync`` (the strategy's own DCP save) or ``async`` (asyncckpt's
 plugin and callback). Lightning starts the second rank by running this script again. It fits
 8 steps with ``ModelCheckpoint(save_top_k=2, save_last=True, every_n_train_steps=2)``, then
-resumes from ``last.ckpt`` in a new Trainer and fits to step 12. Rank 0 writes ``OUT/result.json``.
+resumes from ``last.ckpt`` in a new Trainer, fits to step 12, and calls ``trainer.save_checkpoint``
+(``OUT/manual.ckpt``). Rank 0 writes ``OUT/result.json``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main() -> None:
     after_first = sorted(os.listdir(os.path.join(OUT, "ckpt")))
     second = trainer(12)
     second.fit(Sharded(), ckpt_path=os.path.join(OUT, "ckpt", "last.ckpt"))
+    second.save_checkpoint(os.path.join(OUT, "manual.ckpt"))  # outside a running stage
     if second.is_global_zero:
         io = second.strategy.checkpoint_io
         result = {

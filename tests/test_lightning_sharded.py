@@ -80,8 +80,9 @@ def test_async_run_keeps_the_same_checkpoints_as_the_synchronous_save(runs, fami
     assert ours["after_first"] == sync["after_first"], (ours, sync)
     assert ours["after_resume"] == sync["after_resume"], (ours, sync)
     assert ours["resumed_at"] == sync["resumed_at"] == 12
-    for name in sync["after_resume"]:
-        folder, reference = out / "ckpt" / name, sync_out / "ckpt" / name
+    names = [os.path.join("ckpt", n) for n in sync["after_resume"]] + ["manual.ckpt"]
+    for name in names:
+        folder, reference = out / name, sync_out / name
         files = os.listdir(folder)
         assert METADATA_FILE in files and META_FILE in files, files
         assert not [f for f in files if ".tmp" in f], files
