@@ -212,3 +212,15 @@ def test_single_process_save_is_a_plain_dcp_checkpoint(tmp_path):
     dcp.load(target, checkpoint_id=str(tmp_path / "ck"), no_dist=True)
     assert torch.equal(target["w"], torch.arange(6.0)) and target["meta"] == {"epoch": 3}
     io.teardown()
+
+
+def test_import_asyncckpt_does_not_import_dcp_until_used():
+    code = (
+        "import sys, asyncckpt\n"
+        "assert 'torch.distributed.checkpoint' not in sys.modules\n"
+        "asyncckpt.DistributedCheckpointIO\n"
+        "assert 'torch.distributed.checkpoint' in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
