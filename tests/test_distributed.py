@@ -99,6 +99,7 @@ def two_rank_run(tmp_path_factory):
     return out, run_ranks("save", 2, out)
 
 
+@pytest.mark.slow
 def test_two_ranks_point_in_time_order_and_same_world_size_load(two_rank_run):
     out, results = two_rank_run
     for r in results:
@@ -114,6 +115,7 @@ def test_two_ranks_point_in_time_order_and_same_world_size_load(two_rank_run):
     assert not [f for f in files if f.endswith(".tmp")], files
 
 
+@pytest.mark.slow
 def test_two_rank_checkpoint_loads_whole_in_one_process(two_rank_run):
     out, _ = two_rank_run
     for name in ("one", "two", "three"):
@@ -121,6 +123,7 @@ def test_two_rank_checkpoint_loads_whole_in_one_process(two_rank_run):
         assert same(load_whole(os.path.join(out, "ck", name)), expected), name
 
 
+@pytest.mark.slow
 def test_staging_holds_only_local_shards_within_the_memory_bound(two_rank_run):
     _, results = two_rank_run
     for r in results:
@@ -131,6 +134,7 @@ def test_staging_holds_only_local_shards_within_the_memory_bound(two_rank_run):
         assert r["staging_bytes"] <= r["max_pending"] * r["local_bytes"] + alignment, r
 
 
+@pytest.mark.slow
 def test_three_ranks_reshard_a_two_rank_checkpoint_and_save_their_own(two_rank_run, tmp_path):
     out2, _ = two_rank_run
     out3 = str(tmp_path / "three")
@@ -145,6 +149,7 @@ def test_three_ranks_reshard_a_two_rank_checkpoint_and_save_their_own(two_rank_r
     assert same(load_whole(os.path.join(out3, "ck", "two")), expected)  # 3 -> 1 rank
 
 
+@pytest.mark.slow
 def test_a_rank_whose_write_fails_fails_the_save_on_every_rank_once(two_rank_run):
     _, results = two_rank_run  # the 3-rank run below checks the same
     check_failure_results(results)
@@ -159,6 +164,7 @@ def check_failure_results(results: List[Dict]) -> None:
         assert r["stray"] == [], r
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_rank_during_a_background_save_keeps_the_previous_checkpoint(tmp_path):
     out = str(tmp_path)
     procs = start_ranks("sigkill", 2, out)
@@ -175,6 +181,7 @@ def test_sigkill_of_one_rank_during_a_background_save_keeps_the_previous_checkpo
     assert same(load_whole(os.path.join(out, "ck")), expected)
 
 
+@pytest.mark.slow
 def test_sigterm_on_every_rank_writes_the_pending_save_first(tmp_path):
     out = str(tmp_path)
     procs = start_ranks("sigterm", 2, out)

@@ -71,6 +71,7 @@ def same(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["lightning", "pytorch_lightning"])
 def test_async_run_keeps_the_same_checkpoints_as_the_synchronous_save(runs, family):
     sync_out, sync = runs[("lightning", "sync")]
