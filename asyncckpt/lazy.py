@@ -38,6 +38,7 @@ from __future__ import annotations
 import _thread
 import os
 import threading
+import time
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -47,6 +48,7 @@ from ._arena import byte_view
 from ._copier import _memmove_pairs
 from ._pickling import restore, split
 from .errors import CheckpointSaveError
+from .staging import StagedCheckpoint
 
 #: Storages of at most this many bytes are copied at the call, not lazily. Forward passes mutate
 #: small buffers in place (BatchNorm running statistics, ``num_batches_tracked``), and the
@@ -289,13 +291,6 @@ def _before_optimizer_step(optimizer: Any, args: tuple, kwargs: dict) -> Optiona
 # -- staging ---------------------------------------------------------------------------------
 
 
-def _is_eager(storage: torch.UntypedStorage, members: Sequence[torch.Tensor]) -> bool:
-    """Copied at the call: small storages, and tensors whose changes cannot be verified."""
-    if storage.nbytes() <= EAGER_MAX_BYTES or storage.device.type not in ("cpu", "cuda"):
-        return True
-    return any(t.is_inference() for t in members)
-
-
 class LazyStager:
     """Stages like :class:`asyncckpt.staging.Stager`, leaving the large copies to a background job.
 
@@ -306,6 +301,7 @@ class LazyStager:
         self._stager = stager
         self._cuda_stream: Any = None
         self.current: Optional[LazyCopy] = None
+        self._large: Dict[int, Tuple[Any, Set[int]]] = {}
 
     def finish(self, host_sync: bool = False) -> None:
         job = self.current
@@ -315,10 +311,6 @@ class LazyStager:
                 self.current = None
 
     def stage(self, checkpoint: Any, slot: Any, path: str) -> Any:
-        import time
-
-        from .staging import StagedCheckpoint
-
         started = time.perf_counter()
         self.finish()
         stager = self._stager
@@ -330,6 +322,11 @@ class LazyStager:
             for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
                 tensors[i] = cpu_tensor
         storages, tensor_bytes = stager.prepare(slot, tensors)
+        large = self._large_groups(slot)
+        if not large:  # every storage is small: exactly the eager copy, at the eager cost
+            with torch.no_grad():
+                waiter = stager._copy(slot, tensors, storages)
+            return self._staged(skeleton, slot, tensor_bytes, started, waiter)
         eager_dst: List[torch.Tensor] = []
         eager_src: List[torch.Tensor] = []
         lazy_cpu: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
@@ -344,7 +341,7 @@ class LazyStager:
             else:
                 dst, src = slot.byte_views[group], byte_view(st)
             members = slot.members[group]
-            if _is_eager(st, [tensors[i] for i in members]):
+            if group not in large or any(tensors[i].is_inference() for i in members):
                 eager_dst.append(dst)
                 eager_src.append(src)
                 continue
@@ -373,6 +370,23 @@ class LazyStager:
                 eager_waiter()
             job.wait_for_writer()
 
+        return self._staged(skeleton, slot, tensor_bytes, started, wait_for_copies)
+
+    def _large_groups(self, slot: Any) -> Set[int]:
+        """The slot's storages copied lazily: above EAGER_MAX_BYTES, on CPU or CUDA (cached per layout)."""
+        cached = self._large.get(slot.index)
+        if cached is not None and cached[0] is slot.layout:
+            return cached[1]
+        large = {
+            group
+            for group, (device, nbytes) in enumerate(slot.layout[0])
+            if nbytes > EAGER_MAX_BYTES and device in ("cpu", "cuda")
+        }
+        self._large[slot.index] = (slot.layout, large)
+        return large
+
+    @staticmethod
+    def _staged(skeleton: bytes, slot: Any, tensor_bytes: int, started: float, waiter: Any) -> Any:
         return StagedCheckpoint(
             skeleton=skeleton,
             tensors=list(slot.views),
@@ -381,7 +395,7 @@ class LazyStager:
             groups=slot.groups,
             specs=slot.layout[1] if slot.layout else (),
             staging_seconds=time.perf_counter() - started,
-            wait_for_copies=wait_for_copies,
+            wait_for_copies=waiter,
         )
 
     def _start_cuda(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> Any:
