@@ -510,3 +510,47 @@ def test_a_forked_child_does_not_wait_for_the_parents_copy(io, tmp_path, held_co
     assert os.waitstatus_to_exitcode(status) == 0
     held_copy.set()
     io.flush()
+
+
+# -- exit and SIGTERM: the drain is a guard point ----------------------------------------------
+
+_EXIT_SCRIPT = """
+import os, sys, time, signal
+import torch
+from asyncckpt import AsyncCheckpointIO
+from _slow_disk import SlowDiskIO  # fault injection: a slow disk, so saves are pending
+io = AsyncCheckpointIO(SlowDiskIO(0.3), max_pending=2, staging="lazy")
+for i in range(2):
+    io.save_checkpoint({"i": i, "w": torch.full((100_000,), float(i))}, os.path.join(sys.argv[1], f"{i}.ckpt"))
+print("ready", flush=True)
+if sys.argv[2] == "sleep":
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "sigterm"])
+def test_lazy_saves_pending_at_exit_or_sigterm_are_verified_and_written(tmp_path, how):
+    import signal
+    import subprocess
+    import sys
+
+    from _slow_disk import child_env
+
+    script = tmp_path / "script.py"
+    script.write_text(_EXIT_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), "sleep" if how == "sigterm" else "exit"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == (-signal.SIGTERM if how == "sigterm" else 0), err
+    for i in range(2):
+        got = torch.load(tmp_path / f"{i}.ckpt", weights_only=True)
+        assert got["i"] == i and torch.equal(got["w"], torch.full((100_000,), float(i)))
+    assert "pending" in err
