@@ -554,3 +554,28 @@ def test_lazy_saves_pending_at_exit_or_sigterm_are_verified_and_written(tmp_path
         got = torch.load(tmp_path / f"{i}.ckpt", weights_only=True)
         assert got["i"] == i and torch.equal(got["w"], torch.full((100_000,), float(i)))
     assert "pending" in err
+
+
+def test_async_api_under_lazy_staging(tmp_path):
+    import anyio
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_step(model, opt)
+    expected = copy.deepcopy(model.state_dict())
+
+    async def main() -> None:
+        async with AsyncCheckpointIO(staging="lazy", handle_sigterm=False) as engine:
+            await engine.asave_checkpoint({"state_dict": model.state_dict()}, tmp_path / "a.ckpt")
+            _train_step(model, opt, seed=3)  # the step hook waits for the copy
+            await engine.aflush()
+            loaded = await engine.aload_checkpoint(tmp_path / "a.ckpt")
+            _assert_same(loaded["state_dict"], expected)
+            await engine.asave_checkpoint({"state_dict": model.state_dict()}, tmp_path / "b.ckpt")
+            with torch.no_grad():
+                model[0].weight.add_(1)
+            with pytest.raises(TensorModifiedError):
+                await engine.aflush()
+
+    anyio.run(main)
+    assert not os.path.exists(tmp_path / "b.ckpt")
