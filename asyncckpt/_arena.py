@@ -12,7 +12,7 @@ import ctypes
 import itertools
 import mmap
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -76,8 +76,13 @@ def plan_groups(sizes: Sequence[int]) -> Tuple[Tuple[Tuple[int, int], ...], int]
     return tuple(groups), total
 
 
-def storages_in(base: torch.Tensor, groups: Sequence[Tuple[int, int]]) -> List[torch.UntypedStorage]:
-    """One distinct storage per ``(offset, nbytes)`` range of ``base``, without copying."""
+def storages_in(base: torch.Tensor, groups: Sequence[Tuple[int, int]], owner: Any) -> List[torch.UntypedStorage]:
+    """One distinct storage per ``(offset, nbytes)`` range of ``base``, without copying.
+
+    Each storage keeps ``owner`` (the object that owns ``base``'s memory: the arena, or the
+    writer process's mapping) alive, so a staged tensor that escapes (kept by a wrapped IO, or by
+    a failed save's traceback) never reads freed memory.
+    """
     address = base.data_ptr()
     storages = []
     for offset, nbytes in groups:
@@ -85,14 +90,24 @@ def storages_in(base: torch.Tensor, groups: Sequence[Tuple[int, int]]) -> List[t
             storages.append(torch.UntypedStorage(0))
             continue
         window = (ctypes.c_char * nbytes).from_address(address + offset)
+        window.owner = owner  # torch.frombuffer keeps ``window`` alive, and it keeps ``owner``
         storages.append(torch.frombuffer(window, dtype=torch.uint8).untyped_storage())
     return storages
 
 
-def build_views(storages: Sequence[torch.UntypedStorage], specs: Sequence[tuple]) -> List[torch.Tensor]:
-    """The staged tensors: each spec ``(group, dtype, size, stride, offset, requires_grad)`` as a view."""
-    views = []
-    for group, dtype, size, stride, offset, requires_grad in specs:
+def build_views(storages: Sequence[torch.UntypedStorage], specs: Sequence[tuple]) -> List[Any]:
+    """The staged items: each tensor spec ``(group, dtype, size, stride, offset, requires_grad)`` as
+    a view, each storage spec ``(group, dtype or None)`` as a typed (or untyped) storage."""
+    views: List[Any] = []
+    for spec in specs:
+        if len(spec) == 2:
+            group, dtype = spec
+            storage: Any = storages[group]
+            if dtype is not None:
+                storage = torch.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+            views.append(storage)
+            continue
+        group, dtype, size, stride, offset, requires_grad = spec
         view = torch.empty(0, dtype=dtype).set_(storages[group], offset, size, stride)
         if requires_grad:
             view.requires_grad_(True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Tuple
 
@@ -40,14 +41,17 @@ class ParallelCopier:
     def __init__(self, threads: int) -> None:
         self.threads = max(1, threads)
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._lock = threading.Lock()  # ``close`` may run on another thread (a teardown) mid-copy
 
     def copy(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
         total = sum(d.numel() * d.element_size() for d in dst)
         if self.threads == 1 or total < _PARALLEL_MIN_BYTES:
             torch._foreach_copy_(dst, src)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="asyncckpt-stage")
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="asyncckpt-stage")
+            pool = self._pool
         # Only contiguous CPU pairs are shared out, and the helper threads copy them with a
         # plain memmove: a torch copy on a new thread would start an OpenMP team of its own,
         # which measurably slowed a 2-intra-op-thread training loop for seconds afterwards.
@@ -55,8 +59,15 @@ class ParallelCopier:
         rest = [(d, s) for d, s in zip(dst, src, strict=True) if not _memmovable(d, s)]
         plain_bytes = sum(d.numel() * d.element_size() for d, _ in plain)
         chunks = self._split([d for d, _ in plain], [s for _, s in plain], plain_bytes)
-        futures = [self._pool.submit(_memmove_pairs, d, s) for d, s in chunks[1:] if d]
+        futures = []
         try:
+            for d, s in chunks[1:]:
+                if not d:
+                    continue
+                try:
+                    futures.append(pool.submit(_memmove_pairs, d, s))
+                except RuntimeError:  # closed by a concurrent teardown: copy this share here
+                    _memmove_pairs(d, s)
             main_dst = chunks[0][0] + [d for d, _ in rest]
             main_src = chunks[0][1] + [s for _, s in rest]
             if main_dst:
@@ -96,9 +107,11 @@ class ParallelCopier:
         return chunks
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        """Let the helper threads end; a copy still running finishes its shares first."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
 
 def default_staging_threads() -> int:

@@ -90,6 +90,7 @@ def is_stageable(obj: Any) -> bool:
         type(obj) is torch.Tensor
         and (obj.is_cpu or obj.is_cuda or obj.is_xla)
         and obj.layout is torch.strided
+        and not obj.is_nested
         and not obj.is_quantized
         and not obj.is_conj()
         and not obj.is_neg()
@@ -97,16 +98,29 @@ def is_stageable(obj: Any) -> bool:
     )
 
 
+_STORAGE_TYPES = (torch.TypedStorage, torch.UntypedStorage)
+
+
+def _is_stageable_storage(obj: Any) -> bool:
+    """A storage on the CPU or a CUDA device: a bare one, or the one a tensor pickled by value
+    (a tensor with attributes, a nested tensor) reduces to. Staging it as a storage keeps its
+    memory shared with the plain tensors that view it, as ``torch.save`` does."""
+    return type(obj) in _STORAGE_TYPES and obj.device.type in ("cpu", "cuda")
+
+
 class TensorCollector(pickle.Pickler):
-    """Pickles the non-tensor skeleton and collects stageable tensors as persistent ids."""
+    """Pickles the non-tensor skeleton and collects stageable tensors and storages as persistent ids."""
 
     def __init__(self, buffer: io.BytesIO) -> None:
         super().__init__(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-        self.tensors: List[torch.Tensor] = []
+        self.tensors: List[Any] = []
         self._index: Dict[int, int] = {}
 
     def persistent_id(self, obj: Any) -> Optional[int]:
-        if type(obj) is not torch.Tensor or not is_stageable(obj):
+        if type(obj) is torch.Tensor:
+            if not is_stageable(obj):
+                return None
+        elif not _is_stageable_storage(obj):
             return None
         index = self._index.get(id(obj))
         if index is None:
@@ -125,8 +139,9 @@ class _TensorRestorer(pickle.Unpickler):
         return self._tensors[pid]
 
 
-def split(checkpoint: Any, path: str) -> Tuple[bytes, List[torch.Tensor]]:
-    """One pickling pass: the skeleton (every non-tensor object, by value) and the tensors set aside.
+def split(checkpoint: Any, path: str) -> Tuple[bytes, List[Any]]:
+    """One pickling pass: the skeleton (every non-tensor object, by value) and the tensors (and
+    storages) set aside.
 
     An object the pickler refuses raises :class:`NotSerializableError` naming its key.
     """

@@ -25,6 +25,7 @@ working under trio, where aiofiles does not).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import threading
 import time
@@ -33,7 +34,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List
 from .checkpoint_io import PathLike, load_options
 from .errors import FlushTimeoutError, InvalidPathError, QueueFullError
 from .storage import fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
-from .torch_io import TorchCheckpointIO
+from .torch_io import TorchCheckpointIO, load_on_cpu
+
+log = logging.getLogger("asyncckpt")
 
 if TYPE_CHECKING:
     from .staging import StagingSlot
@@ -69,7 +72,7 @@ class AsyncAPIMixin:
         from anyio import lowlevel
 
         await lowlevel.checkpoint()  # cancel and schedule point while nothing is held yet
-        key = self._check_path(path)
+        key, target = self._check_save(path, storage_options)
         self._finish_lazy()
         self._raise_pending_errors()
         started = time.perf_counter()
@@ -78,7 +81,7 @@ class AsyncAPIMixin:
         # given back, and no other task runs between the copy and the caller's next line.
         waited = time.perf_counter() - started
         # the loop is blocked from here to the return: staging only, measured as blocking time
-        self._stage_and_submit(checkpoint, path, key, storage_options, slot, time.perf_counter(), waited)
+        self._stage_and_submit(checkpoint, target, key, storage_options, slot, time.perf_counter(), waited)
 
     async def aload_checkpoint(
         self,
@@ -109,6 +112,7 @@ class AsyncAPIMixin:
         data = await _read_checkpoint_bytes(local, os.fspath(path))
         import torch
 
+        kwargs.setdefault("map_location", load_on_cpu)  # TorchCheckpointIO's default
         return await anyio.to_thread.run_sync(
             lambda: torch.load(io.BytesIO(data), **kwargs), abandon_on_cancel=True
         )
@@ -200,7 +204,15 @@ class AsyncAPIMixin:
 
         with anyio.CancelScope(shield=True):
             await self._await_ops(self._pending_ops())
-            await anyio.to_thread.run_sync(self.teardown)
+            try:
+                await anyio.to_thread.run_sync(self.teardown)
+            except Exception as err:
+                if exc is None:
+                    raise
+                # The body's own exception stays the one raised; the checkpoint failure is
+                # logged and added to it as a note, so neither is lost.
+                log.error("asyncckpt: while leaving 'async with' after %r: %s", exc, err, exc_info=err)
+                exc.add_note(f"asyncckpt: on leaving 'async with': {type(err).__name__}: {err}")
 
     # -- waiting without blocking the loop ----------------------------------------------
 
@@ -210,7 +222,7 @@ class AsyncAPIMixin:
             with self._cv:
                 self._raise_pending_errors()  # a failure (e.g. a dead writer) freed the slot
                 if self._free_slots:
-                    return self._free_slots.pop()
+                    return self._take_slot(key)
                 if self.when_full == "raise":
                     raise QueueFullError(
                         f"cannot save {key!r}: all {self.max_pending} staging slots hold checkpoints "

@@ -11,10 +11,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import pathlib
 import threading
 import time
 import weakref
 from typing import Any, Deque, Dict, Iterable, List, Optional
+
+import torch
 
 from . import _exit
 from .aio import AsyncAPIMixin
@@ -46,6 +49,62 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
     if value not in allowed:
         raise ValueError(f"unknown {name}={value!r}; allowed values: {', '.join(repr(a) for a in allowed)}")
     return value
+
+
+def _absolute(path: PathLike) -> PathLike:
+    """A relative local path made absolute now: it means the working folder at the call, not
+    the writer's when it writes (the process writer keeps the folder it was spawned in)."""
+    text = os.fspath(path)
+    if local_path_of(text) != text or os.path.isabs(text):
+        return path
+    absolute = os.path.join(os.getcwd(), text)
+    return type(path)(absolute) if isinstance(path, pathlib.PurePath) else absolute
+
+
+_LIGHTNING_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning")
+
+
+def _check_storage_options(io: Any, path: PathLike, storage_options: Any) -> None:
+    """Raise ``TypeError`` where the wrapped IO's own save would refuse ``storage_options``."""
+    check = getattr(io, "check_storage_options", None)
+    owner = next((c for c in type(io).__mro__ if "save_checkpoint" in vars(c)), None)
+    if check is not None and owner is not None and "check_storage_options" in _attrs_up_to(type(io), owner):
+        check(path, storage_options)
+        return
+    if (
+        owner is not None
+        and owner.__name__ in ("TorchCheckpointIO", "XLACheckpointIO")
+        and owner.__module__.split(".")[0] in _LIGHTNING_PACKAGES
+    ):
+        raise TypeError(
+            "`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg"
+            f" is not supported for `{type(io).__name__}`. Please implement your custom `CheckpointIO`"
+            " to define how you'd like to use `storage_options`."
+        )
+
+
+def _attrs_up_to(cls: type, owner: type) -> set:
+    """Names defined on ``owner`` or on classes below it in ``cls``'s MRO: an IO that overrides
+    ``save_checkpoint`` below the class that checks its options may accept other options."""
+    names: set = set()
+    for c in cls.__mro__:
+        names |= set(vars(c))
+        if c is owner:
+            break
+    return names
+
+
+class _WriterHolder:
+    """Holds the engine's current writer, so that the engine's finalizer stops whichever writer
+    is current then, without keeping old writers (or the engine) alive."""
+
+    def __init__(self) -> None:
+        self.writer: Optional[Writer] = None
+
+    def stop(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.stop(5)
 
 
 class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
@@ -119,7 +178,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._stager = Stager(staging_threads)
         self.staging = check_staging(staging, self.writer_kind)
         self._lazy: Optional[LazyStager] = LazyStager(self._stager) if staging == "lazy" else None
-        self._writer: Optional[Writer] = None
+        self._holder = _WriterHolder()
+        weakref.finalize(self, self._holder.stop)  # the holder, not the engine, knows the writer
         # Submission is serialized by its own lock, never the condition's: a send to a busy
         # writer process may block, and completions (which take ``_cv``) must go on meanwhile.
         self._submit_lock = threading.RLock()
@@ -189,7 +249,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         The file will hold the checkpoint exactly as it is now; later in-place changes to its
         tensors or containers do not reach it.
         """
-        key = self._check_path(path)
+        key, target = self._check_save(path, storage_options)
         self._finish_lazy()
         self._raise_pending_errors()
         if storage_options is not None:  # this copy of the IO loads it; a writer process saves it
@@ -199,7 +259,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         started = time.perf_counter()
         checkpoint = self._stageable_form(checkpoint)
         slot = self._acquire_slot(key)
-        self._stage_and_submit(checkpoint, path, key, storage_options, slot, started, time.perf_counter() - started)
+        self._stage_and_submit(checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started)
 
     def _stageable_form(self, checkpoint: Any) -> Any:
         """The hook for wrapped IOs whose state is not all plain tensors: an IO with a
@@ -220,9 +280,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         waited: float,
     ) -> None:
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
+        slot.last_key = key
         try:
             if self._lazy is not None:
-                staged = self._lazy.stage(checkpoint, slot, key)
+                with torch.inference_mode(False):  # staging memory is never made of inference tensors
+                    staged = self._lazy.stage(checkpoint, slot, key)
             else:
                 staged = self._stager.stage(checkpoint, slot, key)
         except BaseException:
@@ -278,7 +340,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """Queue the removal of ``path``, after every earlier operation on it."""
         key = self._path_key(path)
         self._raise_pending_errors()
-        self._submit(Operation("remove", key, path))
+        self._submit(Operation("remove", key, _absolute(path)))
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait until every operation submitted before this call is done, then raise failures."""
@@ -359,7 +421,16 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         with self._cv:
             while not self._free_slots:  # another thread took the slot freed by a failure
                 self._cv.wait()
-            return self._free_slots.pop()
+            return self._take_slot(key)
+
+    def _take_slot(self, key: str) -> StagingSlot:
+        """A free slot (``_cv`` held): the one that last staged ``key`` if free, since a path
+        usually keeps its layout (two checkpoints saved in turn keep a slot each); else the most
+        recently freed."""
+        for i in range(len(self._free_slots) - 1, -1, -1):
+            if self._free_slots[i].last_key == key:
+                return self._free_slots.pop(i)
+        return self._free_slots.pop()
 
     def _release_slot(self, slot: StagingSlot) -> None:
         with self._cv:
@@ -393,12 +464,23 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                     self._ops[op.seq] = op
                     self._last_op[op.path] = op
 
+    @property
+    def _writer(self) -> Optional[Writer]:
+        return self._holder.writer
+
+    @_writer.setter
+    def _writer(self, writer: Optional[Writer]) -> None:
+        self._holder.writer = writer
+
     def _live_writer(self) -> Writer:
-        """The running writer, starting one when there is none or the last one died."""
+        """The running writer, starting one when there is none or the last one died (whose
+        pipes and threads are released first: its operations have been failed already)."""
         writer = self._writer
         if writer is None or not writer.alive:
-            self._writer = self._new_writer()
-        return self._writer
+            if writer is not None:
+                writer.stop(5)
+            self._writer = writer = self._new_writer()
+        return writer
 
     def _new_writer(self) -> Writer:
         if self.writer_kind == "process":
@@ -408,7 +490,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         else:
             writer = ThreadWriter(self._wrapped())
         writer.start()
-        weakref.finalize(self, writer.stop, 5)
         return writer
 
     def _on_done(self, op: Operation) -> None:
@@ -540,6 +621,17 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         text = os.fspath(path)
         local = local_path_of(text)
         return os.path.abspath(local) if local else text
+
+    def _check_save(self, path: PathLike, storage_options: Optional[Any]) -> "tuple[str, Any]":
+        """Check a save's arguments at the call; returns the path key and the target to write.
+
+        ``storage_options`` the wrapped IO would refuse raise ``TypeError`` here, as a
+        synchronous save would, not later in the background.
+        """
+        key = self._check_path(path)
+        if storage_options is not None:
+            _check_storage_options(self._wrapped(), path, storage_options)
+        return key, _absolute(path)
 
     def _check_path(self, path: PathLike) -> str:
         key = self._path_key(path)

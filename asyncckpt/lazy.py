@@ -341,7 +341,10 @@ class LazyStager:
             else:
                 dst, src = slot.byte_views[group], byte_view(st)
             members = slot.members[group]
-            if group not in large or any(tensors[i].is_inference() for i in members):
+            # Inference tensors and bare storages have no version counter to verify: copied now.
+            if group not in large or any(
+                not isinstance(tensors[i], torch.Tensor) or tensors[i].is_inference() for i in members
+            ):
                 eager_dst.append(dst)
                 eager_src.append(src)
                 continue

@@ -12,19 +12,21 @@ their staging slots are freed; the next operation starts a fresh writer process.
 
 from __future__ import annotations
 
+import io
 import logging
 import mmap
 import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import traceback
 import weakref
 from multiprocessing import reduction
 from typing import Any, Dict, Optional, Tuple
 
-from .errors import WriterDiedError
+from .errors import NotSerializableError, WriterDiedError
 from .writer import Operation, WriterGoneError, perform
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,62 @@ def check_picklable(checkpoint_io: Any) -> bytes:
             f"writer='process' sends the wrapped checkpoint_io to the writer process, but "
             f"{checkpoint_io!r} cannot be pickled ({err}); use writer='thread' or make it picklable"
         ) from err
+
+
+def _unpicklable(obj: Any) -> bool:
+    try:
+        reduction.ForkingPickler.dumps(obj)
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+def main_is_importable() -> bool:
+    """Whether a spawned process can import this program's ``__main__`` (as ``__mp_main__``).
+
+    ``multiprocessing``'s spawn re-imports the main module from its file, or by its module name
+    for ``python -m pkg.mod``; it cannot for ``python -c``, an interactive session, a notebook, or
+    ``python -m pkg`` (a package's ``__main__``, which spawn never re-runs).
+    """
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name is not None:
+        return not (spec_name == "__main__" or spec_name.endswith(".__main__"))
+    path = getattr(main, "__file__", None)
+    return path is not None and os.path.splitext(os.path.basename(path))[0] != "ipython"
+
+
+class _MainReference(Exception):
+    pass
+
+
+class _MainProbe(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__main__":
+            raise _MainReference(name)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None
+
+
+def check_main_references(skeleton: bytes, path: str) -> None:
+    """Refuse, at the call, a checkpoint holding classes or functions of a ``__main__`` that the
+    writer process cannot import; it would otherwise fail later, in the background."""
+    if b"__main__" not in skeleton or main_is_importable():
+        return
+    try:
+        _MainProbe(io.BytesIO(skeleton)).load()
+    except _MainReference as ref:
+        raise NotSerializableError(
+            f"cannot save checkpoint {path!r} with writer='process': it holds {ref.args[0]!r}, defined "
+            "in __main__ of a program the writer process cannot import (python -c, a notebook, an "
+            "interactive session). Move the definition into a module (a .py file you import), or use "
+            "writer='thread'",
+            path,
+        ) from None
+    except Exception:  # noqa: BLE001 - only the __main__ lookup is of interest here
+        return
 
 
 class ProcessWriter:
@@ -118,7 +176,18 @@ class ProcessWriter:
             )
         else:
             message = (op.kind, op.seq, op.target)
-        data = bytes(reduction.ForkingPickler.dumps(message))  # fails here, before any byte is sent
+        if op.kind == "save":
+            check_main_references(op.staged.skeleton, op.path)
+        try:
+            data = bytes(reduction.ForkingPickler.dumps(message))  # fails here, before any byte is sent
+        except Exception as err:
+            what = "its storage_options" if _unpicklable(op.storage_options) else "its path"
+            raise NotSerializableError(
+                f"cannot hand the {op.kind} of {op.path!r} to the writer process: {what} cannot be "
+                f"pickled ({type(err).__name__}: {err}); with writer='process' they travel to another "
+                "process, so pass picklable values (plain strings, numbers, dicts) or use writer='thread'",
+                op.path,
+            ) from err
         with self._send_lock:
             with self._table_lock:
                 if self._dead or self._stopping:
@@ -275,7 +344,7 @@ def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
                 checkpoint = None
                 if kind == "save":
                     _, _, _, op.storage_options, skeleton, arena_id, groups, specs = message
-                    views = build_views(storages_in(arenas[arena_id][1], groups), specs)
+                    views = build_views(storages_in(arenas[arena_id][1], groups, arenas[arena_id]), specs)
                     checkpoint = restore(skeleton, views)
                 perform(checkpoint_io, op, checkpoint)
             except BaseException as err:  # noqa: BLE001 - reported to the parent, never fatal here

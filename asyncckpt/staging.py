@@ -33,8 +33,9 @@ __all__ = [
 ]
 
 # Per distinct storage: (device type, bytes); per tensor: (storage index, dtype, size, stride,
-# offset, requires_grad). Two saves with equal layouts reuse the same buffers and views.
-_Layout = Tuple[Tuple[Tuple[str, int], ...], Tuple[Tuple[int, torch.dtype, tuple, tuple, int, bool], ...]]
+# offset, requires_grad); per bare storage: (storage index, dtype or None). Two saves with
+# equal layouts reuse the same buffers and views.
+_Layout = Tuple[Tuple[Tuple[str, int], ...], Tuple[tuple, ...]]
 
 
 @dataclass
@@ -68,6 +69,7 @@ class StagingSlot:
 
     index: int
     arena_kind: str = "plain"
+    last_key: Optional[str] = None  # the path this slot staged last (slots are chosen by it)
     layout: Optional[_Layout] = None
     arena: Optional[HostArena] = None
     groups: Tuple[Tuple[int, int], ...] = ()
@@ -100,6 +102,8 @@ def _whole_copy_flags(layout: _Layout, tensors: Sequence[torch.Tensor]) -> List[
     flags = []
     for group, (_, nbytes) in enumerate(storage_sizes):
         only = tensors[users[group][0]] if len(users[group]) == 1 else None
+        if not isinstance(only, torch.Tensor):
+            only = None
         flags.append(
             only is not None
             and only.is_contiguous()
@@ -125,7 +129,11 @@ class Stager:
 
             for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
                 tensors[i] = cpu_tensor
-        tensor_bytes, waiter = self._copy_into(slot, tensors)
+        # Staging memory and its views are made outside inference mode, so that a first save
+        # under torch.inference_mode() (validation, an eval loop) leaves ordinary tensors for
+        # the saves after it; reading inference tensors there is allowed.
+        with torch.inference_mode(False):
+            tensor_bytes, waiter = self._copy_into(slot, tensors)
         return StagedCheckpoint(
             skeleton=skeleton,
             tensors=list(slot.views),
@@ -152,16 +160,25 @@ class Stager:
         storage_keys: Dict[Any, int] = {}
         per_tensor = []
         for t in tensors:
-            st = t.untyped_storage()
-            ptr = st.data_ptr()
-            key = (t.device, ptr) if ptr else ("unallocated", id(t))
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+            elif isinstance(t, torch.TypedStorage):
+                st = t._untyped_storage
+            else:
+                st = t
+            # Storages are told apart as torch.save tells them apart: by the storage itself,
+            # not its address (two storages may start at one address: from_numpy twice).
+            key = st._cdata
             group = storage_keys.get(key)
             if group is None:
                 group = storage_keys[key] = len(storages)
                 storages.append(st)
-            per_tensor.append(
-                (group, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.requires_grad)
-            )
+            if isinstance(t, torch.Tensor):
+                per_tensor.append(
+                    (group, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.requires_grad)
+                )
+            else:
+                per_tensor.append((group, t.dtype if isinstance(t, torch.TypedStorage) else None))
         layout: _Layout = (tuple((st.device.type, st.nbytes()) for st in storages), tuple(per_tensor))
         if slot.layout != layout:
             self._plan(slot, layout, _whole_copy_flags(layout, tensors))
@@ -177,14 +194,15 @@ class Stager:
             kind = "pinned"
         arena = slot.arena
         slot.release_memory()
-        # Keep the arena when it fits and is not more than twice the need, so staging memory
-        # stays within max_pending times the checkpoint's tensor bytes (plus alignment).
-        if arena is None or arena.kind != kind or not (total <= arena.nbytes <= 2 * total):
+        # Keep the arena only when it is exactly the size needed: staging memory then stays
+        # within max_pending times the checkpoint's tensor bytes (plus alignment) whatever the
+        # sizes saved before.
+        if arena is None or arena.kind != kind or arena.nbytes != total:
             arena = None  # drop the old block before allocating the new one
             arena = HostArena(total, kind)
         slot.arena = arena
         slot.groups = groups
-        host_storages = storages_in(arena.tensor, groups)
+        host_storages = storages_in(arena.tensor, groups, arena)
         slot.views = build_views(host_storages, per_tensor)
         slot.byte_views = [byte_view(st) for st in host_storages]
         members: List[List[int]] = [[] for _ in groups]

@@ -3,15 +3,22 @@
 At every instant the target path holds either the previous complete file or the new complete
 file. A crash leaves at most a temp file, recognisable by its name (see :func:`is_temp_file`),
 which :func:`cleanup_temp_files` removes once the process that wrote it is gone.
+
+A temp name carries the writer's host identity (:data:`HOST_ID`) beside its pid: in a folder
+shared by several hosts (NFS, Lustre, a multi-node job) or containers (other PID namespaces),
+a pid means something only on the host that wrote it, so the sweep removes only files of this
+host whose process is gone, never another's.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from contextlib import suppress
 from typing import Callable, List, Optional, Tuple
@@ -21,7 +28,34 @@ from .errors import InvalidPathError
 log = logging.getLogger(__name__)
 
 TEMP_MARKER = ".asyncckpt-tmp-"
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)" + re.escape(TEMP_MARKER) + r"(?P<pid>\d+)-[0-9a-f]{8}$")
+# ``<host>-<pid>-<random>``; names of older versions had no ``<host>`` (never swept now).
+_TEMP_RE = re.compile(
+    r"^\.(?P<name>.+)" + re.escape(TEMP_MARKER) + r"(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-[0-9a-f]{8}$"
+)
+
+
+def _host_identity() -> str:
+    """8 hex digits naming this host and PID namespace: the scope in which a pid is meaningful.
+
+    Built from the host name, the kernel's boot id (a reboot reuses pids) and the PID namespace
+    (containers on one host number their processes apart).
+    """
+    parts = [socket.gethostname()]
+    for source in ("/proc/sys/kernel/random/boot_id",):
+        try:
+            with open(source) as f:
+                parts.append(f.read().strip())
+        except OSError:
+            pass
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+#: This host's identity in temp file names (see the module docstring).
+HOST_ID = _host_identity()
 
 
 def is_url(path: str) -> bool:
@@ -44,12 +78,12 @@ _NAME_MAX = 255
 def temp_path_for(target: str) -> str:
     """A unique temp file name in the target's folder, so the final rename stays on one filesystem.
 
-    The name is ``.<name>.asyncckpt-tmp-<pid>-<hex8>``; where that would exceed the filesystem's
+    The name is ``.<name>.asyncckpt-tmp-<host>-<pid>-<hex8>``; where that would exceed the filesystem's
     255-byte name limit (a target name that ``torch.save`` itself could still write), ``<name>``
     is shortened, so any name that fits on its own can be written.
     """
     folder, name = os.path.split(target)
-    suffix = f"{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    suffix = f"{TEMP_MARKER}{HOST_ID}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     room = _NAME_MAX - 1 - len(suffix.encode())
     encoded = os.fsencode(name)
     if len(encoded) > room:
@@ -185,26 +219,29 @@ def _pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def find_temp_files(folder: str) -> List[Tuple[str, int]]:
-    """asyncckpt temp files in ``folder``, each with the pid of the process that wrote it."""
+def find_temp_files(folder: str) -> List[Tuple[str, Optional[str], int]]:
+    """asyncckpt temp files in ``folder``, each with the host id (None in older names) and the
+    pid of the process that wrote it."""
     found = []
     with suppress(FileNotFoundError, NotADirectoryError):
         for name in os.listdir(folder):
             match = _TEMP_RE.match(name)
             if match:
-                found.append((os.path.join(folder, name), int(match.group("pid"))))
+                found.append((os.path.join(folder, name), match.group("host"), int(match.group("pid"))))
     return found
 
 
 def cleanup_temp_files(folder: str, *, include_live: bool = False) -> List[str]:
-    """Remove temp files that crashed writers left in ``folder``; returns what was removed.
+    """Remove temp files that crashed writers of this host left in ``folder``; returns them.
 
-    Files of a process that is still running are kept, since it may be writing them, unless
-    ``include_live`` is true.
+    A file is removed only when its name proves it was written on this host (and PID
+    namespace) by a process that is gone; another host's files, and names without a host id,
+    are kept, since their writer may be running elsewhere. ``include_live`` removes every
+    asyncckpt temp file in the folder: only for a folder no writer anywhere is using.
     """
     removed = []
-    for tmp, pid in find_temp_files(folder):
-        if include_live or not _pid_alive(pid):
+    for tmp, host, pid in find_temp_files(folder):
+        if include_live or (host == HOST_ID and not _pid_alive(pid)):
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
                 removed.append(tmp)

@@ -138,6 +138,11 @@ def explain_os_error(err: OSError, target: str) -> OSError:
         return OSError(code, message, err.filename)
 
 
+def load_on_cpu(storage: Any, location: str) -> Any:
+    """``map_location`` that loads every storage onto the CPU (Lightning's default too)."""
+    return storage
+
+
 class TorchCheckpointIO(CheckpointIO):
     """Saves with ``torch.save`` and loads with ``torch.load``; files are ordinary torch files.
 
@@ -212,6 +217,14 @@ class TorchCheckpointIO(CheckpointIO):
         check_target(text)
         return text
 
+    def check_storage_options(self, path: PathLike, storage_options: Optional[Any]) -> None:
+        """Raise ``TypeError`` for ``storage_options`` this IO would refuse (they apply to URLs only)."""
+        if storage_options is not None and local_path_of(os.fspath(path)) is not None:
+            raise TypeError(
+                f"storage_options={storage_options!r} is only used for fsspec URLs; "
+                f"{os.fspath(path)!r} is a local path, so pass storage_options=None"
+            )
+
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None
     ) -> None:
@@ -221,11 +234,7 @@ class TorchCheckpointIO(CheckpointIO):
             if local is None:
                 self._save_url(checkpoint, target, storage_options)
             else:
-                if storage_options is not None:
-                    raise TypeError(
-                        f"storage_options={storage_options!r} is only used for fsspec URLs; "
-                        f"{target!r} is a local path, so pass storage_options=None"
-                    )
+                self.check_storage_options(target, storage_options)
                 try:
                     self._save_local(checkpoint, local)
                 except OSError as err:
@@ -364,11 +373,12 @@ class TorchCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self,
         path: PathLike,
-        map_location: Optional[Any] = None,
+        map_location: Optional[Any] = load_on_cpu,
         weights_only: Optional[bool] = None,
         verify: bool = False,
     ) -> Dict[str, Any]:
-        """``torch.load`` the file at ``path``.
+        """``torch.load`` the file at ``path``, onto the CPU unless ``map_location`` says otherwise
+        (as Lightning's ``TorchCheckpointIO`` does; ``map_location=None`` keeps the saved devices).
 
         With ``verify=True`` the whole file is checked first (its checksum record, or the CRC32
         of every zip record) and :class:`asyncckpt.IntegrityError` is raised for a damaged file.

@@ -204,9 +204,8 @@ class ThreadWriter:
                     error = err
                 op.complete(error)
                 op = None
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 - the thread ends; the cause goes with each failure
             cause = err
-            raise
         finally:
             with self._cv:
                 self._dead = True

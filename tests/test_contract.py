@@ -108,7 +108,7 @@ def test_remove_right_after_save_leaves_no_file(tmp_path, gated_io, writer):
     gated_io.gate.clear()
     io.save_checkpoint({"x": torch.ones(3)}, tmp_path / "a.ckpt")
     io.remove_checkpoint(tmp_path / "a.ckpt")
-    assert gated_io.started.wait(10)
+    assert gated_io.started.wait(120)  # a loaded machine may take long to start the writer process
     gated_io.gate.set()
     io.flush()
     assert not (tmp_path / "a.ckpt").exists()
@@ -281,7 +281,9 @@ def test_stale_temp_files_of_dead_processes_are_cleaned(tmp_path):
     from asyncckpt.storage import temp_path_for
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".a.ckpt.asyncckpt-tmp-{int(dead.stdout)}-0123abcd"
+    from asyncckpt.storage import HOST_ID
+
+    stale = tmp_path / f".a.ckpt.asyncckpt-tmp-{HOST_ID}-{int(dead.stdout)}-0123abcd"
     stale.write_bytes(b"partial")
     live = temp_path_for(str(tmp_path / "b.ckpt"))
     open(live, "wb").close()

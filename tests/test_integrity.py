@@ -161,7 +161,9 @@ def test_the_cli_reports_a_missing_file_and_a_non_checkpoint(tmp_path, capsys):
 
 def test_cleanup_command_removes_stale_temp_files(tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".a.ckpt.asyncckpt-tmp-{int(dead.stdout)}-0123abcd"
+    from asyncckpt.storage import HOST_ID
+
+    stale = tmp_path / f".a.ckpt.asyncckpt-tmp-{HOST_ID}-{int(dead.stdout)}-0123abcd"
     stale.write_bytes(b"partial")
     assert main(["cleanup", str(tmp_path)]) == 0
     assert not stale.exists() and "removed 1" in capsys.readouterr().out

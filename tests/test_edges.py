@@ -1,0 +1,501 @@
+"""Edges of the contract (issue 10), one regression test per way the engine used to break.
+
+Each test here failed on the engine before its fix. Subprocess tests run the same asyncckpt
+that this process imported.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+import asyncckpt
+from asyncckpt import AsyncCheckpointError, AsyncCheckpointIO, TorchCheckpointIO
+from conftest import load
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(asyncckpt.__file__)))
+
+
+def child_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, TESTS]))
+
+
+def run_child(code: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``code`` with ``python -c`` from a folder holding no asyncckpt (``-c`` puts the
+    working folder first on ``sys.path``)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir(),
+    )
+
+
+class OptionsIO(TorchCheckpointIO):
+    """A wrapped IO that takes storage_options for any path (as a remote-storage IO would)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        super().save_checkpoint(checkpoint, path)
+
+
+# -- 1: a save whose message cannot be sent to the writer process ------------------------
+
+
+def test_unsendable_save_raises_at_the_call_and_leaves_nothing_counted(tmp_path):
+    io = AsyncCheckpointIO(OptionsIO(), writer="process", max_pending=2)
+    io.save_checkpoint({"w": torch.ones(4)}, tmp_path / "warm.ckpt")
+    io.flush()
+    with pytest.raises(TypeError, match="storage_options"):
+        io.save_checkpoint({"w": torch.ones(4)}, tmp_path / "a.ckpt", storage_options={"lock": threading.Lock()})
+    assert io.pending == 0 and len(io._free_slots) == 2
+    io.flush(timeout=10)
+    io.save_checkpoint({"w": torch.full((4,), 2.0)}, tmp_path / "a.ckpt")
+    assert torch.equal(io.load_checkpoint(tmp_path / "a.ckpt")["w"], torch.full((4,), 2.0))
+    # the writer dies: no slot is freed twice (two saves would then share buffers)
+    os.kill(io._writer.pid, 9)
+    io._writer._process.join(10)
+    for step in range(4):
+        io.save_checkpoint({"w": torch.full((4,), float(step))}, tmp_path / f"s{step}.ckpt")
+    try:
+        io.flush(timeout=30)
+    except AsyncCheckpointError:
+        pass
+    assert len({id(s) for s in io._free_slots}) == len(io._free_slots) == 2
+    io.teardown()
+    for step in range(4):
+        assert torch.equal(load(tmp_path / f"s{step}.ckpt")["w"], torch.full((4,), float(step)))
+
+
+# -- 2: staged tensors keep their memory alive ---------------------------------------------
+
+
+def test_tensors_kept_by_the_wrapped_io_stay_valid_after_teardown():
+    """A wrapped IO that keeps what it was given (and a failed save's traceback) must never read
+    freed memory: the staged views keep their arena alive. Run in a child, since the old failure
+    was a segfault."""
+    result = run_child(
+        """
+        import gc, torch
+        from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO, AsyncCheckpointError
+
+        class KeepingIO(TorchCheckpointIO):
+            kept = []
+            def save_checkpoint(self, checkpoint, path, storage_options=None):
+                KeepingIO.kept.append(checkpoint)
+                if "fail" in str(path):
+                    raise OSError(28, "no space (injected)")
+                super().save_checkpoint(checkpoint, path, storage_options)
+
+        import tempfile, os
+        folder = tempfile.mkdtemp()
+        io = AsyncCheckpointIO(KeepingIO(), max_pending=1)
+        io.save_checkpoint({"w": torch.full((4 << 20,), 3.0)}, os.path.join(folder, "a.ckpt"))
+        # another layout: the slot's arena is replaced, and the first one is freed by the engine
+        io.save_checkpoint({"w": torch.full(((4 << 20) + 1,), 5.0)}, os.path.join(folder, "fail.ckpt"))
+        try:
+            io.teardown()
+        except AsyncCheckpointError as err:
+            error = err
+        gc.collect()
+        junk = [torch.full((4 << 20,), 9.0) for _ in range(8)]  # reuse whatever was freed
+        print(bool((KeepingIO.kept[0]["w"] == 3.0).all()), bool((KeepingIO.kept[1]["w"] == 5.0).all()))
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "True"]
+
+
+# -- 3: inference mode ----------------------------------------------------------------------
+
+
+def test_first_save_under_inference_mode_does_not_poison_the_slot(tmp_path, writer):
+    io = AsyncCheckpointIO(writer=writer, max_pending=1)
+    model = torch.nn.Linear(4, 4)
+    with torch.inference_mode():
+        io.save_checkpoint({"sd": model.state_dict(), "p": model.weight}, tmp_path / "eval.ckpt")
+    io.flush()
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1)
+    io.save_checkpoint({"sd": model.state_dict(), "p": model.weight}, tmp_path / "train.ckpt")
+    with torch.inference_mode():
+        io.save_checkpoint({"sd": model.state_dict(), "p": model.weight}, tmp_path / "eval2.ckpt")
+    io.teardown()
+    for name in ("train.ckpt", "eval2.ckpt"):
+        out = load(tmp_path / name)
+        assert torch.equal(out["sd"]["weight"], model.weight.detach())
+        assert type(out["p"]) is torch.nn.Parameter and out["p"].requires_grad
+    assert torch.equal(load(tmp_path / "eval.ckpt")["sd"]["weight"], before)
+
+
+# -- 4: relative paths ----------------------------------------------------------------------
+
+
+def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, writer, monkeypatch):
+    for name in ("spawned", "at_call", "later"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "spawned")
+    io = AsyncCheckpointIO(gated_io, writer=writer)
+    io.save_checkpoint({"v": 0}, "warm.ckpt")
+    io.flush()
+    monkeypatch.chdir(tmp_path / "at_call")
+    gated_io.gate.clear()
+    io.save_checkpoint({"v": 1}, os.path.join("ckpt", "a.ckpt"))
+    io.save_checkpoint({"v": 2}, os.path.join("ckpt", "b.ckpt"))
+    io.remove_checkpoint(os.path.join("ckpt", "b.ckpt"))
+    monkeypatch.chdir(tmp_path / "later")
+    gated_io.gate.set()
+    io.flush()
+    assert load(tmp_path / "at_call" / "ckpt" / "a.ckpt") == {"v": 1}
+    assert not (tmp_path / "at_call" / "ckpt" / "b.ckpt").exists()
+    assert not (tmp_path / "later" / "ckpt").exists() and not (tmp_path / "spawned" / "ckpt").exists()
+    io.teardown()
+
+
+# -- 5: SIGTERM while a save is being handed to a busy writer process ----------------------
+
+
+def test_sigterm_during_a_blocked_handoff_drains_as_long_as_the_writes_take(tmp_path):
+    """The writer is busy (its save waits for a gate), so the next save's 64 MB skeleton fills
+    the pipe and ``save_checkpoint`` blocks sending it; SIGTERM lands then. The drain must end
+    when the pending write does (the gate opens 2 s in), not after ``exit_timeout``."""
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    code = f"""
+        import os, signal, sys, threading, time, logging
+        logging.basicConfig(level=logging.WARNING)
+        import torch
+        from asyncckpt import AsyncCheckpointIO
+        from conftest import GatedIO
+
+        if __name__ == "__main__":
+            gated = GatedIO({str(gate_dir)!r})
+            io = AsyncCheckpointIO(gated, writer="process", exit_timeout=60)
+            io.save_checkpoint({{"v": 0}}, {str(tmp_path / "warm.ckpt")!r})
+            io.flush()
+            gated.gate.clear()
+            io.save_checkpoint({{"v": 1}}, {str(tmp_path / "first.ckpt")!r})
+            assert gated.started.wait(30)
+            started = time.monotonic()
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            threading.Timer(2.0, gated.gate.set).start()
+            sys.stderr.write("handing over\\n")
+            sys.stderr.flush()
+            io.save_checkpoint({{"blob": b"x" * (64 << 20)}}, {str(tmp_path / "second.ckpt")!r})
+            sys.stderr.write("returned\\n")
+        """
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(code))
+    result = subprocess.run([sys.executable, str(script)], env=child_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == -15, result.stderr[-3000:]
+    assert "not all written" not in result.stderr, result.stderr[-3000:]
+    assert "finished in" in result.stderr, result.stderr[-3000:]
+    assert load(tmp_path / "first.ckpt") == {"v": 1}
+
+
+# -- 6: the temp-file sweep in a shared folder ---------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_keeps_temp_files_it_cannot_prove_are_this_hosts(tmp_path):
+    """Another host writing into a shared folder (NFS, Lustre): its pid means nothing here. We
+    cannot run a second host, so the test writes the names another host's writer would: the
+    pre-host-id format (pid only) and the current one with another host's id. Neither may be
+    swept; a temp file of this host's dead process still is."""
+    from asyncckpt.storage import cleanup_temp_files, temp_path_for
+
+    dead = _dead_pid()
+    foreign_old = tmp_path / f".a.ckpt.asyncckpt-tmp-{dead}-0123abcd"
+    foreign_old.write_bytes(b"partial")
+    mine = temp_path_for(str(tmp_path / "b.ckpt"))
+    other_host = os.path.basename(mine).replace(f"-{os.getpid()}-", f"-{dead}-")
+    ours_dead = tmp_path / other_host
+    ours_dead.write_bytes(b"partial")
+    host_id = getattr(asyncckpt.storage, "HOST_ID", None)
+    foreign_new = None
+    if host_id is not None:
+        foreign_new = tmp_path / other_host.replace(host_id, "0" * len(host_id))
+        foreign_new.write_bytes(b"partial")
+    removed = cleanup_temp_files(str(tmp_path))
+    assert foreign_old.exists()
+    assert host_id is not None, "temp names carry no host identity"
+    assert foreign_new.exists()
+    assert removed == [str(ours_dead)] and not ours_dead.exists()
+
+
+# -- 7 and 8: inputs torch.save takes ------------------------------------------------------
+
+
+def _same_sharing(a: list, b: list) -> None:
+    """Tensors/storages at the same positions share memory in ``a`` exactly where they do in ``b``."""
+
+    def ptr(x):
+        return x.untyped_storage().data_ptr() if isinstance(x, torch.Tensor) else (
+            x._untyped_storage.data_ptr() if isinstance(x, torch.TypedStorage) else x.data_ptr())
+
+    for i in range(len(a)):
+        for j in range(len(a)):
+            assert (ptr(a[i]) == ptr(a[j])) == (ptr(b[i]) == ptr(b[j])), (i, j)
+
+
+def _save_both(tmp_path, ckpt, writer):
+    torch.save(ckpt, tmp_path / "plain.ckpt")
+    io = AsyncCheckpointIO(writer=writer)
+    io.save_checkpoint(ckpt, tmp_path / "async.ckpt")
+    io.teardown()
+    return load(tmp_path / "plain.ckpt"), load(tmp_path / "async.ckpt")
+
+
+def test_two_storages_at_one_address_are_two_storages(tmp_path, writer):
+    buffer = bytearray(64)
+    big = torch.frombuffer(buffer, dtype=torch.float32)  # like torch.from_numpy twice on one array
+    big.copy_(torch.arange(16.0))
+    small = torch.frombuffer(memoryview(buffer)[:16], dtype=torch.float32)
+    plain, out = _save_both(tmp_path, {"small": small, "big": big}, writer)
+    assert torch.equal(out["small"], small) and torch.equal(out["big"], big)
+    _same_sharing([out["small"], out["big"]], [plain["small"], plain["big"]])
+
+
+def test_nested_tensors_and_storages_round_trip_as_torch_save_gives(tmp_path, writer):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nested = torch.nested.nested_tensor([torch.ones(2), torch.arange(3.0)])
+        base = torch.arange(8.0)
+        typed = base.storage()  # a TypedStorage sharing memory with ``base``
+        with_attr = base[2:]
+        with_attr.note = "x"
+        bare = torch.UntypedStorage(12)
+        bare.fill_(7)
+        ckpt = {"nested": nested, "base": base, "typed": typed, "attr": with_attr, "bare": bare}
+        plain, out = _save_both(tmp_path, ckpt, writer)
+        assert out["nested"].is_nested
+        for got, want in zip(out["nested"].unbind(), nested.unbind(), strict=True):
+            assert torch.equal(got, want)
+        assert torch.equal(out["attr"], with_attr) and out["attr"].note == "x"
+        assert list(out["typed"]) == list(typed) and bytes(out["bare"]) == bytes(bare)
+        _same_sharing([out["base"], out["typed"], out["attr"], out["bare"]],
+                      [plain["base"], plain["typed"], plain["attr"], plain["bare"]])
+
+
+# -- 9: teardown from another thread while saving ------------------------------------------
+
+
+@pytest.mark.slow
+def test_teardown_concurrent_with_saves_never_crashes_or_mixes(tmp_path):
+    io = AsyncCheckpointIO(max_pending=2, staging_threads=3)
+    errors: list = []
+    stop = threading.Event()
+    big = torch.zeros(3 << 20)  # 12 MB: the parallel copy is used
+
+    def saver() -> None:
+        step = 0
+        while not stop.is_set():
+            step += 1
+            big.fill_(float(step))
+            try:
+                io.save_checkpoint({"w": big, "step": step}, tmp_path / f"{step % 3}.ckpt")
+            except AsyncCheckpointError:
+                pass
+            except BaseException as err:  # noqa: BLE001 - what the test looks for
+                errors.append(err)
+                return
+
+    def tearer() -> None:
+        while not stop.is_set():
+            try:
+                io.teardown()
+            except AsyncCheckpointError:
+                pass
+            except BaseException as err:  # noqa: BLE001
+                errors.append(err)
+                return
+
+    threads = [threading.Thread(target=saver), threading.Thread(target=tearer)]
+    for t in threads:
+        t.start()
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    io.teardown()
+    assert not errors, errors
+    for i in range(3):
+        path = tmp_path / f"{i}.ckpt"
+        if path.exists():
+            out = load(path)
+            assert torch.equal(out["w"], torch.full_like(out["w"], float(out["step"])))
+
+
+# -- 10: old writers leak ------------------------------------------------------------------
+
+
+def test_torn_down_writers_are_not_kept_alive(tmp_path):
+    from asyncckpt.writer import ThreadWriter
+
+    io = AsyncCheckpointIO()
+    for i in range(20):
+        io.save_checkpoint({"i": i}, tmp_path / "a.ckpt")
+        io.teardown()
+    gc.collect()
+    assert sum(isinstance(o, ThreadWriter) for o in gc.get_objects()) <= 1
+
+
+def test_dead_writer_processes_leak_no_descriptors(tmp_path):
+    io = AsyncCheckpointIO(writer="process")
+    io.save_checkpoint({"i": 0}, tmp_path / "a.ckpt")
+    io.flush()
+
+    def kill_and_replace() -> None:
+        old = io._writer
+        os.kill(old.pid, 9)
+        old._process.join(10)
+        io.save_checkpoint({"i": 1}, tmp_path / "a.ckpt")  # nothing was in flight: a new writer takes it
+        io.flush(timeout=180)
+        assert io._writer is not old
+
+    kill_and_replace()
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):  # each death leaked a socket and two pipes
+        kill_and_replace()
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+    io.teardown()
+
+
+# -- 11: classes the writer process cannot import -------------------------------------------
+
+
+def test_class_from_a_main_without_a_file_is_refused_at_the_call(tmp_path):
+    result = run_child(
+        f"""
+        import torch
+        from asyncckpt import AsyncCheckpointIO
+
+        class Config:
+            lr = 0.1
+
+        io = AsyncCheckpointIO(writer="process")
+        try:
+            io.save_checkpoint({{"cfg": Config()}}, {str(tmp_path / "a.ckpt")!r})
+        except TypeError as err:
+            print("REFUSED", err)
+        io.teardown()
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED" in result.stdout and "__main__" in result.stdout, (result.stdout, result.stderr[-2000:])
+
+
+# -- 12: API edges -------------------------------------------------------------------------
+
+
+def test_async_with_keeps_the_bodys_own_exception(tmp_path):
+    import anyio
+
+    from conftest import FailingIO
+
+    async def main() -> None:
+        io = AsyncCheckpointIO(FailingIO())
+        async with io:
+            await io.asave_checkpoint({"x": 1}, tmp_path / "fail.ckpt")
+            await anyio.sleep(0.5)
+            raise KeyError("the body's own error")
+
+    with pytest.raises(KeyError, match="the body's own error") as info:
+        anyio.run(main)
+    assert any("fail.ckpt" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_storage_options_for_a_local_path_raise_at_the_call(tmp_path):
+    io = AsyncCheckpointIO()
+    with pytest.raises(TypeError, match="storage_options"):
+        io.save_checkpoint({"x": 1}, tmp_path / "a.ckpt", storage_options={"anon": True})
+    assert io.pending == 0
+    io.flush()
+    io.teardown()
+
+
+@pytest.mark.lightning
+def test_storage_options_refused_at_the_call_as_lightnings_torch_io_does(tmp_path):
+    lightning_io = pytest.importorskip("lightning.fabric.plugins.io.torch_io")
+    io = AsyncCheckpointIO(lightning_io.TorchCheckpointIO())
+    with pytest.raises(TypeError, match="storage_options"):
+        io.save_checkpoint({"x": 1}, tmp_path / "a.ckpt", storage_options={"anon": True})
+    io.flush()
+    io.teardown()
+
+
+# -- settled: defaults and slot reuse --------------------------------------------------------
+
+
+def test_load_defaults_to_the_cpu_as_lightning_does(tmp_path):
+    """A file whose storages are tagged with another device loads onto the CPU unless the caller
+    asks otherwise (Lightning's TorchCheckpointIO: ``map_location=lambda storage, loc: storage``).
+    The device tag is written by a location tagger registered for the test, as a CUDA run would."""
+    from torch import serialization
+
+    def tagger(storage):
+        return "fakegpu:0" if storage.device.type == "cpu" else None
+
+    def restore_fake(storage, location):
+        if location.startswith("fakegpu"):
+            raise RuntimeError("would load onto the device")
+        return None
+
+    serialization.register_package(1, tagger, restore_fake)
+    try:
+        torch.save({"w": torch.ones(3)}, tmp_path / "a.ckpt")
+    finally:
+        serialization._package_registry[:] = [e for e in serialization._package_registry if e[1] is not tagger]
+    serialization.register_package(1, lambda s: None, restore_fake)
+    try:
+        out = TorchCheckpointIO().load_checkpoint(tmp_path / "a.ckpt")
+        assert out["w"].device.type == "cpu"
+        io = AsyncCheckpointIO()
+        assert io.load_checkpoint(tmp_path / "a.ckpt")["w"].device.type == "cpu"
+        io.teardown()
+    finally:
+        serialization._package_registry[:] = [e for e in serialization._package_registry if e[2] is not restore_fake]
+
+
+def test_alternating_layouts_reuse_their_slots(tmp_path):
+    io = AsyncCheckpointIO(max_pending=2)
+    small = {"w": torch.ones(1000)}
+    large = {"w": torch.ones(3000), "b": torch.ones(10)}
+    arenas = set()
+    for i in range(6):
+        io.save_checkpoint(small, tmp_path / "small.ckpt")
+        io.save_checkpoint(large, tmp_path / "large.ckpt")
+        io.flush()
+        if i >= 1:
+            arenas |= {s.arena.id for s in io._free_slots}
+    assert len(arenas) == 2
+    io.teardown()
+
+
+def test_staging_memory_stays_within_max_pending_times_the_checkpoint(tmp_path):
+    io = AsyncCheckpointIO(max_pending=1)
+    io.save_checkpoint({"w": torch.ones(1 << 20)}, tmp_path / "a.ckpt")
+    io.flush()
+    io.save_checkpoint({"w": torch.ones(600_000)}, tmp_path / "a.ckpt")  # 60% of the first
+    io.flush()
+    (slot,) = io._free_slots
+    assert slot.nbytes <= 600_000 * 4 + 64
+    io.teardown()
