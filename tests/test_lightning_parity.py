@@ -311,7 +311,6 @@ def test_storage_options_fail_at_the_call_after_fit(fam, tmp_path):
     assert io.pending == 0 and not list(tmp_path.glob("*asyncckpt-tmp*"))
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 10 (defect 12): TypeError at the call for a local path")
 def test_storage_options_fail_at_the_call_during_fit(fam, tmp_path):
     seen = {}
 
@@ -400,7 +399,6 @@ KEEPING_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs issue 10 (defect 2): staged tensors keep their memory alive")
 def test_a_wrapped_io_may_keep_the_tensors_it_was_given(fam, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", KEEPING_SCRIPT, fam.name, os.path.join(REPO, "tests"), str(tmp_path)],
