@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_io import CheckpointIO, PathLike
 from .errors import CheckpointLoadError, InvalidPathError
-from .storage import local_path_of
+from .storage import fsync_folder, local_path_of
 
 log = logging.getLogger("asyncckpt")
 
@@ -85,13 +85,6 @@ class LocalShard:
     def __reduce__(self) -> Tuple[Any, ...]:
         return (LocalShard, (self.local, self.spec))
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_storage_writer(path: str, before_commit: Optional[Callable[[str], None]], **options: Any) -> Any:
@@ -137,7 +130,7 @@ def _make_storage_writer(path: str, before_commit: Optional[Callable[[str], None
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
-            _fsync_dir(folder)
+            fsync_folder(folder)
             keep = {info.relative_path for info in storage.values()}
             for name in os.listdir(folder):
                 stale = (_SHARD_FILE.match(name) and name not in keep) or (

@@ -326,7 +326,7 @@ class LazyStager:
         if not large:  # every storage is small: exactly the eager copy, at the eager cost
             with torch.no_grad():
                 waiter = stager._copy(slot, tensors, storages)
-            return self._staged(skeleton, slot, tensor_bytes, started, waiter)
+            return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter)
         eager_dst: List[torch.Tensor] = []
         eager_src: List[torch.Tensor] = []
         lazy_cpu: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
@@ -373,7 +373,7 @@ class LazyStager:
                 eager_waiter()
             job.wait_for_writer()
 
-        return self._staged(skeleton, slot, tensor_bytes, started, wait_for_copies)
+        return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, wait_for_copies)
 
     def _large_groups(self, slot: Any) -> Set[int]:
         """The slot's storages copied lazily: above EAGER_MAX_BYTES, on CPU or CUDA (cached per layout)."""
@@ -388,18 +388,6 @@ class LazyStager:
         self._large[slot.index] = (slot.layout, large)
         return large
 
-    @staticmethod
-    def _staged(skeleton: bytes, slot: Any, tensor_bytes: int, started: float, waiter: Any) -> Any:
-        return StagedCheckpoint(
-            skeleton=skeleton,
-            tensors=list(slot.views),
-            tensor_bytes=tensor_bytes,
-            arena=slot.arena,
-            groups=slot.groups,
-            specs=slot.layout[1] if slot.layout else (),
-            staging_seconds=time.perf_counter() - started,
-            wait_for_copies=waiter,
-        )
 
     def _start_cuda(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> Any:
         """Device-to-pinned copies on a side stream that the training stream does not wait for."""

@@ -51,6 +51,23 @@ class StagedCheckpoint:
     staging_seconds: float = 0.0
     wait_for_copies: Optional[Callable[[], None]] = None
 
+    @classmethod
+    def from_slot(
+        cls, skeleton: bytes, slot: "StagingSlot", tensor_bytes: int, started: float,
+        wait_for_copies: Optional[Callable[[], None]] = None,
+    ) -> "StagedCheckpoint":
+        """What a stager hands the writer once ``slot`` holds (or is receiving) the tensors."""
+        return cls(
+            skeleton=skeleton,
+            tensors=list(slot.views),
+            tensor_bytes=tensor_bytes,
+            arena=slot.arena,
+            groups=slot.groups,
+            specs=slot.layout[1] if slot.layout else (),
+            staging_seconds=time.perf_counter() - started,
+            wait_for_copies=wait_for_copies,
+        )
+
     def materialize(self) -> Any:
         """Rebuild the checkpoint object with host tensors, ready for ``torch.save``."""
         self.wait()
@@ -134,16 +151,7 @@ class Stager:
         # the saves after it; reading inference tensors there is allowed.
         with torch.inference_mode(False):
             tensor_bytes, waiter = self._copy_into(slot, tensors)
-        return StagedCheckpoint(
-            skeleton=skeleton,
-            tensors=list(slot.views),
-            tensor_bytes=tensor_bytes,
-            arena=slot.arena,
-            groups=slot.groups,
-            specs=slot.layout[1] if slot.layout else (),
-            staging_seconds=time.perf_counter() - started,
-            wait_for_copies=waiter,
-        )
+        return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter)
 
     def _copy_into(self, slot: StagingSlot, tensors: List[torch.Tensor]) -> Tuple[int, Optional[Callable[[], None]]]:
         storages, tensor_bytes = self.prepare(slot, tensors)

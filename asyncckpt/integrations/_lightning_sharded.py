@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..distributed import DistributedCheckpointIO, _fsync_dir, _local_folder, _remove_folder
+from ..distributed import DistributedCheckpointIO, _local_folder, _remove_folder
+from ..storage import fsync_folder
 
 META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
 
@@ -106,7 +107,7 @@ def _meta_writer(meta: Dict[str, Any]) -> Callable[[str], None]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _fsync_dir(folder)
+        fsync_folder(folder)
 
     return write
 
