@@ -91,6 +91,9 @@ class Harness:
         writer = self.io._writer
         if writer is not None and writer.pid is not None and writer.alive:
             os.kill(writer.pid, signal.SIGKILL)
+            # Reap it before going on: a writer killed in one example but not yet seen dead would
+            # fail a save of the next example, whose model knows of no kill.
+            writer._process.join(30)
             self.deaths += 1
 
 
