@@ -251,13 +251,19 @@ class DistributedCheckpointIO(CheckpointIO):
         self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None
     ) -> None:
         """Collective: write this rank's part of ``checkpoint`` into the DCP folder ``path``."""
+        folder, state = self._begin_save(checkpoint, path, storage_options)
+        self._save_state(state, folder, None)
+
+    def _begin_save(
+        self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any]
+    ) -> Tuple[str, Any]:
+        """The checks and conversion every sharded save starts with: (folder, state with DTensors)."""
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
         folder = _local_folder(path)
         self._ensure_group()
         with torch.no_grad():
-            state = self._from_local(checkpoint)
-        self._save_state(state, folder, None)
+            return folder, self._from_local(checkpoint)
 
     def _save_state(self, state: Dict[str, Any], folder: str, before_commit: Optional[Callable[[str], None]]) -> None:
         import torch.distributed as dist

@@ -57,12 +57,8 @@ class LightningShardedIO(DistributedCheckpointIO):
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None
     ) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
-        folder = _local_folder(path)
-        self._ensure_group()
-        with torch.no_grad():
-            rest = dict(self._from_local(checkpoint))
+        folder, state = self._begin_save(checkpoint, path, storage_options)
+        rest = dict(state)
         converted = {self.model_key: rest.pop("state_dict")}
         converted.update({f"optimizer_{i}": s for i, s in enumerate(rest.pop("optimizer_states", []))})
         self._save_state(converted, folder, _meta_writer(rest))
