@@ -34,10 +34,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncckpt import AsyncCheckpointError, AsyncCheckpointIO, TorchCheckpointIO
+from asyncckpt.errors import FlushTimeoutError
 from asyncckpt.storage import cleanup_temp_files
 from conftest import temp_files
 
-RESTART_BUDGET = {"thread": 10**9, "process": 6}
+RESTART_BUDGET = {"thread": 10**9, "process": 20}
+# No single call may take this long, even on a loaded machine (a writer process starts in about
+# 1 s idle, 25 s at load average 11): longer is reported as a hang, with the program.
+HANG_SECONDS = 120
 
 
 class DyingIO(TorchCheckpointIO):
@@ -177,7 +181,9 @@ class Player:
             self.history[i] = [value]  # known now: nothing else of this thread's is queued on it
         elif kind == "flush":
             try:
-                io.flush(timeout=120)
+                io.flush(timeout=HANG_SECONDS)
+            except FlushTimeoutError:
+                raise
             except AsyncCheckpointError:
                 pass
         elif kind == "teardown":
@@ -201,8 +207,8 @@ def check_example(harness: Harness, programs) -> None:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(180)
-        assert not any(t.is_alive() for t in threads), "a call hung"
+            t.join(3 * HANG_SECONDS)
+        assert not any(t.is_alive() for t in threads), f"a call hung: programs={programs}"
         for p in players:
             if p.failures:
                 raise p.failures[0]
@@ -210,10 +216,12 @@ def check_example(harness: Harness, programs) -> None:
             harness.io_impl.armed.clear()
         io = harness.io
         try:
-            io.flush(timeout=120)
+            io.flush(timeout=HANG_SECONDS)
+        except FlushTimeoutError:
+            raise AssertionError(f"a flush hung: {io.pending} operations pending, programs={programs}") from None
         except AsyncCheckpointError:
             pass
-        io.flush(timeout=120)  # every failure was raised once; now clean
+        io.flush(timeout=HANG_SECONDS)  # every failure was raised once; now clean
         assert io.pending == 0
         with io._cv:
             slots = list(io._free_slots)
@@ -230,19 +238,11 @@ def check_example(harness: Harness, programs) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "writer",
-    [
-        "thread",
-        pytest.param(
-            "process",
-            # Open question, not a known engine defect: this variant failed at position 2 of two
-            # full-suite tox runs and passed in every run of this file alone; the cause was not
-            # found before the session ended. Kept running (non-strict) so its report stays visible.
-            marks=pytest.mark.xfail(strict=False, reason="fails in some full-suite runs; cause under investigation"),
-        ),
-    ],
-)
+# The whole run, not one call, is what the suite's default 300 s limit measured: a copy of this
+# test with 800 examples took 70 s idle and 262-318 s at load 6, and failed on that limit alone
+# (which is how earlier full-suite runs failed). A hang is caught per call, above.
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("writer", ["thread", "process"])
 def test_two_threads_and_writer_deaths_against_a_model_of_the_folder(writer):
     harness = _HARNESSES.setdefault(writer, Harness(writer))
     started = time.monotonic()
