@@ -91,9 +91,15 @@ class XLACheckpointIO(TorchCheckpointIO):
 
         return bool(xm.is_master_ordinal(local=not self.global_master))
 
+    def check_storage_options(self, path: PathLike, storage_options: Optional[Any]) -> None:
+        # Declared here, beside the save that honours it, so that AsyncCheckpointIO refuses
+        # bad storage_options at the call rather than in the background.
+        super().check_storage_options(path, storage_options)
+
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None
     ) -> None:
+        self.check_storage_options(path, storage_options)  # on every ordinal, not just the writer
         cpu_checkpoint = checkpoint_to_cpu(checkpoint)  # every ordinal syncs, as in xm.save
         if self.should_write():
             super().save_checkpoint(cpu_checkpoint, path, storage_options)

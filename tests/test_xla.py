@@ -113,6 +113,17 @@ def test_xla_checkpoint_io_master_only_writes_on_the_master(tmp_path, device, mo
     assert (tmp_path / "every.ckpt").exists()
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_storage_options_for_a_local_path_are_refused_at_the_call(tmp_path, device, writer):
+    io = AsyncCheckpointIO(XLACheckpointIO(), writer=writer)
+    with pytest.raises(TypeError, match="only used for fsspec URLs"):
+        io.save_checkpoint({"w": torch.ones(2).to(device)}, tmp_path / "a.ckpt", storage_options={"x": 1})
+    assert io.pending == 0 and list(tmp_path.iterdir()) == []
+    io.save_checkpoint({"w": torch.ones(2).to(device)}, tmp_path / "b.ckpt")  # the engine works on
+    io.teardown()
+    assert torch.equal(torch.load(tmp_path / "b.ckpt", weights_only=True)["w"], torch.ones(2))
+
+
 def test_process_writer_with_xla_io_never_starts_xla_in_the_writer(tmp_path, device):
     io = AsyncCheckpointIO(XLACheckpointIO(), writer="process")
     io.save_checkpoint({"w": torch.arange(6.0).to(device)}, tmp_path / "a.ckpt")
