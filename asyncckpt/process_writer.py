@@ -12,6 +12,7 @@ their staging slots are freed; the next operation starts a fresh writer process.
 
 from __future__ import annotations
 
+import ast
 import io
 import logging
 import mmap
@@ -24,7 +25,7 @@ import threading
 import traceback
 import weakref
 from multiprocessing import reduction
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import NotSerializableError, WriterDiedError
 from .writer import Operation, WriterGoneError, perform
@@ -82,37 +83,116 @@ def main_is_importable() -> bool:
     return path is not None and os.path.splitext(os.path.basename(path))[0] != "ipython"
 
 
-class _MainReference(Exception):
-    pass
-
-
 class _MainProbe(pickle.Unpickler):
+    """Reads a skeleton only to list the ``__main__`` names it refers to."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.main_names: List[str] = []
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "__main__":
-            raise _MainReference(name)
+            self.main_names.append(name)
+            return type(name.split(".")[-1], (), {})  # a stand-in: only the name matters here
         return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         return None
 
 
-def check_main_references(skeleton: bytes, path: str) -> None:
-    """Refuse, at the call, a checkpoint holding classes or functions of a ``__main__`` that the
-    writer process cannot import; it would otherwise fail later, in the background."""
-    if b"__main__" not in skeleton or main_is_importable():
-        return
+def _main_names(skeleton: bytes) -> List[str]:
+    probe = _MainProbe(skeleton)
     try:
-        _MainProbe(io.BytesIO(skeleton)).load()
-    except _MainReference as ref:
-        raise NotSerializableError(
-            f"cannot save checkpoint {path!r} with writer='process': it holds {ref.args[0]!r}, defined "
-            "in __main__ of a program the writer process cannot import (python -c, a notebook, an "
-            "interactive session). Move the definition into a module (a .py file you import), or use "
-            "writer='thread'",
-            path,
-        ) from None
-    except Exception:  # noqa: BLE001 - only the __main__ lookup is of interest here
+        probe.load()
+    except Exception:  # noqa: BLE001 - a stand-in may not rebuild; the names seen so far count
+        pass
+    return probe.main_names
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    """``__name__ == "__main__"`` (either way round)."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides) and any(
+        isinstance(x, ast.Constant) and x.value == "__main__" for x in sides
+    )
+
+
+def _top_level_names(body: List[ast.stmt], guarded: bool, out: Dict[str, bool]) -> None:
+    """Names bound at module level; ``out[name]`` is True while every binding is inside an
+    ``if __name__ == "__main__":`` block (which spawn's re-import does not run)."""
+    for node in body:
+        bound: List[str] = []
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            bound = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            bound = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound = [(a.asname or a.name).split(".")[0] for a in node.names]
+        elif isinstance(node, ast.If):
+            _top_level_names(node.body, guarded or _is_main_guard(node.test), out)
+            _top_level_names(node.orelse, guarded, out)
+        elif isinstance(node, (ast.Try, ast.With, ast.For, ast.While)):
+            for part in ("body", "orelse", "finalbody"):
+                _top_level_names(getattr(node, part, []), guarded, out)
+            for handler in getattr(node, "handlers", []):
+                _top_level_names(handler.body, guarded, out)
+        for name in bound:
+            out[name] = out.get(name, True) and guarded
+
+
+_GUARDED: Dict[Tuple[str, float], Dict[str, bool]] = {}
+
+
+def _names_only_under_main_guard(path: str) -> Dict[str, bool]:
+    """For the main file: which module-level names exist only under the ``__main__`` guard."""
+    try:
+        key = (path, os.stat(path).st_mtime)
+        if key not in _GUARDED:
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read(), path)
+            found: Dict[str, bool] = {}
+            _top_level_names(tree.body, False, found)
+            _GUARDED[key] = found
+        return _GUARDED[key]
+    except (OSError, SyntaxError, ValueError):
+        return {}  # cannot tell: let the writer try
+
+
+def _refuse_main_reference(name: str, path: str, why: str) -> NotSerializableError:
+    return NotSerializableError(
+        f"cannot save checkpoint {path!r} with writer='process': it holds {name!r}, defined in "
+        f"__main__ {why}, which the writer process cannot import. Move the definition into a module "
+        "(a .py file you import) or to the top level of the main file, or use writer='thread'",
+        path,
+    )
+
+
+def check_main_references(skeleton: bytes, path: str) -> None:
+    """Refuse, at the call, a checkpoint holding classes or functions of ``__main__`` that the
+    writer process cannot import; it would otherwise fail later, in the background.
+
+    The writer is spawned, and spawn re-imports the main file as ``__mp_main__`` without running
+    its ``if __name__ == "__main__":`` block, and cannot re-import ``python -c`` or a notebook.
+    """
+    if b"__main__" not in skeleton:
         return
+    names = _main_names(skeleton)
+    if not names:
+        return
+    if not main_is_importable():
+        raise _refuse_main_reference(
+            names[0], path, "of a program that spawn cannot re-import (python -c, a notebook, an interactive session)"
+        ) from None
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is None:
+        return
+    guarded = _names_only_under_main_guard(main_file)
+    for name in names:
+        if guarded.get(name.split(".")[0], False):
+            raise _refuse_main_reference(name, path, 'inside its `if __name__ == "__main__":` block') from None
 
 
 class ProcessWriter:

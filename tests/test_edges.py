@@ -403,6 +403,39 @@ def test_class_from_a_main_without_a_file_is_refused_at_the_call(tmp_path):
     assert "REFUSED" in result.stdout and "__main__" in result.stdout, (result.stdout, result.stderr[-2000:])
 
 
+def test_class_defined_under_the_main_guard_of_a_script_is_refused_at_the_call(tmp_path):
+    """Spawn re-imports a script without running its ``if __name__ == "__main__":`` block, so a
+    class defined there cannot be rebuilt by the writer; one at the script's top level can."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import torch
+        from asyncckpt import AsyncCheckpointIO
+
+        class TopLevel:
+            lr = 0.1
+
+        if __name__ == "__main__":
+            class Guarded:
+                lr = 0.2
+
+            io = AsyncCheckpointIO(writer="process")
+            io.save_checkpoint({{"cfg": TopLevel()}}, {str(tmp_path / "top.ckpt")!r})
+            try:
+                io.save_checkpoint({{"cfg": {{"nested": [Guarded()]}}}}, {str(tmp_path / "guarded.ckpt")!r})
+            except TypeError as err:
+                print("REFUSED", err)
+            io.teardown()
+        """
+    ))
+    result = subprocess.run([sys.executable, str(script)], env=child_env(), capture_output=True, text=True,
+                            timeout=180, cwd=tempfile.gettempdir())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED" in result.stdout and "Guarded" in result.stdout, (result.stdout, result.stderr[-2000:])
+    assert "failed in the background" not in result.stderr, result.stderr[-2000:]
+    assert (tmp_path / "top.ckpt").exists() and not (tmp_path / "guarded.ckpt").exists()
+
+
 # -- 12: API edges -------------------------------------------------------------------------
 
 
