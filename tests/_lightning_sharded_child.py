@@ -2,7 +2,8 @@
 
 ``python _lightning_sharded_child.py FAMILY MODE OUT``: FAMILY is ``lightning`` or
 ``pytorch_lightning``; MODE ``sync`` (the strategy's own DCP save) or ``async`` (asyncckpt's
-plugin and callback). Lightning starts the second rank by running this script again. It fits
+plugin and callback) or ``plugin_only`` (the plugin without the callback: the strategy saves
+synchronously and the plugin must say so at teardown; only the first fit). Lightning starts the second rank by running this script again. It fits
 8 steps with ``ModelCheckpoint(save_top_k=2, save_last=True, every_n_train_steps=2)``, then
 resumes from ``last.ckpt`` in a new Trainer, fits to step 12, and calls ``trainer.save_checkpoint``
 (``OUT/manual.ckpt``). Rank 0 writes ``OUT/result.json``.
@@ -14,6 +15,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 
 import torch
 
@@ -52,8 +54,9 @@ class Sharded(pl.LightningModule):
 
 def trainer(max_steps: int) -> object:
     plugins, callbacks = [], []
-    if MODE == "async":
+    if MODE in ("async", "plugin_only"):
         plugins.append(ours.AsyncCheckpointIO())
+    if MODE == "async":
         callbacks.append(ours.AsyncCheckpointCallback(log_stats=False))
     callbacks.append(
         pl.callbacks.ModelCheckpoint(
@@ -80,7 +83,25 @@ def trainer(max_steps: int) -> object:
     )
 
 
+def plugin_only() -> None:
+    first = trainer(8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first.fit(Sharded())
+    if first.is_global_zero:
+        result = {
+            "after_first": sorted(os.listdir(os.path.join(OUT, "ckpt"))),
+            "warnings": [str(w.message) for w in caught if "asyncckpt" in str(w.message)],
+            "engine_saves": len(first.strategy.checkpoint_io.stats),
+        }
+        with open(os.path.join(OUT, "result.json"), "w") as f:
+            json.dump(result, f)
+
+
 def main() -> None:
+    if MODE == "plugin_only":
+        plugin_only()
+        return
     first = trainer(8)
     first.fit(Sharded())
     after_first = sorted(os.listdir(os.path.join(OUT, "ckpt")))

@@ -1,7 +1,8 @@
 """Lightning's ModelParallelStrategy (FSDP2) on CPU, 2 processes, saving through asyncckpt.
 
 Three real runs of ``_lightning_sharded_child.py`` side by side: the strategy's own synchronous
-DCP save (``lightning``), and asyncckpt's plugin + callback in both package families. Each fits
+DCP save (``lightning``), and asyncckpt's plugin + callback in both package families (and the
+plugin alone, which cannot reach a sharded save and must say so). Each fits
 with top-k and last checkpoints, then resumes from ``last.ckpt`` (Lightning's own loader reads
 our folder) and fits on. The async runs must leave the same checkpoints, with the same values,
 as the synchronous one. Lightning's ``FSDPStrategy`` needs a GPU and is not run here.
@@ -26,7 +27,7 @@ from asyncckpt.distributed import METADATA_FILE  # noqa: E402
 from asyncckpt.integrations._lightning_sharded import META_FILE, LightningShardedIO  # noqa: E402
 
 CHILD = os.path.join(TESTS, "_lightning_sharded_child.py")
-RUNS = (("lightning", "sync"), ("lightning", "async"), ("pytorch_lightning", "async"))
+RUNS = (("lightning", "sync"), ("lightning", "async"), ("pytorch_lightning", "async"), ("lightning", "plugin_only"))
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,12 @@ def test_async_run_keeps_the_same_checkpoints_as_the_synchronous_save(runs, fami
         assert same(mine["optimizer_states"], theirs["optimizer_states"]), name
         for key in ("global_step", "epoch"):
             assert mine[key] == theirs[key], (name, key)
+
+
+@pytest.mark.slow
+def test_plugin_without_the_callback_warns_that_sharded_saves_were_synchronous(runs):
+    _, sync = runs[("lightning", "sync")]
+    _, alone = runs[("lightning", "plugin_only")]
+    assert alone["after_first"] == sync["after_first"]  # saved, by the strategy itself
+    assert alone["engine_saves"] == 0
+    assert any("AsyncCheckpointCallback" in w and "synchronously" in w for w in alone["warnings"]), alone

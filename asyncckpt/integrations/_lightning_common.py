@@ -187,6 +187,7 @@ def _make_io_class(wrapping_cls: type, family: str, in_stage: Callable[[], bool]
 
         def remove_checkpoint(self, path: Any) -> None:
             """In a running stage: queue the removal behind earlier operations; elsewhere: remove now."""
+            _lightning_sharded.warn_if_bypassed(self)
             if not in_stage():
                 self._now().remove_checkpoint(path)
                 return
@@ -237,6 +238,7 @@ def _make_io_class(wrapping_cls: type, family: str, in_stage: Callable[[], bool]
             added as a note to the exception in flight, which Lightning then re-raises.
             """
             in_flight = sys.exc_info()[1]
+            _lightning_sharded.warn_if_bypassed(self)
             try:
                 super().teardown()
             except Exception as err:

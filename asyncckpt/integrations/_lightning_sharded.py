@@ -17,7 +17,9 @@ it to the ``CheckpointIO`` on global rank 0.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
+import warnings
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -106,6 +108,37 @@ def _meta_writer(meta: Dict[str, Any]) -> Callable[[str], None]:
         fsync_folder(folder)
 
     return write
+
+
+def warn_if_bypassed(engine: Any, depth: int = 8) -> None:
+    """Warn, once per engine, when the strategy calling ``engine`` writes sharded checkpoints
+    past it (the plugin was given without ``AsyncCheckpointCallback``).
+
+    Lightning never calls a ``CheckpointIO`` before a sharded strategy saves, so the plugin alone
+    cannot connect itself. It is called for the strategy's removals (``ModelCheckpoint`` top-k,
+    a replaced ``last``) and, by ``FSDPStrategy`` though not ``ModelParallelStrategy``, at
+    teardown: there it finds the strategy on the caller's stack and says what is happening.
+    """
+    if getattr(engine, "_asyncckpt_warned_bypass", False):
+        return
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return
+        strategy = frame.f_locals.get("self")
+        if strategy is not None and _has_class(strategy, "Strategy"):
+            if sharded_model_key(strategy) is not None and getattr(strategy, "_asyncckpt_engine", None) is not engine:
+                engine._asyncckpt_warned_bypass = True
+                warnings.warn(
+                    f"asyncckpt: {type(strategy).__name__} writes its sharded checkpoints itself and does "
+                    "not call its CheckpointIO, so this run's checkpoints are saved synchronously. Add "
+                    "AsyncCheckpointCallback() to the Trainer's callbacks: it connects the strategy to the "
+                    "plugin and its saves go to the background (docs/distributed.md)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return
+        frame = frame.f_back
 
 
 def connect(strategy: Any, engine: Any) -> bool:
