@@ -127,7 +127,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         writer_nice: niceness added to the writer process (``writer="process"`` only), so
             the OS favours the training process when both want a core.
         staging_threads: threads that share the host-to-host copy while the caller waits
-            (default: the cores this process may use, up to 4; 1 copies on the caller alone).
+            (default: the cores this process may use, divided among the ranks of this
+            machine (``LOCAL_WORLD_SIZE``), up to 4; 1 copies on the caller alone).
         exit_timeout: seconds allowed at interpreter exit or on SIGTERM to write pending saves.
         handle_sigterm: install a SIGTERM handler that writes pending saves before the process
             ends, then hands the signal on (see :mod:`asyncckpt._exit`).

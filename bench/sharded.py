@@ -76,6 +76,7 @@ def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
     from asyncckpt.distributed import DistributedCheckpointIO
 
     torch.set_num_threads(cfg["threads"])
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # as torchrun sets it: all ranks on this machine
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=600)
     )

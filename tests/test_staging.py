@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -52,3 +54,20 @@ def test_engine_with_several_staging_threads_keeps_point_in_time(tmp_path, stagi
 def test_staging_threads_must_be_positive():
     with pytest.raises(ValueError, match="staging_threads"):
         AsyncCheckpointIO(staging_threads=0)
+
+
+def test_default_staging_threads_share_the_machine_among_its_ranks(monkeypatch):
+    from asyncckpt._copier import default_staging_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_staging_threads() == 4  # one process: every core, up to 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_staging_threads() == 2  # 8 ranks on 16 cores: 2 each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_staging_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert default_staging_threads() == 3  # pinned to 3 cores: that is this rank's share already
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    assert default_staging_threads() == 3
