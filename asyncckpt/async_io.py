@@ -285,7 +285,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         try:
             if self._lazy is not None:
                 with torch.inference_mode(False):  # staging memory is never made of inference tensors
-                    staged = self._lazy.stage(checkpoint, slot, key)
+                    staged = self._lazy.stage(
+                        checkpoint, slot, key, getattr(self._wrapped(), "version_owner", None)
+                    )
             else:
                 staged = self._stager.stage(checkpoint, slot, key)
         except BaseException:

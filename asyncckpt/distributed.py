@@ -32,6 +32,7 @@ construction (see ``__reduce__``).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import os
@@ -77,6 +78,7 @@ class LocalShard:
     (mesh, placements, global shape, stride), which never enters the pickled skeleton."""
 
     __slots__ = ("local", "spec")
+    key_path_stands_for = "local"  # a lazy-staging error names the DTensor's key, not ``.local``
 
     def __init__(self, local: torch.Tensor, spec: int) -> None:
         self.local = local
@@ -87,7 +89,23 @@ class LocalShard:
 
 
 
-def _make_storage_writer(path: str, before_commit: Optional[Callable[[str], None]], **options: Any) -> Any:
+class RanksOutOfStepError(RuntimeError):
+    """The ranks' writers reached one collective save with different saves (one rank skipped a
+    save the others made), so their shards belong to different checkpoints; nothing was committed."""
+
+
+def _save_token(folder: str, count: int) -> str:
+    """Equal on every rank for the same save: its folder and its number in this IO's sequence."""
+    return hashlib.sha1(f"{folder}\0{count}".encode()).hexdigest()[:10]
+
+
+def _make_storage_writer(
+    path: str,
+    before_commit: Optional[Callable[[str], None]],
+    token: str = "",
+    fail_with: Optional[BaseException] = None,
+    **options: Any,
+) -> Any:
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.filesystem import _StoragePrefix
 
@@ -95,6 +113,8 @@ def _make_storage_writer(path: str, before_commit: Optional[Callable[[str], None
         """DCP's file writer with fresh shard names per save and an atomic ``.metadata`` commit."""
 
         def prepare_local_plan(self, plan: Any) -> Any:
+            if fail_with is not None:  # this rank cannot take part: fail the save on every rank
+                raise fail_with
             # The folder may hold the previous checkpoint: it stays valid until the commit, so
             # the "existing checkpoint" warning of the base class does not apply.
             os.makedirs(self.path, exist_ok=True)
@@ -103,7 +123,9 @@ def _make_storage_writer(path: str, before_commit: Optional[Callable[[str], None
         def write_data(self, plan: Any, planner: Any) -> Any:
             # Names no earlier save used (a cached plan would repeat the prefix), so the shard
             # files of the committed checkpoint are never overwritten.
-            prefix = f"__{self.rank or 0}_{uuid.uuid4().hex[:12]}_"
+            # The token names the save, so the coordinator can check that every rank wrote the
+            # same one before it commits.
+            prefix = f"__{self.rank or 0}_{token}{uuid.uuid4().hex[:8]}_"
             return super().write_data(dataclasses.replace(plan, storage_data=_StoragePrefix(prefix)), planner)
 
         def finish(self, metadata: Any, results: List[List[Any]]) -> None:
@@ -112,7 +134,15 @@ def _make_storage_writer(path: str, before_commit: Optional[Callable[[str], None
             folder = os.fspath(self.path)
             metadata.version = CURRENT_DCP_VERSION
             storage = {}
-            for per_rank in results:
+            for rank, per_rank in enumerate(results):
+                for wr in per_rank:
+                    if not wr.storage_data.relative_path.startswith(f"__{rank}_{token}"):
+                        raise RanksOutOfStepError(
+                            f"not committing {folder!r}: rank {rank} wrote shards of another save "
+                            f"({wr.storage_data.relative_path!r}); the ranks' saves are out of step, as after "
+                            "a save_checkpoint call that raised on some ranks only. Every rank must make the "
+                            "same saves in the same order"
+                        )
                 storage.update({wr.index: wr.storage_data for wr in per_rank})
             metadata.storage_data = storage
             metadata.storage_meta = self.storage_meta()
@@ -180,6 +210,8 @@ class DistributedCheckpointIO(CheckpointIO):
         self.thread_count = thread_count
         self.sync_files = sync_files
         self._plan_key = f"asyncckpt.DistributedCheckpointIO-{next(_instances)}"
+        self._saves = 0  # this rank's collective saves so far, failed ones included
+        self._owners: Dict[int, Tuple[torch.Tensor, Any]] = {}  # id(local tensor) -> (it, its DTensor)
         self._specs: List[Tuple[Any, Tuple[Any, ...], torch.Size, Tuple[int, ...]]] = []
         self._spec_index: Dict[Any, int] = {}
 
@@ -215,12 +247,23 @@ class DistributedCheckpointIO(CheckpointIO):
         on first use, on this (the training) thread, where every rank reaches it in step.
         """
         self._ensure_group()
+        self._owners = {}
         try:
             from torch.distributed.tensor import DTensor
         except ImportError:  # torch built without distributed
             return checkpoint
         with torch.no_grad():
             return self._to_local(checkpoint, DTensor)
+
+    def version_owner(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
+        """The DTensor whose local tensor ``tensor`` is, as of the last :meth:`prepare_for_staging`.
+
+        For ``staging="lazy"``: an in-place operation on a DTensor runs on its local tensor
+        below autograd's version-counter bump, so the local tensor's ``_version`` does not move;
+        the DTensor's does, and the lazy copy watches both.
+        """
+        entry = self._owners.get(id(tensor))
+        return entry[1] if entry is not None and entry[0] is tensor else None
 
     def _to_local(self, obj: Any, dtensor_cls: type) -> Any:
         if isinstance(obj, dtensor_cls):
@@ -230,6 +273,7 @@ class DistributedCheckpointIO(CheckpointIO):
             if index is None:
                 index = self._spec_index[key] = len(self._specs)
                 self._specs.append((obj.device_mesh, tuple(obj.placements), obj.shape, tuple(obj.stride())))
+            self._owners[id(local)] = (local, obj)
             return LocalShard(local, index)
         return _map_containers(obj, lambda value: self._to_local(value, dtensor_cls))
 
@@ -265,14 +309,19 @@ class DistributedCheckpointIO(CheckpointIO):
         with torch.no_grad():
             return folder, self._from_local(checkpoint)
 
-    def _save_state(self, state: Dict[str, Any], folder: str, before_commit: Optional[Callable[[str], None]]) -> None:
+    def _save_state(
+        self, state: Dict[str, Any], folder: str, before_commit: Optional[Callable[[str], None]],
+        fail_with: Optional[BaseException] = None,
+    ) -> None:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import DefaultSavePlanner
 
-        planner = DefaultSavePlanner(enable_plan_caching=self.cache_plans)
-        planner._cached_plans_key = self._plan_key  # per IO, not per planner class
-        writer = self._storage_writer(folder, before_commit)
+        self._saves += 1
+        planner = DefaultSavePlanner(enable_plan_caching=self.cache_plans and fail_with is None)
+        if fail_with is None:
+            planner._cached_plans_key = self._plan_key  # per IO, not per planner class
+        writer = self._storage_writer(folder, before_commit, _save_token(folder, self._saves), fail_with)
         no_dist = not (dist.is_available() and dist.is_initialized())
         try:
             dcp.save(state, storage_writer=writer, planner=planner, process_group=self._pg, no_dist=no_dist)
@@ -281,8 +330,31 @@ class DistributedCheckpointIO(CheckpointIO):
             # the engine report it as a failed save instead of a dying writer.
             raise ShardedSaveError(_describe_failures(folder, err)) from err
 
-    def _storage_writer(self, folder: str, before_commit: Optional[Callable[[str], None]]) -> Any:
-        return _make_storage_writer(folder, before_commit, thread_count=self.thread_count, sync_files=self.sync_files)
+    def abort_save(self, path: PathLike, error: BaseException) -> None:
+        """Take part in the collective save of ``path`` without data, failing it on every rank.
+
+        The engine calls this when this rank cannot write its part (its lazy copy was modified,
+        its staged checkpoint could not be rebuilt): the other ranks are inside the same save's
+        collectives and would otherwise wait for this rank, and then pair their next save with
+        this rank's next one. Nothing is written and no ``.metadata`` is committed.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or self._pg is None:
+            self._saves += 1
+            return
+        try:
+            self._save_state({}, _local_folder(path), None, fail_with=error)
+        except ShardedSaveError:
+            pass  # expected: the caller reports ``error`` on this rank
+
+    def _storage_writer(
+        self, folder: str, before_commit: Optional[Callable[[str], None]], token: str = "",
+        fail_with: Optional[BaseException] = None,
+    ) -> Any:
+        return _make_storage_writer(
+            folder, before_commit, token, fail_with, thread_count=self.thread_count, sync_files=self.sync_files
+        )
 
     def load_checkpoint(
         self,

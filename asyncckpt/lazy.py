@@ -40,7 +40,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -107,7 +107,10 @@ def key_paths(skeleton: bytes, count: int, wanted: Iterable[int]) -> Dict[int, s
             continue
         seen.add(id(obj))
         children: List[Tuple[Any, str]] = []
-        if isinstance(obj, dict):
+        stands_for = getattr(type(obj), "key_path_stands_for", None)
+        if stands_for is not None:  # a wrapper that stands in for its tensor under the same key
+            children = [(getattr(obj, stands_for), prefix)]
+        elif isinstance(obj, dict):
             children = [(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in obj.items()]
         elif isinstance(obj, (list, tuple)):
             children = [(v, f"{prefix}[{i}]") for i, v in enumerate(obj)]
@@ -310,7 +313,15 @@ class LazyStager:
             if job.finished:
                 self.current = None
 
-    def stage(self, checkpoint: Any, slot: Any, path: str) -> Any:
+    def stage(
+        self, checkpoint: Any, slot: Any, path: str,
+        version_owner: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None,
+    ) -> Any:
+        """Copy the small tensors now, start the lazy copy of the rest, record version counters.
+
+        ``version_owner`` (from the wrapped IO) names, for a staged tensor, another tensor whose
+        version counter moves when it is modified (a DTensor for its local tensor); both are watched.
+        """
         started = time.perf_counter()
         self.finish()
         stager = self._stager
@@ -352,6 +363,9 @@ class LazyStager:
             target[0].append(dst)
             target[1].append(src)
             watched.extend((i, tensors[i], tensors[i]._version) for i in members)
+            if version_owner is not None:
+                owners = ((i, version_owner(tensors[i])) for i in members)
+                watched.extend((i, owner, owner._version) for i, owner in owners if owner is not None)
         with torch.no_grad():
             eager_waiter = None
             if eager_dst:

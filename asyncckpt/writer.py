@@ -135,6 +135,18 @@ def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
         raise ValueError(f"unknown operation kind {op.kind!r}")
 
 
+def _abort_collective_save(checkpoint_io: Any, op: Operation, error: BaseException) -> None:
+    """A collective IO (one save = one collective across ranks) must still take part in a save
+    this rank cannot write, so that the other ranks fail it too instead of waiting for this one."""
+    abort = getattr(checkpoint_io, "abort_save", None)
+    if abort is None:
+        return
+    try:
+        abort(op.target, error)
+    except Exception:  # noqa: BLE001 - the original error is the one reported
+        log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", op.path)
+
+
 class ThreadWriter:
     """A daemon thread draining a FIFO of operations.
 
@@ -199,7 +211,15 @@ class ThreadWriter:
                     op = self._queue.popleft()
                 error: Optional[BaseException] = None
                 try:
-                    perform(self._io, op, op.staged.materialize() if op.kind == "save" else None)
+                    checkpoint = None
+                    if op.kind == "save":
+                        try:
+                            checkpoint = op.staged.materialize()
+                        except Exception as err:
+                            _abort_collective_save(self._io, op, err)
+                            raise
+                    perform(self._io, op, checkpoint)
+                    checkpoint = None
                 except Exception as err:  # noqa: BLE001 - reported through the operation
                     error = err
                 op.complete(error)

@@ -3,9 +3,10 @@
 ``python _lightning_sharded_child.py FAMILY MODE OUT``: FAMILY is ``lightning`` or
 ``pytorch_lightning``; MODE ``sync`` (the strategy's own DCP save) or ``async`` (asyncckpt's
 plugin and callback) or ``plugin_only`` (the plugin without the callback: the strategy saves
-synchronously and the plugin must say so at teardown; only the first fit). Lightning starts the second rank by running this script again. It fits
-8 steps with ``ModelCheckpoint(save_top_k=2, save_last=True, every_n_train_steps=2)``, then
-resumes from ``last.ckpt`` in a new Trainer, fits to step 12, and calls ``trainer.save_checkpoint``
+synchronously and the plugin must warn; only the first fit). Lightning starts the second rank
+by running this script again. It fits 8 steps with
+``ModelCheckpoint(save_top_k=2, save_last=True, every_n_train_steps=2)``, then resumes from
+``last.ckpt`` in a new Trainer, fits to step 12, and calls ``trainer.save_checkpoint``
 (``OUT/manual.ckpt``). Rank 0 writes ``OUT/result.json``.
 """
 

@@ -165,6 +165,24 @@ def check_failure_results(results: List[Dict]) -> None:
 
 
 @pytest.mark.slow
+def test_lazy_staging_of_shards_and_a_save_one_rank_cannot_write(tmp_path):
+    results = run_ranks("lazy", 2, str(tmp_path))
+    for r in results:
+        # point in time under lazy staging: the optimizer step after the call waited for the copy
+        assert r["load_one_equal"] and r["load_three_equal"], r
+        # rank 0 modified its shards outside the guards: "two" fails on both ranks, loudly, and
+        # is not committed; rank 0 names the tensor, rank 1 learns of rank 0's failure
+        assert r["two_error"] is not None and not r["two_committed"], r
+    # named by its key: an in-place op on a DTensor leaves its local tensor's version counter alone
+    assert "TensorModifiedError" in results[0]["two_error"] and "model.0.weight" in results[0]["two_error"], results
+    assert "rank 0: TensorModifiedError" in results[1]["two_error"], results[1]
+    for r in results:
+        # saves out of step across ranks: every pairing refused, nothing committed, no hang
+        assert r["out_of_step_committed"] == [], r
+        assert any("out of step" in e for e in r["out_of_step_errors"]), r
+
+
+@pytest.mark.slow
 def test_sigkill_of_one_rank_during_a_background_save_keeps_the_previous_checkpoint(tmp_path):
     out = str(tmp_path)
     procs = start_ranks("sigkill", 2, out)
