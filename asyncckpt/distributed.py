@@ -89,19 +89,42 @@ class LocalShard:
 
 
 
+#: Called by the coordinator just before it commits ``.metadata``, with the folder and the save's
+#: token; what it returns (if anything) is called right after the commit.
+BeforeCommit = Callable[[str, str], Optional[Callable[[], None]]]
+
+
 class RanksOutOfStepError(RuntimeError):
     """The ranks' writers reached one collective save with different saves (one rank skipped a
     save the others made), so their shards belong to different checkpoints; nothing was committed."""
 
 
-def _save_token(folder: str, count: int) -> str:
-    """Equal on every rank for the same save: its folder and its number in this IO's sequence."""
-    return hashlib.sha1(f"{folder}\0{count}".encode()).hexdigest()[:10]
+def _save_token(nonce: str, folder: str, count: int) -> str:
+    """Equal on every rank for the same save (the run's shared nonce, the folder, the save's
+    number in this IO's sequence), and unlike any save of another run into the same folder."""
+    return hashlib.sha1(f"{nonce}\0{folder}\0{count}".encode()).hexdigest()[:10]
+
+
+_TOKEN_IN_NAME = re.compile(r"^__\d+_([0-9a-f]{10})")
+
+
+def committed_token(folder: str) -> Optional[str]:
+    """The token of the save whose ``.metadata`` is committed in ``folder`` (None if unknown)."""
+    try:
+        with open(os.path.join(folder, METADATA_FILE), "rb") as f:
+            metadata = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+        return None
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        match = _TOKEN_IN_NAME.match(getattr(info, "relative_path", ""))
+        if match:
+            return match.group(1)
+    return None
 
 
 def _make_storage_writer(
     path: str,
-    before_commit: Optional[Callable[[str], None]],
+    before_commit: Optional[BeforeCommit],
     token: str = "",
     fail_with: Optional[BaseException] = None,
     **options: Any,
@@ -146,8 +169,7 @@ def _make_storage_writer(
                 storage.update({wr.index: wr.storage_data for wr in per_rank})
             metadata.storage_data = storage
             metadata.storage_meta = self.storage_meta()
-            if before_commit is not None:
-                before_commit(folder)
+            after_commit = before_commit(folder, token) if before_commit is not None else None
             final = os.path.join(folder, METADATA_FILE)
             tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
             try:
@@ -161,6 +183,8 @@ def _make_storage_writer(
                     os.unlink(tmp)
                 raise
             fsync_folder(folder)
+            if after_commit is not None:
+                after_commit()
             keep = {info.relative_path for info in storage.values()}
             for name in os.listdir(folder):
                 stale = (_SHARD_FILE.match(name) and name not in keep) or (
@@ -211,6 +235,7 @@ class DistributedCheckpointIO(CheckpointIO):
         self.sync_files = sync_files
         self._plan_key = f"asyncckpt.DistributedCheckpointIO-{next(_instances)}"
         self._saves = 0  # this rank's collective saves so far, failed ones included
+        self._nonce: Optional[str] = None  # the same on every rank, new in every run
         self._owners: Dict[int, Tuple[torch.Tensor, Any]] = {}  # id(local tensor) -> (it, its DTensor)
         self._specs: List[Tuple[Any, Tuple[Any, ...], torch.Size, Tuple[int, ...]]] = []
         self._spec_index: Dict[Any, int] = {}
@@ -224,10 +249,18 @@ class DistributedCheckpointIO(CheckpointIO):
         return self._pg
 
     def _ensure_group(self) -> None:
+        """The save's own group, and this run's nonce (collective, once: every rank reaches the
+        first save, or ``prepare_for_staging``, at the same point)."""
         import torch.distributed as dist
 
-        if self._pg is None and dist.is_available() and dist.is_initialized():
+        distributed = dist.is_available() and dist.is_initialized()
+        if self._pg is None and distributed:
             self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+        if self._nonce is None:
+            nonce = [uuid.uuid4().hex]
+            if distributed:
+                dist.broadcast_object_list(nonce, src=dist.get_global_rank(self._pg, 0), group=self._pg)
+            self._nonce = nonce[0]
 
     def _is_coordinator(self) -> bool:
         import torch.distributed as dist
@@ -310,7 +343,7 @@ class DistributedCheckpointIO(CheckpointIO):
             return folder, self._from_local(checkpoint)
 
     def _save_state(
-        self, state: Dict[str, Any], folder: str, before_commit: Optional[Callable[[str], None]],
+        self, state: Dict[str, Any], folder: str, before_commit: Optional[BeforeCommit],
         fail_with: Optional[BaseException] = None,
     ) -> None:
         import torch.distributed as dist
@@ -321,7 +354,8 @@ class DistributedCheckpointIO(CheckpointIO):
         planner = DefaultSavePlanner(enable_plan_caching=self.cache_plans and fail_with is None)
         if fail_with is None:
             planner._cached_plans_key = self._plan_key  # per IO, not per planner class
-        writer = self._storage_writer(folder, before_commit, _save_token(folder, self._saves), fail_with)
+        token = _save_token(self._nonce or "", folder, self._saves)
+        writer = self._storage_writer(folder, before_commit, token, fail_with)
         no_dist = not (dist.is_available() and dist.is_initialized())
         try:
             dcp.save(state, storage_writer=writer, planner=planner, process_group=self._pg, no_dist=no_dist)
@@ -349,7 +383,7 @@ class DistributedCheckpointIO(CheckpointIO):
             pass  # expected: the caller reports ``error`` on this rank
 
     def _storage_writer(
-        self, folder: str, before_commit: Optional[Callable[[str], None]], token: str = "",
+        self, folder: str, before_commit: Optional[BeforeCommit], token: str = "",
         fail_with: Optional[BaseException] = None,
     ) -> Any:
         return _make_storage_writer(

@@ -249,3 +249,39 @@ def test_import_asyncckpt_does_not_import_dcp_until_used():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def _lightning_checkpoint(step: int) -> Dict:
+    return {
+        "state_dict": {"w": torch.full((64,), float(step))},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.full((64,), step / 10)}}, "param_groups": []}],
+        "global_step": step,
+    }
+
+
+@pytest.mark.parametrize("crash", ["after_commit", "before_commit"])
+def test_lightning_meta_changes_with_the_committed_shards_across_a_crash(tmp_path, monkeypatch, crash):
+    """meta.pt (loops, global_step) must always match the committed shards. The crash is
+    injected (a failing rename stands in for the process dying between two renames, a moment
+    no real kill can hit reliably)."""
+    from asyncckpt.integrations._lightning_sharded import META_FILE, LightningShardedIO
+
+    folder = str(tmp_path / "last.ckpt")
+    LightningShardedIO().save_checkpoint(_lightning_checkpoint(1), folder)
+    real_replace = os.replace
+
+    def crashing_replace(src, dst):
+        target = META_FILE if crash == "after_commit" else METADATA_FILE
+        if os.path.basename(os.fspath(dst)) == target:
+            raise OSError("injected crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(Exception, match="injected crash"):
+        LightningShardedIO().save_checkpoint(_lightning_checkpoint(2), folder)
+    monkeypatch.setattr(os, "replace", real_replace)
+    loaded = LightningShardedIO().load_checkpoint(folder)
+    step = 2 if crash == "after_commit" else 1  # committed or not, meta and shards agree
+    assert loaded["global_step"] == step
+    assert torch.equal(loaded["state_dict"]["w"], torch.full((64,), float(step)))
+    assert [n for n in os.listdir(folder) if n.endswith(".pending")] == []

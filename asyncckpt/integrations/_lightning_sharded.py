@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 import warnings
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..distributed import DistributedCheckpointIO, _local_folder, _remove_folder
+from ..distributed import BeforeCommit, DistributedCheckpointIO, _local_folder, _remove_folder, committed_token
 from ..storage import fsync_folder
 
 META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
@@ -83,6 +82,7 @@ class LightningShardedIO(DistributedCheckpointIO):
         if state is not None:
             return super().load_checkpoint(path, state=state)
         folder = _local_folder(path)
+        settle_meta(folder)
         full = super().load_checkpoint(folder)
         checkpoint = torch.load(os.path.join(folder, META_FILE), map_location=map_location, weights_only=False)
         checkpoint["state_dict"] = full.pop(self.model_key)
@@ -91,21 +91,60 @@ class LightningShardedIO(DistributedCheckpointIO):
         return checkpoint
 
 
-def _meta_writer(meta: Dict[str, Any]) -> Callable[[str], None]:
-    def write(folder: str) -> None:
-        final = os.path.join(folder, META_FILE)
-        tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+def _pending_meta(token: str) -> str:
+    return f"{META_FILE}.{token}.pending"
+
+
+def settle_meta(folder: str) -> None:
+    """Finish, or undo, a ``meta.pt`` update that a crash interrupted.
+
+    A save writes its ``meta.pt`` as ``meta.pt.<token>.pending`` before the ``.metadata`` commit
+    and renames it into place right after. A crash between the two leaves the pending file: if
+    its token is the committed save's, it belongs with the committed shards and is moved into
+    place; otherwise (the commit never happened) it is removed, and ``meta.pt`` still matches the
+    committed shards. Safe to run from several ranks at once.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    pending = [n for n in names if n.startswith(META_FILE + ".") and n.endswith(".pending")]
+    if not pending:
+        return
+    token = committed_token(folder)
+    for name in pending:
+        path = os.path.join(folder, name)
         try:
-            with open(tmp, "wb") as f:
+            if token is not None and name == _pending_meta(token):
+                os.replace(path, os.path.join(folder, META_FILE))
+                fsync_folder(folder)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass  # another rank settled it
+
+
+def _meta_writer(meta: Dict[str, Any]) -> BeforeCommit:
+    """Writes ``meta.pt`` so that it changes together with the committed shards (see settle_meta)."""
+
+    def write(folder: str, token: str) -> Callable[[], None]:
+        settle_meta(folder)  # an earlier save's crash: put the folder right before adding to it
+        pending = os.path.join(folder, _pending_meta(token))
+        try:
+            with open(pending, "wb") as f:
                 torch.save(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, final)
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            if os.path.exists(pending):
+                os.unlink(pending)
             raise
-        fsync_folder(folder)
+
+        def after_commit() -> None:
+            os.replace(pending, os.path.join(folder, META_FILE))
+            fsync_folder(folder)
+
+        return after_commit
 
     return write
 
@@ -167,9 +206,12 @@ def connect(strategy: Any, engine: Any) -> bool:
 
     strategy_load = strategy.load_checkpoint
 
-    def load_checkpoint(*args: Any, **kwargs: Any) -> Dict[str, Any]:
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         engine.flush()  # the strategy reads the folder itself: every earlier save first
-        return strategy_load(*args, **kwargs)
+        local = os.fspath(checkpoint_path) if isinstance(checkpoint_path, (str, os.PathLike)) else None
+        if local is not None and os.path.isdir(local):
+            settle_meta(local)  # a crash between the commit and meta.pt's rename, in an earlier run
+        return strategy_load(checkpoint_path, *args, **kwargs)
 
     strategy.save_checkpoint = save_checkpoint
     strategy.load_checkpoint = load_checkpoint
