@@ -117,11 +117,11 @@ class ParallelCopier:
 def default_staging_threads() -> int:
     """Cores the training thread leaves idle while it waits for staging, up to 4.
 
-    Several ranks on one machine (``LOCAL_WORLD_SIZE``, set by ``torchrun`` and Lightning's
-    launchers) share its cores: unless each rank is pinned to cores of its own (its affinity is
-    then already its share), a rank counts ``cores // LOCAL_WORLD_SIZE``. Ranks copying with
-    every core at once only slow one another, and the slowest holds the next collective
-    (measured: 2 ranks on 2 cores blocked 105-115 ms with 2 threads each, 57-64 ms with one).
+    Several ranks on one machine (``LOCAL_WORLD_SIZE``, set by ``torchrun``; Lightning's
+    launchers do not set it) share its cores: unless each rank is pinned to cores of its own (its
+    affinity is then already its share), a rank counts ``cores // LOCAL_WORLD_SIZE``. Ranks
+    copying with every core at once only slow one another, and the slowest holds the next
+    collective (measured: 2 ranks on 2 cores blocked 105-115 ms with 2 threads each, 57-64 ms with one).
     """
     try:
         cores = len(os.sched_getaffinity(0))
