@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 import asyncckpt
 from asyncckpt.distributed import DistributedCheckpointIO
+from conftest import same
 
 SCENARIO, OUT = sys.argv[1], sys.argv[2]
 ARG = sys.argv[3] if len(sys.argv) > 3 else None
@@ -84,16 +85,6 @@ def record_expected(name: str, state: Dict[str, Any]) -> None:
     value = full(state)
     if RANK == 0:
         torch.save(value, os.path.join(OUT, f"expected-{name}.pt"))
-
-
-def same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def load_and_compare(io: Any, path: str, name: str, expected_in: str = OUT) -> bool:

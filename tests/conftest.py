@@ -18,6 +18,17 @@ from asyncckpt.storage import is_temp_file
 torch.set_num_threads(1)
 
 
+def same(a: Any, b: Any) -> bool:
+    """Equal structure and exactly equal tensors (``torch.equal``), for checkpoint comparisons."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 class FileEvent:
     """A ``threading.Event`` look-alike backed by a file, so it works across processes too.
 

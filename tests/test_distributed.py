@@ -23,6 +23,7 @@ import torch
 import asyncckpt
 from _slow_disk import TESTS, child_env
 from asyncckpt.distributed import METADATA_FILE, DistributedCheckpointIO
+from conftest import same
 
 CHILD = os.path.join(TESTS, "_dist_child.py")
 TIMEOUT = 180
@@ -77,16 +78,6 @@ def wait_for_files(paths: List[str], procs: List[subprocess.Popen], timeout: flo
                 p.kill()
             pytest.fail("ranks never reached the save:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
         time.sleep(0.05)
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def load_whole(path: str) -> Dict:

@@ -16,9 +16,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from _slow_disk import TESTS, child_env
+from conftest import same
 
 pytest.importorskip("lightning")
 pytest.importorskip("pytorch_lightning")
@@ -60,16 +60,6 @@ def runs(tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
     return results
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 @pytest.mark.slow
