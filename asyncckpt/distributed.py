@@ -113,7 +113,7 @@ def committed_token(folder: str) -> Optional[str]:
     try:
         with open(os.path.join(folder, METADATA_FILE), "rb") as f:
             metadata = pickle.load(f)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+    except Exception:  # noqa: BLE001 - unreadable or another format: the token is unknown
         return None
     for info in (getattr(metadata, "storage_data", None) or {}).values():
         match = _TOKEN_IN_NAME.match(getattr(info, "relative_path", ""))

@@ -219,9 +219,9 @@ class ThreadWriter:
                             _abort_collective_save(self._io, op, err)
                             raise
                     perform(self._io, op, checkpoint)
-                    checkpoint = None
                 except Exception as err:  # noqa: BLE001 - reported through the operation
                     error = err
+                checkpoint = None  # the staged views: not kept past their operation
                 op.complete(error)
                 op = None
         except BaseException as err:  # noqa: BLE001 - the thread ends; the cause goes with each failure
