@@ -114,7 +114,7 @@ class ParallelCopier:
             pool.shutdown(wait=False)
 
 
-def default_staging_threads() -> int:
+def default_staging_threads(local_ranks: Optional[int] = None) -> int:
     """Cores the training thread leaves idle while it waits for staging, up to 4.
 
     Several ranks on one machine (``LOCAL_WORLD_SIZE``, set by ``torchrun``; Lightning's
@@ -122,15 +122,17 @@ def default_staging_threads() -> int:
     affinity is then already its share), a rank counts ``cores // LOCAL_WORLD_SIZE``. Ranks
     copying with every core at once only slow one another, and the slowest holds the next
     collective (measured: 2 ranks on 2 cores blocked 105-115 ms with 2 threads each, 57-64 ms with one).
+    ``local_ranks`` overrides ``LOCAL_WORLD_SIZE`` (the Lightning integration passes the strategy's).
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    try:
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except ValueError:
-        local_ranks = 1
+    if local_ranks is None:
+        try:
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            local_ranks = 1
     if local_ranks > 1 and cores >= (os.cpu_count() or cores):  # not pinned to a share
         cores //= local_ranks
     return max(1, min(4, cores))

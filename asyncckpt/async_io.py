@@ -171,6 +171,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._cv = threading.Condition(threading.RLock())
         arena_kind = "shared" if writer == "process" else "plain"
         self._free_slots: List[StagingSlot] = [StagingSlot(i, arena_kind) for i in range(max_pending)]
+        self._staging_threads_chosen = staging_threads is not None
         if staging_threads is None:
             staging_threads = default_staging_threads()
         if isinstance(staging_threads, bool) or not isinstance(staging_threads, int) or staging_threads < 1:
@@ -198,6 +199,15 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self.handle_sigterm = handle_sigterm
         if handle_sigterm:
             _exit.install_sigterm_handler()
+
+    def share_cores_among(self, local_ranks: int) -> None:
+        """With the default ``staging_threads``, copy with this rank's share of the machine's
+        cores, ``local_ranks`` ranks running on it (for launchers that do not set
+        ``LOCAL_WORLD_SIZE``). A count given at construction is kept."""
+        if self._staging_threads_chosen:
+            return
+        self.staging_threads = default_staging_threads(max(1, int(local_ranks)))
+        self._stager.copier.threads = self.staging_threads
 
     def options(self) -> Dict[str, Any]:
         """The keyword options this engine was built with (to build an equal one elsewhere)."""

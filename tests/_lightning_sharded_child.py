@@ -117,6 +117,8 @@ def main() -> None:
             "resumed_at": second.global_step,
             "engine_saves": len(io.stats) if hasattr(io, "stats") else None,
             "connected": getattr(second.strategy, "_asyncckpt_engine", None) is not None,
+            "staging_threads": getattr(io, "staging_threads", None),
+            "num_processes": second.strategy.num_processes,
         }
         with open(os.path.join(OUT, "result.json"), "w") as f:
             json.dump(result, f)

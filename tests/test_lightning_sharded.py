@@ -68,6 +68,10 @@ def test_async_run_keeps_the_same_checkpoints_as_the_synchronous_save(runs, fami
     sync_out, sync = runs[("lightning", "sync")]
     out, ours = runs[(family, "async")]
     assert ours["connected"] and ours["engine_saves"], ours
+    # 2 ranks on this machine: each stages with its share of the cores
+    from asyncckpt._copier import default_staging_threads
+
+    assert ours["staging_threads"] == default_staging_threads(ours["num_processes"]), ours
     # top-k removals and last.ckpt: the same names after the first fit and after the resume
     assert ours["after_first"] == sync["after_first"], (ours, sync)
     assert ours["after_resume"] == sync["after_resume"], (ours, sync)

@@ -71,3 +71,18 @@ def test_default_staging_threads_share_the_machine_among_its_ranks(monkeypatch):
     assert default_staging_threads() == 3  # pinned to 3 cores: that is this rank's share already
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
     assert default_staging_threads() == 3
+
+
+def test_share_cores_among_ranks_keeps_a_count_the_user_gave(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    default = AsyncCheckpointIO()
+    assert default.staging_threads == 4
+    default.share_cores_among(4)  # 4 ranks on 8 cores (as the Lightning integration says)
+    assert default.staging_threads == 2 and default._stager.copier.threads == 2
+    chosen = AsyncCheckpointIO(staging_threads=3)
+    chosen.share_cores_among(4)
+    assert chosen.staging_threads == 3 and chosen._stager.copier.threads == 3
+    default.teardown()
+    chosen.teardown()

@@ -216,4 +216,6 @@ def connect(strategy: Any, engine: Any) -> bool:
     strategy.save_checkpoint = save_checkpoint
     strategy.load_checkpoint = load_checkpoint
     strategy._asyncckpt_engine = engine
+    # Every rank stages its shards at once; Lightning's launchers do not set LOCAL_WORLD_SIZE.
+    engine.share_cores_among(getattr(strategy, "num_processes", 1) or 1)
     return True
