@@ -436,6 +436,33 @@ def test_class_defined_under_the_main_guard_of_a_script_is_refused_at_the_call(t
     assert (tmp_path / "top.ckpt").exists() and not (tmp_path / "guarded.ckpt").exists()
 
 
+class _TakesArgs:
+    def __init__(self, x):
+        self.x = x
+
+    def __reduce__(self):
+        return (type(self), (self.x,))
+
+
+class _Plain:
+    pass
+
+
+def test_the_main_probe_names_every_main_class_of_a_checkpoint(monkeypatch):
+    """The probe reads past a class that needs constructor arguments, so a guarded class saved
+    after it is still found."""
+    import pickle
+
+    from asyncckpt.process_writer import _main_names
+
+    main = sys.modules["__main__"]
+    for cls in (_TakesArgs, _Plain):
+        monkeypatch.setattr(cls, "__module__", "__main__")
+        monkeypatch.setattr(main, cls.__name__, cls, raising=False)
+    data = pickle.dumps({"first": _TakesArgs(3), "later": [_Plain()]}, protocol=pickle.HIGHEST_PROTOCOL)
+    assert _main_names(data) == ["_TakesArgs", "_Plain"]
+
+
 # -- 12: API edges -------------------------------------------------------------------------
 
 
