@@ -77,6 +77,7 @@ class Harness:
         self.io = AsyncCheckpointIO(self.io_impl, writer=writer, max_pending=2, staging_threads=1)
         self.restarts = 0
         self._lock = threading.Lock()
+        self._kill_lock = threading.Lock()
         self.runs = 0
         self.deaths = 0
 
@@ -92,13 +93,19 @@ class Harness:
             self.io_impl.armed.set()
             self.deaths += 1
             return
-        writer = self.io._writer
-        if writer is not None and writer.pid is not None and writer.alive:
-            os.kill(writer.pid, signal.SIGKILL)
-            # Reap it before going on: a writer killed in one example but not yet seen dead would
-            # fail a save of the next example, whose model knows of no kill.
-            writer._process.join(30)
-            self.deaths += 1
+        # One kill at a time: two threads killing at once would signal a pid the other has
+        # already reaped (ProcessLookupError, a harness race, not an engine failure).
+        with self._kill_lock:
+            writer = self.io._writer
+            if writer is not None and writer.pid is not None and writer.alive:
+                try:
+                    os.kill(writer.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    return  # it died (and was reaped) on its own since we looked
+                # Reap it before going on: a writer killed in one example but not yet seen dead
+                # would fail a save of the next example, whose model knows of no kill.
+                writer._process.join(30)
+                self.deaths += 1
 
 
 _HARNESSES: Dict[str, Harness] = {}
