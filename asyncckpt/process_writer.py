@@ -17,6 +17,7 @@ import io
 import logging
 import mmap
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import signal
@@ -250,9 +251,13 @@ class ProcessWriter:
 
     @property
     def alive(self) -> bool:
-        return (
-            not self._dead and not self._stopping and self._process is not None and self._process.is_alive()
-        )
+        """Whether the process runs, read from its sentinel (ready once it has exited), not from
+        ``is_alive()``: that asks ``waitpid``, which fails once another waiter (the reply
+        reader's join, a launcher's reaper) has taken the exit status, and then reports a dead
+        process alive."""
+        if self._dead or self._stopping or self._process is None:
+            return False
+        return not multiprocessing.connection.wait([self._process.sentinel], 0)
 
     def submit(self, op: Operation) -> None:
         """Send ``op``; an operation that cannot be pickled raises here and nothing is sent."""
@@ -286,8 +291,15 @@ class ProcessWriter:
                 if op.kind == "save":
                     self._share_arena(op.staged.arena)
                 self._conn.send_bytes(data)
-            except (OSError, EOFError):
-                pass  # the process is gone; the reply reader fails everything in flight, this included
+            except (OSError, EOFError) as err:
+                # The process is gone, and a send that failed delivered no whole message: this
+                # operation was never handed over, so it goes to a new writer, unless the reply
+                # reader has already failed it with everything else in flight.
+                with self._table_lock:
+                    self._stopping = True
+                    never_sent = self._inflight.pop(op.seq, None) is not None
+                if never_sent:
+                    raise WriterGoneError(f"the writer process is gone ({err})") from err
             except BaseException:
                 # Interrupted part-way (an exception from a signal handler): the pipe may hold a
                 # partial message, so this writer can take nothing more. Earlier operations
@@ -354,7 +366,12 @@ class ProcessWriter:
         if not lost:
             return
         code = process.exitcode if process is not None else None
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        if code is None:
+            how = "exited (another waiter took its exit status)"
+        elif code < 0:
+            how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
         for op in lost:
             err = WriterDiedError(
                 f"the asyncckpt writer process (pid {self.pid}) {how} before finishing the {op.kind} "

@@ -7,6 +7,7 @@ that this process imported.
 from __future__ import annotations
 
 import gc
+import multiprocessing.connection
 import os
 import subprocess
 import sys
@@ -376,6 +377,30 @@ def test_dead_writer_processes_leak_no_descriptors(tmp_path):
         kill_and_replace()
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before + 1
+    io.teardown()
+
+
+def test_a_save_right_after_the_writer_process_died_goes_to_a_new_writer(tmp_path):
+    """Another waiter may take a dead writer's exit status first: the reply reader's join, or a
+    launcher's reaper (``os.waitpid(-1)``). multiprocessing then reports the dead process alive
+    (its waitpid gets ECHILD), and a save sent to it was failed as lost though nothing was in
+    flight. Here the test reaps the writer itself, as such a reaper does."""
+    io = AsyncCheckpointIO(writer="process")
+    path = tmp_path / "a.ckpt"
+    io.save_checkpoint({"i": 0}, path)
+    io.flush()
+    for i in range(1, 4):
+        old = io._writer
+        os.kill(old.pid, 9)
+        multiprocessing.connection.wait([old._process.sentinel], 30)
+        try:
+            os.waitpid(old.pid, 0)
+        except ChildProcessError:
+            pass  # the reply reader reaped it first
+        io.save_checkpoint({"i": i}, path)
+        io.flush(timeout=120)
+        assert io._writer is not old
+        assert load(path) == {"i": i}
     io.teardown()
 
 
