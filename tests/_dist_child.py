@@ -277,6 +277,31 @@ def main() -> None:
         ]
         io.teardown()
 
+    elif SCENARIO == "sharded_tensor":
+        # FSDP1's SHARDED_STATE_DICT (Lightning's FSDPStrategy(state_dict_type="sharded")) holds
+        # ShardedTensors, not DTensors: each rank's row block of a (64 * WORLD, 1024) weight
+        from torch.distributed._shard.sharded_tensor import empty as sharded_empty
+        from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+        spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(WORLD)])
+        for staging in ("eager", "lazy"):
+            weight = sharded_empty(spec, 64 * WORLD, 1024)  # 256 KiB a rank: lazy copies it lazily
+            (shard,) = weight.local_shards()
+            shard.tensor.copy_(torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024) + 1e6 * RANK)
+            expected = shard.tensor.clone()
+            io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(), staging=staging)
+            path = os.path.join(ck, staging)
+            io.save_checkpoint({"model": {"w": weight, "b": torch.full((3,), 7.0)}, "step": 5}, path)
+            shard.tensor.add_(1000.0)  # right after the call, outside every guard
+            try:
+                io.flush(timeout=60)
+                result[f"{staging}_error"] = None
+            except asyncckpt.AsyncCheckpointError as err:
+                result[f"{staging}_error"] = f"{type(err).__name__}: {err}"
+            io.teardown()
+            result[f"{staging}_committed"] = os.path.exists(os.path.join(path, ".metadata"))
+            torch.save(expected, os.path.join(OUT, f"expected-{staging}-{RANK}.pt"))
+
     elif SCENARIO in ("sigkill", "sigterm"):
         io_impl = SlowWriteIO()
         io = asyncckpt.AsyncCheckpointIO(io_impl, exit_timeout=60)
