@@ -62,6 +62,46 @@ class ShardedSaveError(RuntimeError):
     ``CheckpointException``, with each failing rank's exception and traceback)."""
 
 
+_UNPINNED_PLANNER: Optional[type] = None
+
+
+def _unpinned_planner() -> type:
+    """DCP's default save planner, recording every tensor as not pinned.
+
+    DCP writes each tensor's ``is_pinned()`` into ``.metadata``; the engine stages into pinned
+    buffers where CUDA is present, so the file would say pinned where the training state was
+    not, and a loader that allocates from the metadata on the GPU (FSDP1's
+    ``load_sharded_optimizer_state_dict``, i.e. Lightning's ``FSDPStrategy`` resume) fails with
+    "Only dense CPU tensors can be pinned". Pinning is a property of the staging memory, not of
+    the checkpoint.
+    """
+    global _UNPINNED_PLANNER
+    if _UNPINNED_PLANNER is None:
+        from torch.distributed.checkpoint import DefaultSavePlanner
+
+        class UnpinnedSavePlanner(DefaultSavePlanner):
+            def create_local_plan(self) -> Any:
+                plan = super().create_local_plan()
+                items = [_unpinned(item) for item in plan.items]
+                if all(new is old for new, old in zip(items, plan.items, strict=True)):
+                    return plan
+                fixed = dataclasses.replace(plan, items=items)
+                if self.plan is plan:
+                    self.plan = fixed
+                return fixed
+
+        _UNPINNED_PLANNER = UnpinnedSavePlanner
+    return _UNPINNED_PLANNER
+
+
+def _unpinned(item: Any) -> Any:
+    data = item.tensor_data
+    if data is None or not data.properties.pin_memory:
+        return item
+    properties = dataclasses.replace(data.properties, pin_memory=False)
+    return dataclasses.replace(item, tensor_data=dataclasses.replace(data, properties=properties))
+
+
 def _describe_failures(folder: str, err: Any) -> str:
     failures = getattr(err, "failures", {}) or {}
     parts = []
@@ -348,10 +388,8 @@ class DistributedCheckpointIO(CheckpointIO):
     ) -> None:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import DefaultSavePlanner
-
         self._saves += 1
-        planner = DefaultSavePlanner(enable_plan_caching=self.cache_plans and fail_with is None)
+        planner = _unpinned_planner()(enable_plan_caching=self.cache_plans and fail_with is None)
         if fail_with is None:
             planner._cached_plans_key = self._plan_key  # per IO, not per planner class
         token = _save_token(self._nonce or "", folder, self._saves)

@@ -1,13 +1,15 @@
 """A 2-process Lightning run with ModelParallelStrategy (FSDP2) on CPU (see test_lightning_sharded.py).
 
-``python _lightning_sharded_child.py FAMILY MODE OUT``: FAMILY is ``lightning`` or
+``python _lightning_sharded_child.py FAMILY MODE OUT [STRATEGY]``: FAMILY is ``lightning`` or
 ``pytorch_lightning``; MODE ``sync`` (the strategy's own DCP save) or ``async`` (asyncckpt's
 plugin and callback) or ``plugin_only`` (the plugin without the callback: the strategy saves
 synchronously and the plugin must warn; only the first fit). Lightning starts the second rank
 by running this script again. It fits 8 steps with
 ``ModelCheckpoint(save_top_k=2, save_last=True, every_n_train_steps=2)``, then resumes from
 ``last.ckpt`` in a new Trainer, fits to step 12, and calls ``trainer.save_checkpoint``
-(``OUT/manual.ckpt``). Rank 0 writes ``OUT/result.json``.
+(``OUT/manual.ckpt``). Rank 0 writes ``OUT/result.json``. STRATEGY is ``model_parallel``
+(the default: ``ModelParallelStrategy``, CPU, 2 processes) or ``fsdp``
+(``FSDPStrategy(state_dict_type="sharded")`` on every visible GPU, up to 2; it needs a GPU).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import warnings
 import torch
 
 FAMILY, MODE, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
+STRATEGY = sys.argv[4] if len(sys.argv) > 4 else "model_parallel"
 pl = importlib.import_module("lightning.pytorch" if FAMILY == "lightning" else "pytorch_lightning")
 ours = importlib.import_module("asyncckpt.lightning" if FAMILY == "lightning" else "asyncckpt.pytorch_lightning")
 
@@ -32,6 +35,8 @@ class Sharded(pl.LightningModule):
         self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
 
     def configure_model(self) -> None:
+        if STRATEGY != "model_parallel":
+            return  # FSDPStrategy wraps the model itself
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
@@ -70,10 +75,15 @@ def trainer(max_steps: int) -> object:
             every_n_train_steps=2,
         )
     )
+    if STRATEGY == "fsdp":
+        hardware = dict(accelerator="cuda", devices=min(2, torch.cuda.device_count()))
+        strategy = pl.strategies.FSDPStrategy(state_dict_type="sharded")
+    else:
+        hardware = dict(accelerator="cpu", devices=2)
+        strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     return pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        **hardware,
+        strategy=strategy,
         max_steps=max_steps,
         plugins=plugins,
         callbacks=callbacks,

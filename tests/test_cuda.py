@@ -58,3 +58,23 @@ def test_cuda_staging_does_not_allocate_gpu_memory(tmp_path):
     io.flush()
     assert torch.cuda.max_memory_allocated() <= before  # no clone on the GPU (Lightning #21630)
     io.teardown()
+
+
+def test_cuda_sharded_save_metadata_loads_into_fsdp1_style_allocations(tmp_path):
+    """Staged in pinned buffers, recorded as not pinned: FSDP1's sharded optimizer loader
+    allocates each tensor on the GPU from ``.metadata``'s properties (pin_memory included)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from asyncckpt import DistributedCheckpointIO
+
+    state = {"w": torch.randn(256, 256, device="cuda"), "opt": {"step": torch.tensor(3.0), "m": torch.ones(4096)}}
+    io = AsyncCheckpointIO(DistributedCheckpointIO())
+    io.save_checkpoint(state, tmp_path / "ck")
+    io.teardown()
+    metadata = FileSystemReader(str(tmp_path / "ck")).read_metadata()
+    for md in metadata.state_dict_metadata.values():
+        properties = getattr(md, "properties", None)
+        if properties is not None:
+            torch.empty(md.size, dtype=properties.dtype, pin_memory=properties.pin_memory, device="cuda")
+    whole = DistributedCheckpointIO().load_checkpoint(tmp_path / "ck")
+    assert torch.equal(whole["w"], state["w"].cpu()) and torch.equal(whole["opt"]["m"], torch.ones(4096))

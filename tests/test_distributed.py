@@ -8,6 +8,7 @@ ranks exit: the folders on disk, and a load of the whole checkpoint in this sing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -224,6 +225,34 @@ def test_sigterm_on_every_rank_writes_the_pending_save_first(tmp_path):
         assert "writing them first" in text, text[-4000:]
     expected = torch.load(os.path.join(out, "expected-two.pt"))
     assert same(load_whole(os.path.join(out, "ck")), expected)
+
+
+def test_metadata_records_no_pinned_memory_for_pinned_staging_buffers(tmp_path, monkeypatch):
+    """Where CUDA is present the engine stages into pinned buffers, and DCP records each written
+    tensor's ``is_pinned()`` in ``.metadata``; FSDP1's optimizer loader (Lightning's FSDPStrategy
+    resume) then allocates pinned CUDA tensors from it and fails (seen on a GPU run). A CPU build
+    cannot pin memory, so this fault injection makes DCP see every staged tensor as pinned; the GPU
+    half is test_cuda::test_cuda_sharded_save_metadata_loads_into_fsdp1_style_allocations."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorProperties
+
+    real = TensorProperties.create_from_tensor
+
+    def as_if_pinned(tensor):
+        return dataclasses.replace(real(tensor), pin_memory=True)
+
+    monkeypatch.setattr(TensorProperties, "create_from_tensor", staticmethod(as_if_pinned))
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO())
+    io.save_checkpoint({"w": torch.arange(6.0), "opt": {"step": torch.tensor(3.0)}}, tmp_path / "ck")
+    io.teardown()
+    metadata = FileSystemReader(str(tmp_path / "ck")).read_metadata()
+    pinned = [
+        key
+        for key, md in metadata.state_dict_metadata.items()
+        if getattr(md, "properties", None) is not None and md.properties.pin_memory
+    ]
+    assert pinned == [], pinned
+    assert torch.equal(load_whole(tmp_path / "ck")["w"], torch.arange(6.0))
 
 
 def test_the_process_writer_is_refused_at_construction_with_the_reason():

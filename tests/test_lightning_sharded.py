@@ -5,7 +5,8 @@ DCP save (``lightning``), and asyncckpt's plugin + callback in both package fami
 plugin alone, which cannot reach a sharded save and must say so). Each fits
 with top-k and last checkpoints, then resumes from ``last.ckpt`` (Lightning's own loader reads
 our folder) and fits on. The async runs must leave the same checkpoints, with the same values,
-as the synchronous one. Lightning's ``FSDPStrategy`` needs a GPU and is not run here.
+as the synchronous one. Lightning's ``FSDPStrategy(state_dict_type="sharded")`` needs a GPU: its
+test runs the same comparison on the GPUs there are and is skipped without one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from _slow_disk import TESTS, child_env
 from conftest import same
@@ -30,11 +32,10 @@ CHILD = os.path.join(TESTS, "_lightning_sharded_child.py")
 RUNS = (("lightning", "sync"), ("lightning", "async"), ("pytorch_lightning", "async"), ("lightning", "plugin_only"))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("lightning_sharded")
+def _run_side_by_side(base, runs, strategy="model_parallel"):
+    """Start every (family, mode) run at once; return {run: (folder, result.json)}."""
     procs = {}
-    for family, mode in RUNS:  # side by side: each run is 2 processes of mostly imports
+    for family, mode in runs:  # side by side: each run is 2 processes of mostly imports
         out = base / f"{family}-{mode}"
         out.mkdir()
         env = dict(child_env(), OMP_NUM_THREADS="1")
@@ -42,7 +43,7 @@ def runs(tmp_path_factory):
         procs[(family, mode)] = (
             out,
             subprocess.Popen(
-                [sys.executable, CHILD, family, mode, str(out)],
+                [sys.executable, CHILD, family, mode, str(out), strategy],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -62,16 +63,15 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["lightning", "pytorch_lightning"])
-def test_async_run_keeps_the_same_checkpoints_as_the_synchronous_save(runs, family):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _run_side_by_side(tmp_path_factory.mktemp("lightning_sharded"), RUNS)
+
+
+def _assert_same_checkpoints(runs, family):
     sync_out, sync = runs[("lightning", "sync")]
     out, ours = runs[(family, "async")]
     assert ours["connected"] and ours["engine_saves"], ours
-    # 2 ranks on this machine: each stages with its share of the cores
-    from asyncckpt._copier import default_staging_threads
-
-    assert ours["staging_threads"] == default_staging_threads(ours["num_processes"]), ours
     # top-k removals and last.ckpt: the same names after the first fit and after the resume
     assert ours["after_first"] == sync["after_first"], (ours, sync)
     assert ours["after_resume"] == sync["after_resume"], (ours, sync)
@@ -88,6 +88,28 @@ def test_async_run_keeps_the_same_checkpoints_as_the_synchronous_save(runs, fami
         assert same(mine["optimizer_states"], theirs["optimizer_states"]), name
         for key in ("global_step", "epoch"):
             assert mine[key] == theirs[key], (name, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lightning", "pytorch_lightning"])
+def test_async_run_keeps_the_same_checkpoints_as_the_synchronous_save(runs, family):
+    _assert_same_checkpoints(runs, family)
+    _, ours = runs[(family, "async")]
+    # 2 ranks on this machine: each stages with its share of the cores
+    from asyncckpt._copier import default_staging_threads
+
+    assert ours["staging_threads"] == default_staging_threads(ours["num_processes"]), ours
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs a GPU")
+def test_fsdp_strategy_sharded_saves_keep_the_same_checkpoints_on_a_gpu(tmp_path):
+    """``FSDPStrategy(state_dict_type="sharded")`` on the GPUs there are (up to 2): the same
+    fit, resume and manual save as the ModelParallel runs, with both families' plugin."""
+    runs = (("lightning", "sync"), ("lightning", "async"), ("pytorch_lightning", "async"))
+    results = _run_side_by_side(tmp_path, runs, strategy="fsdp")
+    for family in ("lightning", "pytorch_lightning"):
+        _assert_same_checkpoints(results, family)
 
 
 @pytest.mark.slow
