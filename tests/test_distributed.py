@@ -326,3 +326,19 @@ def test_lightning_meta_changes_with_the_committed_shards_across_a_crash(tmp_pat
     assert loaded["global_step"] == step
     assert torch.equal(loaded["state_dict"]["w"], torch.full((64,), float(step)))
     assert [n for n in os.listdir(folder) if n.endswith(".pending")] == []
+
+
+def test_lightning_sharded_reader_reads_both_strategies_folders(tmp_path):
+    """ModelParallelStrategy keeps the model under ``state_dict``, FSDPStrategy under ``model``;
+    the reader takes either (it raised KeyError: 'state_dict' on an FSDPStrategy folder, seen on
+    a GPU run), and names what it found in a DCP folder of neither."""
+    from asyncckpt.integrations._lightning_sharded import LightningShardedIO
+
+    for key in ("state_dict", "model"):
+        LightningShardedIO(key).save_checkpoint(_lightning_checkpoint(3), tmp_path / key)
+        whole = LightningShardedIO().load_checkpoint(tmp_path / key)
+        assert same(whole["state_dict"], _lightning_checkpoint(3)["state_dict"]) and whole["global_step"] == 3
+    DistributedCheckpointIO().save_checkpoint({"weights": torch.ones(2)}, tmp_path / "plain")
+    (tmp_path / "plain" / "meta.pt").write_bytes((tmp_path / "model" / "meta.pt").read_bytes())
+    with pytest.raises(asyncckpt.CheckpointLoadError, match="'state_dict' or 'model'.*weights"):
+        LightningShardedIO().load_checkpoint(tmp_path / "plain")

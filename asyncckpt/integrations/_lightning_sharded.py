@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from ..distributed import BeforeCommit, DistributedCheckpointIO, _local_folder, _remove_folder, committed_token
+from ..errors import CheckpointLoadError
 from ..storage import fsync_folder
 
 META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
@@ -78,14 +79,23 @@ class LightningShardedIO(DistributedCheckpointIO):
         state: Optional[Dict[str, Any]] = None,
     ) -> Dict[str, Any]:
         """The whole checkpoint as one Lightning checkpoint dict (full tensors); the strategies
-        load sharded folders themselves, this is for reading one elsewhere."""
+        load sharded folders themselves, this is for reading one elsewhere. Reads the folders
+        of both strategies (model under ``state_dict`` or ``model``), whatever ``model_key``."""
         if state is not None:
             return super().load_checkpoint(path, state=state)
         folder = _local_folder(path)
         settle_meta(folder)
         full = super().load_checkpoint(folder)
         checkpoint = torch.load(os.path.join(folder, META_FILE), map_location=map_location, weights_only=False)
-        checkpoint["state_dict"] = full.pop(self.model_key)
+        keys = [self.model_key] + [k for k in ("state_dict", "model") if k != self.model_key]
+        model_key = next((k for k in keys if k in full), None)
+        if model_key is None:
+            raise CheckpointLoadError(
+                f"{folder} is a DCP checkpoint but not one of Lightning's sharded strategies: it holds no "
+                f"model state under 'state_dict' or 'model' (top-level keys: {sorted(full)}); read it with "
+                "asyncckpt.DistributedCheckpointIO().load_checkpoint"
+            )
+        checkpoint["state_dict"] = full.pop(model_key)
         optimizers = sorted((k for k in full if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
         checkpoint["optimizer_states"] = [full[k] for k in optimizers]
         return checkpoint
