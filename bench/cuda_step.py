@@ -236,7 +236,8 @@ def main(argv: List[str] | None = None) -> int:
 
 
 def _plot(results: Dict[str, List[Dict[str, Any]]], args: argparse.Namespace, path: str) -> None:
-    """Step times of the first round, eager vs lazy, with the saves marked."""
+    """Step times of the last round (staging buffers warm), with the saves marked: whole, and
+    zoomed on the baseline's step time, where a copy the training stream waited for shows."""
     try:
         import matplotlib
 
@@ -245,18 +246,33 @@ def _plot(results: Dict[str, List[Dict[str, Any]]], args: argparse.Namespace, pa
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for impl in ("none", "thread", "lazy", "dcp"):
-        if results.get(impl):
-            first = results[impl][0]
-            ax.plot(range(1, args.steps + 1), [s * 1e3 for s in first["step_seconds"]], label=LABELS[impl])
-    for i in range(args.every, args.steps + 1, args.every):
-        ax.axvline(i, color="grey", lw=0.5, ls=":")
-    ax.set_xlabel("step (dotted: a save at the end of the step)")
-    ax.set_ylabel("step time, ms (save call included)")
-    ax.legend()
+    base = statistics.median(results["none"][-1]["step_seconds"]) * 1e3
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for impl in ("none", "dcp", "thread", "lazy"):
+            if results.get(impl):
+                last = results[impl][-1]
+                ax.plot(range(1, len(last["step_seconds"]) + 1), [t * 1e3 for t in last["step_seconds"]],
+                        label=LABELS[impl], lw=1.2)
+        for i in range(args.every, args.steps + 1, args.every):
+            ax.axvline(i, color="grey", lw=0.5, ls=":")
+        ax.set_xlabel("step (dotted: a save at the end of the step)")
+        if zoom:
+            ax.set_ylim(0.8 * base, 1.8 * base)
+            ax.set_title("zoomed: the step after a save")
+        else:
+            ax.set_ylabel("step time, ms (save call included)")
+            ax.set_title("step times, last round")
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def replot(json_path: str, png_path: str) -> None:
+    """Redraw the plot from a saved ``cuda_step.json``."""
+    with open(json_path) as f:
+        data = json.load(f)
+    _plot(data["runs"], argparse.Namespace(**data["args"]), png_path)
 
 
 if __name__ == "__main__":
