@@ -204,6 +204,14 @@ def check_main_references(skeleton: bytes, path: str) -> None:
             raise _refuse_main_reference(name, path, 'inside its `if __name__ == "__main__":` block') from None
 
 
+def _has_exited(process: Any) -> bool:
+    """Whether ``process`` has exited, from its sentinel (a pipe the child holds open until it
+    exits). Not ``is_alive()``: once another waiter has taken the exit status (a launcher's
+    reaper, ``SIGCHLD`` ignored), its ``waitpid`` fails and it reports the process alive, and a
+    ``kill()`` then could signal an unrelated process that reused the pid."""
+    return bool(multiprocessing.connection.wait([process.sentinel], 0))
+
+
 class ProcessWriter:
     """A persistent spawned process that performs operations in FIFO order.
 
@@ -257,7 +265,7 @@ class ProcessWriter:
         process alive."""
         if self._dead or self._stopping or self._process is None:
             return False
-        return not multiprocessing.connection.wait([self._process.sentinel], 0)
+        return not _has_exited(self._process)
 
     def submit(self, op: Operation) -> None:
         """Send ``op``; an operation that cannot be pickled raises here and nothing is sent."""
@@ -313,7 +321,7 @@ class ProcessWriter:
         """End a writer whose command stream can no longer be trusted."""
         with self._table_lock:
             self._stopping = True
-        if self._process is not None and self._process.is_alive():
+        if self._process is not None and not _has_exited(self._process):
             self._process.kill()
 
     def _share_arena(self, arena: Any) -> None:
@@ -356,7 +364,7 @@ class ProcessWriter:
         process = self._process
         if process is not None:
             process.join(5)
-            if process.is_alive():
+            if not _has_exited(process):
                 process.kill()
                 process.join(5)
         with self._table_lock:
@@ -394,7 +402,7 @@ class ProcessWriter:
                 except OSError:
                     pass
         self._process.join(timeout)
-        if self._process.is_alive():
+        if not _has_exited(self._process):
             self._process.kill()
             self._process.join(5)
         if self._reader is not None and self._reader is not threading.current_thread():

@@ -404,6 +404,28 @@ def test_a_save_right_after_the_writer_process_died_goes_to_a_new_writer(tmp_pat
     io.teardown()
 
 
+def test_a_writer_whose_exit_status_was_taken_is_never_signalled_again(tmp_path, monkeypatch):
+    """After another waiter reaped the writer, its pid may belong to an unrelated process by the
+    time the engine stops the writer; the engine must not send it SIGKILL. (A spy on os.kill:
+    pid reuse cannot be produced on demand.)"""
+    io = AsyncCheckpointIO(writer="process")
+    io.save_checkpoint({"i": 0}, tmp_path / "a.ckpt")
+    io.flush()
+    writer = io._writer
+    os.kill(writer.pid, 9)
+    multiprocessing.connection.wait([writer._process.sentinel], 30)
+    try:
+        os.waitpid(writer.pid, 0)
+    except ChildProcessError:
+        pass  # the reply reader reaped it first
+    signalled = []
+    real_kill = os.kill
+    monkeypatch.setattr(os, "kill", lambda pid, sig: (signalled.append(pid), real_kill(pid, sig))[1])
+    writer.stop(5)
+    io.teardown()
+    assert writer.pid not in signalled
+
+
 # -- 11: classes the writer process cannot import -------------------------------------------
 
 
