@@ -380,6 +380,16 @@ def test_dead_writer_processes_leak_no_descriptors(tmp_path):
     io.teardown()
 
 
+def kill_and_reap_it_ourselves(writer) -> None:
+    """SIGKILL the writer process and take its exit status, as a launcher's reaper would."""
+    os.kill(writer.pid, 9)
+    multiprocessing.connection.wait([writer._process.sentinel], 30)
+    try:
+        os.waitpid(writer.pid, 0)
+    except ChildProcessError:
+        pass  # the reply reader reaped it first
+
+
 def test_a_save_right_after_the_writer_process_died_goes_to_a_new_writer(tmp_path):
     """Another waiter may take a dead writer's exit status first: the reply reader's join, or a
     launcher's reaper (``os.waitpid(-1)``). multiprocessing then reports the dead process alive
@@ -391,12 +401,7 @@ def test_a_save_right_after_the_writer_process_died_goes_to_a_new_writer(tmp_pat
     io.flush()
     for i in range(1, 4):
         old = io._writer
-        os.kill(old.pid, 9)
-        multiprocessing.connection.wait([old._process.sentinel], 30)
-        try:
-            os.waitpid(old.pid, 0)
-        except ChildProcessError:
-            pass  # the reply reader reaped it first
+        kill_and_reap_it_ourselves(old)
         io.save_checkpoint({"i": i}, path)
         io.flush(timeout=120)
         assert io._writer is not old
@@ -412,12 +417,7 @@ def test_a_writer_whose_exit_status_was_taken_is_never_signalled_again(tmp_path,
     io.save_checkpoint({"i": 0}, tmp_path / "a.ckpt")
     io.flush()
     writer = io._writer
-    os.kill(writer.pid, 9)
-    multiprocessing.connection.wait([writer._process.sentinel], 30)
-    try:
-        os.waitpid(writer.pid, 0)
-    except ChildProcessError:
-        pass  # the reply reader reaped it first
+    kill_and_reap_it_ourselves(writer)
     signalled = []
     real_kill = os.kill
     monkeypatch.setattr(os, "kill", lambda pid, sig: (signalled.append(pid), real_kill(pid, sig))[1])
