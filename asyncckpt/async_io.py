@@ -32,7 +32,7 @@ from .errors import (
     WriterDiedError,
 )
 from .lazy import LazyStager, TensorModifiedError, check_staging
-from .staging import Stager, StagingSlot, default_staging_threads
+from .staging import Stager, StagingSlot, collection_paused, default_staging_threads
 from .stats import SaveStats
 from .storage import check_target, local_path_of
 from .torch_io import TorchCheckpointIO
@@ -291,6 +291,19 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         waited: float,
     ) -> None:
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
+        with collection_paused():
+            self._stage_and_submit_now(checkpoint, path, key, storage_options, slot, blocking_since, waited)
+
+    def _stage_and_submit_now(
+        self,
+        checkpoint: Any,
+        path: PathLike,
+        key: str,
+        storage_options: Any,
+        slot: StagingSlot,
+        blocking_since: float,
+        waited: float,
+    ) -> None:
         slot.last_key = key
         try:
             if self._lazy is not None:

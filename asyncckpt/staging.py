@@ -10,9 +10,12 @@ storages (not views) keeps views, shared storage and non-contiguous strides exac
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,6 +39,37 @@ __all__ = [
 # offset, requires_grad); per bare storage: (storage index, dtype or None). Two saves with
 # equal layouts reuse the same buffers and views.
 _Layout = Tuple[Tuple[Tuple[str, int], ...], Tuple[tuple, ...]]
+
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a save call stages.
+
+    Staging a checkpoint of many tensors allocates tens of thousands of short-lived containers;
+    they make the collector run a hundred times in one call, and with a training process's
+    hundreds of thousands of tracked objects a full collection in the call costs 0.4-0.5 s
+    (measured on the 20,000-tensor workload). Paused, the temporaries die by reference count
+    before any collection promotes them. Nested and concurrent calls share one pause; the
+    collector is re-enabled only if it was enabled when the first began.
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 @dataclass

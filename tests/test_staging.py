@@ -86,3 +86,46 @@ def test_share_cores_among_ranks_keeps_a_count_the_user_gave(monkeypatch):
     assert chosen.staging_threads == 3 and chosen._stager.copier.threads == 3
     default.teardown()
     chosen.teardown()
+
+
+def test_a_save_pauses_the_garbage_collector_and_restores_it(tmp_path):
+    """Staging many tensors allocates enough containers to run the collector about a hundred
+    times in one call (0.4-0.5 s for one full collection of a training process's objects); the
+    call pauses it. Afterwards it is as it was, after failed and concurrent saves too."""
+    import gc
+    import threading
+
+    from asyncckpt import NotSerializableError
+
+    io = AsyncCheckpointIO()
+    seen = []
+    real_stage = io._stager.stage
+
+    def stage(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_stage(*args, **kwargs)
+
+    io._stager.stage = stage
+    assert gc.isenabled()
+    io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "a.ckpt")
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(NotSerializableError):
+        io.save_checkpoint({"lock": threading.Lock()}, tmp_path / "b.ckpt")
+    assert gc.isenabled()
+    def saves(i: int) -> None:
+        for k in range(20):
+            io.save_checkpoint({"i": torch.full((64,), i)}, tmp_path / f"t{i}-{k}.ckpt")
+
+    threads = [threading.Thread(target=saves, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert gc.isenabled()
+    gc.disable()  # the user's choice is kept
+    try:
+        io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "c.ckpt")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    io.teardown()
