@@ -129,3 +129,34 @@ def test_a_save_pauses_the_garbage_collector_and_restores_it(tmp_path):
     finally:
         gc.enable()
     io.teardown()
+
+
+def test_a_process_forked_during_a_save_call_collects_garbage(tmp_path):
+    """Another thread forks (a DataLoader worker, a subprocess) while a save call has the
+    collector paused: the child has no save call, so its collector must be on. The call is held
+    open by an event in the stager (fault injection: a real call is too short to fork inside)."""
+    import gc
+    import threading
+
+    io = AsyncCheckpointIO()
+    inside, release = threading.Event(), threading.Event()
+    real_stage = io._stager.stage
+
+    def held_stage(*args, **kwargs):
+        inside.set()
+        release.wait(30)
+        return real_stage(*args, **kwargs)
+
+    io._stager.stage = held_stage
+    saver = threading.Thread(target=io.save_checkpoint, args=({"w": torch.ones(3)}, tmp_path / "a.ckpt"))
+    saver.start()
+    assert inside.wait(30) and not gc.isenabled()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if gc.isenabled() else 1)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    saver.join(30)
+    io.teardown()
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child's collector stayed paused"
+    assert gc.isenabled()
