@@ -291,9 +291,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         waited: float,
     ) -> None:
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
-        with collection_paused():  # see collection_paused: staging allocates many containers
-            slot.last_key = key
-            try:
+        slot.last_key = key
+        try:
+            # Staging allocates many containers (see collection_paused); the pause ends before
+            # the hand-over, which may wait on a busy writer process.
+            with collection_paused():
                 if self._lazy is not None:
                     with torch.inference_mode(False):  # staging memory is never made of inference tensors
                         staged = self._lazy.stage(
@@ -301,19 +303,19 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                         )
                 else:
                     staged = self._stager.stage(checkpoint, slot, key)
-            except BaseException:
-                self._finish_lazy()  # no copy may still write into the slot once it is free
-                self._release_slot(slot)
-                raise
-            op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
-            op.wait_seconds = waited
-            op.blocking_seconds = time.perf_counter() - blocking_since
-            try:
-                self._submit(op)
-            except BaseException:
-                self._finish_lazy()
-                self._release_slot(slot)
-                raise
+        except BaseException:
+            self._finish_lazy()  # no copy may still write into the slot once it is free
+            self._release_slot(slot)
+            raise
+        op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
+        op.wait_seconds = waited
+        op.blocking_seconds = time.perf_counter() - blocking_since
+        try:
+            self._submit(op)
+        except BaseException:
+            self._finish_lazy()
+            self._release_slot(slot)
+            raise
 
     def wait_staged(self) -> None:
         """Wait until the last save's tensors are copied (``staging="lazy"``), and check them.
