@@ -32,6 +32,7 @@ construction (see ``__reduce__``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -62,9 +63,7 @@ class ShardedSaveError(RuntimeError):
     ``CheckpointException``, with each failing rank's exception and traceback)."""
 
 
-_UNPINNED_PLANNER: Optional[type] = None
-
-
+@functools.cache
 def _unpinned_planner() -> type:
     """DCP's default save planner, recording every tensor as not pinned.
 
@@ -75,23 +74,20 @@ def _unpinned_planner() -> type:
     "Only dense CPU tensors can be pinned". Pinning is a property of the staging memory, not of
     the checkpoint.
     """
-    global _UNPINNED_PLANNER
-    if _UNPINNED_PLANNER is None:
-        from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint import DefaultSavePlanner
 
-        class UnpinnedSavePlanner(DefaultSavePlanner):
-            def create_local_plan(self) -> Any:
-                plan = super().create_local_plan()
-                items = [_unpinned(item) for item in plan.items]
-                if all(new is old for new, old in zip(items, plan.items, strict=True)):
-                    return plan
-                fixed = dataclasses.replace(plan, items=items)
-                if self.plan is plan:
-                    self.plan = fixed
-                return fixed
+    class UnpinnedSavePlanner(DefaultSavePlanner):
+        def create_local_plan(self) -> Any:
+            plan = super().create_local_plan()
+            items = [_unpinned(item) for item in plan.items]
+            if all(new is old for new, old in zip(items, plan.items, strict=True)):
+                return plan
+            fixed = dataclasses.replace(plan, items=items)
+            if self.plan is plan:
+                self.plan = fixed
+            return fixed
 
-        _UNPINNED_PLANNER = UnpinnedSavePlanner
-    return _UNPINNED_PLANNER
+    return UnpinnedSavePlanner
 
 
 def _unpinned(item: Any) -> Any:

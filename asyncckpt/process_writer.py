@@ -259,10 +259,7 @@ class ProcessWriter:
 
     @property
     def alive(self) -> bool:
-        """Whether the process runs, read from its sentinel (ready once it has exited), not from
-        ``is_alive()``: that asks ``waitpid``, which fails once another waiter (the reply
-        reader's join, a launcher's reaper) has taken the exit status, and then reports a dead
-        process alive."""
+        """Whether the process runs and takes operations (exit read as in :func:`_has_exited`)."""
         if self._dead or self._stopping or self._process is None:
             return False
         return not _has_exited(self._process)
