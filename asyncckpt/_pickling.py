@@ -101,6 +101,15 @@ def is_stageable(obj: Any) -> bool:
 _STORAGE_TYPES = (torch.TypedStorage, torch.UntypedStorage)
 
 
+def xla_indices(tensors: Sequence[Any]) -> List[int]:
+    """Positions of XLA tensors among :func:`split`'s tensors (its storages are never XLA).
+
+    ``is_xla`` rather than ``device.type``: building a device object per tensor cost 27 ms of
+    the call for 20,000 tensors.
+    """
+    return [i for i, t in enumerate(tensors) if type(t) is torch.Tensor and t.is_xla]
+
+
 def _is_stageable_storage(obj: Any) -> bool:
     """A storage on the CPU or a CUDA device: a bare one, or the one a tensor pickled by value
     (a tensor with attributes, a nested tensor) reduces to. Staging it as a storage keeps its

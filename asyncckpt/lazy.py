@@ -46,7 +46,7 @@ import torch
 
 from ._arena import byte_view
 from ._copier import _memmove_pairs
-from ._pickling import restore, split
+from ._pickling import restore, split, xla_indices
 from .errors import CheckpointSaveError
 from .staging import StagedCheckpoint
 
@@ -326,7 +326,7 @@ class LazyStager:
         self.finish()
         stager = self._stager
         skeleton, tensors = split(checkpoint, path)
-        xla = [i for i, t in enumerate(tensors) if t.device.type == "xla"]
+        xla = xla_indices(tensors)
         if xla:
             from .xla import transfer_to_cpu
 

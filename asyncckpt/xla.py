@@ -50,10 +50,10 @@ def checkpoint_to_cpu(checkpoint: Any) -> Any:
     Structure is kept exactly (OrderedDict and its ``_metadata``, tuples, namedtuples,
     Parameters), unlike torch_xla's own converter, because it reuses staging's pickling pass.
     """
-    from ._pickling import restore, split
+    from ._pickling import restore, split, xla_indices
 
     skeleton, tensors = split(checkpoint, "<xla checkpoint>")
-    xla = [i for i, t in enumerate(tensors) if t.device.type == "xla"]
+    xla = xla_indices(tensors)
     if not xla:
         return checkpoint
     for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):

@@ -31,12 +31,52 @@ def test_parallel_copy_is_exact_for_any_split(threads):
 
 def test_split_balances_bytes_and_covers_everything():
     copier = ParallelCopier(3)
-    src = [torch.ones(10_000_000, dtype=torch.uint8), torch.ones(2_000_000, dtype=torch.uint8)]
-    dst = [torch.empty_like(s) for s in src]
-    chunks = copier._split(dst, src, 12_000_000)
-    sizes = [sum(t.numel() for t in d) for d, _ in chunks]
+    shares = copier._split([(0, 10_000_000), (1, 2_000_000)], 12_000_000)
+    sizes = [sum(end - start for _, start, end in share.cuts) + 2_000_000 * (1 in share.whole) for share in shares]
     assert sum(sizes) == 12_000_000
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_a_copy_plan_is_reused_for_new_values_and_redone_for_a_new_thread_count():
+    gen = torch.Generator().manual_seed(0)
+    src = [torch.randn(3_000_000, generator=gen), torch.randn(5, generator=gen), torch.randn(2_000, 300).t()]
+    dst = [torch.empty_like(s) for s in src]
+    copier = ParallelCopier(2)
+    plan = copier.copy(dst, src)
+    assert plan.shares and any(share.cuts for share in plan.shares)  # the large tensor was cut
+    for s in src:
+        s.normal_(generator=gen)  # new values, same layout: the plan holds no data
+    assert copier.copy(dst, src, plan) is plan
+    assert all(torch.equal(d, s) for d, s in zip(dst, src, strict=True))
+    copier.threads = 3
+    plan3 = copier.copy(dst, src, plan)
+    assert plan3 is not plan and len(plan3.shares) == 3
+    copier.threads = 1
+    assert not copier.copy(dst, src, plan3).shares
+    copier.close()
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_new_layout_of_the_same_bytes_in_the_same_slot_is_staged_by_the_new_layout(tmp_path, writer):
+    """The slot keeps its memory when the size repeats; what it copies and what the writer
+    process rebuilds must follow the layout, not the memory (both are cached per layout)."""
+    io = AsyncCheckpointIO(writer=writer, max_pending=1, staging_threads=2)
+    big = torch.randn(3, 4_000_000)  # 48 MB: shared between the copy threads
+    layouts = [
+        {"a": big, "b": torch.arange(24.0).reshape(4, 6)},
+        {"a": big, "b": torch.arange(24.0).reshape(4, 6)},  # repeated: the cached plan and specs
+        {"a": big.t().contiguous().t(), "b": torch.arange(24.0).reshape(6, 4)},  # same bytes, new strides and shapes
+        {"a": big[:, :2_000_000], "b": torch.arange(24.0).reshape(6, 4)[::2]},  # views: copied as raw bytes
+    ]
+    for i, checkpoint in enumerate(layouts):
+        io.save_checkpoint(checkpoint, tmp_path / f"{i}.ckpt")
+        io.flush()
+    io.teardown()
+    for i, checkpoint in enumerate(layouts):
+        out = load(tmp_path / f"{i}.ckpt")
+        for key, value in checkpoint.items():
+            assert out[key].shape == value.shape and out[key].stride() == value.stride(), (i, key)
+            assert torch.equal(out[key], value), (i, key)
 
 
 @pytest.mark.parametrize("staging_threads", [1, 2])
