@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -71,6 +72,15 @@ def describe_unpicklable(obj: Any, path: str, cause: BaseException) -> str:
     key, error = find_unpicklable(obj)
     what = f" at key {key}" if key else ""
     reason = error if error is not None else cause
+    if isinstance(cause, RecursionError) or isinstance(error, RecursionError):
+        start = key or "<the checkpoint itself>"
+        start = start if len(start) <= 80 else start[:80] + "..."
+        return (
+            f"cannot save checkpoint {path!r}: it is nested too deeply to pickle (more levels of "
+            f"containers than Python's recursion limit, {sys.getrecursionlimit()}, allows, at key "
+            f"{start}); torch.save fails on it too: "
+            "flatten that structure, or raise the limit with sys.setrecursionlimit"
+        )
     return (
         f"cannot save checkpoint {path!r}: the object{what} cannot be pickled by torch.save "
         f"({type(reason).__name__}: {reason}); remove it from the checkpoint or convert it to "

@@ -83,6 +83,15 @@ def _check_storage_options(io: Any, path: PathLike, storage_options: Any) -> Non
         )
 
 
+def _saves_with_torch_save(io: Any) -> bool:
+    """Whether ``io``'s ``save_checkpoint`` is one known to write with ``torch.save``: ours or
+    Lightning's ``TorchCheckpointIO`` / ``XLACheckpointIO``, not overridden below them."""
+    owner = next((c for c in type(io).__mro__ if "save_checkpoint" in vars(c)), None)
+    if owner is None or owner.__name__ not in ("TorchCheckpointIO", "XLACheckpointIO"):
+        return False
+    return owner.__module__.split(".")[0] in (*_LIGHTNING_PACKAGES, "asyncckpt")
+
+
 def _attrs_up_to(cls: type, owner: type) -> set:
     """Names defined on ``owner`` or on classes below it in ``cls``'s MRO: an IO that overrides
     ``save_checkpoint`` below the class that checks its options may accept other options."""
@@ -269,6 +278,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 remember(path, storage_options)
         started = time.perf_counter()
         checkpoint = self._stageable_form(checkpoint)
+        self._stager.torch_save_rules = _saves_with_torch_save(self._wrapped())
         slot = self._acquire_slot(key)
         self._stage_and_submit(checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started)
 

@@ -48,7 +48,7 @@ from ._arena import byte_view
 from ._copier import _memmove_pairs
 from ._pickling import restore, split, xla_indices
 from .errors import CheckpointSaveError
-from .staging import StagedCheckpoint
+from .staging import StagedCheckpoint, StorageDtypeConflict
 
 #: Storages of at most this many bytes are copied at the call, not lazily. Forward passes mutate
 #: small buffers in place (BatchNorm running statistics, ``num_batches_tracked``), and the
@@ -332,7 +332,10 @@ class LazyStager:
 
             for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
                 tensors[i] = cpu_tensor
-        storages, tensor_bytes = stager.prepare(slot, tensors)
+        try:
+            storages, tensor_bytes = stager.prepare(slot, tensors)
+        except StorageDtypeConflict as conflict:
+            raise conflict.refusal(skeleton, len(tensors), path) from None
         large = self._large_groups(slot)
         if not large:  # every storage is small: exactly the eager copy, at the eager cost
             with torch.no_grad():

@@ -23,6 +23,7 @@ import torch
 from ._arena import HostArena, build_views, byte_view, plan_groups, storages_in
 from ._copier import CopyPlan, ParallelCopier, default_staging_threads
 from ._pickling import restore, split, xla_indices
+from .errors import NotSerializableError
 
 __all__ = [
     "HostArena",
@@ -185,6 +186,44 @@ def _whole_copy_flags(layout: _Layout, tensors: Sequence[torch.Tensor]) -> List[
     return flags
 
 
+class StorageDtypeConflict(Exception):
+    """Staged items ``first`` and ``second`` view one storage as different dtypes."""
+
+    def __init__(self, first: int, second: int, dtypes: Tuple[Any, Any]) -> None:
+        super().__init__(first, second, dtypes)
+        self.first, self.second, self.dtypes = first, second, dtypes
+
+    def refusal(self, skeleton: bytes, count: int, path: str) -> NotSerializableError:
+        """The error for the caller, naming both items by their key paths in the checkpoint."""
+        from .lazy import key_paths  # only on this failure
+
+        names = key_paths(skeleton, count, (self.first, self.second))
+        first, second = (names.get(i, f"staged item {i}") for i in (self.first, self.second))
+        return NotSerializableError(
+            f"cannot save checkpoint {path!r}: {first} ({self.dtypes[0]}) and {second} "
+            f"({self.dtypes[1]}) view the same memory as different dtypes, which torch.save "
+            "refuses ('Cannot save multiple tensors or storages that view the same data as "
+            "different types'); save a .clone() of one of them instead",
+            path,
+        )
+
+
+def _dtype_conflict(layout: _Layout) -> Optional[StorageDtypeConflict]:
+    """torch.save's rule, checked once per new layout: every item viewing a storage that holds
+    bytes reads it as one dtype (a bare ``UntypedStorage`` as uint8)."""
+    storage_sizes, per_tensor = layout
+    first: Dict[int, Tuple[int, Any]] = {}
+    for i, spec in enumerate(per_tensor):
+        group = spec[0]
+        if not storage_sizes[group][1]:
+            continue
+        dtype = spec[1] if spec[1] is not None else torch.uint8
+        seen = first.setdefault(group, (i, dtype))
+        if seen[1] != dtype:
+            return StorageDtypeConflict(seen[0], i, (seen[1], dtype))
+    return None
+
+
 def _copy_pairs(slot: StagingSlot) -> Tuple[List[Tuple[int, int]], List[torch.Tensor], bool]:
     """What a copy into ``slot`` pairs up, fixed by its layout: per storage group with bytes,
     ``(group, i)`` with ``i`` the tensor copied whole into ``slot.views[i]``, or -1 for the
@@ -210,6 +249,9 @@ class Stager:
     def __init__(self, threads: int = 1) -> None:
         self._cuda_stream: Any = None
         self.copier = ParallelCopier(threads)
+        # Set by the engine when the wrapped IO writes with torch.save, whose refusals are then
+        # raised at the call (DCP, for one, saves each tensor on its own and has no such rule).
+        self.torch_save_rules = False
 
     def stage(self, checkpoint: Any, slot: StagingSlot, path: str) -> StagedCheckpoint:
         started = time.perf_counter()
@@ -224,7 +266,10 @@ class Stager:
         # under torch.inference_mode() (validation, an eval loop) leaves ordinary tensors for
         # the saves after it; reading inference tensors there is allowed.
         with torch.inference_mode(False):
-            tensor_bytes, waiter = self._copy_into(slot, tensors)
+            try:
+                tensor_bytes, waiter = self._copy_into(slot, tensors)
+            except StorageDtypeConflict as conflict:
+                raise conflict.refusal(skeleton, len(tensors), path) from None
         return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter)
 
     def _copy_into(self, slot: StagingSlot, tensors: List[torch.Tensor]) -> Tuple[int, Optional[Callable[[], None]]]:
@@ -268,6 +313,9 @@ class Stager:
                 per_tensor.append((group, t.dtype if isinstance(t, torch.TypedStorage) else None))
         layout: _Layout = (tuple(storage_sizes), tuple(per_tensor))
         if slot.layout != layout:
+            conflict = _dtype_conflict(layout) if self.torch_save_rules else None
+            if conflict is not None:
+                raise conflict
             self._plan(slot, layout, _whole_copy_flags(layout, tensors))
         return storages, sum(nbytes for _, nbytes in layout[0])
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pickle
 import threading
 
 import pytest
 import torch
 
-from asyncckpt import AsyncCheckpointIO, InvalidPathError, NotSerializableError, TorchCheckpointIO
+from asyncckpt import AsyncCheckpointIO, CheckpointIO, InvalidPathError, NotSerializableError, TorchCheckpointIO
 from conftest import load, temp_files
 
 
@@ -173,3 +174,75 @@ def test_options_rebuild_an_equal_engine():
     assert io.options()["staging_threads"] == 1 and io.options()["when_full"] == "raise"
     io.teardown()
     again.teardown()
+
+
+class _PlainPickleIO(CheckpointIO):
+    """A user's own IO that writes with plain pickle, which has no rule against two dtypes."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        with open(path, "wb") as f:
+            pickle.dump(checkpoint, f)
+
+    def load_checkpoint(self, path, map_location=None):
+        with open(path, "rb") as f:
+            return pickle.load(f)
+
+    def remove_checkpoint(self, path):
+        os.remove(path)
+
+
+def _two_dtypes_one_storage():
+    ints = torch.arange(8, dtype=torch.int32)
+    return {"step": 1, "model": {"ints": ints, "as_floats": ints.view(torch.float32)}}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"writer": "thread"}, {"writer": "process"}, {"staging": "lazy"}],
+    ids=["thread", "process", "lazy"],
+)
+def test_two_dtypes_viewing_one_storage_are_refused_at_the_call_as_torch_save_refuses_them(tmp_path, options):
+    """torch.save raises for this at once; the engine used to accept the call and fail in the
+    background, where the user learnt of it one save later (found by an attack script)."""
+    with pytest.raises(RuntimeError, match="view the same data as different types"):
+        torch.save(_two_dtypes_one_storage(), tmp_path / "plain.ckpt")
+    raw = torch.ones(4)
+    with pytest.raises(RuntimeError, match="view the same data as different types"):
+        torch.save({"t": raw, "s": raw.untyped_storage()}, tmp_path / "plain.ckpt")  # a bare storage reads as uint8
+    io = AsyncCheckpointIO(**options)
+    names = r"model\.ints \(torch\.int32\) and model\.as_floats \(torch\.float32\)"
+    with pytest.raises(NotSerializableError, match=names) as err:
+        io.save_checkpoint(_two_dtypes_one_storage(), tmp_path / "a.ckpt")
+    assert ".clone()" in str(err.value)
+    with pytest.raises(NotSerializableError, match="view the same memory as different dtypes"):
+        io.save_checkpoint({"t": raw, "s": raw.untyped_storage()}, tmp_path / "a.ckpt")
+    io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "b.ckpt")  # the engine goes on
+    io.teardown()
+    assert not (tmp_path / "a.ckpt").exists() and temp_files(str(tmp_path)) == []
+    assert torch.equal(load(tmp_path / "b.ckpt")["w"], torch.ones(3))
+
+
+def test_an_io_without_torch_saves_rule_gets_two_dtypes_on_one_storage(tmp_path):
+    io = AsyncCheckpointIO(_PlainPickleIO())
+    checkpoint = _two_dtypes_one_storage()
+    io.save_checkpoint(checkpoint, tmp_path / "a.pkl")
+    io.teardown()
+    out = _PlainPickleIO().load_checkpoint(tmp_path / "a.pkl")
+    assert torch.equal(out["model"]["ints"], checkpoint["model"]["ints"])
+    assert torch.equal(out["model"]["as_floats"].view(torch.int32), checkpoint["model"]["ints"])
+
+
+def test_a_checkpoint_nested_past_the_recursion_limit_is_refused_at_the_call_saying_so(tmp_path):
+    deep = inner = []
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]
+    with pytest.raises(RecursionError):
+        torch.save({"deep": deep}, tmp_path / "plain.ckpt")
+    io = AsyncCheckpointIO()
+    expected = r"nested too deeply.*at key \['deep'\]\[0\].*setrecursionlimit"
+    with pytest.raises(NotSerializableError, match=expected) as err:
+        io.save_checkpoint({"deep": deep}, tmp_path / "a.ckpt")
+    assert len(str(err.value)) < 500
+    io.teardown()
+    assert not (tmp_path / "a.ckpt").exists()
