@@ -308,7 +308,9 @@ class Stager:
                 device = ("cuda" if t.is_cuda else "cpu") if is_tensor else st.device.type
                 storage_sizes.append((device, st.nbytes()))
             if is_tensor:
-                per_tensor.append((group, t.dtype, t.shape, t.stride(), t.storage_offset(), t.requires_grad))
+                # tuple(t.shape), not the torch.Size: a writer process gets these specs pickled,
+                # and a Size pickles through a Python __reduce__, 7x slower for 20,000 of them.
+                per_tensor.append((group, t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), t.requires_grad))
             else:
                 per_tensor.append((group, t.dtype if isinstance(t, torch.TypedStorage) else None))
         layout: _Layout = (tuple(storage_sizes), tuple(per_tensor))
