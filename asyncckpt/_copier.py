@@ -85,7 +85,8 @@ class ParallelCopier:
             return plan
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="asyncckpt-stage")
+                # sized by the plan: ``threads`` may have been changed by another thread since
+                self._pool = ThreadPoolExecutor(len(plan.shares) - 1, thread_name_prefix="asyncckpt-stage")
             pool = self._pool
         # Only contiguous CPU pairs are shared out, and the helper threads copy them with a
         # plain memmove: a torch copy on a new thread would start an OpenMP team of its own,
@@ -114,32 +115,34 @@ class ParallelCopier:
         It depends only on the pairs' devices, dtypes, sizes and contiguity, which a staging
         slot's layout fixes: a plan stays valid for every copy of the same layout.
         """
+        threads = self.threads  # read once: another thread may change it meanwhile
         total = sum(d.numel() * d.element_size() for d in dst)
-        if self.threads == 1 or total < _PARALLEL_MIN_BYTES:
-            return CopyPlan(self.threads, len(dst), ())
+        if threads == 1 or total < _PARALLEL_MIN_BYTES:
+            return CopyPlan(threads, len(dst), ())
         plain: List[int] = []
         rest: List[int] = []
         for i, (d, s) in enumerate(zip(dst, src, strict=True)):
             (plain if _memmovable(d, s) else rest).append(i)
         plain_bytes = sum(dst[i].numel() * dst[i].element_size() for i in plain)
-        shares = self._split([(i, dst[i].numel() * dst[i].element_size()) for i in plain], plain_bytes)
+        shares = self._split([(i, dst[i].numel() * dst[i].element_size()) for i in plain], plain_bytes, threads)
         shares[0].whole.extend(rest)
-        return CopyPlan(self.threads, len(dst), tuple(shares))
+        return CopyPlan(threads, len(dst), tuple(shares))
 
-    def _split(self, sizes: List[Tuple[int, int]], total: int) -> List["_Share"]:
+    @staticmethod
+    def _split(sizes: List[Tuple[int, int]], total: int, threads: int) -> List["_Share"]:
         """``threads`` shares of about equal bytes of the pairs ``(index, nbytes)``; a pair
         larger than the room left in a share is cut at the boundary, as raw bytes."""
-        share = -(-total // self.threads)
-        shares = [_Share() for _ in range(self.threads)]
+        share = -(-total // threads)
+        shares = [_Share() for _ in range(threads)]
         index, room = 0, share
         for i, nbytes in sizes:
-            if nbytes <= room or index == self.threads - 1:
+            if nbytes <= room or index == threads - 1:
                 shares[index].whole.append(i)
                 room -= nbytes
             else:
                 start = 0
                 while start < nbytes:
-                    end = nbytes if index == self.threads - 1 else min(nbytes, start + max(room, 0))
+                    end = nbytes if index == threads - 1 else min(nbytes, start + max(room, 0))
                     if end > start:
                         shares[index].cuts.append((i, start, end))
                         room -= end - start
@@ -147,7 +150,7 @@ class ParallelCopier:
                     if start < nbytes:
                         index, room = index + 1, share
                 continue
-            if room <= 0 and index < self.threads - 1:
+            if room <= 0 and index < threads - 1:
                 index, room = index + 1, share
         return shares
 

@@ -31,7 +31,7 @@ def test_parallel_copy_is_exact_for_any_split(threads):
 
 def test_split_balances_bytes_and_covers_everything():
     copier = ParallelCopier(3)
-    shares = copier._split([(0, 10_000_000), (1, 2_000_000)], 12_000_000)
+    shares = copier._split([(0, 10_000_000), (1, 2_000_000)], 12_000_000, 3)
     sizes = [sum(end - start for _, start, end in share.cuts) + 2_000_000 * (1 in share.whole) for share in shares]
     assert sum(sizes) == 12_000_000
     assert max(sizes) - min(sizes) <= 1
@@ -223,3 +223,27 @@ def test_the_hand_over_to_a_writer_process_pickles_with_the_collector_paused(tmp
     io.teardown()
     assert seen == [False] and gc.isenabled()
     assert torch.equal(load(tmp_path / "a.ckpt")["w"], torch.ones(3))
+
+
+def test_a_thread_count_changed_during_a_copy_does_not_break_it():
+    """``share_cores_among`` may lower ``threads`` on another thread while a copy starts; the
+    helper pool is sized by the copy's own plan (it was sized by ``threads`` - 1, i.e. 0)."""
+
+    class Shrinking(ParallelCopier):
+        reads = 0
+
+        @property
+        def threads(self):
+            type(self).reads += 1
+            return 2 if type(self).reads <= 2 else 1
+
+        @threads.setter
+        def threads(self, value):
+            pass
+
+    copier = Shrinking(2)
+    src = [torch.randn(4_000_000)]
+    dst = [torch.empty_like(s) for s in src]
+    copier.copy(dst, src)
+    copier.close()
+    assert torch.equal(dst[0], src[0])
