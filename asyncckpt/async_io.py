@@ -109,8 +109,11 @@ class _WriterHolder:
 
     def __init__(self) -> None:
         self.writer: Optional[Writer] = None
+        self.pid = os.getpid()
 
     def stop(self) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked child's copy: the writer is the parent's, and its locks may be held
         writer, self.writer = self.writer, None
         if writer is not None:
             writer.stop(5)
@@ -337,8 +340,21 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """
         self._finish_lazy(host_sync=True)
 
+    def _check_owner(self) -> None:
+        """An engine works in the process that made it. A child forked from that process holds
+        copies of its locks (some maybe held at the fork, so waiting on them would hang) and
+        none of its threads; its pending work is the parent's to finish."""
+        if os.getpid() != self._holder.pid:
+            raise AsyncCheckpointError(
+                f"this AsyncCheckpointIO was created in process {self._holder.pid} and cannot be used "
+                f"in process {os.getpid()}, forked from it: its writer and copying threads did not "
+                "survive the fork (the parent finishes its pending saves). Create a new "
+                "AsyncCheckpointIO in the child"
+            )
+
     def _finish_lazy(self, host_sync: bool = False) -> None:
         """A guard point: finish and verify this engine's lazy copy (see :mod:`asyncckpt.lazy`)."""
+        self._check_owner()
         if self._lazy is not None:
             self._lazy.finish(host_sync)
 
@@ -423,6 +439,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     def wait_for_path(self, path: PathLike, timeout: Optional[float] = None) -> None:
         """Block until every operation queued on ``path`` has taken effect (errors are not raised)."""
+        self._check_owner()
         key = self._path_key(path)
         with self._cv:
             op = self._last_op.get(key)
@@ -564,6 +581,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         return err
 
     def _raise_pending_errors(self) -> None:
+        self._check_owner()
         with self._cv:
             if not self._errors:
                 return
@@ -576,6 +594,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     # -- waiting --------------------------------------------------------------------------
 
     def _pending_ops(self) -> List[Operation]:
+        self._check_owner()
         """The operations handed over and not yet complete, in submission order."""
         with self._cv:
             return list(self._ops.values())

@@ -205,6 +205,25 @@ def check_main_references(skeleton: bytes, path: str) -> None:
             raise _refuse_main_reference(name, path, 'inside its `if __name__ == "__main__":` block') from None
 
 
+_started: "weakref.WeakSet[Any]" = weakref.WeakSet()  # this process's writer processes
+
+
+def _disown_writers_in_forked_child() -> None:
+    """A child forked (``os.fork``) from a process with a writer process inherits
+    ``multiprocessing``'s list of children; at its exit, ``multiprocessing`` would then
+    terminate the daemonic writer process, which belongs to the parent (seen: the parent's
+    pending save failed as lost, its writer killed by SIGTERM)."""
+    children = getattr(multiprocessing.process, "_children", None)
+    for process in list(_started):
+        if children is not None:
+            children.discard(process)
+    _started.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_writers_in_forked_child)
+
+
 def _has_exited(process: Any) -> bool:
     """Whether ``process`` has exited, from its sentinel (a pipe the child holds open until it
     exits). Not ``is_alive()``: once another waiter has taken the exit status (a launcher's
@@ -254,6 +273,7 @@ class ProcessWriter:
             daemon=True,
         )
         self._process.start()
+        _started.add(self._process)
         child_conn.close()
         self._conn = parent_conn
         self._reader = threading.Thread(target=self._read_replies, name="asyncckpt-writer-replies", daemon=True)

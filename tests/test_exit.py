@@ -145,6 +145,56 @@ def test_sigterm_handler_respects_what_was_there_before(tmp_path, previous):
         assert proc.returncode == -signal.SIGTERM and "still running" not in out
 
 
+@pytest.mark.parametrize(
+    "writer,staging", [("thread", "eager"), ("thread", "lazy"), ("process", "eager")], ids=["thread", "lazy", "process"]
+)
+def test_an_os_fork_child_exiting_through_the_interpreter_leaves_the_parents_engine_alone(tmp_path, writer, staging):
+    """A raw ``os.fork`` child that exits through the interpreter runs the exit hooks it
+    inherited. It hung in the engine's finalizer on a lock copied held (lazy staging), and it
+    made ``multiprocessing`` terminate the parent's writer process, failing the parent's save as
+    lost. Using the parent's engine in the child is refused with an error that says why."""
+    proc = run_script(
+        f"""
+        def main():  # spawn re-imports this file in the writer process: a main guard
+            io = AsyncCheckpointIO(SlowIO(1.5), writer={writer!r}, staging={staging!r}, handle_sigterm=False)
+            for use_in_child in (False, True):
+                io.save_checkpoint({{"w": torch.arange(1000.0)}}, os.path.join(sys.argv[1], f"a{{use_in_child}}.ckpt"))
+                started = time.monotonic()
+                pid = os.fork()
+                if pid == 0:
+                    if use_in_child:
+                        try:
+                            io.flush()
+                            told = "nothing"
+                        except Exception as err:
+                            told = f"{{type(err).__name__}}: {{err}}"
+                        with open(os.path.join(sys.argv[1], "child.txt"), "w") as f:
+                            f.write(told)
+                    sys.exit(0)
+                _, status = os.waitpid(pid, 0)
+                print("child", status, round(time.monotonic() - started, 1), flush=True)
+            io.teardown()  # raises if a save of the parent's was lost
+            print("ready", flush=True)
+
+        if __name__ == "__main__":
+            main()
+        """,
+        tmp_path,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, (out, err)
+    lines = [line.split() for line in out.splitlines()]
+    assert [line[:2] for line in lines[:2]] == [["child", "0"], ["child", "0"]], (out, err)
+    assert lines[2] == ["ready"]
+    told = (tmp_path / "child.txt").read_text()
+    assert told.startswith("AsyncCheckpointError") and "forked from it" in told and "in the child" in told, told
+    for name in ("aFalse.ckpt", "aTrue.ckpt"):
+        assert torch.equal(torch.load(tmp_path / name, weights_only=True)["w"], torch.arange(1000.0))
+
+
 def test_a_forked_child_exits_at_once_with_the_parents_saves_pending(tmp_path):
     proc = run_script(
         """
