@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -28,6 +28,27 @@ def _memmove_pairs(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
         nbytes = d.numel() * d.element_size()
         if nbytes:
             ctypes.memmove(d.data_ptr(), s.data_ptr(), nbytes)
+
+
+def _wait_all(futures: List[Future]) -> None:
+    """Wait for every helper's share, whatever interrupts the wait, then raise.
+
+    A ``KeyboardInterrupt`` (or another signal handler's exception) while the caller waits
+    must not end the wait early: the engine would free the slot while a helper still copies
+    into it, and the next save (a checkpoint on interrupt, say) could stage into the same
+    memory at the same time.
+    """
+    interrupted: Optional[BaseException] = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except BaseException as err:  # noqa: BLE001 - re-raised once the copies are done
+            interrupted = interrupted or err
+    for future in futures:
+        future.result()  # a copy's own error
+    if interrupted is not None:
+        raise interrupted
 
 
 @dataclass
@@ -105,8 +126,7 @@ class ParallelCopier:
             if main_dst:
                 torch._foreach_copy_(main_dst, main_src)
         finally:
-            for future in futures:
-                future.result()
+            _wait_all(futures)
         return plan
 
     def plan(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> "CopyPlan":

@@ -247,3 +247,35 @@ def test_a_thread_count_changed_during_a_copy_does_not_break_it():
     copier.copy(dst, src)
     copier.close()
     assert torch.equal(dst[0], src[0])
+
+
+def test_an_interrupt_while_the_helpers_copy_waits_for_them_before_the_slot_is_freed(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT to the main thread) while the caller waits for the helper threads' shares
+    used to end the wait at once: the slot was freed while a helper still copied into it, so
+    the next save (a checkpoint on interrupt) could stage into the same memory."""
+    import signal
+    import threading
+    import time
+
+    from asyncckpt import _copier
+
+    helper_done = threading.Event()
+    real = _copier._memmove_pairs
+
+    def slow_memmove(dst, src):
+        time.sleep(0.5)  # fault injection: a slow share, so the interrupt lands during the wait
+        real(dst, src)
+        helper_done.set()
+
+    monkeypatch.setattr(_copier, "_memmove_pairs", slow_memmove)
+    io = AsyncCheckpointIO(staging_threads=2, max_pending=1)
+    big = torch.randn(8, 1024, 1024)
+    main = threading.main_thread().ident
+    threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"big": big}, tmp_path / "a.ckpt")
+        time.sleep(5)  # the interrupt, if the save returned before it
+    assert helper_done.is_set()  # no helper still writes into the freed slot
+    io.save_checkpoint({"big": big}, tmp_path / "b.ckpt")
+    io.teardown()
+    assert torch.equal(load(tmp_path / "b.ckpt")["big"], big)
