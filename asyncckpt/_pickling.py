@@ -76,7 +76,7 @@ def describe_unpicklable(obj: Any, path: str, cause: BaseException) -> str:
         start = key or "<the checkpoint itself>"
         start = start if len(start) <= 80 else start[:80] + "..."
         return (
-            f"cannot save checkpoint {path!r}: it is nested too deeply to pickle (more levels of "
+            f"cannot save checkpoint {path!r}: it is nested too deeply to pickle (RecursionError: more levels of "
             f"containers than Python's recursion limit, {sys.getrecursionlimit()}, allows, at key "
             f"{start}); torch.save fails on it too: "
             "flatten that structure, or raise the limit with sys.setrecursionlimit"

@@ -288,17 +288,23 @@ class ProcessWriter:
 
     def submit(self, op: Operation) -> None:
         """Send ``op``; an operation that cannot be pickled raises here and nothing is sent."""
+        # What a save sends is read here, before the op is registered as in flight: from then on
+        # the reply reader may complete it (the writer died) and drop ``op.staged``.
         layout: Optional[Tuple[Any, Any]] = None
+        arena: Any = None
+        arena_id = 0
         if op.kind == "save":
             staged = op.staged
+            arena = staged.arena
+            arena_id = arena.id
             layout = (staged.groups, staged.specs)
             # A slot whose layout repeats hands over the same groups and specs objects: the
             # writer keeps the last layout per arena, so only a changed one crosses the pipe
             # (pickling 20,000 tensor specs costs about 20 ms of the call).
-            sent = self._sent_layouts.get(staged.arena.id)
+            sent = self._sent_layouts.get(arena_id)
             same = sent is not None and sent[0] is layout[0] and sent[1] is layout[1]
             message: Tuple[Any, ...] = (
-                "save", op.seq, op.target, op.storage_options, staged.skeleton, staged.arena.id,
+                "save", op.seq, op.target, op.storage_options, staged.skeleton, arena_id,
                 *((None, None) if same else layout),
             )
         else:
@@ -326,11 +332,11 @@ class ProcessWriter:
                 self._inflight[op.seq] = op  # from here the reader (or the writer's death) completes it
             try:
                 self._drop_released_arenas()
-                if op.kind == "save":
-                    self._share_arena(op.staged.arena)
+                if arena is not None:
+                    self._share_arena(arena)
                 self._conn.send_bytes(data)
                 if layout is not None:
-                    self._sent_layouts[op.staged.arena.id] = layout
+                    self._sent_layouts[arena_id] = layout
             except (OSError, EOFError) as err:
                 # The process is gone, and a send that failed delivered no whole message: this
                 # operation was never handed over, so it goes to a new writer, unless the reply
