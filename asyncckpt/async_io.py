@@ -594,8 +594,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     # -- waiting --------------------------------------------------------------------------
 
     def _pending_ops(self) -> List[Operation]:
-        self._check_owner()
         """The operations handed over and not yet complete, in submission order."""
+        self._check_owner()
         with self._cv:
             return list(self._ops.values())
 
