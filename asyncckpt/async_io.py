@@ -281,7 +281,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 remember(path, storage_options)
         started = time.perf_counter()
         checkpoint = self._stageable_form(checkpoint)
-        self._stager.torch_save_rules = _saves_with_torch_save(self._wrapped())
         slot = self._acquire_slot(key)
         self._stage_and_submit(checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started)
 
@@ -305,6 +304,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     ) -> None:
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
         slot.last_key = key
+        self._stager.torch_save_rules = _saves_with_torch_save(self._wrapped())
         try:
             # Staging allocates many containers (see collection_paused); the pause ends before
             # the hand-over, which may wait on a busy writer process.

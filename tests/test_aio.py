@@ -487,3 +487,16 @@ def test_core_imports_and_saves_without_anyio(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     assert torch.equal(load(tmp_path / "a.ckpt")["x"], torch.ones(2))
+
+
+@pytest.mark.anyio
+async def test_asave_refuses_two_dtypes_on_one_storage_at_the_call_as_save_does(tmp_path, make_io):
+    from asyncckpt import NotSerializableError
+
+    io = make_io()
+    ints = torch.arange(8, dtype=torch.int32)
+    with pytest.raises(NotSerializableError, match=r"ints \(torch\.int32\) and floats \(torch\.float32\)"):
+        await io.asave_checkpoint({"ints": ints, "floats": ints.view(torch.float32)}, tmp_path / "a.ckpt")
+    await io.asave_checkpoint({"ints": ints}, tmp_path / "b.ckpt")
+    await io.aflush()
+    assert not (tmp_path / "a.ckpt").exists() and torch.equal(load(tmp_path / "b.ckpt")["ints"], ints)
