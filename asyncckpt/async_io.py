@@ -197,6 +197,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         # Submission is serialized by its own lock, never the condition's: a send to a busy
         # writer process may block, and completions (which take ``_cv``) must go on meanwhile.
         self._submit_lock = threading.RLock()
+        self._local = threading.local()  # ``holding``: this thread holds a slot in _stage_and_submit
         self._seq = 0
         self._ops: Dict[int, Operation] = {}  # handed to the writer, not yet complete; by seq
         self._last_op: Dict[str, Operation] = {}  # per path key: the last pending operation
@@ -273,6 +274,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         tensors or containers do not reach it.
         """
         key, target = self._check_save(path, storage_options)
+        if getattr(self._local, "holding", False):
+            self._save_now(checkpoint, key, target, storage_options)
+            return
         self._finish_lazy()
         self._raise_pending_errors()
         if storage_options is not None:  # this copy of the IO loads it; a writer process saves it
@@ -303,6 +307,22 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         waited: float,
     ) -> None:
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
+        self._local.holding = True
+        try:
+            self._stage_and_submit_holding(checkpoint, path, key, storage_options, slot, blocking_since, waited)
+        finally:
+            self._local.holding = False
+
+    def _stage_and_submit_holding(
+        self,
+        checkpoint: Any,
+        path: PathLike,
+        key: str,
+        storage_options: Any,
+        slot: StagingSlot,
+        blocking_since: float,
+        waited: float,
+    ) -> None:
         slot.last_key = key
         self._stager.torch_save_rules = _saves_with_torch_save(self._wrapped())
         try:
@@ -329,6 +349,25 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             self._finish_lazy()
             self._release_slot(slot)
             raise
+
+    def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> None:
+        """A save made on a thread that is inside another save of this engine, holding a slot:
+        a signal handler's (Lightning saves from its SLURM requeue handler). It can wait neither
+        for the slot nor for a send that the interrupted call holds, so, like a synchronous
+        save, it is written here and now through the wrapped IO, after the operations already
+        queued on its path (they never wait for this thread) and before the interrupted one."""
+        if hasattr(self._wrapped(), "prepare_for_staging"):
+            raise AsyncCheckpointError(
+                f"cannot save {key!r}: this thread is inside another save of this engine (a save "
+                "from a signal handler?), and a sharded save is collective, so it cannot be written "
+                "here on this rank alone; save from the training loop instead"
+            )
+        self._raise_pending_errors()
+        self._wait_for_path(key)
+        if storage_options is None:
+            self._wrapped().save_checkpoint(checkpoint, target)
+        else:
+            self._wrapped().save_checkpoint(checkpoint, target, storage_options=storage_options)
 
     def wait_staged(self) -> None:
         """Wait until the last save's tensors are copied (``staging="lazy"``), and check them.

@@ -43,7 +43,7 @@ __all__ = [
 _Layout = Tuple[Tuple[Tuple[str, int], ...], Tuple[tuple, ...]]
 
 
-_gc_lock = threading.Lock()
+_gc_lock = threading.RLock()  # re-entered by a save from a signal handler on this thread
 _gc_pauses = 0
 _gc_was_enabled = False
 
@@ -78,7 +78,7 @@ def _collection_in_forked_child() -> None:
     """A process forked by another thread during a save call has no such call: its collector
     runs as it did before the pause."""
     global _gc_lock, _gc_pauses
-    _gc_lock = threading.Lock()
+    _gc_lock = threading.RLock()
     if _gc_pauses:
         _gc_pauses = 0
         if _gc_was_enabled:

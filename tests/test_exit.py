@@ -195,6 +195,55 @@ def test_an_os_fork_child_exiting_through_the_interpreter_leaves_the_parents_eng
         assert torch.equal(torch.load(tmp_path / name, weights_only=True)["w"], torch.arange(1000.0))
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_save_from_a_signal_handler_interrupting_a_save_is_written_not_deadlocked(tmp_path, writer):
+    """Lightning saves from its SLURM requeue (SIGUSR1) handler. When the signal lands while the
+    main thread's own save holds the only slot, the handler's save waited for that slot forever.
+    It is now written synchronously, after what was queued on its path."""
+    proc = run_script(
+        f"""
+        def main():  # spawn re-imports this file in the writer process: a main guard
+            import signal, threading
+            from asyncckpt import staging
+
+            folder = sys.argv[1]
+            io = AsyncCheckpointIO(max_pending=1, writer={writer!r}, handle_sigterm=False)
+            io.save_checkpoint({{"v": "queued before"}}, os.path.join(folder, "hpc.ckpt"))
+            main_id = threading.main_thread().ident
+            real_stage = staging.Stager.stage
+            fired = []
+
+            def stage(self, checkpoint, slot, path):
+                if not fired:  # fault injection: the signal lands while this call holds the slot
+                    fired.append(True)
+                    signal.pthread_kill(main_id, signal.SIGUSR1)
+                return real_stage(self, checkpoint, slot, path)
+
+            def handler(signum, frame):
+                io.save_checkpoint({{"v": "from the handler"}}, os.path.join(folder, "hpc.ckpt"))
+
+            staging.Stager.stage = stage
+            signal.signal(signal.SIGUSR1, handler)
+            io.save_checkpoint({{"v": "interrupted", "w": torch.ones(4)}}, os.path.join(folder, "a.ckpt"))
+            io.teardown()
+            print("ready", flush=True)
+
+        if __name__ == "__main__":
+            main()
+        """,
+        tmp_path,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"deadlocked: {err[-2000:]}") from None
+    assert proc.returncode == 0 and out.split() == ["ready"], (out, err)
+    assert torch.load(tmp_path / "hpc.ckpt", weights_only=True) == {"v": "from the handler"}
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True)["v"] == "interrupted"
+
+
 def test_a_forked_child_exits_at_once_with_the_parents_saves_pending(tmp_path):
     proc = run_script(
         """
