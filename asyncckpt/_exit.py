@@ -44,17 +44,8 @@ def _at_exit() -> None:
 
 
 threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
-
-
-def _forget_engines_in_forked_child() -> None:
-    # A forked child (a DataLoader worker, say) holds copies of the parent's engines, whose
-    # pending work belongs to the parent and whose writers did not survive the fork; draining
-    # them at the child's exit would wait for work that no one in the child will ever do.
-    _engines.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_engines_in_forked_child)
+# A forked child keeps this registry: its copies of the engines start afresh at the fork (see
+# ``AsyncCheckpointIO._adopt_after_fork``), so its exit drains only the child's own saves.
 
 
 def install_sigterm_handler() -> bool:

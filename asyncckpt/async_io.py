@@ -209,9 +209,33 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             check_picklable(self._wrapped())
             self._writer = self._new_writer()  # its interpreter starts while training runs
         _exit.register(self)
+        _live_engines.add(self)
         self.handle_sigterm = handle_sigterm
         if handle_sigterm:
             _exit.install_sigterm_handler()
+
+    def _adopt_after_fork(self) -> None:
+        """In a child forked from the process that made this engine, start afresh as the
+        child's own engine (``ddp_fork`` trains in such children with the parent's plugin).
+
+        The parent's pending saves stay the parent's: its writer did not survive the fork here,
+        and the child must neither wait for nor redo them. Its locks may have been copied while
+        held. Its staging memory may be shared with the parent's writer process (a memfd), so
+        the child stages into new memory of its own.
+        """
+        self._cv = threading.Condition(threading.RLock())
+        self._submit_lock = threading.RLock()
+        self._local = threading.local()
+        self._holder.writer = None  # the parent's: never stopped or used from here
+        self._holder.pid = os.getpid()
+        self._ops = {}
+        self._last_op = {}
+        self._errors = []
+        self._stats = collections.deque(maxlen=_STATS_KEPT)
+        arena_kind = "shared" if self.writer_kind == "process" else "plain"
+        self._free_slots = [StagingSlot(i, arena_kind) for i in range(self.max_pending)]
+        self._stager = Stager(self.staging_threads)
+        self._lazy = LazyStager(self._stager) if self.staging == "lazy" else None
 
     def share_cores_among(self, local_ranks: int) -> None:
         """With the default ``staging_threads``, copy with this rank's share of the machine's
@@ -379,21 +403,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """
         self._finish_lazy(host_sync=True)
 
-    def _check_owner(self) -> None:
-        """An engine works in the process that made it. A child forked from that process holds
-        copies of its locks (some maybe held at the fork, so waiting on them would hang) and
-        none of its threads; its pending work is the parent's to finish."""
-        if os.getpid() != self._holder.pid:
-            raise AsyncCheckpointError(
-                f"this AsyncCheckpointIO was created in process {self._holder.pid} and cannot be used "
-                f"in process {os.getpid()}, forked from it: its writer and copying threads did not "
-                "survive the fork (the parent finishes its pending saves). Create a new "
-                "AsyncCheckpointIO in the child"
-            )
-
     def _finish_lazy(self, host_sync: bool = False) -> None:
         """A guard point: finish and verify this engine's lazy copy (see :mod:`asyncckpt.lazy`)."""
-        self._check_owner()
         if self._lazy is not None:
             self._lazy.finish(host_sync)
 
@@ -478,7 +489,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     def wait_for_path(self, path: PathLike, timeout: Optional[float] = None) -> None:
         """Block until every operation queued on ``path`` has taken effect (errors are not raised)."""
-        self._check_owner()
         key = self._path_key(path)
         with self._cv:
             op = self._last_op.get(key)
@@ -620,7 +630,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         return err
 
     def _raise_pending_errors(self) -> None:
-        self._check_owner()
         with self._cv:
             if not self._errors:
                 return
@@ -634,7 +643,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     def _pending_ops(self) -> List[Operation]:
         """The operations handed over and not yet complete, in submission order."""
-        self._check_owner()
         with self._cv:
             return list(self._ops.values())
 
@@ -731,3 +739,15 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             f"{type(self).__name__}({self.checkpoint_io!r}, max_pending={self.max_pending}, "
             f"when_full={self.when_full!r}, writer={self.writer_kind!r}, staging={self.staging!r})"
         )
+
+
+_live_engines: "weakref.WeakSet[AsyncCheckpointIO]" = weakref.WeakSet()
+
+
+def _adopt_engines_in_forked_child() -> None:
+    for engine in list(_live_engines):
+        engine._adopt_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_adopt_engines_in_forked_child)
