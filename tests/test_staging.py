@@ -271,10 +271,16 @@ def test_an_interrupt_while_the_helpers_copy_waits_for_them_before_the_slot_is_f
     io = AsyncCheckpointIO(staging_threads=2, max_pending=1)
     big = torch.randn(8, 1024, 1024)
     main = threading.main_thread().ident
-    threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"big": big}, tmp_path / "a.ckpt")
-        time.sleep(5)  # the interrupt, if the save returned before it
+    # Python's own SIGINT handler: a shell starting a background job (a CI runner) may have
+    # set SIGINT to ignored, and Python then installs none.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            io.save_checkpoint({"big": big}, tmp_path / "a.ckpt")
+            time.sleep(5)  # the interrupt, if the save returned before it
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert helper_done.is_set()  # no helper still writes into the freed slot
     io.save_checkpoint({"big": big}, tmp_path / "b.ckpt")
     io.teardown()
