@@ -153,7 +153,9 @@ class LazyCopy:
         self._watched = watched
         self._copied = threading.Event()
         self._verified = threading.Event()
-        self._lock = threading.Lock()
+        # Re-entrant: a save from a signal handler (Lightning's SLURM requeue) may finish this
+        # copy while the interrupted thread is inside finish(), waiting for it.
+        self._lock = threading.RLock()
         self._copy_error: Optional[BaseException] = None
         self.error: Optional[BaseException] = None
         self._pid = os.getpid()
@@ -187,6 +189,7 @@ class LazyCopy:
         with self._lock:
             if not self._verified.is_set():
                 self._copied.wait()
+            if not self._verified.is_set():  # not by a signal handler's finish() during the wait
                 if self._cuda_event is not None:
                     # Kernels queued on the training stream from now on run after the copy; the
                     # host does not wait. Those queued since the call were seen by the counters.

@@ -244,6 +244,51 @@ def test_a_save_from_a_signal_handler_interrupting_a_save_is_written_not_deadloc
     assert torch.load(tmp_path / "a.ckpt", weights_only=True)["v"] == "interrupted"
 
 
+def test_a_save_from_a_signal_handler_while_waiting_for_a_lazy_copy_is_not_deadlocked(tmp_path):
+    """The signal lands while the main thread waits in a guard for a lazy copy (here
+    ``wait_staged``; an optimizer step's pre-hook does the same), holding the copy's lock: the
+    handler's save waits for the same copy, and deadlocked on that lock."""
+    proc = run_script(
+        """
+        import signal, threading
+        from asyncckpt import lazy
+
+        folder = sys.argv[1]
+        real = lazy._memmove_pairs
+
+        def slow_copy(dst, src):
+            time.sleep(1.0)  # fault injection: a slow lazy copy, so the signal lands during the wait
+            real(dst, src)
+
+        lazy._memmove_pairs = slow_copy
+        io = AsyncCheckpointIO(staging="lazy", handle_sigterm=False)
+
+        def handler(signum, frame):
+            io.save_checkpoint({"v": "from the handler"}, os.path.join(folder, "hpc.ckpt"))
+
+        signal.signal(signal.SIGUSR1, handler)
+        weights = torch.arange(1_000_000.0)
+        io.save_checkpoint({"w": weights}, os.path.join(folder, "a.ckpt"))
+        main_id = threading.main_thread().ident
+        threading.Timer(0.3, lambda: signal.pthread_kill(main_id, signal.SIGUSR1)).start()
+        io.wait_staged()
+        weights.add_(1)  # after the guard: not in the file
+        io.teardown()
+        print("ready", flush=True)
+        """,
+        tmp_path,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"deadlocked: {err[-2000:]}") from None
+    assert proc.returncode == 0 and out.split() == ["ready"], (out, err)
+    assert torch.load(tmp_path / "hpc.ckpt", weights_only=True) == {"v": "from the handler"}
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.arange(1_000_000.0))
+
+
 def test_a_forked_child_exits_at_once_with_the_parents_saves_pending(tmp_path):
     proc = run_script(
         """
