@@ -375,8 +375,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             raise
 
     def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> None:
-        """A save made on a thread that is inside another save of this engine, holding a slot:
-        a signal handler's (Lightning saves from its SLURM requeue handler). It can wait neither
+        """A save made on a thread that is inside another save of this engine (holding a slot)
+        or inside a hand-over to the writer: a signal handler's (Lightning saves from its SLURM
+        requeue handler). It can wait neither
         for the slot nor for a send that the interrupted call holds, so, like a synchronous
         save, it is written here and now through the wrapped IO, after the operations already
         queued on its path (they never wait for this thread) and before the interrupted one."""
@@ -538,6 +539,15 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         here and leaves nothing counted; the caller gives the slot back.
         """
         op.add_done_callback(self._on_done)
+        # A save from a signal handler during this hand-over must not wait for it (see _save_now).
+        was_holding = getattr(self._local, "holding", False)
+        self._local.holding = True
+        try:
+            self._submit_holding(op)
+        finally:
+            self._local.holding = was_holding
+
+    def _submit_holding(self, op: Operation) -> None:
         with self._submit_lock:
             for _ in range(2):
                 writer = self._live_writer()
