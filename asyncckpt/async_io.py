@@ -9,13 +9,14 @@ engine.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import pathlib
 import threading
 import time
 import weakref
-from typing import Any, Deque, Dict, Iterable, List, Optional
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -331,48 +332,43 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         waited: float,
     ) -> None:
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
+        with self._holding():  # a signal handler's save on this thread must not wait for this slot
+            slot.last_key = key
+            self._stager.torch_save_rules = _saves_with_torch_save(self._wrapped())
+            try:
+                # Staging allocates many containers (see collection_paused); the pause ends before
+                # the hand-over, which may wait on a busy writer process.
+                with collection_paused():
+                    if self._lazy is not None:
+                        with torch.inference_mode(False):  # staging memory is never made of inference tensors
+                            staged = self._lazy.stage(
+                                checkpoint, slot, key, getattr(self._wrapped(), "version_owner", None)
+                            )
+                    else:
+                        staged = self._stager.stage(checkpoint, slot, key)
+            except BaseException:
+                self._finish_lazy()  # no copy may still write into the slot once it is free
+                self._release_slot(slot)
+                raise
+            op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
+            op.wait_seconds = waited
+            op.blocking_seconds = time.perf_counter() - blocking_since
+            try:
+                self._submit(op)
+            except BaseException:
+                self._finish_lazy()
+                self._release_slot(slot)
+                raise
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        """Marks this thread as inside a save or hand-over of this engine (see :meth:`_save_now`)."""
+        was_holding = getattr(self._local, "holding", False)
         self._local.holding = True
         try:
-            self._stage_and_submit_holding(checkpoint, path, key, storage_options, slot, blocking_since, waited)
+            yield
         finally:
-            self._local.holding = False
-
-    def _stage_and_submit_holding(
-        self,
-        checkpoint: Any,
-        path: PathLike,
-        key: str,
-        storage_options: Any,
-        slot: StagingSlot,
-        blocking_since: float,
-        waited: float,
-    ) -> None:
-        slot.last_key = key
-        self._stager.torch_save_rules = _saves_with_torch_save(self._wrapped())
-        try:
-            # Staging allocates many containers (see collection_paused); the pause ends before
-            # the hand-over, which may wait on a busy writer process.
-            with collection_paused():
-                if self._lazy is not None:
-                    with torch.inference_mode(False):  # staging memory is never made of inference tensors
-                        staged = self._lazy.stage(
-                            checkpoint, slot, key, getattr(self._wrapped(), "version_owner", None)
-                        )
-                else:
-                    staged = self._stager.stage(checkpoint, slot, key)
-        except BaseException:
-            self._finish_lazy()  # no copy may still write into the slot once it is free
-            self._release_slot(slot)
-            raise
-        op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
-        op.wait_seconds = waited
-        op.blocking_seconds = time.perf_counter() - blocking_since
-        try:
-            self._submit(op)
-        except BaseException:
-            self._finish_lazy()
-            self._release_slot(slot)
-            raise
+            self._local.holding = was_holding
 
     def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> None:
         """A save made on a thread that is inside another save of this engine (holding a slot)
@@ -539,32 +535,24 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         here and leaves nothing counted; the caller gives the slot back.
         """
         op.add_done_callback(self._on_done)
-        # A save from a signal handler during this hand-over must not wait for it (see _save_now).
-        was_holding = getattr(self._local, "holding", False)
-        self._local.holding = True
-        try:
-            self._submit_holding(op)
-        finally:
-            self._local.holding = was_holding
-
-    def _submit_holding(self, op: Operation) -> None:
-        with self._submit_lock:
-            for _ in range(2):
-                writer = self._live_writer()
+        with self._holding():  # nor for this hand-over (a process writer's send lock)
+            with self._submit_lock:
+                for _ in range(2):
+                    writer = self._live_writer()
+                    with self._cv:
+                        self._seq += 1
+                        op.seq = self._seq
+                    try:
+                        writer.submit(op)
+                    except WriterGoneError:
+                        continue  # it died since we looked: start another and hand it over there
+                    break
+                else:
+                    raise WriterDiedError(f"could not hand the {op.kind} of {op.path!r} to a writer", op.path)
                 with self._cv:
-                    self._seq += 1
-                    op.seq = self._seq
-                try:
-                    writer.submit(op)
-                except WriterGoneError:
-                    continue  # it died since we looked: start another and hand it over there
-                break
-            else:
-                raise WriterDiedError(f"could not hand the {op.kind} of {op.path!r} to a writer", op.path)
-            with self._cv:
-                if not op.done():  # a fast writer may have finished it already
-                    self._ops[op.seq] = op
-                    self._last_op[op.path] = op
+                    if not op.done():  # a fast writer may have finished it already
+                        self._ops[op.seq] = op
+                        self._last_op[op.path] = op
 
     @property
     def _writer(self) -> Optional[Writer]:

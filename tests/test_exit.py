@@ -38,6 +38,17 @@ def run_script(body: str, tmp_path, **kwargs) -> subprocess.Popen:
     )
 
 
+def finish_without_deadlock(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait for a script that prints only ``ready``; a hang fails as a deadlock."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"deadlocked: {err[-2000:]}") from None
+    assert proc.returncode == 0 and out.split() == ["ready"], (out, err)
+
+
 def wait_ready(proc: subprocess.Popen) -> None:
     line = proc.stdout.readline()
     assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -233,13 +244,7 @@ def test_a_save_from_a_signal_handler_interrupting_a_save_is_written_not_deadloc
         """,
         tmp_path,
     )
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"deadlocked: {err[-2000:]}") from None
-    assert proc.returncode == 0 and out.split() == ["ready"], (out, err)
+    finish_without_deadlock(proc)
     assert torch.load(tmp_path / "hpc.ckpt", weights_only=True) == {"v": "from the handler"}
     assert torch.load(tmp_path / "a.ckpt", weights_only=True)["v"] == "interrupted"
 
@@ -278,13 +283,7 @@ def test_a_save_from_a_signal_handler_while_waiting_for_a_lazy_copy_is_not_deadl
         """,
         tmp_path,
     )
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"deadlocked: {err[-2000:]}") from None
-    assert proc.returncode == 0 and out.split() == ["ready"], (out, err)
+    finish_without_deadlock(proc)
     assert torch.load(tmp_path / "hpc.ckpt", weights_only=True) == {"v": "from the handler"}
     assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.arange(1_000_000.0))
 
