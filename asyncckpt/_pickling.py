@@ -111,13 +111,21 @@ def is_stageable(obj: Any) -> bool:
 _STORAGE_TYPES = (torch.TypedStorage, torch.UntypedStorage)
 
 
-def xla_indices(tensors: Sequence[Any]) -> List[int]:
-    """Positions of XLA tensors among :func:`split`'s tensors (its storages are never XLA).
+def move_xla_to_cpu(tensors: List[Any]) -> bool:
+    """Replace each XLA tensor among :func:`split`'s tensors (its storages are never XLA) by its
+    CPU copy, all in one batched transfer; returns whether there was any.
 
     ``is_xla`` rather than ``device.type``: building a device object per tensor cost 27 ms of
     the call for 20,000 tensors.
     """
-    return [i for i, t in enumerate(tensors) if type(t) is torch.Tensor and t.is_xla]
+    xla = [i for i, t in enumerate(tensors) if type(t) is torch.Tensor and t.is_xla]
+    if not xla:
+        return False
+    from .xla import transfer_to_cpu
+
+    for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
+        tensors[i] = cpu_tensor
+    return True
 
 
 def _is_stageable_storage(obj: Any) -> bool:

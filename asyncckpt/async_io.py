@@ -110,11 +110,8 @@ class _WriterHolder:
 
     def __init__(self) -> None:
         self.writer: Optional[Writer] = None
-        self.pid = os.getpid()
 
     def stop(self) -> None:
-        if os.getpid() != self.pid:
-            return  # a forked child's copy: the writer is the parent's, and its locks may be held
         writer, self.writer = self.writer, None
         if writer is not None:
             writer.stop(5)
@@ -228,7 +225,6 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._submit_lock = threading.RLock()
         self._local = threading.local()
         self._holder.writer = None  # the parent's: never stopped or used from here
-        self._holder.pid = os.getpid()
         self._ops = {}
         self._last_op = {}
         self._errors = []

@@ -46,9 +46,9 @@ import torch
 
 from ._arena import byte_view
 from ._copier import _memmove_pairs
-from ._pickling import restore, split, xla_indices
+from ._pickling import move_xla_to_cpu, restore, split
 from .errors import CheckpointSaveError
-from .staging import StagedCheckpoint, StorageDtypeConflict
+from .staging import StagedCheckpoint
 
 #: Storages of at most this many bytes are copied at the call, not lazily. Forward passes mutate
 #: small buffers in place (BatchNorm running statistics, ``num_batches_tracked``), and the
@@ -329,16 +329,8 @@ class LazyStager:
         self.finish()
         stager = self._stager
         skeleton, tensors = split(checkpoint, path)
-        xla = xla_indices(tensors)
-        if xla:
-            from .xla import transfer_to_cpu
-
-            for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
-                tensors[i] = cpu_tensor
-        try:
-            storages, tensor_bytes = stager.prepare(slot, tensors)
-        except StorageDtypeConflict as conflict:
-            raise conflict.refusal(skeleton, len(tensors), path) from None
+        move_xla_to_cpu(tensors)
+        storages, tensor_bytes = stager.prepare(slot, tensors, skeleton, path)
         large = self._large_groups(slot)
         if not large:  # every storage is small: exactly the eager copy, at the eager cost
             with torch.no_grad():

@@ -22,7 +22,7 @@ import torch
 
 from ._arena import HostArena, build_views, byte_view, plan_groups, storages_in
 from ._copier import CopyPlan, ParallelCopier, default_staging_threads
-from ._pickling import restore, split, xla_indices
+from ._pickling import move_xla_to_cpu, restore, split
 from .errors import NotSerializableError
 
 __all__ = [
@@ -186,31 +186,10 @@ def _whole_copy_flags(layout: _Layout, tensors: Sequence[torch.Tensor]) -> List[
     return flags
 
 
-class StorageDtypeConflict(Exception):
-    """Staged items ``first`` and ``second`` view one storage as different dtypes."""
-
-    def __init__(self, first: int, second: int, dtypes: Tuple[Any, Any]) -> None:
-        super().__init__(first, second, dtypes)
-        self.first, self.second, self.dtypes = first, second, dtypes
-
-    def refusal(self, skeleton: bytes, count: int, path: str) -> NotSerializableError:
-        """The error for the caller, naming both items by their key paths in the checkpoint."""
-        from .lazy import key_paths  # only on this failure
-
-        names = key_paths(skeleton, count, (self.first, self.second))
-        first, second = (names.get(i, f"staged item {i}") for i in (self.first, self.second))
-        return NotSerializableError(
-            f"cannot save checkpoint {path!r}: {first} ({self.dtypes[0]}) and {second} "
-            f"({self.dtypes[1]}) view the same memory as different dtypes, which torch.save "
-            "refuses ('Cannot save multiple tensors or storages that view the same data as "
-            "different types'); save a .clone() of one of them instead",
-            path,
-        )
-
-
-def _dtype_conflict(layout: _Layout) -> Optional[StorageDtypeConflict]:
+def _refuse_dtype_conflict(layout: _Layout, skeleton: bytes, path: str) -> None:
     """torch.save's rule, checked once per new layout: every item viewing a storage that holds
-    bytes reads it as one dtype (a bare ``UntypedStorage`` as uint8)."""
+    bytes reads it as one dtype (a bare ``UntypedStorage`` as uint8). A conflict is raised at
+    the call, naming both items by their key paths in the checkpoint."""
     storage_sizes, per_tensor = layout
     first: Dict[int, Tuple[int, Any]] = {}
     for i, spec in enumerate(per_tensor):
@@ -219,9 +198,19 @@ def _dtype_conflict(layout: _Layout) -> Optional[StorageDtypeConflict]:
             continue
         dtype = spec[1] if spec[1] is not None else torch.uint8
         seen = first.setdefault(group, (i, dtype))
-        if seen[1] != dtype:
-            return StorageDtypeConflict(seen[0], i, (seen[1], dtype))
-    return None
+        if seen[1] == dtype:
+            continue
+        from .lazy import key_paths  # only on this failure
+
+        names = key_paths(skeleton, len(per_tensor), (seen[0], i))
+        a, b = (names.get(j, f"staged item {j}") for j in (seen[0], i))
+        raise NotSerializableError(
+            f"cannot save checkpoint {path!r}: {a} ({seen[1]}) and {b} ({dtype}) view the same "
+            "memory as different dtypes, which torch.save refuses ('Cannot save multiple tensors "
+            "or storages that view the same data as different types'); save a .clone() of one "
+            "of them instead",
+            path,
+        )
 
 
 def _copy_pairs(slot: StagingSlot) -> Tuple[List[Tuple[int, int]], List[torch.Tensor], bool]:
@@ -256,32 +245,23 @@ class Stager:
     def stage(self, checkpoint: Any, slot: StagingSlot, path: str) -> StagedCheckpoint:
         started = time.perf_counter()
         skeleton, tensors = split(checkpoint, path)
-        xla = xla_indices(tensors)
-        if xla:
-            from .xla import transfer_to_cpu
-
-            for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
-                tensors[i] = cpu_tensor
+        move_xla_to_cpu(tensors)
         # Staging memory and its views are made outside inference mode, so that a first save
         # under torch.inference_mode() (validation, an eval loop) leaves ordinary tensors for
         # the saves after it; reading inference tensors there is allowed.
         with torch.inference_mode(False):
-            try:
-                tensor_bytes, waiter = self._copy_into(slot, tensors)
-            except StorageDtypeConflict as conflict:
-                raise conflict.refusal(skeleton, len(tensors), path) from None
+            storages, tensor_bytes = self.prepare(slot, tensors, skeleton, path)
+            with torch.no_grad():
+                waiter = self._copy(slot, tensors, storages)
         return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter)
 
-    def _copy_into(self, slot: StagingSlot, tensors: List[torch.Tensor]) -> Tuple[int, Optional[Callable[[], None]]]:
-        storages, tensor_bytes = self.prepare(slot, tensors)
-        with torch.no_grad():
-            waiter = self._copy(slot, tensors, storages)
-        return tensor_bytes, waiter
-
-    def prepare(self, slot: StagingSlot, tensors: List[torch.Tensor]) -> Tuple[List[torch.UntypedStorage], int]:
+    def prepare(
+        self, slot: StagingSlot, tensors: List[torch.Tensor], skeleton: bytes, path: str
+    ) -> Tuple[List[torch.UntypedStorage], int]:
         """Lay ``tensors`` out in ``slot`` (reusing its buffers when the layout repeats).
 
         Returns the distinct source storages, in the slot's group order, and their total bytes.
+        ``skeleton`` and ``path`` name the tensors in an error (see ``torch_save_rules``).
         """
         storages: List[torch.UntypedStorage] = []
         storage_sizes: List[Tuple[str, int]] = []
@@ -315,9 +295,8 @@ class Stager:
                 per_tensor.append((group, t.dtype if isinstance(t, torch.TypedStorage) else None))
         layout: _Layout = (tuple(storage_sizes), tuple(per_tensor))
         if slot.layout != layout:
-            conflict = _dtype_conflict(layout) if self.torch_save_rules else None
-            if conflict is not None:
-                raise conflict
+            if self.torch_save_rules:
+                _refuse_dtype_conflict(layout, skeleton, path)
             self._plan(slot, layout, _whole_copy_flags(layout, tensors))
         return storages, sum(nbytes for _, nbytes in layout[0])
 

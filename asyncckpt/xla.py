@@ -50,14 +50,11 @@ def checkpoint_to_cpu(checkpoint: Any) -> Any:
     Structure is kept exactly (OrderedDict and its ``_metadata``, tuples, namedtuples,
     Parameters), unlike torch_xla's own converter, because it reuses staging's pickling pass.
     """
-    from ._pickling import restore, split, xla_indices
+    from ._pickling import move_xla_to_cpu, restore, split
 
     skeleton, tensors = split(checkpoint, "<xla checkpoint>")
-    xla = xla_indices(tensors)
-    if not xla:
+    if not move_xla_to_cpu(tensors):
         return checkpoint
-    for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
-        tensors[i] = cpu_tensor
     return restore(skeleton, tensors)
 
 
