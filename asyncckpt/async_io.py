@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import sys
 import threading
 import time
 import weakref
@@ -134,8 +135,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             shared memory, so serialization never competes with training for the GIL; the
             wrapped IO must be picklable). If the writer process dies, the operations it had
             in flight fail with :class:`WriterDiedError` and the next operation starts a new one.
-        writer_nice: niceness added to the writer process (``writer="process"`` only), so
-            the OS favours the training process when both want a core.
+        writer_nice: niceness added to the writer (0 to 19), so the OS favours training when
+            both want a core: the writer process's, or the writer thread's alone (Linux sets
+            niceness per thread; the training threads keep theirs). The writes then take
+            longer on a busy machine, and a save waits when ``max_pending`` are still writing.
         staging_threads: threads that share the host-to-host copy while the caller waits
             (default: the cores this process may use, divided among the ranks of this
             machine (``LOCAL_WORLD_SIZE``), up to 4; 1 copies on the caller alone).
@@ -176,6 +179,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self.writer_kind = _choice("writer", writer, WRITER_CHOICES)
         if not isinstance(writer_nice, int) or not 0 <= writer_nice <= 19:
             raise ValueError(f"writer_nice must be an integer from 0 to 19, got {writer_nice!r}")
+        if writer_nice and self.writer_kind == "thread" and not sys.platform.startswith("linux"):
+            raise ValueError(
+                f"writer_nice={writer_nice} with writer='thread' needs Linux, where a thread has a "
+                f"niceness of its own; on {sys.platform} use writer='process' or writer_nice=0"
+            )
         self.writer_nice = writer_nice
         self.exit_timeout = float(exit_timeout)
         self._cv = threading.Condition(threading.RLock())
@@ -574,7 +582,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
             writer: Writer = ProcessWriter(self._wrapped(), nice=self.writer_nice)
         else:
-            writer = ThreadWriter(self._wrapped())
+            writer = ThreadWriter(self._wrapped(), nice=self.writer_nice)
         writer.start()
         return writer
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Deque, List, Optional, Protocol
@@ -147,6 +148,15 @@ def _abort_collective_save(checkpoint_io: Any, op: Operation, error: BaseExcepti
         log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", op.path)
 
 
+def lower_this_threads_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's niceness, and to nothing else (Linux: a thread is
+    a task of its own to the scheduler, so the training threads keep theirs). Threads this one
+    starts later inherit it."""
+    tid = threading.get_native_id()
+    current = os.getpriority(os.PRIO_PROCESS, tid)
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, current + nice))
+
+
 class ThreadWriter:
     """A daemon thread draining a FIFO of operations.
 
@@ -160,9 +170,10 @@ class ThreadWriter:
     kind = "thread"
     arena_kind = "plain"
 
-    def __init__(self, checkpoint_io: Any, name: str = "asyncckpt-writer") -> None:
+    def __init__(self, checkpoint_io: Any, name: str = "asyncckpt-writer", nice: int = 0) -> None:
         self._io = checkpoint_io
         self._name = name
+        self._nice = nice
         self._queue: Deque[Operation] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -202,6 +213,8 @@ class ThreadWriter:
         op: Optional[Operation] = None
         cause: Optional[BaseException] = None
         try:
+            if self._nice:
+                lower_this_threads_priority(self._nice)
             while True:
                 with self._cv:
                     while not self._queue and not self._stopping:

@@ -10,6 +10,8 @@ Each rank trains an FSDP2 MLP whose parameters plus Adam state add up to ``--ckp
 - ``dcp-process``: the same with ``async_checkpointer_type=PROCESS``;
 - ``thread``: ``asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(), max_pending=2)``;
 - ``thread-1``: the same with ``staging_threads=1`` (no helper threads for the copy);
+- ``thread-nice``: ``thread`` with ``writer_nice=19`` (the writer thread yields the core to
+  training whenever both want it);
 - ``lazy``: ``thread`` with ``staging="lazy"`` (the copy overlaps the next forward and backward;
   the optimizer step waits for it);
 - ``process``: ``writer="process"``, which asyncckpt refuses (reported as such).
@@ -39,7 +41,7 @@ import time
 from datetime import timedelta
 from typing import Any, Dict, List, Optional
 
-IMPLS = ("none", "sync", "dcp", "dcp-process", "thread", "thread-1", "lazy", "process")
+IMPLS = ("none", "sync", "dcp", "dcp-process", "thread", "thread-1", "thread-nice", "lazy", "process")
 
 
 def _rss() -> int:
@@ -160,6 +162,10 @@ def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
         elif name == "thread-1":  # staging copies on the training thread alone
             engine = engines[name] = asyncckpt.AsyncCheckpointIO(
                 DistributedCheckpointIO(), max_pending=2, staging_threads=1
+            )
+        elif name == "thread-nice":  # the writer thread at niceness 19: training first
+            engine = engines[name] = asyncckpt.AsyncCheckpointIO(
+                DistributedCheckpointIO(), max_pending=2, writer_nice=19
             )
         elif name == "lazy":
             engine = engines[name] = asyncckpt.AsyncCheckpointIO(

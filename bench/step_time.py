@@ -59,7 +59,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sharded", action="store_true",
                    help="only the sharded configuration: 2 CPU ranks, FSDP2, DCP vs asyncckpt (bench/sharded.py)")
     p.add_argument("--sharded-impls", nargs="+", default=None,
-                   choices=("sync", "dcp", "dcp-process", "thread", "thread-1", "lazy", "process"),
+                   choices=("sync", "dcp", "dcp-process", "thread", "thread-1", "thread-nice", "lazy", "process"),
                    help="sharded implementations to run (default all; 'none' is always added)")
     p.add_argument("--full", action="store_true", help="1 and 2 threads, both workloads, 5 rounds, 40 steps")
     p.add_argument("--rounds", type=int, help="rounds of every implementation (default 3; --full 5)")

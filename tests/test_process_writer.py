@@ -136,3 +136,34 @@ def test_writer_process_ignores_sigterm_so_the_parent_can_drain_it(tmp_path, gat
     io.flush()
     assert load(tmp_path / "a.ckpt") == {"v": 1}
     io.teardown()
+
+
+class _NicenessRecordingIO(TorchCheckpointIO):
+    """Writes the niceness of the thread that writes next to each checkpoint (picklable, so
+    the process writer can take it too)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        super().save_checkpoint(checkpoint, path, storage_options)
+        with open(f"{path}.nice", "w") as f:
+            f.write(str(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="niceness is a POSIX notion")
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_writer_nice_lowers_the_writers_priority_and_not_the_callers(tmp_path, writer):
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if before > 14:
+        pytest.skip("this process already runs at niceness > 14")
+    io = AsyncCheckpointIO(_NicenessRecordingIO(), writer=writer, writer_nice=5)
+    io.save_checkpoint({"w": torch.ones(3)}, str(tmp_path / "a.ckpt"))
+    io.teardown()
+    assert int((tmp_path / "a.ckpt.nice").read_text()) == before + 5
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the process as a whole too
+    assert torch.equal(load(tmp_path / "a.ckpt")["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("nice", [-1, 20, 1.5, "5"])
+def test_writer_nice_outside_0_to_19_is_refused(nice):
+    with pytest.raises(ValueError, match="writer_nice must be an integer from 0 to 19"):
+        AsyncCheckpointIO(writer_nice=nice)
