@@ -406,16 +406,17 @@ def _plot(report: Dict[str, Any], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for rank, entry in enumerate(report["ranks"]):
         rows = [r for r in entry["rows"] if "unavailable" not in r and r["impl"] != "none"]
         names = [r["impl"] for r in rows]
         offset = (rank - 0.5) * 0.38
         xs = [i + offset for i in range(len(rows))]
-        axes[0].bar(xs, [r["x_floor"] for r in rows], width=0.38, label=f"rank {rank}")
+        blocking = [float("nan") if r["impl"] == "write-floor" else r["x_floor"] for r in rows]
+        axes[0].bar(xs, blocking, width=0.38, label=f"rank {rank}")
         axes[1].bar(xs, [r.get("lost_in_run_pct", r["lost_pct"]) for r in rows], width=0.38, label=f"rank {rank}")
         for ax in axes:
-            ax.set_xticks(range(len(rows)), names)
+            ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
     axes[0].set_title("blocking per save, x local copy floor")
     axes[0].set_yscale("log")
     axes[1].set_title("lost time, % (against the run's own quiet steps)")
