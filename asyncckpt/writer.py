@@ -214,7 +214,10 @@ class ThreadWriter:
         cause: Optional[BaseException] = None
         try:
             if self._nice:
-                lower_this_threads_priority(self._nice)
+                try:
+                    lower_this_threads_priority(self._nice)
+                except OSError as err:  # e.g. a sandbox that forbids setpriority: write anyway
+                    log.warning("asyncckpt: the writer thread keeps its priority (writer_nice not applied: %s)", err)
             while True:
                 with self._cv:
                     while not self._queue and not self._stopping:
