@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 IMPLS = ("none", "write-floor", "sync", "dcp", "dcp-process", "thread", "thread-1", "thread-nice", "lazy", "process")
 
@@ -79,24 +79,15 @@ class PeakRSS:
         return max(self.peak, _rss()) - self.start
 
 
-def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
+def fsdp2_training(ckpt_mb: float) -> Tuple[Any, Any, Callable[[], None]]:
+    """The benchmark's model, optimizer and training step: an FSDP2 MLP (4 square ``Linear``
+    layers, no bias) whose float32 parameters plus Adam's two states add up to ``ckpt_mb``
+    over all ranks, a batch of 16. Call in each rank after ``init_process_group``."""
     import torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
-    import asyncckpt
-    from asyncckpt.distributed import DistributedCheckpointIO
-
-    torch.set_num_threads(cfg["threads"])
-    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # as torchrun sets it: all ranks on this machine
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=600)
-    )
     layers = 4
-    params = cfg["ckpt_mb"] * 1e6 / 4 / 3  # float32 parameters; Adam keeps two more of each
+    params = ckpt_mb * 1e6 / 4 / 3  # float32 parameters; Adam keeps two more of each
     width = int(math.sqrt(params / layers))
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
@@ -111,6 +102,25 @@ def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
         opt.step()
         opt.zero_grad(set_to_none=False)
 
+    return model, opt, step
+
+
+def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
+
+    import asyncckpt
+    from asyncckpt.distributed import DistributedCheckpointIO
+
+    torch.set_num_threads(cfg["threads"])
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)  # as torchrun sets it: all ranks on this machine
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=600)
+    )
+    model, opt, step = fsdp2_training(cfg["ckpt_mb"])
     step()
     side_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=600))
 

@@ -23,7 +23,6 @@ figure is not read as the engine's overhead.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
 import statistics
@@ -40,21 +39,14 @@ PARTS = ("none", "memcpy", "crc", "write", "write+fsync")
 def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+
+    from bench.sharded import fsdp2_training
 
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=600)
     )
-    layers = 4
-    width = int(math.sqrt(cfg["ckpt_mb"] * 1e6 / 4 / 3 / layers))  # as in bench/sharded.py
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
-    for layer in model:
-        fully_shard(layer)
-    fully_shard(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    batch = torch.randn(16, width)
+    _, _, step = fsdp2_training(cfg["ckpt_mb"])  # the model of bench/sharded.py
     local_bytes = int(cfg["ckpt_mb"] * 1e6 / world)
     src = torch.randn(local_bytes // 4)
     dst = torch.empty_like(src)
@@ -75,11 +67,6 @@ def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
                 if kind == "write+fsync":
                     os.fsync(f.fileno())
             os.unlink(path)
-
-    def step() -> None:
-        model(batch).square().mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
 
     step()
     every, steps_n = 4, 16
