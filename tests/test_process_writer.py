@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 import pytest
@@ -181,3 +182,12 @@ def test_a_writer_thread_that_cannot_lower_its_priority_writes_anyway_and_says_s
     io.teardown()
     assert torch.equal(load(tmp_path / "a.ckpt")["w"], torch.ones(3))
     assert "writer_nice not applied" in caplog.text
+
+
+def test_writer_nice_with_the_thread_writer_off_linux_is_refused_saying_what_to_use(monkeypatch):
+    # Fault injection: this suite runs on Linux; another platform is simulated by its name,
+    # which is all the check reads.
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(ValueError, match="needs Linux.*writer='process' or writer_nice=0"):
+        AsyncCheckpointIO(writer_nice=5)
+    AsyncCheckpointIO(writer_nice=0).teardown()  # the default is fine anywhere
