@@ -457,7 +457,10 @@ def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
-        os.nice(nice)
+        try:
+            os.nice(nice)
+        except OSError as err:  # e.g. a sandbox that forbids it: write anyway (to stderr: no handler here)
+            log.warning("asyncckpt: the writer process keeps its priority (writer_nice not applied: %s)", err)
     import torch
 
     from ._arena import build_views, storages_in

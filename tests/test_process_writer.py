@@ -191,3 +191,24 @@ def test_writer_nice_with_the_thread_writer_off_linux_is_refused_saying_what_to_
     with pytest.raises(ValueError, match="needs Linux.*writer='process' or writer_nice=0"):
         AsyncCheckpointIO(writer_nice=5)
     AsyncCheckpointIO(writer_nice=0).teardown()  # the default is fine anywhere
+
+
+def test_a_writer_process_that_cannot_lower_its_priority_writes_anyway_and_says_so(tmp_path, monkeypatch, capfd):
+    # Fault injection: a refused os.nice cannot be produced for real here (raising niceness is
+    # always allowed); the spawned writer imports this sitecustomize, which makes it refuse.
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "def _refuse(increment):\n"
+        "    raise PermissionError(1, 'Operation not permitted')\n"
+        "os.nice = _refuse\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    io = AsyncCheckpointIO(writer="process", writer_nice=5)
+    io.save_checkpoint({"w": torch.ones(3)}, str(tmp_path / "a.ckpt"))
+    io.save_checkpoint({"w": torch.zeros(3)}, str(tmp_path / "b.ckpt"))
+    io.teardown()
+    assert torch.equal(load(tmp_path / "a.ckpt")["w"], torch.ones(3))
+    assert torch.equal(load(tmp_path / "b.ckpt")["w"], torch.zeros(3))
+    assert "writer_nice not applied" in capfd.readouterr().err
