@@ -245,8 +245,11 @@ def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
                 blocking.append(time.perf_counter() - t)
         t = time.perf_counter()
         if pending:
-            result = pending.pop()
-            result.join() if isinstance(result, threading.Thread) else result.result()
+            last = pending.pop()
+            if isinstance(last, threading.Thread):  # write-floor's
+                last.join()
+            else:  # DCP's future
+                last.result()
         if engine is not None:
             engine.flush()
         final_wait = time.perf_counter() - t

@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ._impls import IMPLS, LABELS, OURS
 from ._workloads import WORKLOADS
+from .sharded import IMPLS as SHARDED_IMPLS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "bench", "results")
@@ -59,7 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sharded", action="store_true",
                    help="only the sharded configuration: 2 CPU ranks, FSDP2, DCP vs asyncckpt (bench/sharded.py)")
     p.add_argument("--sharded-impls", nargs="+", default=None,
-                   choices=("sync", "dcp", "dcp-process", "thread", "thread-1", "thread-nice", "lazy", "process"),
+                   choices=[name for name in SHARDED_IMPLS if name != "none"],
                    help="sharded implementations to run (default all; 'none' is always added)")
     p.add_argument("--full", action="store_true", help="1 and 2 threads, both workloads, 5 rounds, 40 steps")
     p.add_argument("--rounds", type=int, help="rounds of every implementation (default 3; --full 5)")
