@@ -27,7 +27,7 @@ every rank copying at once, as a collective save makes them, sharing the memory 
 much slower the step after a save runs than the steps two and three after one ("next step +",
 where the background write lands), the final flush's wait, lost time against the loop without
 saves (final wait included; "lost time"), the same against the run's own quiet steps ("lost,
-in-run": steadier, see ``_lost_in_run``) and as a multiple of ``write-floor``'s, the peak RSS
+in-run": steadier, see ``lost_in_run``) and as a multiple of ``write-floor``'s, the peak RSS
 increase during the run, and the staging memory an asyncckpt engine keeps between saves (made
 in the warm-up round, so not in that increase). One unmeasured round of every implementation
 first (it starts process groups, buffers, DCP's writer process); then rounds are interleaved,
@@ -283,7 +283,12 @@ def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
     dist.destroy_process_group()
 
 
-def _lost_in_run(entry: Dict[str, Any], every: int) -> float:
+def quiet_step(steps: List[float], every: int) -> float:
+    """The median of a run's steps before its first save and two and three after each save."""
+    return statistics.median(s for i, s in enumerate(steps) if i < every or i % every in (2, 3))
+
+
+def lost_in_run(entry: Dict[str, Any], every: int) -> float:
     """Lost time against the run's own quiet steps, in %: every step's excess over the median
     of the steps before the first save and two and three after each save, plus the blocking
     and the final wait, over the loop at that median step.
@@ -293,7 +298,7 @@ def _lost_in_run(entry: Dict[str, Any], every: int) -> float:
     after it (the final wait shows one that is not).
     """
     steps = entry["step_s"]
-    quiet = statistics.median(s for i, s in enumerate(steps) if i < every or i % every in (2, 3))
+    quiet = quiet_step(steps, every)
     excess = sum(s - quiet for s in steps) + sum(entry["blocking_s"]) + entry.get("final_wait_s", 0.0)
     return excess / (len(steps) * quiet) * 100
 
@@ -315,7 +320,7 @@ def _summarize(rank_results: Dict[str, Any]) -> List[Dict[str, Any]]:
         every = rank_results.get("every", 4)
         after = [e["step_s"][i] for e in ok for i in range(every, len(e.get("step_s", [])), every)]
         quiet = [e["step_s"][i] for e in ok for i in range(len(e.get("step_s", []))) if i % every in (2, 3)]
-        in_run = [_lost_in_run(e, every) for e in ok if e.get("step_s")]
+        in_run = [lost_in_run(e, every) for e in ok if e.get("step_s")]
         rows.append(
             {
                 "impl": name,

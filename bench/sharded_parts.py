@@ -40,7 +40,7 @@ def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from bench.sharded import fsdp2_training
+    from bench.sharded import fsdp2_training, lost_in_run, quiet_step
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -97,9 +97,8 @@ def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
         for kind, per_round in runs.items():
             lost, nxt = [], []
             for steps in per_round:
-                quiet = statistics.median(s for i, s in enumerate(steps) if i < every or i % every in (2, 3))
-                lost.append(sum(s - quiet for s in steps) / (len(steps) * quiet) * 100)
-                nxt.append(statistics.median(steps[i] for i in range(every, steps_n, every)) - quiet)
+                lost.append(lost_in_run({"step_s": steps, "blocking_s": []}, every))
+                nxt.append(statistics.median(steps[i] for i in range(every, steps_n, every)) - quiet_step(steps, every))
             print(f"| {kind} | {statistics.median(lost):.1f}% | {statistics.median(nxt) * 1e3:+.0f} |", flush=True)
     dist.destroy_process_group()
 
