@@ -46,7 +46,7 @@ import torch
 
 from ._arena import byte_view
 from ._copier import _memmove_pairs
-from ._pickling import move_xla_to_cpu, restore, split
+from ._pickling import move_xla_to_cpu, restore_with_placeholders, split
 from .errors import CheckpointSaveError
 from .staging import StagedCheckpoint
 
@@ -92,7 +92,7 @@ def key_paths(skeleton: bytes, count: int, wanted: Iterable[int]) -> Dict[int, s
     wanted = set(wanted)
     found: Dict[int, str] = {}
     try:
-        root = restore(skeleton, [_Marker(i) for i in range(count)])  # type: ignore[list-item]
+        root = restore_with_placeholders(skeleton, [_Marker(i) for i in range(count)])
     except Exception:  # noqa: BLE001 - a name is a nicety; the error is raised without it
         return found
     seen: Set[int] = set()
@@ -110,6 +110,9 @@ def key_paths(skeleton: bytes, count: int, wanted: Iterable[int]) -> Dict[int, s
         stands_for = getattr(type(obj), "key_path_stands_for", None)
         if stands_for is not None:  # a wrapper that stands in for its tensor under the same key
             children = [(getattr(obj, stands_for), prefix)]
+        elif isinstance(obj, torch.nn.Module):  # by the names state_dict() gives, then any other attribute
+            named = [*obj.named_parameters(recurse=False), *obj.named_buffers(recurse=False), *obj.named_children()]
+            children = [(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in [*named, *vars(obj).items()]]
         elif isinstance(obj, dict):
             children = [(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in obj.items()]
         elif isinstance(obj, (list, tuple)):

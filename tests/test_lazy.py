@@ -579,3 +579,90 @@ def test_async_api_under_lazy_staging(tmp_path):
 
     anyio.run(main)
     assert not os.path.exists(tmp_path / "b.ckpt")
+
+
+# -- parameters: watched through the counter that in-place changes bump ------------------------
+
+
+def _parameter_checkpoint(model: nn.Module, form: str) -> Dict[str, Any]:
+    if form == "module":
+        return {"epoch": 1, "model": model}
+    if form == "keep_vars":
+        return {"epoch": 1, "state_dict": model.state_dict(keep_vars=True)}
+    return {"epoch": 1, "params": list(model.parameters())}
+
+
+_PARAMETER_KEYS = {"module": "model.2.weight", "keep_vars": "state_dict.2.weight", "params": "params[2]"}
+
+
+def _change_in_place(model: nn.Module, how: str) -> None:
+    """Ways a training loop changes a parameter outside an optimizer step."""
+    weight = model[2].weight
+    if how == "no_grad_zero":
+        with torch.no_grad():
+            weight.zero_()
+    elif how == "ema":
+        with torch.no_grad():
+            weight.mul_(0.5).add_(torch.ones_like(weight), alpha=0.5)
+    elif how == "clip":
+        with torch.no_grad():
+            weight.clamp_(-1e-4, 1e-4)
+    else:  # load_state_dict copies into the parameters in place
+        model[2].load_state_dict({k: torch.zeros_like(v) for k, v in model[2].state_dict().items()})
+
+
+@pytest.mark.parametrize("how", ["no_grad_zero", "ema", "clip", "load_state_dict"])
+@pytest.mark.parametrize("form", ["module", "keep_vars", "params"])
+def test_a_parameter_changed_in_place_after_a_lazy_save_fails_that_save(io, tmp_path, held_copy, form, how):
+    """A checkpoint holding the parameters themselves (a whole module, ``keep_vars=True``) is
+    watched like one holding ``state_dict()``'s tensors: the change is caught, never written."""
+    model = _model()
+    io.save_checkpoint(_parameter_checkpoint(model, form), tmp_path / "a.ckpt")
+    _change_in_place(model, how)
+    held_copy.set()  # the copy runs after the change: without the check, the file would hold it
+    with pytest.raises(TensorModifiedError) as info:
+        io.flush()
+    assert info.value.key == _PARAMETER_KEYS[form]
+    assert _PARAMETER_KEYS[form] in str(info.value)
+    assert not os.path.exists(tmp_path / "a.ckpt")
+    assert os.listdir(tmp_path) == []  # no temp file either
+
+
+@pytest.mark.parametrize("form", ["module", "keep_vars", "params"])
+@pytest.mark.parametrize("staging", ["eager", "lazy"])
+def test_parameters_saved_then_changed_in_place_are_exact_or_loud(tmp_path, writer, staging, form):
+    """Both writers, both staging modes: a file with parameters holds them as at the call, as
+    parameters (``torch.save``'s form), or (lazy only) the save fails loudly; never the change."""
+    if staging == "lazy" and writer == "process":
+        pytest.skip("staging='lazy' works with writer='thread' only")
+    model = _model()
+    expected = copy.deepcopy(_parameter_checkpoint(model, form))
+    engine = AsyncCheckpointIO(writer=writer, staging=staging, handle_sigterm=False)
+    try:
+        engine.save_checkpoint(_parameter_checkpoint(model, form), tmp_path / "a.ckpt")
+        _change_in_place(model, "no_grad_zero")
+        try:
+            engine.flush()
+        except TensorModifiedError:
+            assert staging == "lazy"
+            assert not os.path.exists(tmp_path / "a.ckpt")
+            return
+    finally:
+        engine.teardown()
+    got = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    if form == "module":
+        _assert_same(got["model"].state_dict(), expected["model"].state_dict())
+        assert all(type(p) is nn.Parameter for p in got["model"].parameters())
+    else:
+        _assert_same(got, expected)
+        values = got["state_dict"].values() if form == "keep_vars" else got["params"]
+        assert all(type(p) is nn.Parameter and p.requires_grad for p in values)
+
+
+def test_key_paths_name_the_parameters_of_a_module():
+    from asyncckpt._pickling import split
+
+    model = _model()
+    skeleton, tensors = split({"model": model, "keep": model.state_dict(keep_vars=True)}, "x")
+    names = set(key_paths(skeleton, len(tensors), range(len(tensors))).values())
+    assert {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"} <= names
