@@ -8,8 +8,10 @@ copy slower than the next step cannot be produced on demand on a shared machine)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 import threading
 import time
 from typing import Any, Dict, Iterator, List
@@ -666,3 +668,120 @@ def test_key_paths_name_the_parameters_of_a_module():
     skeleton, tensors = split({"model": model, "keep": model.state_dict(keep_vars=True)}, "x")
     names = set(key_paths(skeleton, len(tensors), range(len(tensors))).values())
     assert {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"} <= names
+
+
+# -- several threads saving lazily at once ------------------------------------------------------
+
+_THREADS = 4
+
+
+@contextlib.contextmanager
+def _switching_often() -> Iterator[None]:
+    """Switch threads every 10 us, so concurrent saves interleave inside staging."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+def _save_at_once(engine: AsyncCheckpointIO, jobs: List[Any]) -> None:
+    """Each of ``jobs`` (checkpoint, path) saved from its own thread, all released together."""
+    barrier = threading.Barrier(len(jobs))
+    errors: List[BaseException] = []
+
+    def save(checkpoint: Any, path: Any) -> None:
+        try:
+            barrier.wait()
+            engine.save_checkpoint(checkpoint, path)
+        except BaseException as err:  # noqa: BLE001 - reported by the test thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a save_checkpoint call hung"
+    assert not errors, errors
+
+
+def test_lazy_saves_from_several_threads_at_once_are_all_finished_and_written(tmp_path):
+    for attempt in range(15):
+        engine = AsyncCheckpointIO(staging="lazy", max_pending=_THREADS, handle_sigterm=False)
+        states = [{"i": i, "w": torch.full((WIDTH, WIDTH), float(attempt * 10 + i))} for i in range(_THREADS)]
+        paths = [tmp_path / f"{attempt}-{i}.ckpt" for i in range(_THREADS)]
+        try:
+            with _switching_often():
+                _save_at_once(engine, list(zip(states, paths, strict=True)))
+            engine.flush(timeout=30)  # no optimizer step runs: the engine alone finishes every copy
+        finally:
+            lazy_mod.finish_all()  # if a copy was left unfinished, unblock the writer so teardown returns
+            engine.teardown()
+        for state, path in zip(states, paths, strict=True):
+            _assert_same(torch.load(path, weights_only=True), state, str(path))
+
+
+_THREADS_EXIT_SCRIPT = """
+import os, sys, threading
+import torch
+from asyncckpt import AsyncCheckpointIO
+sys.setswitchinterval(1e-5)
+engines = []
+for round in range(5):
+    io = AsyncCheckpointIO(max_pending=2, staging="lazy", exit_timeout=20)
+    engines.append(io)
+    barrier = threading.Barrier(2)
+    def save(i, io=io, round=round, barrier=barrier):
+        barrier.wait()
+        w = torch.full((100_000,), float(round * 10 + i))
+        io.save_checkpoint({"i": i, "w": w}, os.path.join(sys.argv[1], f"{round}-{i}.ckpt"))
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+print("ready", flush=True)
+"""
+
+
+def test_lazy_saves_from_two_threads_pending_at_exit_are_all_written(tmp_path):
+    import subprocess
+
+    from _slow_disk import child_env
+
+    script = tmp_path / "script.py"
+    script.write_text(_THREADS_EXIT_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, text=True, env=child_env(), timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ready"
+    assert "not all written" not in proc.stderr, proc.stderr
+    for round_ in range(5):
+        for i in range(2):
+            got = torch.load(out / f"{round_}-{i}.ckpt", weights_only=True)
+            assert got["i"] == i and torch.equal(got["w"], torch.full((100_000,), float(round_ * 10 + i)))
+
+
+@pytest.mark.parametrize("max_pending", [1, 2])
+def test_lazy_saves_from_more_threads_than_slots_never_wait_for_each_other_forever(tmp_path, max_pending):
+    """A save waiting for a slot held by another thread's unverified copy finishes that copy
+    itself: the writer frees the slot only once a guard has verified it."""
+    for attempt in range(10):
+        engine = AsyncCheckpointIO(staging="lazy", max_pending=max_pending, handle_sigterm=False)
+        states = [{"i": i, "w": torch.full((WIDTH, WIDTH), float(attempt * 10 + i))} for i in range(_THREADS)]
+        paths = [tmp_path / f"{attempt}-{i}.ckpt" for i in range(_THREADS)]
+        try:
+            with _switching_often():
+                _save_at_once(engine, list(zip(states, paths, strict=True)))
+            engine.flush(timeout=30)
+        finally:
+            lazy_mod.finish_all()  # if a save was left waiting, let it go so teardown returns
+            engine.teardown()
+        for state, path in zip(states, paths, strict=True):
+            _assert_same(torch.load(path, weights_only=True), state, str(path))
