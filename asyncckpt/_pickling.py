@@ -135,8 +135,31 @@ def _is_stageable_storage(obj: Any) -> bool:
     return type(obj) in _STORAGE_TYPES and obj.device.type in ("cpu", "cuda")
 
 
+_PARAMETER_REDUCE = torch.nn.Parameter.__reduce_ex__
+
+
+def _reduce_parameter(param: torch.Tensor) -> Any:
+    """``Parameter.__reduce_ex__`` with ``param.detach()`` in place of ``param.data``.
+
+    Both alias the parameter's memory, but ``.data`` comes with a version counter of its own,
+    which an in-place change of the parameter (``with torch.no_grad(): p.zero_()``, an EMA
+    update, ``load_state_dict``) does not move; ``detach()`` shares the parameter's counter, so
+    lazy staging watches the counter those changes bump. The file is the same: ``torch.save``
+    pickles the same rebuild call with an equal tensor.
+    """
+    reduced = _PARAMETER_REDUCE(param, pickle.HIGHEST_PROTOCOL)
+    rebuild, args = reduced[0], reduced[1]
+    if not (isinstance(args, tuple) and args and isinstance(args[0], torch.Tensor)):
+        return reduced  # a layout this code does not know: pickled as torch would
+    return (rebuild, (param.detach(), *args[1:]), *reduced[2:])
+
+
 class TensorCollector(pickle.Pickler):
-    """Pickles the non-tensor skeleton and collects stageable tensors and storages as persistent ids."""
+    """Pickles the non-tensor skeleton and collects stageable tensors and storages as persistent ids.
+
+    Parameters (whole modules, ``state_dict(keep_vars=True)``) are collected through
+    :func:`_reduce_parameter`, so each staged tensor shares the version counter of its parameter.
+    """
 
     def __init__(self, buffer: io.BytesIO) -> None:
         super().__init__(buffer, protocol=pickle.HIGHEST_PROTOCOL)
@@ -156,6 +179,12 @@ class TensorCollector(pickle.Pickler):
             self.tensors.append(obj)  # keeps the object alive, so its id stays unique
         return index
 
+    def reducer_override(self, obj: Any) -> Any:
+        # Called for objects persistent_id passed on, except builtin containers and atoms.
+        if isinstance(obj, torch.Tensor) and type(obj).__reduce_ex__ is _PARAMETER_REDUCE:
+            return _reduce_parameter(obj)
+        return NotImplemented
+
 
 class _TensorRestorer(pickle.Unpickler):
     def __init__(self, data: bytes, tensors: Sequence[Any]) -> None:
@@ -164,6 +193,24 @@ class _TensorRestorer(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         return self._tensors[pid]
+
+
+class _PlaceholderRestorer(_TensorRestorer):
+    """Rebuilds with placeholders in place of tensors: torch's rebuild calls (a parameter's
+    ``_rebuild_parameter``) return the placeholder they were given instead of a tensor."""
+
+    def __init__(self, data: bytes, placeholders: Sequence[Any]) -> None:
+        super().__init__(data, placeholders)
+        self._ids = {id(p) for p in placeholders}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if module.startswith("torch.") and name.startswith("_rebuild"):
+            return self._placeholder_of
+        return found
+
+    def _placeholder_of(self, *args: Any) -> Any:
+        return next((a for a in args if id(a) in self._ids), None)
 
 
 def split(checkpoint: Any, path: str) -> Tuple[bytes, List[Any]]:
@@ -184,3 +231,9 @@ def split(checkpoint: Any, path: str) -> Tuple[bytes, List[Any]]:
 def restore(skeleton: bytes, tensors: Sequence[Any]) -> Any:
     """Rebuild the checkpoint object from its skeleton and staged tensors."""
     return _TensorRestorer(skeleton, tensors).load()
+
+
+def restore_with_placeholders(skeleton: bytes, placeholders: Sequence[Any]) -> Any:
+    """Rebuild the checkpoint's structure with ``placeholders[i]`` where tensor ``i`` was (to name
+    tensors by their key path): a parameter is its placeholder there, not a parameter around it."""
+    return _PlaceholderRestorer(skeleton, placeholders).load()

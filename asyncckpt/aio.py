@@ -229,7 +229,13 @@ class AsyncAPIMixin:
                         "still being written; await aflush(), raise max_pending, or use when_full='wait'",
                         key,
                     )
-            await self._await_engine(lambda: bool(self._free_slots) or bool(self._errors))
+                started = self._lazy_started
+            # A lazy copy started by another thread holds its slot until a guard verifies it:
+            # finish it here, and wake for each one started while this waits.
+            self._finish_lazy()
+            await self._await_engine(
+                lambda started=started: bool(self._free_slots) or bool(self._errors) or self._lazy_started != started
+            )
 
     async def _await_ops(self, ops: "List[Operation]") -> None:
         """Await ``ops`` (each one handed over, so the engine forgets it when it completes)."""

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -205,6 +205,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._submit_lock = threading.RLock()
         self._local = threading.local()  # ``holding``: this thread holds a slot in _stage_and_submit
         self._seq = 0
+        self._lazy_started = 0  # lazy copies started (see _acquire_slot); under _cv
         self._ops: Dict[int, Operation] = {}  # handed to the writer, not yet complete; by seq
         self._last_op: Dict[str, Operation] = {}  # per path key: the last pending operation
         self._errors: List[AsyncCheckpointError] = []
@@ -234,6 +235,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._local = threading.local()
         self._holder.writer = None  # the parent's: never stopped or used from here
         self._ops = {}
+        self._lazy_started = 0
         self._last_op = {}
         self._errors = []
         self._stats = collections.deque(maxlen=_STATS_KEPT)
@@ -348,6 +350,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                             staged = self._lazy.stage(
                                 checkpoint, slot, key, getattr(self._wrapped(), "version_owner", None)
                             )
+                        with self._cv:  # a save waiting for a slot finishes this copy (_acquire_slot)
+                            self._lazy_started += 1
+                            self._cv.notify_all()
                     else:
                         staged = self._stager.stage(checkpoint, slot, key)
             except BaseException:
@@ -506,15 +511,35 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                     "still being written; call flush(), raise max_pending, or use when_full='wait'",
                     key,
                 )
-            # Every slot is held by an operation that frees it when it completes (a writer's
-            # death completes its operations too), so this wait always ends.
-            while not self._free_slots and not self._errors:
-                self._cv.wait()
+        # Every slot is held by an operation that frees it when it completes (a writer's
+        # death completes its operations too), so this wait always ends.
+        self._wait_for_slot(lambda: bool(self._free_slots) or bool(self._errors))
         self._raise_pending_errors()
-        with self._cv:
-            while not self._free_slots:  # another thread took the slot freed by a failure
-                self._cv.wait()
-            return self._take_slot(key)
+        while True:  # another thread may take the slot freed by a failure
+            self._wait_for_slot(lambda: bool(self._free_slots))
+            with self._cv:
+                if self._free_slots:
+                    return self._take_slot(key)
+
+    def _wait_for_slot(self, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()`` (called with ``_cv`` held), finishing lazy copies meanwhile.
+
+        With ``staging="lazy"`` the writer frees a slot only once a guard has verified its
+        copy, and a copy that another thread started after this save's own guard point has no
+        other guard in sight: this thread finishes it, and wakes for each one started while it
+        waits (``_lazy_started``), so that a save never waits on a copy nobody will finish.
+        """
+        while True:
+            with self._cv:
+                if ready():
+                    return
+                started = self._lazy_started
+            self._finish_lazy()
+            with self._cv:
+                if ready():
+                    return
+                if self._lazy_started == started:
+                    self._cv.wait()
 
     def _take_slot(self, key: str) -> StagingSlot:
         """A free slot (``_cv`` held): the one that last staged ``key`` if free, since a path

@@ -46,7 +46,7 @@ import torch
 
 from ._arena import byte_view
 from ._copier import _memmove_pairs
-from ._pickling import move_xla_to_cpu, restore, split
+from ._pickling import move_xla_to_cpu, restore_with_placeholders, split
 from .errors import CheckpointSaveError
 from .staging import StagedCheckpoint
 
@@ -92,7 +92,7 @@ def key_paths(skeleton: bytes, count: int, wanted: Iterable[int]) -> Dict[int, s
     wanted = set(wanted)
     found: Dict[int, str] = {}
     try:
-        root = restore(skeleton, [_Marker(i) for i in range(count)])  # type: ignore[list-item]
+        root = restore_with_placeholders(skeleton, [_Marker(i) for i in range(count)])
     except Exception:  # noqa: BLE001 - a name is a nicety; the error is raised without it
         return found
     seen: Set[int] = set()
@@ -110,6 +110,9 @@ def key_paths(skeleton: bytes, count: int, wanted: Iterable[int]) -> Dict[int, s
         stands_for = getattr(type(obj), "key_path_stands_for", None)
         if stands_for is not None:  # a wrapper that stands in for its tensor under the same key
             children = [(getattr(obj, stands_for), prefix)]
+        elif isinstance(obj, torch.nn.Module):  # by the names state_dict() gives, then any other attribute
+            named = [*obj.named_parameters(recurse=False), *obj.named_buffers(recurse=False), *obj.named_children()]
+            children = [(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in [*named, *vars(obj).items()]]
         elif isinstance(obj, dict):
             children = [(v, f"{prefix}.{k}" if prefix else str(k)) for k, v in obj.items()]
         elif isinstance(obj, (list, tuple)):
@@ -167,7 +170,13 @@ class LazyCopy:
         # threading.Thread.start() waits until the new thread runs, which on a loaded machine
         # costs milliseconds of the caller's time; this start returns at once. The thread
         # needs no join: finish() waits for ``_copied``, and the exit drain calls finish().
-        _thread.start_new_thread(self._run, ())
+        try:
+            _thread.start_new_thread(self._run, ())
+        except BaseException as err:  # no thread (resource limits): no guard may wait for it
+            self._copy_error = err
+            self._cpu_dst = self._cpu_src = []
+            self._copied.set()
+            raise
 
     def _run(self) -> None:
         try:
@@ -300,21 +309,34 @@ def _before_optimizer_step(optimizer: Any, args: tuple, kwargs: dict) -> Optiona
 class LazyStager:
     """Stages like :class:`asyncckpt.staging.Stager`, leaving the large copies to a background job.
 
-    At most one job per engine is in progress: the engine finishes it before the next save.
+    Several threads may save at once, so several jobs may be unfinished at once: each is kept
+    until a guard point has finished it, and :meth:`finish` (every guard point of the engine)
+    finishes all of them. The writer waits for each save's job, so one left out would hold up
+    every later write of the engine.
     """
 
     def __init__(self, stager: Any) -> None:
         self._stager = stager
         self._cuda_stream: Any = None
-        self.current: Optional[LazyCopy] = None
+        # Insertion-ordered; by id, so that removal is one idempotent step. Re-entrant: a save
+        # from a signal handler may run on a thread that holds it.
+        self._unfinished: Dict[int, LazyCopy] = {}
+        self._jobs_lock = threading.RLock()
         self._large: Dict[int, Tuple[Any, Set[int]]] = {}
 
+    @property
+    def unfinished(self) -> List[LazyCopy]:
+        """The jobs started and not yet finished by a guard point, oldest first."""
+        with self._jobs_lock:
+            return list(self._unfinished.values())
+
     def finish(self, host_sync: bool = False) -> None:
-        job = self.current
-        if job is not None:
+        """Finish and verify every job this stager started that no guard has finished yet."""
+        for job in self.unfinished:
             job.finish(host_sync)
             if job.finished:
-                self.current = None
+                with self._jobs_lock:
+                    self._unfinished.pop(id(job), None)
 
     def stage(
         self, checkpoint: Any, slot: Any, path: str,
@@ -375,7 +397,8 @@ class LazyStager:
         job = LazyCopy(path, skeleton, len(tensors), lazy_cpu, cuda_event, watched)
         if watched:
             _remember(job)
-            self.current = job
+            with self._jobs_lock:
+                self._unfinished[id(job)] = job
         job.start()
         if not watched:
             job.finish()  # everything was copied at the call: nothing to verify

@@ -8,8 +8,10 @@ copy slower than the next step cannot be produced on demand on a shared machine)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 import threading
 import time
 from typing import Any, Dict, Iterator, List
@@ -579,3 +581,207 @@ def test_async_api_under_lazy_staging(tmp_path):
 
     anyio.run(main)
     assert not os.path.exists(tmp_path / "b.ckpt")
+
+
+# -- parameters: watched through the counter that in-place changes bump ------------------------
+
+
+def _parameter_checkpoint(model: nn.Module, form: str) -> Dict[str, Any]:
+    if form == "module":
+        return {"epoch": 1, "model": model}
+    if form == "keep_vars":
+        return {"epoch": 1, "state_dict": model.state_dict(keep_vars=True)}
+    return {"epoch": 1, "params": list(model.parameters())}
+
+
+_PARAMETER_KEYS = {"module": "model.2.weight", "keep_vars": "state_dict.2.weight", "params": "params[2]"}
+
+
+def _change_in_place(model: nn.Module, how: str) -> None:
+    """Ways a training loop changes a parameter outside an optimizer step."""
+    weight = model[2].weight
+    if how == "no_grad_zero":
+        with torch.no_grad():
+            weight.zero_()
+    elif how == "ema":
+        with torch.no_grad():
+            weight.mul_(0.5).add_(torch.ones_like(weight), alpha=0.5)
+    elif how == "clip":
+        with torch.no_grad():
+            weight.clamp_(-1e-4, 1e-4)
+    else:  # load_state_dict copies into the parameters in place
+        model[2].load_state_dict({k: torch.zeros_like(v) for k, v in model[2].state_dict().items()})
+
+
+@pytest.mark.parametrize("how", ["no_grad_zero", "ema", "clip", "load_state_dict"])
+@pytest.mark.parametrize("form", ["module", "keep_vars", "params"])
+def test_a_parameter_changed_in_place_after_a_lazy_save_fails_that_save(io, tmp_path, held_copy, form, how):
+    """A checkpoint holding the parameters themselves (a whole module, ``keep_vars=True``) is
+    watched like one holding ``state_dict()``'s tensors: the change is caught, never written."""
+    model = _model()
+    io.save_checkpoint(_parameter_checkpoint(model, form), tmp_path / "a.ckpt")
+    _change_in_place(model, how)
+    held_copy.set()  # the copy runs after the change: without the check, the file would hold it
+    with pytest.raises(TensorModifiedError) as info:
+        io.flush()
+    assert info.value.key == _PARAMETER_KEYS[form]
+    assert _PARAMETER_KEYS[form] in str(info.value)
+    assert not os.path.exists(tmp_path / "a.ckpt")
+    assert os.listdir(tmp_path) == []  # no temp file either
+
+
+@pytest.mark.parametrize("form", ["module", "keep_vars", "params"])
+@pytest.mark.parametrize("staging", ["eager", "lazy"])
+def test_parameters_saved_then_changed_in_place_are_exact_or_loud(tmp_path, writer, staging, form):
+    """Both writers, both staging modes: a file with parameters holds them as at the call, as
+    parameters (``torch.save``'s form), or (lazy only) the save fails loudly; never the change."""
+    if staging == "lazy" and writer == "process":
+        pytest.skip("staging='lazy' works with writer='thread' only")
+    model = _model()
+    expected = copy.deepcopy(_parameter_checkpoint(model, form))
+    engine = AsyncCheckpointIO(writer=writer, staging=staging, handle_sigterm=False)
+    try:
+        engine.save_checkpoint(_parameter_checkpoint(model, form), tmp_path / "a.ckpt")
+        _change_in_place(model, "no_grad_zero")
+        try:
+            engine.flush()
+        except TensorModifiedError:
+            assert staging == "lazy"
+            assert not os.path.exists(tmp_path / "a.ckpt")
+            return
+    finally:
+        engine.teardown()
+    got = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    if form == "module":
+        _assert_same(got["model"].state_dict(), expected["model"].state_dict())
+        assert all(type(p) is nn.Parameter for p in got["model"].parameters())
+    else:
+        _assert_same(got, expected)
+        values = got["state_dict"].values() if form == "keep_vars" else got["params"]
+        assert all(type(p) is nn.Parameter and p.requires_grad for p in values)
+
+
+def test_key_paths_name_the_parameters_of_a_module():
+    from asyncckpt._pickling import split
+
+    model = _model()
+    skeleton, tensors = split({"model": model, "keep": model.state_dict(keep_vars=True)}, "x")
+    names = set(key_paths(skeleton, len(tensors), range(len(tensors))).values())
+    assert {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"} <= names
+
+
+# -- several threads saving lazily at once ------------------------------------------------------
+
+_THREADS = 4
+
+
+@contextlib.contextmanager
+def _switching_often() -> Iterator[None]:
+    """Switch threads every 10 us, so concurrent saves interleave inside staging."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+def _save_at_once(engine: AsyncCheckpointIO, jobs: List[Any]) -> None:
+    """Each of ``jobs`` (checkpoint, path) saved from its own thread, all released together."""
+    barrier = threading.Barrier(len(jobs))
+    errors: List[BaseException] = []
+
+    def save(checkpoint: Any, path: Any) -> None:
+        try:
+            barrier.wait()
+            engine.save_checkpoint(checkpoint, path)
+        except BaseException as err:  # noqa: BLE001 - reported by the test thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a save_checkpoint call hung"
+    assert not errors, errors
+
+
+def test_lazy_saves_from_several_threads_at_once_are_all_finished_and_written(tmp_path):
+    for attempt in range(15):
+        engine = AsyncCheckpointIO(staging="lazy", max_pending=_THREADS, handle_sigterm=False)
+        states = [{"i": i, "w": torch.full((WIDTH, WIDTH), float(attempt * 10 + i))} for i in range(_THREADS)]
+        paths = [tmp_path / f"{attempt}-{i}.ckpt" for i in range(_THREADS)]
+        try:
+            with _switching_often():
+                _save_at_once(engine, list(zip(states, paths, strict=True)))
+            engine.flush(timeout=30)  # no optimizer step runs: the engine alone finishes every copy
+        finally:
+            lazy_mod.finish_all()  # if a copy was left unfinished, unblock the writer so teardown returns
+            engine.teardown()
+        for state, path in zip(states, paths, strict=True):
+            _assert_same(torch.load(path, weights_only=True), state, str(path))
+
+
+_THREADS_EXIT_SCRIPT = """
+import os, sys, threading
+import torch
+from asyncckpt import AsyncCheckpointIO
+sys.setswitchinterval(1e-5)
+engines = []
+for round in range(5):
+    io = AsyncCheckpointIO(max_pending=2, staging="lazy", exit_timeout=20)
+    engines.append(io)
+    barrier = threading.Barrier(2)
+    def save(i, io=io, round=round, barrier=barrier):
+        barrier.wait()
+        w = torch.full((100_000,), float(round * 10 + i))
+        io.save_checkpoint({"i": i, "w": w}, os.path.join(sys.argv[1], f"{round}-{i}.ckpt"))
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+print("ready", flush=True)
+"""
+
+
+def test_lazy_saves_from_two_threads_pending_at_exit_are_all_written(tmp_path):
+    import subprocess
+
+    from _slow_disk import child_env
+
+    script = tmp_path / "script.py"
+    script.write_text(_THREADS_EXIT_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, text=True, env=child_env(), timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ready"
+    assert "not all written" not in proc.stderr, proc.stderr
+    for round_ in range(5):
+        for i in range(2):
+            got = torch.load(out / f"{round_}-{i}.ckpt", weights_only=True)
+            assert got["i"] == i and torch.equal(got["w"], torch.full((100_000,), float(round_ * 10 + i)))
+
+
+@pytest.mark.parametrize("max_pending", [1, 2])
+def test_lazy_saves_from_more_threads_than_slots_never_wait_for_each_other_forever(tmp_path, max_pending):
+    """A save waiting for a slot held by another thread's unverified copy finishes that copy
+    itself: the writer frees the slot only once a guard has verified it."""
+    for attempt in range(10):
+        engine = AsyncCheckpointIO(staging="lazy", max_pending=max_pending, handle_sigterm=False)
+        states = [{"i": i, "w": torch.full((WIDTH, WIDTH), float(attempt * 10 + i))} for i in range(_THREADS)]
+        paths = [tmp_path / f"{attempt}-{i}.ckpt" for i in range(_THREADS)]
+        try:
+            with _switching_often():
+                _save_at_once(engine, list(zip(states, paths, strict=True)))
+            engine.flush(timeout=30)
+        finally:
+            lazy_mod.finish_all()  # if a save was left waiting, let it go so teardown returns
+            engine.teardown()
+        for state, path in zip(states, paths, strict=True):
+            _assert_same(torch.load(path, weights_only=True), state, str(path))
