@@ -304,6 +304,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         The file will hold the checkpoint exactly as it is now; later in-place changes to its
         tensors or containers do not reach it.
         """
+        agree = getattr(self._wrapped(), "agree_to_save", None)
+        if agree is not None and not getattr(self._local, "holding", False):
+            self._save_agreed(agree, checkpoint, path, storage_options)
+            return
         key, target = self._check_save(path, storage_options)
         if getattr(self._local, "holding", False):
             self._save_now(checkpoint, key, target, storage_options)
@@ -318,6 +322,66 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         checkpoint = self._stageable_form(checkpoint)
         slot = self._acquire_slot(key)
         self._stage_and_submit(checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started)
+
+    def _save_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> None:
+        """``save_checkpoint`` for a collective IO (``agree_to_save``): the ranks agree at the
+        call, after everything that may refuse the save and before staging, whether they all
+        make it; a save refused on one rank is refused on every rank (see
+        :meth:`asyncckpt.DistributedCheckpointIO.agree_to_save`)."""
+        started = time.perf_counter()
+        slot: Optional[StagingSlot] = None
+        refusal: Optional[Exception] = None
+        background = False
+        try:
+            key, target = self._check_save(path, storage_options)
+            self._finish_lazy()
+            pending = self._take_pending_errors()
+            if pending is not None:
+                background = True
+                raise pending
+            if storage_options is not None:
+                remember = getattr(self._wrapped(), "remember_storage_options", None)
+                if remember is not None:
+                    remember(path, storage_options)
+            checkpoint = self._stageable_form(checkpoint)
+            slot = self._acquire_slot(key)
+        except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
+            refusal = err
+            background = background or isinstance(
+                err, (CheckpointSaveError, CheckpointRemoveError, WriterDiedError, TensorModifiedError)
+            )
+        waited = time.perf_counter() - started
+        try:
+            error = agree(path, refusal, background, self._settle)
+        except BaseException:
+            if slot is not None:
+                self._release_slot(slot)
+            raise
+        if error is not None:
+            if slot is not None:
+                self._release_slot(slot)
+            raise error
+        assert slot is not None
+        try:
+            self._stage_and_submit(checkpoint, target, key, storage_options, slot, started, waited)
+        except Exception as err:
+            # Every rank agreed to this save, and the others' writers will run its collective:
+            # this rank's writer takes part without data, failing it on every rank.
+            abort = Operation("abort", key, target, staged=err)
+            try:
+                self._submit(abort)
+            except Exception:  # noqa: BLE001 - the staging failure is the one to raise
+                log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", key)
+            raise
+
+    def _settle(self) -> Optional[BaseException]:
+        """Wait for every queued operation; return (and clear) the failures so far, if any."""
+        try:
+            self._wait_for(self._pending_ops(), None)
+        except Exception as err:  # noqa: BLE001 - returned with the others
+            with self._cv:
+                self._errors.insert(0, err)
+        return self._take_pending_errors()
 
     def _stageable_form(self, checkpoint: Any) -> Any:
         """The hook for wrapped IOs whose state is not all plain tensors: an IO with a
@@ -657,14 +721,20 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         return err
 
     def _raise_pending_errors(self) -> None:
+        error = self._take_pending_errors()
+        if error is not None:
+            raise error
+
+    def _take_pending_errors(self) -> Optional[BaseException]:
+        """The first background failure not yet raised (the later ones noted on it), cleared."""
         with self._cv:
             if not self._errors:
-                return
+                return None
             errors, self._errors = self._errors, []
         first = errors[0]
         for later in errors[1:]:
             first.add_note(f"also failed: {later}")
-        raise first
+        return first
 
     # -- waiting --------------------------------------------------------------------------
 

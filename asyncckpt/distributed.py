@@ -31,6 +31,7 @@ construction (see ``__reduce__``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -42,13 +43,13 @@ import re
 import shutil
 import uuid
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_io import CheckpointIO, PathLike
-from .errors import CheckpointLoadError, InvalidPathError
+from .errors import AsyncCheckpointError, CheckpointLoadError, InvalidPathError
 from .storage import fsync_folder, local_path_of
 
 log = logging.getLogger("asyncckpt")
@@ -130,9 +131,10 @@ class LocalShard:
 BeforeCommit = Callable[[str, str], Optional[Callable[[], None]]]
 
 
-class RanksOutOfStepError(RuntimeError):
-    """The ranks' writers reached one collective save with different saves (one rank skipped a
-    save the others made), so their shards belong to different checkpoints; nothing was committed."""
+class RanksOutOfStepError(AsyncCheckpointError, RuntimeError):
+    """The ranks did not make the same save: a ``save_checkpoint`` call that raised at the call on
+    another rank (raised on every rank at that call, since the ranks agree before they save), or,
+    in the background, two different saves paired in one collective. Nothing was committed."""
 
 
 def _save_token(nonce: str, folder: str, count: int) -> str:
@@ -271,6 +273,9 @@ class DistributedCheckpointIO(CheckpointIO):
         self.sync_files = sync_files
         self._plan_key = f"asyncckpt.DistributedCheckpointIO-{next(_instances)}"
         self._saves = 0  # this rank's collective saves so far, failed ones included
+        self._calls = 0  # save calls agreed on with the other ranks (every rank counts every call)
+        self._agreed: Deque[int] = collections.deque()  # numbers of agreed saves not yet run by the writer
+        self._call_pg: Optional[Any] = None  # the callers' agreement, never used by the writer thread
         self._nonce: Optional[str] = None  # the same on every rank, new in every run
         self._owners: Dict[int, Tuple[torch.Tensor, Any]] = {}  # id(local tensor) -> (it, its DTensor)
         self._specs: List[Tuple[Any, Tuple[Any, ...], torch.Size, Tuple[int, ...]]] = []
@@ -292,6 +297,12 @@ class DistributedCheckpointIO(CheckpointIO):
         distributed = dist.is_available() and dist.is_initialized()
         if self._pg is None and distributed:
             self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+        if self._call_pg is None and distributed and self._own_group:
+            # A second group: the callers agree on each save on their threads while the writers
+            # run earlier saves' collectives on ``_pg``; one group used from two threads would
+            # interleave the two. (A group passed in may leave out ranks, which would never reach
+            # ``new_group``; such an IO agrees on nothing at the call, see ``agree_to_save``.)
+            self._call_pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
         if self._nonce is None:
             nonce = [uuid.uuid4().hex]
             if distributed:
@@ -360,12 +371,92 @@ class DistributedCheckpointIO(CheckpointIO):
         """Refuse, on the caller's thread, a path that cannot become a checkpoint folder."""
         _local_folder(path)
 
+    def check_storage_options(self, path: PathLike, storage_options: Any) -> None:
+        """Refuse ``storage_options`` at the call, as the save itself would."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
+
+    def agree_to_save(
+        self,
+        path: PathLike,
+        refusal: Optional[BaseException],
+        reports_background_failure: bool,
+        settle: Callable[[], Optional[BaseException]],
+    ) -> Optional[BaseException]:
+        """Collective, on the caller's thread, at every ``save_checkpoint`` call of the engine:
+        whether every rank makes this save. Returns None when all do, else the error this rank
+        must raise at this call (nothing is queued on any rank then).
+
+        ``refusal`` is what this rank's call raised before staging (a full queue, a bad
+        argument, an earlier failure being reported); ``reports_background_failure`` says it is
+        an earlier background failure. A save that one rank refuses is refused on every rank:
+        otherwise the others' save would pair, in the writers' collectives, with the refusing
+        rank's next save, and commit shards of two steps into one folder. When the refusal
+        reports a background failure, each rank first lets its earlier saves finish (``settle``,
+        which returns this rank's own pending failure): the other ranks learn of the same
+        failure at this call too, instead of one call later, when they would refuse in turn.
+        Every call counts on every rank, so the ranks stay in step after a refusal.
+        """
+        import torch.distributed as dist
+
+        self._ensure_group()
+        mine = (self._calls + 1, None if refusal is None else f"{type(refusal).__name__}: {refusal}",
+                reports_background_failure)
+        if self._call_pg is not None:
+            gathered: List[Any] = [None] * dist.get_world_size(self._call_pg)
+            dist.all_gather_object(gathered, mine, group=self._call_pg)
+        else:
+            gathered = [mine]
+        numbers = sorted({entry[0] for entry in gathered})
+        self._calls = numbers[-1]  # in step again from the next call on
+        folder = os.fspath(path)
+        if len(numbers) > 1:
+            return RanksOutOfStepError(
+                f"not saving {folder!r}: the ranks reached this save_checkpoint call as different calls "
+                f"(numbers {numbers}): a call ended on some ranks before the ranks agreed on it (an "
+                "interrupt?). No rank makes this save; the next call is in step again", folder,
+            )
+        refused = [(rank, entry[1]) for rank, entry in enumerate(gathered) if entry[1] is not None]
+        if not refused:
+            self._agreed.append(self._calls)
+            return None
+        pending = settle() if any(entry[2] for entry in gathered) else None
+        if refusal is not None:
+            if pending is not None and pending is not refusal:
+                refusal.add_note(f"also failed: {pending}")
+            return refusal
+        if pending is not None:
+            return pending
+        detail = "; ".join(f"rank {rank}: {text}" for rank, text in refused)
+        return RanksOutOfStepError(
+            f"not saving {folder!r}: another rank refused this save at the call ({detail}). A sharded "
+            "save is collective, so no rank makes it; the ranks stay in step, and the next "
+            "save_checkpoint works on every rank once the cause is gone", folder,
+        )
+
+    def _next_number(self) -> int:
+        """The save's number: the one agreed at its call, or (a save not made through the engine)
+        the next of this IO's own count."""
+        self._saves += 1
+        return self._agreed.popleft() if self._agreed else self._saves
+
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None
     ) -> None:
         """Collective: write this rank's part of ``checkpoint`` into the DCP folder ``path``."""
-        folder, state = self._begin_save(checkpoint, path, storage_options)
+        folder, state = self._begin_save_or_abort(checkpoint, path, storage_options)
         self._save_state(state, folder, None)
+
+    def _begin_save_or_abort(
+        self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any]
+    ) -> Tuple[str, Any]:
+        """:meth:`_begin_save`, or, when it fails, this rank's part in the save without data (the
+        other ranks are in its collectives), then the failure."""
+        try:
+            return self._begin_save(checkpoint, path, storage_options)
+        except Exception as err:
+            self.abort_save(path, err)
+            raise
 
     def _begin_save(
         self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any]
@@ -384,11 +475,11 @@ class DistributedCheckpointIO(CheckpointIO):
     ) -> None:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
-        self._saves += 1
+        number = self._next_number()
         planner = _unpinned_planner()(enable_plan_caching=self.cache_plans and fail_with is None)
         if fail_with is None:
             planner._cached_plans_key = self._plan_key  # per IO, not per planner class
-        token = _save_token(self._nonce or "", folder, self._saves)
+        token = _save_token(self._nonce or "", folder, number)
         writer = self._storage_writer(folder, before_commit, token, fail_with)
         no_dist = not (dist.is_available() and dist.is_initialized())
         try:
@@ -409,10 +500,11 @@ class DistributedCheckpointIO(CheckpointIO):
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or self._pg is None:
-            self._saves += 1
+            self._next_number()
             return
         try:
-            self._save_state({}, _local_folder(path), None, fail_with=error)
+            folder = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
+            self._save_state({}, folder, None, fail_with=error)
         except ShardedSaveError:
             pass  # expected: the caller reports ``error`` on this rank
 

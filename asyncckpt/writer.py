@@ -30,7 +30,8 @@ class WriterGoneError(RuntimeError):
 
 
 class Operation:
-    """One unit of background work: a save or a remove of ``path``.
+    """One unit of background work: a save or a remove of ``path`` (or the abort of a collective
+    save this rank could not stage; ``staged`` is then its error).
 
     ``path`` is the normalized key used for ordering; ``target`` is the path handed to the
     wrapped IO. :meth:`complete` runs the done callbacks and wakes waiters, once; later calls
@@ -132,6 +133,8 @@ def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
         op.write_seconds = time.perf_counter() - started
     elif op.kind == "remove":
         checkpoint_io.remove_checkpoint(op.target)
+    elif op.kind == "abort":  # a save agreed on by every rank that this rank could not stage
+        _abort_collective_save(checkpoint_io, op, op.staged)
     else:
         raise ValueError(f"unknown operation kind {op.kind!r}")
 

@@ -179,6 +179,82 @@ def failing_rank(model: Any, opt: Any, ck: str) -> None:
     io.teardown()
 
 
+def out_of_step(model: Any, opt: Any, ck: str) -> None:
+    """One save call raises on one rank only; every rank must raise at that call, no folder may
+    ever hold shards of two steps, and the next save must work on every rank."""
+
+    def attempt(io: Any, state: Any, folder: str, **options: Any) -> Any:
+        try:
+            io.save_checkpoint(state, folder, **options)
+            return None
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            return f"{type(err).__name__}: {err}"
+
+    def finish_case(name: str, io: Any, folder: str, errors: list) -> None:
+        s_after = state_of(model, opt, 30)  # the ranks save in step again
+        errors.append(attempt(io, s_after, folder))
+        record_expected(f"{name}-after", s_after)
+        try:
+            io.flush(timeout=60)
+            errors.append(None)
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"{type(err).__name__}: {err}")
+        result[f"{name}_errors"] = errors
+        result[f"{name}_after_equal"] = load_full_and_compare(folder, f"{name}-after")
+        io.teardown()
+
+    # 1. QueueFullError on rank 1 only: rank 1's only slot is busy (rank 0's shard write starts
+    # late, so rank 1's first save cannot end), while rank 0 waits for its slot.
+    folder = os.path.join(ck, "full")
+    impl = SlowWriteIO(timeout=60)
+    impl.delay = 2.0 if RANK == 0 else 0.0
+    io = asyncckpt.AsyncCheckpointIO(impl, max_pending=1, when_full="raise" if RANK == 1 else "wait")
+    s1 = state_of(model, opt, 21)
+    io.save_checkpoint(s1, folder)
+    record_expected("full-one", s1)
+    train_step(model, opt)
+    errors = [attempt(io, state_of(model, opt, 22), folder)]
+    impl.delay = 0.0
+    train_step(model, opt)
+    finish_case("full", io, folder, errors)
+
+    # 2. A bad input refused at the call on rank 1 only (storage_options this IO does not take).
+    folder = os.path.join(ck, "bad")
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=60))
+    s1 = state_of(model, opt, 23)
+    io.save_checkpoint(s1, folder)
+    train_step(model, opt)
+    options = {"storage_options": {"anon": True}} if RANK == 1 else {}
+    errors = [attempt(io, state_of(model, opt, 24), folder, **options)]
+    train_step(model, opt)
+    finish_case("bad", io, folder, errors)
+
+    # 3. A background write fails on every rank, and the next call learns it on rank 0 only:
+    # rank 1's shard write starts late, rank 0's fails at once (file size limit); rank 0 waits
+    # for the failure, rank 1 calls again before it is known there.
+    folder = os.path.join(ck, "late")
+    impl = SlowWriteIO(timeout=60)
+    io = asyncckpt.AsyncCheckpointIO(impl, max_pending=2)
+    s1 = state_of(model, opt, 25)
+    io.save_checkpoint(s1, folder)
+    io.flush()
+    train_step(model, opt)
+    if RANK == 0:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+    impl.delay = 2.0 if RANK == 1 else 0.0
+    io.save_checkpoint(state_of(model, opt, 26), folder)
+    if RANK == 0:
+        io.wait_for_path(folder, timeout=60)
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    train_step(model, opt)
+    errors = [attempt(io, state_of(model, opt, 27), folder)]
+    impl.delay = 0.0
+    train_step(model, opt)
+    finish_case("late", io, folder, errors)
+
+
 def main() -> None:
     dist.init_process_group(
         "gloo",
@@ -231,6 +307,9 @@ def main() -> None:
             result[f"load_{name}_equal"] = load_and_compare(io, os.path.join(ck, name), name)
         io.teardown()
         failing_rank(model, opt, os.path.join(ck, "failing"))
+
+    elif SCENARIO == "out_of_step":
+        out_of_step(model, opt, ck)
 
     elif SCENARIO == "lazy":
         io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(), max_pending=2, staging="lazy")

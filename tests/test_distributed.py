@@ -157,6 +157,28 @@ def check_failure_results(results: List[Dict]) -> None:
 
 
 @pytest.mark.slow
+def test_a_save_call_that_raises_on_one_rank_raises_on_every_rank_and_never_commits_a_mixed_folder(tmp_path):
+    """Three ways one rank's call fails while the other's would queue: a full queue
+    (``when_full="raise"``), an argument the IO refuses, and a background failure that one rank
+    learns of before its next call and the other after it. Each must raise at that call on every
+    rank (the ranks agree at the call), commit no folder mixing two steps' shards, and leave the
+    ranks in step: the next save commits on both."""
+    out = str(tmp_path)
+    results = run_ranks("out_of_step", 2, out)
+    for case, own_error in (("full", "QueueFullError"), ("bad", "TypeError"), ("late", None)):
+        raised = [r[f"{case}_errors"][0] for r in results]
+        assert all(raised), (case, raised)  # the failing call raised on every rank
+        if own_error is not None:
+            assert raised[1].startswith(own_error), (case, raised)
+            assert raised[0].startswith("RanksOutOfStepError") and "rank 1" in raised[0], (case, raised)
+        else:  # the background failure itself, on both ranks, at the same call
+            assert all(e.startswith("CheckpointSaveError") for e in raised), (case, raised)
+        for r in results:
+            assert r[f"{case}_errors"][1:] == [None, None], (case, r)  # in step again: saved, flushed
+            assert r[f"{case}_after_equal"], (case, r)  # and the whole folder is that one save
+
+
+@pytest.mark.slow
 def test_lazy_staging_of_shards_and_a_save_one_rank_cannot_write(tmp_path):
     results = run_ranks("lazy", 2, str(tmp_path))
     for r in results:

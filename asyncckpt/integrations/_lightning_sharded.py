@@ -59,7 +59,7 @@ class LightningShardedIO(DistributedCheckpointIO):
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None
     ) -> None:
-        folder, state = self._begin_save(checkpoint, path, storage_options)
+        folder, state = self._begin_save_or_abort(checkpoint, path, storage_options)
         rest = dict(state)
         converted = {self.model_key: rest.pop("state_dict")}
         converted.update({f"optimizer_{i}": s for i, s in enumerate(rest.pop("optimizer_states", []))})
