@@ -19,6 +19,7 @@ from .errors import (
     NotSerializableError,
     QueueFullError,
     RemoteStorageError,
+    RemoveSkippedError,
     WriterDiedError,
 )
 from .remote import RetryPolicy
@@ -55,6 +56,7 @@ __all__ = [
     "NotSerializableError",
     "QueueFullError",
     "RemoteStorageError",
+    "RemoveSkippedError",
     "RetryPolicy",
     "SaveStats",
     "TorchCheckpointIO",

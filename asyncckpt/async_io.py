@@ -31,6 +31,7 @@ from .errors import (
     FlushTimeoutError,
     InvalidPathError,
     QueueFullError,
+    RemoveSkippedError,
     WriterDiedError,
 )
 from .lazy import LazyStager, TensorModifiedError, check_staging
@@ -209,6 +210,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._ops: Dict[int, Operation] = {}  # handed to the writer, not yet complete; by seq
         self._last_op: Dict[str, Operation] = {}  # per path key: the last pending operation
         self._errors: List[AsyncCheckpointError] = []
+        self._failed_saves: List[Operation] = []  # failed, and not yet raised to the caller
         self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
         if writer == "process" and (checkpoint_io is not None or not self._base_io_comes_later):
             from .process_writer import check_picklable
@@ -238,6 +240,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._lazy_started = 0
         self._last_op = {}
         self._errors = []
+        self._failed_saves = []
         self._stats = collections.deque(maxlen=_STATS_KEPT)
         arena_kind = "shared" if self.writer_kind == "process" else "plain"
         self._free_slots = [StagingSlot(i, arena_kind) for i in range(self.max_pending)]
@@ -499,7 +502,13 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         return self._wrapped().load_checkpoint(path, **kwargs, **wrapped_options)
 
     def remove_checkpoint(self, path: PathLike) -> None:
-        """Queue the removal of ``path``, after every earlier operation on it."""
+        """Queue the removal of ``path``, after every earlier operation on it.
+
+        The removal depends on every save queued before it, on any path: if one of them fails,
+        ``path`` is kept (the run keeps its last good checkpoint) and the failure, raised once,
+        says so (:class:`asyncckpt.RemoveSkippedError`). A failure already raised to the caller
+        before this call does not hold the removal back.
+        """
         key = self._path_key(path)
         self._raise_pending_errors()
         self._submit(Operation("remove", key, _absolute(path)))
@@ -635,6 +644,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                     with self._cv:
                         self._seq += 1
                         op.seq = self._seq
+                        if op.kind == "remove":
+                            op.after = self._saves_not_known_good()
                     try:
                         writer.submit(op)
                     except WriterGoneError:
@@ -646,6 +657,14 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                     if not op.done():  # a fast writer may have finished it already
                         self._ops[op.seq] = op
                         self._last_op[op.path] = op
+
+    def _saves_not_known_good(self) -> List[Operation]:
+        """(``_cv`` and the submit lock held) The saves a remove submitted now depends on: those
+        still pending, and those that failed without the failure having been raised yet (a failure
+        raised to the caller is the caller's to act on). Every save submitted earlier is one or
+        the other, or known good: the submit lock orders hand-overs, and a save completes only
+        after it was counted or with ``_on_done`` having run."""
+        return [op for op in self._ops.values() if op.kind == "save"] + self._failed_saves
 
     @property
     def _writer(self) -> Optional[Writer]:
@@ -698,15 +717,18 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                     )
             if error is not None:
                 self._errors.append(wrapped_error)
+                if op.kind == "save":
+                    self._failed_saves.append(op)
             self._ops.pop(op.seq, None)
             if self._last_op.get(op.path) is op:
                 del self._last_op[op.path]
             op.staged = op.slot = None
+            op.after = ()
             self._cv.notify_all()
 
     @staticmethod
     def _background_error(op: Operation, error: BaseException) -> AsyncCheckpointError:
-        if isinstance(error, (WriterDiedError, TensorModifiedError)):
+        if isinstance(error, (WriterDiedError, TensorModifiedError, RemoveSkippedError)):
             return error
         if op.kind == "save":
             err: AsyncCheckpointError = CheckpointSaveError(
@@ -731,9 +753,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             if not self._errors:
                 return None
             errors, self._errors = self._errors, []
+            self._failed_saves = []
         first = errors[0]
         for later in errors[1:]:
-            first.add_note(f"also failed: {later}")
+            first.add_note(str(later) if isinstance(later, RemoveSkippedError) else f"also failed: {later}")
         return first
 
     # -- waiting --------------------------------------------------------------------------

@@ -25,6 +25,19 @@ class CheckpointRemoveError(AsyncCheckpointError):
     """A queued remove failed in the background; raised by the next call into the engine."""
 
 
+class RemoveSkippedError(CheckpointRemoveError):
+    """A queued remove was not carried out because a save queued before it failed.
+
+    A remove depends on every save queued before it (a keep-last-N rotation removes the old file
+    only because the new one replaces it): when one of them fails, the file is kept, so the run
+    still has its last good checkpoint. ``path`` is the file kept; ``failed_save`` the save that failed.
+    """
+
+    def __init__(self, message: str, path: Optional[str] = None, failed_save: Optional[str] = None) -> None:
+        super().__init__(message, path)
+        self.failed_save = failed_save
+
+
 class CheckpointLoadError(AsyncCheckpointError):
     """A load failed."""
 

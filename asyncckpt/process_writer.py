@@ -5,6 +5,10 @@ descriptor is passed to the writer once (``SCM_RIGHTS`` over the command pipe); 
 save message carries only the pickled non-tensor skeleton and the tensor layout, and the writer
 rebuilds the tensors as views of its own mapping. No tensor bytes go through the pipe.
 
+A remove carries the sequence numbers of the saves it depends on that this writer process runs
+(see :func:`asyncckpt.writer.failed_save_before`); the process remembers which of its saves failed
+and answers ``skipped`` instead of removing. Saves it never saw (another writer's) are checked here.
+
 If the writer process dies, every operation it had in flight fails with
 :class:`~asyncckpt.errors.WriterDiedError` (raised once by the next call into the engine) and
 their staging slots are freed; the next operation starts a fresh writer process. Nothing hangs.
@@ -26,11 +30,11 @@ import threading
 import traceback
 import weakref
 from multiprocessing import reduction
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .errors import NotSerializableError, WriterDiedError
 from .staging import collection_paused
-from .writer import Operation, WriterGoneError, perform
+from .writer import Operation, WriterGoneError, failed_save_before, perform, skipped_removal
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +292,11 @@ class ProcessWriter:
 
     def submit(self, op: Operation) -> None:
         """Send ``op``; an operation that cannot be pickled raises here and nothing is sent."""
+        if op.kind == "remove":
+            depends_on, failed = self._dependencies(op)
+            if failed is not None:  # known already: the removal is not sent, and is complete
+                op.complete(skipped_removal(op, failed))
+                return
         # What a save sends is read here, before the op is registered as in flight: from then on
         # the reply reader may complete it (the writer died) and drop ``op.staged``.
         layout: Optional[Tuple[Any, Any]] = None
@@ -308,7 +317,7 @@ class ProcessWriter:
                 *((None, None) if same else layout),
             )
         else:
-            message = (op.kind, op.seq, op.target)
+            message = (op.kind, op.seq, op.target, depends_on)
         if op.kind == "save":
             check_main_references(op.staged.skeleton, op.path)
         try:
@@ -355,6 +364,14 @@ class ProcessWriter:
                 self._break()
                 raise
 
+    def _dependencies(self, op: Operation) -> Tuple[Tuple[int, ...], Optional[Operation]]:
+        """For a remove: the sequence numbers of the saves it depends on that this writer process
+        has been sent and not answered (it checks those itself, in its FIFO), and a save already
+        known to have failed (answered, or another writer's: waited for), or None."""
+        with self._table_lock:
+            mine = tuple(save.seq for save in op.after if save.seq in self._inflight)
+        return mine, failed_save_before(save for save in op.after if save.seq not in mine)
+
     def _break(self) -> None:
         """End a writer whose command stream can no longer be trusted."""
         with self._table_lock:
@@ -391,6 +408,13 @@ class ProcessWriter:
                         continue
                     op.write_seconds = write_seconds or 0.0
                     op.complete(error)
+                elif reply[0] == "skipped":  # a remove not carried out: a save it depends on failed
+                    _, seq, failed_seq = reply
+                    with self._table_lock:
+                        op = self._inflight.pop(seq, None)
+                    if op is None:
+                        continue
+                    op.complete(skipped_removal(op, next((s for s in op.after if s.seq == failed_seq), None)))
                 elif reply[0] == "stopped":
                     break
         except BaseException:  # noqa: BLE001 - an unreadable reply: this writer is done for
@@ -471,6 +495,7 @@ def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
         torch.utils.serialization.config.save.compute_crc32 = False
     checkpoint_io = pickle.loads(io_bytes)
     arenas: Dict[int, Tuple[mmap.mmap, Any]] = {}
+    failed_saves: Set[int] = set()  # sequence numbers of this process's saves that failed
     layouts: Dict[int, Tuple[Any, Any]] = {}  # arena id: the (groups, specs) of its last save
     while True:
         try:
@@ -494,6 +519,9 @@ def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
                 log.exception("asyncckpt: teardown of the wrapped IO in the writer process failed")
             conn.send(("stopped",))
             break
+        elif kind == "remove" and any(seq in failed_saves for seq in message[3]):
+            # Not carried out: a save it depends on failed here (the parent words the error).
+            conn.send(("skipped", message[1], next(seq for seq in message[3] if seq in failed_saves)))
         else:
             op = Operation(kind, str(message[2]), message[2], seq=message[1])
             error: Optional[BaseException] = None
@@ -509,5 +537,7 @@ def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
                 perform(checkpoint_io, op, checkpoint)
             except BaseException as err:  # noqa: BLE001 - reported to the parent, never fatal here
                 error = _portable(err)
+                if kind == "save":
+                    failed_saves.add(op.seq)
             checkpoint = None
             conn.send(("done", op.seq, error, op.write_seconds))

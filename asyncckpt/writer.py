@@ -7,6 +7,11 @@ that ran it, or by the writer's death), and its completion is what ``flush``,
 contract trivially true: a remove queued after a save to the same path runs after that save
 commits, and a save queued after a remove re-creates the file.
 
+A remove also depends on every save queued before it, on any path (:func:`failed_save_before`):
+if one of them failed, the writer does not remove, and completes the remove with
+:class:`~asyncckpt.errors.RemoveSkippedError`. A rotation that removes the old checkpoint after
+saving the new one then keeps the old one when the new one could not be written.
+
 Both writers implement :class:`Writer`: :class:`ThreadWriter` runs the wrapped ``CheckpointIO``
 on a thread, :class:`asyncckpt.process_writer.ProcessWriter` in a separate process.
 """
@@ -18,9 +23,9 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Deque, List, Optional, Protocol
+from typing import Any, Callable, Deque, Iterable, List, Optional, Protocol, Sequence
 
-from .errors import WriterDiedError
+from .errors import RemoveSkippedError, WriterDiedError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,9 @@ class Operation:
 
     ``path`` is the normalized key used for ordering; ``target`` is the path handed to the
     wrapped IO. :meth:`complete` runs the done callbacks and wakes waiters, once; later calls
-    (a writer's death racing its last reply, say) do nothing.
+    (a writer's death racing its last reply, say) do nothing. ``after`` (removes only) holds the
+    saves queued before it whose outcome the engine did not know yet: the remove is skipped if
+    one of them failed.
     """
 
     def __init__(
@@ -60,6 +67,7 @@ class Operation:
         self.blocking_seconds = 0.0
         self.write_seconds = 0.0
         self.error: Optional[BaseException] = None
+        self.after: Sequence["Operation"] = ()
         self._lock = threading.Lock()
         self._completed = False
         self._event = threading.Event()
@@ -137,6 +145,35 @@ def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
         _abort_collective_save(checkpoint_io, op, op.staged)
     else:
         raise ValueError(f"unknown operation kind {op.kind!r}")
+
+
+def failed_save_before(saves: Iterable[Operation]) -> Optional[Operation]:
+    """For a remove: the first of the saves it depends on (its ``after``) that failed, else None.
+
+    Waits for each to complete. In one writer's FIFO they are done already; one still held by a
+    writer that died is completed by that writer's death (every operation completes), soon.
+    """
+    for save in saves:
+        save.wait()
+        if save.error is not None:
+            return save
+    return None
+
+
+def skipped_removal(op: Operation, save: Optional[Operation]) -> RemoveSkippedError:
+    """The error a remove completes with when ``save``, queued before it, failed."""
+    failed = save.path if save is not None else "an earlier checkpoint"
+    cause = save.error if save is not None else None
+    why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    err = RemoveSkippedError(
+        f"checkpoint {op.path!r} was kept, not removed: the save of {failed!r} queued before the removal "
+        f"failed{why}, so {op.path!r} may be the last good checkpoint; remove it yourself once a later "
+        "save has succeeded",
+        op.path,
+        failed_save=save.path if save is not None else None,
+    )
+    err.__cause__ = cause
+    return err
 
 
 def _abort_collective_save(checkpoint_io: Any, op: Operation, error: BaseException) -> None:
@@ -231,6 +268,10 @@ class ThreadWriter:
                 error: Optional[BaseException] = None
                 try:
                     checkpoint = None
+                    if op.kind == "remove":
+                        failed = failed_save_before(op.after)
+                        if failed is not None:
+                            raise skipped_removal(op, failed)
                     if op.kind == "save":
                         try:
                             checkpoint = op.staged.materialize()

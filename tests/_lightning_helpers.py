@@ -169,6 +169,28 @@ class FailingIO(asyncckpt.TorchCheckpointIO):
         raise OSError(28, "No space left on device (injected)")
 
 
+class FullDiskAtIO(asyncckpt.TorchCheckpointIO):
+    """Fault injection (a full disk cannot be produced here): the save of the file named ``name``
+    waits for ``release``, then fails with ENOSPC; every other save is written. Records the op order."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(durable=False)
+        self.name = name
+        self.release = threading.Event()
+        self.ops: List[Tuple[str, str]] = []
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if os.path.basename(os.fspath(path)) == self.name:
+            assert self.release.wait(60), "test never released the held write"
+            raise OSError(28, "No space left on device (injected)")
+        super().save_checkpoint(checkpoint, path, storage_options)
+        self.ops.append(("save", os.path.basename(os.fspath(path))))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        self.ops.append(("remove", os.path.basename(os.fspath(path))))
+
+
 def listing(folder: Any) -> Dict[str, Optional[str]]:
     """File name -> symlink target (None for a regular file)."""
     return {

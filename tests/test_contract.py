@@ -17,6 +17,7 @@ from asyncckpt import (
     QueueFullError,
     TorchCheckpointIO,
 )
+from asyncckpt.lazy import TensorModifiedError
 from conftest import FailingIO, FileEvent, GatedIO, load, temp_files
 
 # -- 1. Point in time ------------------------------------------------------------------------
@@ -124,6 +125,76 @@ def test_save_after_remove_recreates_the_file(tmp_path, writer):
     io.save_checkpoint({"v": 2}, tmp_path / "a.ckpt")
     io.flush()
     assert load(tmp_path / "a.ckpt") == {"v": 2}
+    io.teardown()
+
+
+# A remove depends on every save queued before it: one of them failing keeps the file the remove
+# would have deleted (keep-last-N rotation, ModelCheckpoint(save_top_k=1)), so a run is never left
+# with no checkpoint. The failure is ENOSPC from GatedIO (fault injection: a full disk cannot be
+# produced here) or, with lazy staging, a real in-place change caught by the version counters.
+WRITER_STAGING = [("thread", "eager"), ("thread", "lazy"), ("process", "eager")]
+
+
+@pytest.mark.parametrize("writer,staging", WRITER_STAGING)
+def test_a_remove_queued_after_a_save_that_fails_keeps_the_file_it_would_replace(tmp_path, gated_io, writer, staging):
+    io = AsyncCheckpointIO(gated_io, writer=writer, staging=staging)
+    old = {"step": 1, "w": torch.full((32_768,), 1.0)}  # 128 KiB: copied lazily with staging="lazy"
+    io.save_checkpoint(old, tmp_path / "a.ckpt")
+    io.flush()
+    gated_io.gate.clear()  # the new save fails only after the remove is queued behind it
+    io.save_checkpoint({"step": 2, "w": torch.full((32_768,), 2.0)}, tmp_path / "fail-b.ckpt")
+    io.remove_checkpoint(tmp_path / "a.ckpt")
+    gated_io.gate.set()
+    with pytest.raises(CheckpointSaveError, match="fail-b.ckpt") as info:
+        io.flush()
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == 28
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "a.ckpt" in notes and "kept" in notes and "fail-b.ckpt" in notes, notes
+    assert torch.equal(load(tmp_path / "a.ckpt")["w"], old["w"])
+    assert f"remove {tmp_path / 'a.ckpt'}" not in gated_io.log
+    io.flush()  # raised once
+    # Once the failure has been raised, the caller decides: a remove queued now is carried out.
+    io.save_checkpoint({"step": 3}, tmp_path / "c.ckpt")
+    io.remove_checkpoint(tmp_path / "a.ckpt")
+    io.flush()
+    assert sorted(os.listdir(tmp_path)) == ["c.ckpt", "gate"]
+    io.teardown()
+
+
+@pytest.mark.parametrize("writer,staging", WRITER_STAGING)
+def test_a_remove_queued_before_a_save_that_fails_is_carried_out(tmp_path, gated_io, writer, staging):
+    io = AsyncCheckpointIO(gated_io, writer=writer, staging=staging)
+    io.save_checkpoint({"step": 1}, tmp_path / "a.ckpt")
+    io.save_checkpoint({"step": 2}, tmp_path / "b.ckpt")
+    io.flush()
+    gated_io.gate.clear()
+    io.save_checkpoint({"step": 3}, tmp_path / "fail-c.ckpt")
+    io.remove_checkpoint(tmp_path / "a.ckpt")  # depends on fail-c: kept
+    gated_io.gate.set()
+    with pytest.raises(CheckpointSaveError):
+        io.flush()
+    io.remove_checkpoint(tmp_path / "b.ckpt")  # after the failure was raised: removed
+    io.save_checkpoint({"step": 4}, tmp_path / "fail-d.ckpt")  # fails after the remove, not before it
+    with pytest.raises(CheckpointSaveError, match="fail-d.ckpt") as info:
+        io.flush()
+    assert not getattr(info.value, "__notes__", None)
+    assert sorted(os.listdir(tmp_path)) == ["a.ckpt", "gate"]
+    io.teardown()
+
+
+def test_a_remove_after_a_lazy_save_that_fails_its_version_check_keeps_the_file(tmp_path):
+    io = AsyncCheckpointIO(staging="lazy")
+    weight = torch.full((32_768,), 1.0)  # 128 KiB: copied lazily
+    io.save_checkpoint({"w": weight}, tmp_path / "a.ckpt")
+    io.flush()
+    io.save_checkpoint({"w": weight}, tmp_path / "b.ckpt")
+    io.remove_checkpoint(tmp_path / "a.ckpt")
+    weight.add_(1)  # in place while the copy may still run: b.ckpt fails at the next guard
+    with pytest.raises(TensorModifiedError) as info:
+        io.flush()
+    assert "a.ckpt" in "\n".join(getattr(info.value, "__notes__", []))
+    assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]
+    assert torch.equal(load(tmp_path / "a.ckpt")["w"], torch.full((32_768,), 1.0))
     io.teardown()
 
 

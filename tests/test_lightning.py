@@ -22,6 +22,7 @@ from _lightning_helpers import (
     FAMILIES,
     Boom,
     FailingIO,
+    FullDiskAtIO,
     HeldIO,
     check_files,
     listing,
@@ -32,7 +33,7 @@ from _lightning_helpers import (
     steps,
 )
 
-from asyncckpt.errors import CheckpointSaveError
+from asyncckpt.errors import CheckpointSaveError, NotSerializableError
 
 pytestmark = pytest.mark.lightning
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,6 +206,60 @@ def test_a_failed_save_is_loud_and_never_hides_the_training_error(fam, tmp_path,
         with pytest.raises(CheckpointSaveError, match="No space left"):
             trainer.fit(model)
     assert [n for n in os.listdir(tmp_path) if n.endswith(".ckpt") or "asyncckpt-tmp" in n] == []
+
+
+# save_top_k=1: the second step is the new best; saving it fails, and the old best must survive.
+BEST_ONLY = dict(save_top_k=1, monitor="score", mode="max", every_n_train_steps=1, filename="{step}")
+
+
+def test_a_best_save_that_fails_in_the_background_keeps_the_previous_best(fam, tmp_path):
+    class FullDiskSync(fam.TorchIO):  # Lightning's default IO on a disk that fills at step=2
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            if os.path.basename(path) == "step=2.ckpt":
+                raise OSError(28, "No space left on device (injected)")
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    mc = fam.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "sync", **BEST_ONLY)
+    with pytest.raises(OSError, match="No space left"):
+        make_trainer(fam, tmp_path, plugins=[FullDiskSync()], callbacks=[mc], max_steps=2).fit(make_module(fam.pl))
+    assert steps(tmp_path / "sync") == {"step=1.ckpt": 1}  # the exception came before the removal
+
+    full = FullDiskAtIO("step=2.ckpt")  # held until training ends: the removal is queued behind it
+    seen = {}
+
+    class Release(fam.pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            seen["queued"] = trainer.strategy.checkpoint_io.queued_kind(tmp_path / "async" / "step=1.ckpt")
+            full.release.set()
+
+    mc = fam.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "async", **BEST_ONLY)
+    callbacks = [mc, fam.ours.AsyncCheckpointCallback(), Release()]
+    trainer = make_trainer(fam, tmp_path, plugins=[fam.ours.AsyncCheckpointIO(full)], callbacks=callbacks, max_steps=2)
+    with pytest.raises(CheckpointSaveError, match="step=2.ckpt") as info:
+        trainer.fit(make_module(fam.pl))
+    assert seen["queued"] == "remove"  # ModelCheckpoint queued the removal behind the failing save
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == 28
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "step=1.ckpt" in notes and "kept" in notes, notes
+    assert full.ops == [("save", "step=1.ckpt")]  # never removed
+    assert listing(tmp_path / "async") == listing(tmp_path / "sync")
+    check_files(tmp_path / "async")
+
+
+def test_a_best_save_refused_at_the_call_leaves_the_previous_best(fam, tmp_path):
+    class Unpicklable(fam.pl.Callback):  # step=2's checkpoint cannot be pickled: refused at the call
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            if trainer.global_step == 2:
+                checkpoint["hook"] = lambda: None
+
+    for name, plugins in (("sync", None), ("async", [fam.ours.AsyncCheckpointIO()])):
+        mc = fam.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / name, **BEST_ONLY)
+        trainer = make_trainer(fam, tmp_path, plugins=plugins, callbacks=[Unpicklable(), mc], max_steps=2)
+        with pytest.raises(Exception, match="lambda|pickle") as info:
+            trainer.fit(make_module(fam.pl))
+        if name == "async":
+            assert isinstance(info.value, NotSerializableError)  # raised by save_checkpoint, nothing queued
+        assert steps(tmp_path / name) == {"step=1.ckpt": 1}
 
 
 def test_validate_fit_fit_with_one_plugin(fam, tmp_path):
