@@ -34,6 +34,8 @@ from .errors import (
     WriterDiedError,
 )
 from .lazy import LazyStager, TensorModifiedError, check_staging
+from .redaction import shown
+from .remote import redact, safe_cause, secret_values
 from .staging import Stager, StagingSlot, collection_paused, default_staging_threads
 from .stats import SaveStats
 from .storage import check_target, local_path_of
@@ -592,14 +594,14 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         error = op.error
         if error is not None:
             wrapped_error = self._background_error(op, error)
-            log.error("asyncckpt: %s", wrapped_error, exc_info=error)
+            log.error("asyncckpt: %s", wrapped_error, exc_info=wrapped_error.__cause__ or wrapped_error)
         with self._cv:
             if op.kind == "save":
                 self._free_slots.append(op.slot)
                 if error is None:
                     self._stats.append(
                         SaveStats(
-                            path=op.path,
+                            path=shown(op.path),
                             blocking_seconds=op.blocking_seconds,
                             wait_seconds=op.wait_seconds,
                             staging_seconds=op.staged.staging_seconds,
@@ -617,18 +619,20 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     @staticmethod
     def _background_error(op: Operation, error: BaseException) -> AsyncCheckpointError:
+        """The error raised for ``op``: names its path, chains ``error``; neither shows the
+        credentials of the path's URL (``error`` is replaced by a redacted stand-in if its
+        chain quotes them)."""
         if isinstance(error, (WriterDiedError, TensorModifiedError)):
             return error
+        secrets = secret_values(None, op.path)
+        cause = redact(f"{type(error).__name__}: {error}", secrets)
         if op.kind == "save":
             err: AsyncCheckpointError = CheckpointSaveError(
-                f"saving checkpoint {op.path!r} failed in the background: {type(error).__name__}: {error}", op.path
+                f"saving checkpoint {op.path!r} failed in the background: {cause}", op.path
             )
         else:
-            err = CheckpointRemoveError(
-                f"removing checkpoint {op.path!r} failed in the background: {type(error).__name__}: {error}",
-                op.path,
-            )
-        err.__cause__ = error
+            err = CheckpointRemoveError(f"removing checkpoint {op.path!r} failed in the background: {cause}", op.path)
+        err.__cause__ = safe_cause(error, secrets)
         return err
 
     def _raise_pending_errors(self) -> None:
@@ -681,7 +685,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     def _drain_before_exit(self, reason: str) -> None:
         ops = self._pending_ops()
         pending = len(ops)
-        paths = sorted({op.path for op in ops})
+        paths = sorted({shown(op.path) for op in ops})
         if pending == 0:
             return
         log.warning(

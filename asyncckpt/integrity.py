@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, List, Mapping, Optional
 
 from .errors import IntegrityError
+from .redaction import shown
 
 CHUNK_BYTES = 8 * 1024 * 1024
 RECORD_SUFFIX = ".sha256"
@@ -161,7 +162,7 @@ def _verify_url(url: str, storage_options: Optional[Mapping[str, Any]]) -> Verif
     try:
         record = fs.cat_file(fs_path + RECORD_SUFFIX).decode("utf-8", "replace")
     except FileNotFoundError:
-        return _check_zip(url, size, opener)
+        return _check_zip(shown(url), size, opener)
     accepted = parse_record(record)
     digest = hashlib.sha256()
     with opener() as f:
@@ -172,9 +173,9 @@ def _verify_url(url: str, storage_options: Optional[Mapping[str, Any]]) -> Verif
             digest.update(chunk)
     hexdigest = digest.hexdigest()
     if hexdigest in accepted:
-        return VerifyResult(url, size, "sha256", digest=hexdigest)
+        return VerifyResult(shown(url), size, "sha256", digest=hexdigest)
     try:
-        _check_zip(url, size, opener)
+        _check_zip(shown(url), size, opener)
         why = "its contents changed since it was written (the zip structure still reads)"
     except IntegrityError as err:
         why = str(err)

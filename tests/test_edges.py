@@ -606,3 +606,47 @@ def test_staging_memory_stays_within_max_pending_times_the_checkpoint(tmp_path):
     (slot,) = io._free_slots
     assert slot.nbytes <= 600_000 * 4 + 64
     io.teardown()
+
+
+# -- issue 21: credentials in a URL --------------------------------------------------------
+
+
+def _chain_texts(err: BaseException) -> str:
+    """Everything a traceback of ``err`` shows: messages, notes and the whole cause chain, plus
+    its repr and ``path``."""
+    import traceback
+
+    return "".join(traceback.format_exception(err)) + repr(err) + str(getattr(err, "path", ""))
+
+
+def test_a_password_in_a_url_never_appears_in_errors_logs_stats_or_reprs(writer, caplog):
+    """ftp to a port where nothing listens: fsspec's FTP filesystem really fails to connect."""
+    import logging
+
+    from asyncckpt import RetryPolicy
+    from asyncckpt.writer import Operation
+
+    pytest.importorskip("fsspec.implementations.ftp")
+    caplog.set_level(logging.DEBUG, logger="asyncckpt")
+    url = "ftp://user:pw-Secret-9@127.0.0.1:1/x.ckpt"
+    io = AsyncCheckpointIO(TorchCheckpointIO(retry=RetryPolicy(attempts=2, backoff=0.01)), writer=writer)
+    texts = []
+    for op in ("save", "remove"):
+        if op == "save":
+            io.save_checkpoint({"w": torch.ones(4)}, url)
+        else:
+            io.remove_checkpoint(url)
+        with pytest.raises(AsyncCheckpointError) as info:
+            io.flush()
+        assert "ftp://***@127.0.0.1:1/x.ckpt" in str(info.value) and info.value.path == "ftp://***@127.0.0.1:1/x.ckpt"
+        texts.append(_chain_texts(info.value))
+    with pytest.raises(OSError) as info:  # a load fails at the call, through the same redaction
+        io.load_checkpoint(url)
+    texts.append(_chain_texts(info.value))
+    texts += [repr(io), repr(io.stats), repr(Operation("save", url, url))]
+    io.teardown()
+    texts += [record.getMessage() for record in caplog.records]
+    texts += [_chain_texts(record.exc_info[1]) for record in caplog.records if record.exc_info]
+    joined = "\n".join(texts)
+    assert "127.0.0.1:1/x.ckpt" in joined and "Connection refused" in joined  # the rest is shown
+    assert "pw-Secret-9" not in joined and "user:" not in joined
