@@ -32,7 +32,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 from .checkpoint_io import PathLike, load_options
-from .errors import FlushTimeoutError, InvalidPathError, QueueFullError
+from .errors import FlushTimeoutError, IntegrityError, InvalidPathError, QueueFullError
+from .integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
 from .storage import fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
 from .torch_io import TorchCheckpointIO, load_on_cpu
 
@@ -151,6 +152,12 @@ class AsyncAPIMixin:
         ``dst`` and fsyncs the folder. ``dst`` holds its old file or the complete copy, never a
         partial one. The copy is not a queued operation: saves or removes on ``src`` or ``dst``
         submitted while it runs are not ordered against it.
+
+        Checksum records (``TorchCheckpointIO(checksum=True)``) stay consistent: where ``src`` or
+        ``dst`` has one, ``dst`` gets a record of the copied bytes, committed as a save commits
+        it (see :mod:`asyncckpt.integrity`), so ``dst`` matches its record at every instant. A
+        ``src`` that does not match its own record raises :class:`asyncckpt.IntegrityError` and
+        ``dst`` is left as it was.
         """
         import anyio
 
@@ -175,6 +182,7 @@ class AsyncAPIMixin:
 
         await anyio.to_thread.run_sync(prepare)
         tmp = temp_path_for(target)
+        digests: List[str] = []
         try:
             try:
                 source = await anyio.open_file(src_local, "rb")
@@ -185,12 +193,15 @@ class AsyncAPIMixin:
                     await sink.write(chunk)
                 await sink.flush()
                 await anyio.to_thread.run_sync(os.fsync, sink.wrapped.fileno())
+            digests = await anyio.to_thread.run_sync(_record_before_rename, src_local, tmp, target)
             await anyio.to_thread.run_sync(os.replace, tmp, target)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_unlink_quietly, tmp)
             raise
         await anyio.to_thread.run_sync(fsync_folder, folder)
+        if len(digests) > 1:
+            await anyio.to_thread.run_sync(_prune_record, target, digests[0])
 
     async def __aenter__(self) -> "AsyncAPIMixin":
         return self
@@ -287,6 +298,40 @@ async def _read_checkpoint_bytes(local: str, shown: str) -> bytes:
             return await f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint file not found: {shown}") from None
+
+
+def _record_before_rename(src: str, tmp: str, target: str) -> List[str]:
+    """With the copy complete in ``tmp`` and ``target`` not yet replaced: check the copy against
+    ``src``'s checksum record, and commit ``target``'s record listing the copy's digest and the
+    digests the file still at ``target`` matches. Returns those digests ([] where neither file
+    has a record: then none is written).
+
+    The record is committed before the rename, as a save commits it: a crash before the rename
+    leaves the old file, after it the copy, and the record lists both. A stale record (the old
+    file's alone) would make the good copy fail verification.
+    """
+    src_accepted = read_record(src)
+    if src_accepted is None and not os.path.exists(record_path(target)):
+        return []
+    new = sha256_file(tmp)
+    if src_accepted is not None and new not in src_accepted:
+        raise IntegrityError(
+            f"checkpoint {src!r} does not match its checksum record {record_path(src)!r}: sha256 {new} is not "
+            f"among the {len(src_accepted)} accepted (damaged, or replaced while it was copied); nothing was "
+            f"copied to {target!r}. Check it with 'asyncckpt verify', or copy a good checkpoint",
+            src,
+        )
+    digests = digests_to_commit(target, new)
+    write_record(target, digests)
+    return digests
+
+
+def _prune_record(target: str, digest: str) -> None:
+    """After the rename: the record lists only the copy's digest (a failure leaves it valid)."""
+    try:
+        write_record(target, [digest])
+    except OSError as err:
+        log.warning("asyncckpt: could not prune the checksum record of %s: %s", target, err)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -108,6 +108,30 @@ def format_record(path: str, digests: List[str]) -> bytes:
     return "".join(f"{d}  {name}\n" for d in digests[:MAX_ACCEPTED]).encode("utf-8")
 
 
+def write_record(path: str, digests: List[str], *, durable: bool = True) -> None:
+    """Commit the record of local checkpoint ``path`` listing ``digests``, atomically (temp file,
+    fsync, rename), so a crash leaves the old record or the new one, never a partial one."""
+    from .storage import atomic_write
+
+    data = format_record(path, digests)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(record_path(path), write, durable=durable)
+
+
+def digests_to_commit(path: str, new: str) -> List[str]:
+    """The digests a record must list while ``new`` replaces the file at local ``path``: ``new``
+    first, then those the file still there matches (its record's, or its own digest when it
+    has no record), so the file at ``path`` matches the record before and after the rename."""
+    accepted = read_record(path)
+    if accepted is None:
+        accepted = [sha256_file(path)] if os.path.isfile(path) else []
+    return [new] + [d for d in accepted if d != new]
+
+
 def verify_file(path: str, storage_options: Optional[Mapping[str, Any]] = None) -> VerifyResult:
     """Check the checkpoint at ``path`` completely; raise :class:`IntegrityError` if it is damaged.
 

@@ -31,7 +31,16 @@ import torch
 from ._pickling import describe_unpicklable
 from .checkpoint_io import CheckpointIO, PathLike
 from .errors import InvalidPathError, NotSerializableError
-from .integrity import RECORD_SUFFIX, format_record, parse_record, read_record, record_path, sha256_file, verify_file
+from .integrity import (
+    RECORD_SUFFIX,
+    digests_to_commit,
+    format_record,
+    parse_record,
+    record_path,
+    sha256_file,
+    verify_file,
+    write_record,
+)
 from .redaction import shown
 from .remote import (
     RetryPolicy,
@@ -258,29 +267,16 @@ class TorchCheckpointIO(CheckpointIO):
                 if os.path.exists(record_path(local)):  # a record from an earlier checksum=True save
                     os.unlink(record_path(local))
                 return
-            new = sha256_file(tmp)
-            accepted = read_record(local)
-            if accepted is None:
-                accepted = [sha256_file(local)] if os.path.isfile(local) else []
-            digests[:] = [new] + [d for d in accepted if d != new]
-            self._write_record(local, digests)
+            digests[:] = digests_to_commit(local, sha256_file(tmp))
+            write_record(local, digests, durable=self.durable)
 
         atomic_write(local, lambda tmp: _torch_save_to_file(checkpoint, tmp), durable=self.durable,
                      before_commit=before_commit)
         if self.checksum and len(digests) > 1:
             try:
-                self._write_record(local, digests[:1])
+                write_record(local, digests[:1], durable=self.durable)
             except OSError as err:  # the record still lists the new digest; it stays valid
                 log.warning("asyncckpt: could not prune the checksum record of %s: %s", local, err)
-
-    def _write_record(self, local: str, digests: List[str]) -> None:
-        data = format_record(local, digests)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(data)
-
-        atomic_write(record_path(local), write, durable=self.durable)
 
     def _save_url(self, checkpoint: Dict[str, Any], url: str, storage_options: Optional[Any]) -> None:
         if storage_options is not None and not isinstance(storage_options, Mapping):
