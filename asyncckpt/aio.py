@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List
 from .checkpoint_io import PathLike, load_options
 from .errors import FlushTimeoutError, IntegrityError, InvalidPathError, QueueFullError
 from .integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
-from .storage import fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
+from .storage import absolute_path, fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
 from .torch_io import TorchCheckpointIO, load_on_cpu
 
 log = logging.getLogger("asyncckpt")
@@ -101,16 +101,17 @@ class AsyncAPIMixin:
         import anyio
 
         key = self._path_key(path)
+        path = absolute_path(os.fspath(path))  # the working folder at the call, whatever chdir comes
         await self._await_path(key)
         self._raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
         wrapped = self._wrapped()
-        local = local_path_of(os.fspath(path))
+        local = local_path_of(path)
         if verify or local is None or type(wrapped).load_checkpoint is not TorchCheckpointIO.load_checkpoint:
             return await anyio.to_thread.run_sync(
                 lambda: wrapped.load_checkpoint(path, **kwargs), abandon_on_cancel=True
             )
-        data = await _read_checkpoint_bytes(local, os.fspath(path))
+        data = await _read_checkpoint_bytes(local, path)
         import torch
 
         kwargs.setdefault("map_location", load_on_cpu)  # TorchCheckpointIO's default
@@ -162,7 +163,9 @@ class AsyncAPIMixin:
         import anyio
 
         src_key, dst_key = self._path_key(src), self._path_key(dst)
-        src_local, dst_local = local_path_of(os.fspath(src)), local_path_of(os.fspath(dst))
+        # resolved now: a relative path means the working folder at the call, whatever chdir comes
+        src_local = local_path_of(absolute_path(os.fspath(src)))
+        dst_local = local_path_of(absolute_path(os.fspath(dst)))
         if src_local is None or dst_local is None:
             raise InvalidPathError(
                 f"acopy_checkpoint copies local files; got {os.fspath(src)!r} -> {os.fspath(dst)!r}", os.fspath(dst)

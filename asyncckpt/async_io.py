@@ -38,7 +38,7 @@ from .redaction import shown
 from .remote import redact, safe_cause, secret_values
 from .staging import Stager, StagingSlot, collection_paused, default_staging_threads
 from .stats import SaveStats
-from .storage import check_target, local_path_of
+from .storage import absolute_path, check_target, path_key
 from .torch_io import TorchCheckpointIO
 from .writer import Operation, ThreadWriter, Writer, WriterGoneError
 
@@ -56,12 +56,12 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
 
 
 def _absolute(path: PathLike) -> PathLike:
-    """A relative local path made absolute now: it means the working folder at the call, not
-    the writer's when it writes (the process writer keeps the folder it was spawned in)."""
+    """A relative local path or ``file://``/``local://`` URL made absolute now: it means the
+    working folder at the call, not the writer's when it writes (see :func:`absolute_path`)."""
     text = os.fspath(path)
-    if local_path_of(text) != text or os.path.isabs(text):
+    absolute = absolute_path(text)
+    if absolute == text:
         return path
-    absolute = os.path.join(os.getcwd(), text)
     return type(path)(absolute) if isinstance(path, pathlib.PurePath) else absolute
 
 
@@ -426,10 +426,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         Other keyword arguments go to the wrapped IO's ``load_checkpoint`` (for example
         ``state=`` of :class:`asyncckpt.DistributedCheckpointIO`).
         """
+        # the working folder at the call, even if another thread changes it while this waits
+        target = _absolute(path) if isinstance(path, (str, os.PathLike)) else path
         self.wait_for_path(path)
         self._raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
-        return self._wrapped().load_checkpoint(path, **kwargs, **wrapped_options)
+        return self._wrapped().load_checkpoint(target, **kwargs, **wrapped_options)
 
     def remove_checkpoint(self, path: PathLike) -> None:
         """Queue the removal of ``path``, after every earlier operation on it."""
@@ -716,9 +718,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     def _path_key(path: PathLike) -> str:
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidPathError(f"checkpoint path must be a str or os.PathLike, not {type(path).__name__}")
-        text = os.fspath(path)
-        local = local_path_of(text)
-        return os.path.abspath(local) if local else text
+        return path_key(os.fspath(path))
 
     def _check_save(self, path: PathLike, storage_options: Optional[Any]) -> "tuple[str, Any]":
         """Check a save's arguments at the call; returns the path key and the target to write.

@@ -161,6 +161,43 @@ def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, 
     io.teardown()
 
 
+@pytest.mark.parametrize("scheme", ["file://", "local://", "simplecache::file://"])
+def test_a_relative_file_url_means_the_working_folder_at_the_call(tmp_path, gated_io, writer, monkeypatch, scheme):
+    """Issue 21: fsspec resolves ``file://ckpt/a.ckpt`` (and ``local://``) against the working
+    folder, so the engine must resolve it at the call, as it does a relative path."""
+    for name in ("spawned", "at_call", "later"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "spawned")
+    io = AsyncCheckpointIO(gated_io, writer=writer)
+    io.save_checkpoint({"v": 0}, "warm.ckpt")
+    io.flush()
+    monkeypatch.chdir(tmp_path / "at_call")
+    gated_io.gate.clear()
+    io.save_checkpoint({"v": 1}, f"{scheme}ckpt/a.ckpt")
+    io.save_checkpoint({"v": 2}, f"{scheme}ckpt/b.ckpt")
+    io.remove_checkpoint(f"{scheme}ckpt/b.ckpt")
+    a = tmp_path / "at_call" / "ckpt" / "a.ckpt"
+    # One file, one path key: the URL, its absolute local path and its absolute file:// URL.
+    assert io.queued_kind(a) == io.queued_kind(f"file://{a}") == io.queued_kind(f"{scheme}ckpt/a.ckpt") == "save"
+    assert io.queued_kind(tmp_path / "at_call" / "ckpt" / "b.ckpt") == "remove"
+    monkeypatch.chdir(tmp_path / "later")
+    assert io.queued_kind(f"{scheme}ckpt/a.ckpt") is None  # here it names later/ckpt/a.ckpt
+    gated_io.gate.set()
+    assert io.load_checkpoint(a) == {"v": 1}  # waits for the save queued through the URL
+    io.flush()
+    assert not (tmp_path / "at_call" / "ckpt" / "b.ckpt").exists()
+    assert not (tmp_path / "later" / "ckpt").exists() and not (tmp_path / "spawned" / "ckpt").exists()
+    # Saves, loads and removes after the chdir mean the folder at their own call.
+    io.save_checkpoint({"v": 3}, f"{scheme}ckpt/a.ckpt")
+    assert io.load_checkpoint(f"{scheme}ckpt/a.ckpt") == {"v": 3}
+    monkeypatch.chdir(tmp_path / "at_call")
+    assert io.load_checkpoint(f"{scheme}ckpt/a.ckpt") == {"v": 1}
+    io.remove_checkpoint(f"{scheme}ckpt/a.ckpt")
+    io.flush()
+    assert not a.exists() and load(tmp_path / "later" / "ckpt" / "a.ckpt") == {"v": 3}
+    io.teardown()
+
+
 # -- 5: SIGTERM while a save is being handed to a busy writer process ----------------------
 
 
