@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Any, List
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 REDACTED = "***"
 
@@ -73,8 +73,8 @@ def url_secrets(path: Any) -> List[str]:
         authority = match.group("authority")
         if "@" in authority:
             userinfo = authority[: authority.rindex("@")]
-            found.append(userinfo)
-            found.append(userinfo.partition(":")[2])
+            password = userinfo.partition(":")[2]
+            found += [userinfo, password, unquote(userinfo), unquote(password)]  # a cause may quote them decoded
         query = match.group("query")
         if query:
             found.append(query)
