@@ -185,7 +185,6 @@ class AsyncAPIMixin:
 
         await anyio.to_thread.run_sync(prepare)
         tmp = temp_path_for(target)
-        digests: List[str] = []
         try:
             try:
                 source = await anyio.open_file(src_local, "rb")
@@ -196,15 +195,12 @@ class AsyncAPIMixin:
                     await sink.write(chunk)
                 await sink.flush()
                 await anyio.to_thread.run_sync(os.fsync, sink.wrapped.fileno())
-            digests = await anyio.to_thread.run_sync(_record_before_rename, src_local, tmp, target)
-            await anyio.to_thread.run_sync(os.replace, tmp, target)
+            # One worker-thread call (not cancellable half-way): record, rename, fsync, prune.
+            await anyio.to_thread.run_sync(_commit_copy, src_local, tmp, target)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_unlink_quietly, tmp)
             raise
-        await anyio.to_thread.run_sync(fsync_folder, folder)
-        if len(digests) > 1:
-            await anyio.to_thread.run_sync(_prune_record, target, digests[0])
 
     async def __aenter__(self) -> "AsyncAPIMixin":
         return self
@@ -303,11 +299,28 @@ async def _read_checkpoint_bytes(local: str, shown: str) -> bytes:
         raise FileNotFoundError(f"checkpoint file not found: {shown}") from None
 
 
-def _record_before_rename(src: str, tmp: str, target: str) -> List[str]:
-    """With the copy complete in ``tmp`` and ``target`` not yet replaced: check the copy against
-    ``src``'s checksum record, and commit ``target``'s record listing the copy's digest and the
-    digests the file still at ``target`` matches. Returns those digests ([] where neither file
-    has a record: then none is written).
+#: Held while a copy commits its record and renames: two copies to one ``dst`` (not ordered by
+#: the engine) must not interleave, or the record of one could be left beside the other's file.
+_commit_lock = threading.Lock()
+
+
+def _commit_copy(src: str, tmp: str, target: str) -> None:
+    """Move the complete copy ``tmp`` over ``target`` durably, keeping checksum records
+    consistent (see :func:`_record_before_rename`)."""
+    new = sha256_file(tmp) if os.path.exists(record_path(src)) or os.path.exists(record_path(target)) else None
+    with _commit_lock:
+        digests = _record_before_rename(src, tmp, target, new)
+        os.replace(tmp, target)
+        fsync_folder(os.path.dirname(target))
+        if len(digests) > 1:
+            _prune_record(target, digests[0])
+
+
+def _record_before_rename(src: str, tmp: str, target: str, new: "str | None") -> List[str]:
+    """With the copy complete in ``tmp`` (digest ``new``) and ``target`` not yet replaced: check
+    the copy against ``src``'s checksum record, and commit ``target``'s record listing the copy's
+    digest and the digests the file still at ``target`` matches. Returns those digests ([] where
+    neither file has a record: then none is written).
 
     The record is committed before the rename, as a save commits it: a crash before the rename
     leaves the old file, after it the copy, and the record lists both. A stale record (the old
@@ -316,7 +329,8 @@ def _record_before_rename(src: str, tmp: str, target: str) -> List[str]:
     src_accepted = read_record(src)
     if src_accepted is None and not os.path.exists(record_path(target)):
         return []
-    new = sha256_file(tmp)
+    if new is None:  # a record appeared since the look before the lock
+        new = sha256_file(tmp)
     if src_accepted is not None and new not in src_accepted:
         raise IntegrityError(
             f"checkpoint {src!r} does not match its checksum record {record_path(src)!r}: sha256 {new} is not "

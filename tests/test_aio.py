@@ -458,6 +458,26 @@ async def test_acopy_over_a_checkpoint_with_a_checksum_record_leaves_it_verifiab
 
 
 @pytest.mark.anyio
+async def test_two_acopies_to_one_destination_at_once_leave_it_verifiable(tmp_path, make_io):
+    """Copies are not ordered by the engine; their record commits and renames must not interleave."""
+    from asyncckpt.integrity import verify_file
+
+    io = make_io(TorchCheckpointIO(checksum=True))
+    sources = [tmp_path / f"src{i}.ckpt" for i in range(2)]
+    for i, src in enumerate(sources):
+        await io.asave_checkpoint({"v": torch.full((200_000,), float(i))}, src)
+    dst = tmp_path / "best.ckpt"
+    await io.asave_checkpoint({"v": torch.arange(3)}, dst)
+    for _ in range(5):
+        async with anyio.create_task_group() as tg:
+            for src in sources:
+                tg.start_soon(io.acopy_checkpoint, src, dst)
+        assert verify_file(str(dst)).method == "sha256"
+        assert dst.read_bytes() in (sources[0].read_bytes(), sources[1].read_bytes())
+    assert temp_files(tmp_path) == []
+
+
+@pytest.mark.anyio
 async def test_acopy_of_a_source_that_does_not_match_its_record_copies_nothing(tmp_path, make_io):
     from asyncckpt import IntegrityError
 
