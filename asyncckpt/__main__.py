@@ -28,23 +28,27 @@ EXIT_DAMAGED = 1
 def _verify(paths: List[str]) -> int:
     from .errors import IntegrityError
     from .integrity import verify_file
+    from .redaction import shown
+    from .remote import redact, secret_values
 
     status = EXIT_OK
     for path in paths:
+        secrets = secret_values(None, path)
         try:
             result = verify_file(path)
         except IntegrityError as err:
-            print(f"FAIL {path}: {err}", file=sys.stderr)
+            print(redact(f"FAIL {path}: {err}", secrets), file=sys.stderr)
             status = EXIT_DAMAGED
         except OSError as err:
-            print(f"FAIL {path}: cannot read it: {err}", file=sys.stderr)
+            print(redact(f"FAIL {path}: cannot read it: {err}", secrets), file=sys.stderr)
             status = EXIT_DAMAGED
         else:
-            print(f"OK {path}: {result.describe()}")
+            print(f"OK {shown(path)}: {result.describe()}")
     return status
 
 
 def _cleanup(folders: List[str], older_than_hours: float = 24.0) -> int:
+    from .redaction import shown
     from .storage import cleanup_temp_files, local_path_of
 
     for folder in folders:
@@ -52,9 +56,9 @@ def _cleanup(folders: List[str], older_than_hours: float = 24.0) -> int:
             from .remote import abort_stale_uploads
 
             aborted = abort_stale_uploads(folder, older_than_hours * 3600)
-            print(f"{folder}: aborted {len(aborted)} unfinished upload(s) older than {older_than_hours:g} h")
+            print(f"{shown(folder)}: aborted {len(aborted)} unfinished upload(s) older than {older_than_hours:g} h")
             for url in aborted:
-                print(f"  {url}")
+                print(f"  {shown(url)}")
             continue
         removed = cleanup_temp_files(folder)
         print(f"{folder}: removed {len(removed)} stale temp file(s)")

@@ -32,8 +32,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 from .checkpoint_io import PathLike, load_options
-from .errors import FlushTimeoutError, InvalidPathError, QueueFullError
-from .storage import fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
+from .errors import FlushTimeoutError, IntegrityError, InvalidPathError, QueueFullError
+from .integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
+from .storage import absolute_path, fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
 from .torch_io import TorchCheckpointIO, load_on_cpu
 
 log = logging.getLogger("asyncckpt")
@@ -100,16 +101,17 @@ class AsyncAPIMixin:
         import anyio
 
         key = self._path_key(path)
+        path = absolute_path(os.fspath(path))  # the working folder at the call, whatever chdir comes
         await self._await_path(key)
         self._raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
         wrapped = self._wrapped()
-        local = local_path_of(os.fspath(path))
+        local = local_path_of(path)
         if verify or local is None or type(wrapped).load_checkpoint is not TorchCheckpointIO.load_checkpoint:
             return await anyio.to_thread.run_sync(
                 lambda: wrapped.load_checkpoint(path, **kwargs), abandon_on_cancel=True
             )
-        data = await _read_checkpoint_bytes(local, os.fspath(path))
+        data = await _read_checkpoint_bytes(local, path)
         import torch
 
         kwargs.setdefault("map_location", load_on_cpu)  # TorchCheckpointIO's default
@@ -151,11 +153,19 @@ class AsyncAPIMixin:
         ``dst`` and fsyncs the folder. ``dst`` holds its old file or the complete copy, never a
         partial one. The copy is not a queued operation: saves or removes on ``src`` or ``dst``
         submitted while it runs are not ordered against it.
+
+        Checksum records (``TorchCheckpointIO(checksum=True)``) stay consistent: where ``src`` or
+        ``dst`` has one, ``dst`` gets a record of the copied bytes, committed as a save commits
+        it (see :mod:`asyncckpt.integrity`), so ``dst`` matches its record at every instant. A
+        ``src`` that does not match its own record raises :class:`asyncckpt.IntegrityError` and
+        ``dst`` is left as it was.
         """
         import anyio
 
         src_key, dst_key = self._path_key(src), self._path_key(dst)
-        src_local, dst_local = local_path_of(os.fspath(src)), local_path_of(os.fspath(dst))
+        # resolved now: a relative path means the working folder at the call, whatever chdir comes
+        src_local = local_path_of(absolute_path(os.fspath(src)))
+        dst_local = local_path_of(absolute_path(os.fspath(dst)))
         if src_local is None or dst_local is None:
             raise InvalidPathError(
                 f"acopy_checkpoint copies local files; got {os.fspath(src)!r} -> {os.fspath(dst)!r}", os.fspath(dst)
@@ -185,12 +195,12 @@ class AsyncAPIMixin:
                     await sink.write(chunk)
                 await sink.flush()
                 await anyio.to_thread.run_sync(os.fsync, sink.wrapped.fileno())
-            await anyio.to_thread.run_sync(os.replace, tmp, target)
+            # One worker-thread call (not cancellable half-way): record, rename, fsync, prune.
+            await anyio.to_thread.run_sync(_commit_copy, src_local, tmp, target)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_unlink_quietly, tmp)
             raise
-        await anyio.to_thread.run_sync(fsync_folder, folder)
 
     async def __aenter__(self) -> "AsyncAPIMixin":
         return self
@@ -293,6 +303,58 @@ async def _read_checkpoint_bytes(local: str, shown: str) -> bytes:
             return await f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint file not found: {shown}") from None
+
+
+#: Held while a copy commits its record and renames: two copies to one ``dst`` (not ordered by
+#: the engine) must not interleave, or the record of one could be left beside the other's file.
+_commit_lock = threading.Lock()
+
+
+def _commit_copy(src: str, tmp: str, target: str) -> None:
+    """Move the complete copy ``tmp`` over ``target`` durably, keeping checksum records
+    consistent (see :func:`_record_before_rename`)."""
+    new = sha256_file(tmp) if os.path.exists(record_path(src)) or os.path.exists(record_path(target)) else None
+    with _commit_lock:
+        digests = _record_before_rename(src, tmp, target, new)
+        os.replace(tmp, target)
+        fsync_folder(os.path.dirname(target))
+        if len(digests) > 1:
+            _prune_record(target, digests[0])
+
+
+def _record_before_rename(src: str, tmp: str, target: str, new: "str | None") -> List[str]:
+    """With the copy complete in ``tmp`` (digest ``new``) and ``target`` not yet replaced: check
+    the copy against ``src``'s checksum record, and commit ``target``'s record listing the copy's
+    digest and the digests the file still at ``target`` matches. Returns those digests ([] where
+    neither file has a record: then none is written).
+
+    The record is committed before the rename, as a save commits it: a crash before the rename
+    leaves the old file, after it the copy, and the record lists both. A stale record (the old
+    file's alone) would make the good copy fail verification.
+    """
+    src_accepted = read_record(src)
+    if src_accepted is None and not os.path.exists(record_path(target)):
+        return []
+    if new is None:  # a record appeared since the look before the lock
+        new = sha256_file(tmp)
+    if src_accepted is not None and new not in src_accepted:
+        raise IntegrityError(
+            f"checkpoint {src!r} does not match its checksum record {record_path(src)!r}: sha256 {new} is not "
+            f"among the {len(src_accepted)} accepted (damaged, or replaced while it was copied); nothing was "
+            f"copied to {target!r}. Check it with 'asyncckpt verify', or copy a good checkpoint",
+            src,
+        )
+    digests = digests_to_commit(target, new)
+    write_record(target, digests)
+    return digests
+
+
+def _prune_record(target: str, digest: str) -> None:
+    """After the rename: the record lists only the copy's digest (a failure leaves it valid)."""
+    try:
+        write_record(target, [digest])
+    except OSError as err:
+        log.warning("asyncckpt: could not prune the checksum record of %s: %s", target, err)
 
 
 def _unlink_quietly(path: str) -> None:

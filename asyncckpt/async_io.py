@@ -35,9 +35,11 @@ from .errors import (
     WriterDiedError,
 )
 from .lazy import LazyStager, TensorModifiedError, check_staging
+from .redaction import shown
+from .remote import redact, safe_cause, secret_values
 from .staging import Stager, StagingSlot, collection_paused, default_staging_threads
 from .stats import SaveStats
-from .storage import check_target, local_path_of
+from .storage import absolute_path, check_target, path_key
 from .torch_io import TorchCheckpointIO
 from .writer import Operation, ThreadWriter, Writer, WriterGoneError
 
@@ -55,12 +57,12 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
 
 
 def _absolute(path: PathLike) -> PathLike:
-    """A relative local path made absolute now: it means the working folder at the call, not
-    the writer's when it writes (the process writer keeps the folder it was spawned in)."""
+    """A relative local path or ``file://``/``local://`` URL made absolute now: it means the
+    working folder at the call, not the writer's when it writes (see :func:`absolute_path`)."""
     text = os.fspath(path)
-    if local_path_of(text) != text or os.path.isabs(text):
+    absolute = absolute_path(text)
+    if absolute == text:
         return path
-    absolute = os.path.join(os.getcwd(), text)
     return type(path)(absolute) if isinstance(path, pathlib.PurePath) else absolute
 
 
@@ -496,10 +498,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         Other keyword arguments go to the wrapped IO's ``load_checkpoint`` (for example
         ``state=`` of :class:`asyncckpt.DistributedCheckpointIO`).
         """
+        # the working folder at the call, even if another thread changes it while this waits
+        target = _absolute(path) if isinstance(path, (str, os.PathLike)) else path
         self.wait_for_path(path)
         self._raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
-        return self._wrapped().load_checkpoint(path, **kwargs, **wrapped_options)
+        return self._wrapped().load_checkpoint(target, **kwargs, **wrapped_options)
 
     def remove_checkpoint(self, path: PathLike) -> None:
         """Queue the removal of ``path``, after every earlier operation on it.
@@ -700,14 +704,14 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         error = op.error
         if error is not None:
             wrapped_error = self._background_error(op, error)
-            log.error("asyncckpt: %s", wrapped_error, exc_info=error)
+            log.error("asyncckpt: %s", wrapped_error, exc_info=wrapped_error.__cause__ or wrapped_error)
         with self._cv:
             if op.kind == "save":
                 self._free_slots.append(op.slot)
                 if error is None:
                     self._stats.append(
                         SaveStats(
-                            path=op.path,
+                            path=shown(op.path),
                             blocking_seconds=op.blocking_seconds,
                             wait_seconds=op.wait_seconds,
                             staging_seconds=op.staged.staging_seconds,
@@ -728,18 +732,20 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     @staticmethod
     def _background_error(op: Operation, error: BaseException) -> AsyncCheckpointError:
+        """The error raised for ``op``: names its path, chains ``error``; neither shows the
+        credentials of the path's URL (``error`` is replaced by a redacted stand-in if its
+        chain quotes them)."""
         if isinstance(error, (WriterDiedError, TensorModifiedError, RemoveSkippedError)):
             return error
+        secrets = secret_values(None, op.path)
+        cause = redact(f"{type(error).__name__}: {error}", secrets)
         if op.kind == "save":
             err: AsyncCheckpointError = CheckpointSaveError(
-                f"saving checkpoint {op.path!r} failed in the background: {type(error).__name__}: {error}", op.path
+                f"saving checkpoint {op.path!r} failed in the background: {cause}", op.path
             )
         else:
-            err = CheckpointRemoveError(
-                f"removing checkpoint {op.path!r} failed in the background: {type(error).__name__}: {error}",
-                op.path,
-            )
-        err.__cause__ = error
+            err = CheckpointRemoveError(f"removing checkpoint {op.path!r} failed in the background: {cause}", op.path)
+        err.__cause__ = safe_cause(error, secrets)
         return err
 
     def _raise_pending_errors(self) -> None:
@@ -799,7 +805,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     def _drain_before_exit(self, reason: str) -> None:
         ops = self._pending_ops()
         pending = len(ops)
-        paths = sorted({op.path for op in ops})
+        paths = sorted({shown(op.path) for op in ops})
         if pending == 0:
             return
         log.warning(
@@ -830,9 +836,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     def _path_key(path: PathLike) -> str:
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidPathError(f"checkpoint path must be a str or os.PathLike, not {type(path).__name__}")
-        text = os.fspath(path)
-        local = local_path_of(text)
-        return os.path.abspath(local) if local else text
+        return path_key(os.fspath(path))
 
     def _check_save(self, path: PathLike, storage_options: Optional[Any]) -> "tuple[str, Any]":
         """Check a save's arguments at the call; returns the path key and the target to write.

@@ -8,13 +8,27 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .redaction import shown
+
 
 class AsyncCheckpointError(Exception):
-    """Base class of every error asyncckpt raises on its own account."""
+    """Base class of every error asyncckpt raises on its own account.
+
+    Its message and ``path`` show URLs without their credentials (user info, signed query
+    values; see :func:`asyncckpt.redaction.shown`).
+    """
 
     def __init__(self, message: str, path: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.path = path
+        super().__init__(shown(message))
+        self.path = shown(path)
+
+    def add_note(self, note: str) -> None:
+        note = shown(note)
+        parent = getattr(super(), "add_note", None)  # Python 3.11+
+        if parent is not None:
+            parent(note)
+        else:
+            self.__notes__ = [*getattr(self, "__notes__", []), note]
 
 
 class CheckpointSaveError(AsyncCheckpointError):
@@ -76,6 +90,7 @@ class IntegrityError(AsyncCheckpointError):
 class RemoteStorageError(AsyncCheckpointError, OSError):
     """A request to object storage failed for good (after its retries); names the URL.
 
-    Its text never holds credentials: values of secret-looking ``storage_options`` and of the
-    usual credential environment variables are replaced by ``***``.
+    Its text never holds credentials: values of secret-looking ``storage_options``, of the
+    usual credential environment variables, and a URL's user info and query values are
+    replaced by ``***``.
     """

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, List, Mapping, Optional
 
 from .errors import IntegrityError
+from .redaction import shown
 
 CHUNK_BYTES = 8 * 1024 * 1024
 RECORD_SUFFIX = ".sha256"
@@ -107,6 +108,30 @@ def format_record(path: str, digests: List[str]) -> bytes:
     return "".join(f"{d}  {name}\n" for d in digests[:MAX_ACCEPTED]).encode("utf-8")
 
 
+def write_record(path: str, digests: List[str], *, durable: bool = True) -> None:
+    """Commit the record of local checkpoint ``path`` listing ``digests``, atomically (temp file,
+    fsync, rename), so a crash leaves the old record or the new one, never a partial one."""
+    from .storage import atomic_write
+
+    data = format_record(path, digests)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(record_path(path), write, durable=durable)
+
+
+def digests_to_commit(path: str, new: str) -> List[str]:
+    """The digests a record must list while ``new`` replaces the file at local ``path``: ``new``
+    first, then those the file still there matches (its record's, or its own digest when it
+    has no record), so the file at ``path`` matches the record before and after the rename."""
+    accepted = read_record(path)
+    if accepted is None:
+        accepted = [sha256_file(path)] if os.path.isfile(path) else []
+    return [new] + [d for d in accepted if d != new]
+
+
 def verify_file(path: str, storage_options: Optional[Mapping[str, Any]] = None) -> VerifyResult:
     """Check the checkpoint at ``path`` completely; raise :class:`IntegrityError` if it is damaged.
 
@@ -161,7 +186,7 @@ def _verify_url(url: str, storage_options: Optional[Mapping[str, Any]]) -> Verif
     try:
         record = fs.cat_file(fs_path + RECORD_SUFFIX).decode("utf-8", "replace")
     except FileNotFoundError:
-        return _check_zip(url, size, opener)
+        return _check_zip(shown(url), size, opener)
     accepted = parse_record(record)
     digest = hashlib.sha256()
     with opener() as f:
@@ -172,9 +197,9 @@ def _verify_url(url: str, storage_options: Optional[Mapping[str, Any]]) -> Verif
             digest.update(chunk)
     hexdigest = digest.hexdigest()
     if hexdigest in accepted:
-        return VerifyResult(url, size, "sha256", digest=hexdigest)
+        return VerifyResult(shown(url), size, "sha256", digest=hexdigest)
     try:
-        _check_zip(url, size, opener)
+        _check_zip(shown(url), size, opener)
         why = "its contents changed since it was written (the zip structure still reads)"
     except IntegrityError as err:
         why = str(err)

@@ -33,6 +33,7 @@ from multiprocessing import reduction
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .errors import NotSerializableError, WriterDiedError
+from .redaction import shown
 from .staging import collection_paused
 from .writer import Operation, WriterGoneError, failed_save_before, perform, skipped_removal
 
@@ -48,11 +49,11 @@ def _portable(err: BaseException) -> BaseException:
     try:
         clone = pickle.loads(pickle.dumps(err))
         if isinstance(clone, BaseException):
-            clone.__notes__ = [f"in the writer process:\n{''.join(traceback.format_exception(err))}"]
+            clone.__notes__ = [shown(f"in the writer process:\n{''.join(traceback.format_exception(err))}")]
             return clone
     except Exception:  # noqa: BLE001 - fall through to the text stand-in
         pass
-    return RemoteWriterError(f"{type(err).__name__}: {err}\n{''.join(traceback.format_exception(err))}")
+    return RemoteWriterError(shown(f"{type(err).__name__}: {err}\n{''.join(traceback.format_exception(err))}"))
 
 
 def check_picklable(checkpoint_io: Any) -> bytes:

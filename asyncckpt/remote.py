@@ -15,8 +15,9 @@ Every request to the server is retried on transient errors (connection lost, HTT
 throttling) up to :class:`RetryPolicy` ``attempts`` times with exponential backoff, on top of
 the retries of the transport itself; then a :class:`~asyncckpt.errors.RemoteStorageError`
 names the URL. Its message and any text asyncckpt writes are passed through :func:`redact`,
-which removes the values of secret-looking ``storage_options`` and credential environment
-variables.
+which removes the values of secret-looking ``storage_options``, of credential environment
+variables and the credentials a URL carries (user info, query values: see
+:mod:`asyncckpt.redaction`, which every display of a path goes through).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import RemoteStorageError
+from .redaction import REDACTED, shown, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ SECRET_ENV_VARS = (
 )
 _SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "sas", "signature", "connection")
 _MIN_SECRET_LEN = 4
-REDACTED = "***"
 
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3's smallest part, except the last one
 MAX_PARTS = 10_000
@@ -61,9 +62,10 @@ MAX_PARTS = 10_000
 # -- secrets ----------------------------------------------------------------------------------
 
 
-def secret_values(storage_options: Optional[Mapping[str, Any]] = None) -> List[str]:
+def secret_values(storage_options: Optional[Mapping[str, Any]] = None, url: Optional[str] = None) -> List[str]:
     """The secret strings to keep out of text: values of secret-looking option keys (nested
-    too, e.g. ``client_kwargs``) and of the credential environment variables."""
+    too, e.g. ``client_kwargs``), of the credential environment variables, and the
+    credentials ``url`` carries (user info, query values)."""
     found: List[str] = []
 
     def walk(value: Any, secret: bool) -> None:
@@ -83,11 +85,13 @@ def secret_values(storage_options: Optional[Mapping[str, Any]] = None) -> List[s
         value = os.environ.get(name)
         if value and len(value) >= _MIN_SECRET_LEN:
             found.append(value)
+    found.extend(url_secrets(url))
     return sorted(set(found), key=len, reverse=True)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret replaced by ``***``."""
+    """``text`` with every secret replaced by ``***``, and every URL in it :func:`shown`."""
+    text = shown(text)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
@@ -111,10 +115,11 @@ def _chain_text(err: BaseException) -> str:
 
 
 def safe_cause(err: BaseException, secrets: Iterable[str]) -> BaseException:
-    """``err`` itself when neither it nor its causes mention a secret, else a redacted stand-in."""
+    """``err`` itself when neither it nor its causes mention a secret (or a URL's credentials),
+    else a redacted stand-in."""
     secrets = list(secrets)
     text = _chain_text(err)
-    if not any(s in text for s in secrets):
+    if shown(text) == text and not any(s in text for s in secrets):
         return err
     return RedactedError(redact(text, secrets))
 
@@ -243,7 +248,7 @@ def call_with_retries(
             delay = policy.delay(attempt)
             log.warning(
                 "asyncckpt: %s %s failed (try %d of %d), retrying in %.2fs: %s",
-                what, url, attempt, policy.attempts, delay, redact(f"{type(err).__name__}: {err}", secrets),
+                what, shown(url), attempt, policy.attempts, delay, redact(f"{type(err).__name__}: {err}", secrets),
             )
             time.sleep(delay)
             attempt += 1
@@ -282,7 +287,7 @@ def url_to_fs(url: str, storage_options: Optional[Mapping[str, Any]]) -> Tuple[A
     """The fsspec filesystem and the path inside it for ``url``; errors are redacted."""
     import fsspec
 
-    secrets = secret_values(storage_options)
+    secrets = secret_values(storage_options, url)
     try:
         return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     except Exception as err:
@@ -319,7 +324,7 @@ async def _s3_call_with_retries(fs: Any, method: str, policy: RetryPolicy, url: 
             delay = policy.delay(attempt)
             log.warning(
                 "asyncckpt: S3 %s of %s failed (try %d of %d), retrying in %.2fs: %s",
-                method, url, attempt, policy.attempts, delay, redact(f"{type(err).__name__}: {err}", secrets),
+                method, shown(url), attempt, policy.attempts, delay, redact(f"{type(err).__name__}: {err}", secrets),
             )
             await asyncio.sleep(delay)
             attempt += 1
@@ -338,7 +343,7 @@ def _abort_upload(fs: Any, bucket: str, key: str, upload_id: str, url: str) -> b
     except Exception as err:  # noqa: BLE001 - kept for a later try
         if error_code(err) == "NoSuchUpload" or isinstance(err, FileNotFoundError):
             return True
-        log.debug("asyncckpt: abort of an upload to %s failed: %s", url, type(err).__name__)
+        log.debug("asyncckpt: abort of an upload to %s failed: %s", shown(url), type(err).__name__)
         return False
     return True
 
@@ -391,7 +396,7 @@ class S3Upload:
         sha256: bool = False,
     ) -> None:
         self._fs = fs
-        self.url = url
+        self.url = shown(url)  # for messages and logs only; the upload goes to ``fs_path``
         self.bucket, self.key, _ = fs.split_path(fs_path)
         self._policy = policy
         self._part_bytes = max(int(part_bytes), MIN_PART_BYTES)
@@ -618,7 +623,7 @@ def abort_stale_uploads(url: str, older_than_seconds: float,
 
     fs, fs_path = url_to_fs(url, storage_options)
     if not is_s3(fs):
-        raise ValueError(f"{url!r} is not an s3:// URL; only S3 multipart uploads can be left behind")
+        raise ValueError(f"{shown(url)!r} is not an s3:// URL; only S3 multipart uploads can be left behind")
     bucket, prefix, _ = fs.split_path(fs_path)
     now = datetime.datetime.now(datetime.timezone.utc)
     aborted: List[str] = []

@@ -72,6 +72,45 @@ def local_path_of(path: str) -> str | None:
     return None
 
 
+#: fsspec URL prefixes that name files of the local filesystem, relative ones against the
+#: working folder (fsspec's ``LocalFileSystem`` resolves them when it opens the file).
+LOCAL_URL_PREFIXES = ("file://", "local://")
+
+
+def absolute_path(path: str) -> str:
+    """``path`` with a relative local part made absolute against the working folder now.
+
+    A relative path, and a relative ``file://`` or ``local://`` URL (also as the last link of a
+    chain such as ``simplecache::file://ckpts/x``), means the folder at the time of the call, not
+    the writer's when it writes (the process writer keeps the folder it was spawned in, and a
+    thread writer sees a later ``os.chdir``). Other URLs are returned as they are.
+    """
+    if not is_url(path):
+        return path if path == "" or os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    head, sep, last = path.rpartition("::")
+    for prefix in LOCAL_URL_PREFIXES:
+        if last.startswith(prefix):
+            rest = last[len(prefix):]
+            if rest and not os.path.isabs(rest) and not rest.startswith("~"):  # fsspec expands '~' itself
+                return f"{head}{sep}{prefix}{os.path.join(os.getcwd(), rest)}"
+            break
+    return path
+
+
+def path_key(path: str) -> str:
+    """The key under which operations on ``path`` are ordered, resolved now: the absolute local
+    path for a local file (a plain path, or a ``file://`` / ``local://`` URL, chained or not, so
+    the spellings of one file share a key), else the URL itself."""
+    text = absolute_path(path)
+    last = text.rpartition("::")[2] if is_url(text) else text
+    for prefix in LOCAL_URL_PREFIXES:
+        if last.startswith(prefix) and last[len(prefix):]:
+            return os.path.abspath(os.path.expanduser(last[len(prefix):]))
+    if not is_url(text) and text:
+        return os.path.abspath(text)
+    return text
+
+
 _NAME_MAX = 255
 
 

@@ -31,7 +31,17 @@ import torch
 from ._pickling import describe_unpicklable
 from .checkpoint_io import CheckpointIO, PathLike
 from .errors import InvalidPathError, NotSerializableError
-from .integrity import RECORD_SUFFIX, format_record, parse_record, read_record, record_path, sha256_file, verify_file
+from .integrity import (
+    RECORD_SUFFIX,
+    digests_to_commit,
+    format_record,
+    parse_record,
+    record_path,
+    sha256_file,
+    verify_file,
+    write_record,
+)
+from .redaction import shown
 from .remote import (
     RetryPolicy,
     S3Upload,
@@ -246,7 +256,7 @@ class TorchCheckpointIO(CheckpointIO):
             if _is_pickling_error(err):
                 raise NotSerializableError(describe_unpicklable(checkpoint, target, err), target) from err
             raise
-        log.debug("asyncckpt: wrote %s", target)
+        log.debug("asyncckpt: wrote %s", shown(target))
 
     def _save_local(self, checkpoint: Dict[str, Any], local: str) -> None:
         digests: List[str] = []
@@ -257,36 +267,23 @@ class TorchCheckpointIO(CheckpointIO):
                 if os.path.exists(record_path(local)):  # a record from an earlier checksum=True save
                     os.unlink(record_path(local))
                 return
-            new = sha256_file(tmp)
-            accepted = read_record(local)
-            if accepted is None:
-                accepted = [sha256_file(local)] if os.path.isfile(local) else []
-            digests[:] = [new] + [d for d in accepted if d != new]
-            self._write_record(local, digests)
+            digests[:] = digests_to_commit(local, sha256_file(tmp))
+            write_record(local, digests, durable=self.durable)
 
         atomic_write(local, lambda tmp: _torch_save_to_file(checkpoint, tmp), durable=self.durable,
                      before_commit=before_commit)
         if self.checksum and len(digests) > 1:
             try:
-                self._write_record(local, digests[:1])
+                write_record(local, digests[:1], durable=self.durable)
             except OSError as err:  # the record still lists the new digest; it stays valid
                 log.warning("asyncckpt: could not prune the checksum record of %s: %s", local, err)
-
-    def _write_record(self, local: str, digests: List[str]) -> None:
-        data = format_record(local, digests)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(data)
-
-        atomic_write(record_path(local), write, durable=self.durable)
 
     def _save_url(self, checkpoint: Dict[str, Any], url: str, storage_options: Optional[Any]) -> None:
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise TypeError(f"storage_options must be a dict of fsspec options, not {type(storage_options).__name__}")
         self.remember_storage_options(url, storage_options)
         options = self._options_for(url, storage_options)
-        secrets = secret_values(options)
+        secrets = secret_values(options, url)
         fs, fs_path = url_to_fs(url, options)
         if is_s3(fs):
             self._save_s3(checkpoint, url, fs, fs_path, secrets)
@@ -399,7 +396,7 @@ class TorchCheckpointIO(CheckpointIO):
 
     def _load_url(self, url: str, map_location: Any, weights_only: Optional[bool], verify: bool) -> Dict[str, Any]:
         options = self._options_for(url)
-        secrets = secret_values(options)
+        secrets = secret_values(options, url)
         fs, fs_path = url_to_fs(url, options)
 
         def exists() -> bool:
@@ -407,7 +404,7 @@ class TorchCheckpointIO(CheckpointIO):
             return fs.exists(fs_path)
 
         if not call_with_retries("looking up checkpoint", url, exists, self.retry, secrets):
-            raise FileNotFoundError(f"checkpoint file not found: {url}")
+            raise FileNotFoundError(f"checkpoint file not found: {shown(url)}")
         if verify:
             verify_file(url, storage_options=options)
 
@@ -427,11 +424,11 @@ class TorchCheckpointIO(CheckpointIO):
         if os.path.exists(record_path(local)):
             remove_path(record_path(local))
         if removed:
-            log.debug("asyncckpt: removed %s", target)
+            log.debug("asyncckpt: removed %s", shown(target))
 
     def _remove_url(self, url: str) -> None:
         options = self._options_for(url)
-        secrets = secret_values(options)
+        secrets = secret_values(options, url)
         fs, fs_path = url_to_fs(url, options)
 
         def remove() -> None:
@@ -443,7 +440,7 @@ class TorchCheckpointIO(CheckpointIO):
             invalidate(fs, fs_path)
 
         call_with_retries("removing checkpoint", url, remove, self.retry, secrets)
-        log.debug("asyncckpt: removed %s", url)
+        log.debug("asyncckpt: removed %s", shown(url))
 
     def teardown(self) -> None:
         """Abort uploads that failed while the server was unreachable, if it is back."""
@@ -451,7 +448,7 @@ class TorchCheckpointIO(CheckpointIO):
             log.warning(
                 "asyncckpt: unfinished uploads could not be aborted (server unreachable): %s; their parts cost "
                 "storage until aborted (a bucket lifecycle rule AbortIncompleteMultipartUpload removes them)",
-                ", ".join(pending_aborts()),
+                ", ".join(shown(url) for url in pending_aborts()),
             )
 
     def __repr__(self) -> str:

@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Deque, Iterable, List, Optional, Protocol, Sequence
 
 from .errors import RemoveSkippedError, WriterDiedError
+from .redaction import shown
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Operation:
                 try:
                     fn(self)
                 except Exception:  # noqa: BLE001 - one failing callback must not skip the others
-                    log.exception("asyncckpt: internal error while completing %s of %s", self.kind, self.path)
+                    log.exception("asyncckpt: internal error while completing %s of %s", self.kind, shown(self.path))
         finally:
             self._event.set()
         return True
@@ -109,7 +110,7 @@ class Operation:
 
     def __repr__(self) -> str:
         state = "done" if self._completed else "pending"
-        return f"Operation(#{self.seq} {self.kind} {self.path!r}, {state})"
+        return f"Operation(#{self.seq} {self.kind} {shown(self.path)!r}, {state})"
 
 
 class Writer(Protocol):
@@ -185,7 +186,7 @@ def _abort_collective_save(checkpoint_io: Any, op: Operation, error: BaseExcepti
     try:
         abort(op.target, error)
     except Exception:  # noqa: BLE001 - the original error is the one reported
-        log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", op.path)
+        log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", shown(op.path))
 
 
 def lower_this_threads_priority(nice: int) -> None:

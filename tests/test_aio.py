@@ -432,6 +432,70 @@ async def test_acopy_waits_for_src_and_copies_atomically(tmp_path, make_io):
     assert torch.equal(load(dst)["v"], torch.arange(3))
 
 
+@pytest.mark.anyio
+async def test_acopy_over_a_checkpoint_with_a_checksum_record_leaves_it_verifiable(tmp_path, make_io):
+    from asyncckpt.__main__ import main
+    from asyncckpt.integrity import read_record, sha256_file
+
+    io = make_io(TorchCheckpointIO(checksum=True))
+    src, dst = tmp_path / "last.ckpt", tmp_path / "best.ckpt"
+    await io.asave_checkpoint({"v": torch.arange(3)}, dst)
+    await io.asave_checkpoint({"v": torch.arange(10)}, src)
+    await io.acopy_checkpoint(src, dst)
+    assert read_record(str(dst)) == [sha256_file(str(dst))]  # the copy's digest only, once committed
+    assert torch.equal(io.load_checkpoint(dst, verify=True)["v"], torch.arange(10))
+    assert main(["verify", str(dst)]) == 0
+    # A copy of a plain file (no record) over a checksummed one records the copied bytes.
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"v": torch.arange(4)}, plain)
+    await io.acopy_checkpoint(plain, dst)
+    assert main(["verify", str(dst)]) == 0 and torch.equal(io.load_checkpoint(dst, verify=True)["v"], torch.arange(4))
+    # A source with a record passes it on to a destination that had none.
+    fresh = tmp_path / "fresh.ckpt"
+    await io.acopy_checkpoint(src, fresh)
+    assert read_record(str(fresh)) == [sha256_file(str(src))] and main(["verify", str(fresh)]) == 0
+    assert temp_files(tmp_path) == []
+
+
+@pytest.mark.anyio
+async def test_two_acopies_to_one_destination_at_once_leave_it_verifiable(tmp_path, make_io):
+    """Copies are not ordered by the engine; their record commits and renames must not interleave."""
+    from asyncckpt.integrity import verify_file
+
+    io = make_io(TorchCheckpointIO(checksum=True))
+    sources = [tmp_path / f"src{i}.ckpt" for i in range(2)]
+    for i, src in enumerate(sources):
+        await io.asave_checkpoint({"v": torch.full((200_000,), float(i))}, src)
+    dst = tmp_path / "best.ckpt"
+    await io.asave_checkpoint({"v": torch.arange(3)}, dst)
+    for _ in range(5):
+        async with anyio.create_task_group() as tg:
+            for src in sources:
+                tg.start_soon(io.acopy_checkpoint, src, dst)
+        assert verify_file(str(dst)).method == "sha256"
+        assert dst.read_bytes() in (sources[0].read_bytes(), sources[1].read_bytes())
+    assert temp_files(tmp_path) == []
+
+
+@pytest.mark.anyio
+async def test_acopy_of_a_source_that_does_not_match_its_record_copies_nothing(tmp_path, make_io):
+    from asyncckpt import IntegrityError
+
+    io = make_io(TorchCheckpointIO(checksum=True))
+    src, dst = tmp_path / "last.ckpt", tmp_path / "best.ckpt"
+    await io.asave_checkpoint({"v": torch.arange(3)}, dst)
+    await io.asave_checkpoint({"v": torch.arange(10)}, src)
+    await io.aflush()
+    before = dst.read_bytes(), (tmp_path / "best.ckpt.sha256").read_bytes()
+    data = bytearray(src.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the source rotted on disk after its save
+    src.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match its checksum record"):
+        await io.acopy_checkpoint(src, dst)
+    assert (dst.read_bytes(), (tmp_path / "best.ckpt.sha256").read_bytes()) == before
+    assert temp_files(tmp_path) == []
+
+
 # -- asyncio-native (pytest-asyncio): Task.cancel and wait_for ------------------------------
 
 

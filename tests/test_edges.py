@@ -161,6 +161,43 @@ def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, 
     io.teardown()
 
 
+@pytest.mark.parametrize("scheme", ["file://", "local://", "simplecache::file://"])
+def test_a_relative_file_url_means_the_working_folder_at_the_call(tmp_path, gated_io, writer, monkeypatch, scheme):
+    """Issue 21: fsspec resolves ``file://ckpt/a.ckpt`` (and ``local://``) against the working
+    folder, so the engine must resolve it at the call, as it does a relative path."""
+    for name in ("spawned", "at_call", "later"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "spawned")
+    io = AsyncCheckpointIO(gated_io, writer=writer)
+    io.save_checkpoint({"v": 0}, "warm.ckpt")
+    io.flush()
+    monkeypatch.chdir(tmp_path / "at_call")
+    gated_io.gate.clear()
+    io.save_checkpoint({"v": 1}, f"{scheme}ckpt/a.ckpt")
+    io.save_checkpoint({"v": 2}, f"{scheme}ckpt/b.ckpt")
+    io.remove_checkpoint(f"{scheme}ckpt/b.ckpt")
+    a = tmp_path / "at_call" / "ckpt" / "a.ckpt"
+    # One file, one path key: the URL, its absolute local path and its absolute file:// URL.
+    assert io.queued_kind(a) == io.queued_kind(f"file://{a}") == io.queued_kind(f"{scheme}ckpt/a.ckpt") == "save"
+    assert io.queued_kind(tmp_path / "at_call" / "ckpt" / "b.ckpt") == "remove"
+    monkeypatch.chdir(tmp_path / "later")
+    assert io.queued_kind(f"{scheme}ckpt/a.ckpt") is None  # here it names later/ckpt/a.ckpt
+    gated_io.gate.set()
+    assert io.load_checkpoint(a) == {"v": 1}  # waits for the save queued through the URL
+    io.flush()
+    assert not (tmp_path / "at_call" / "ckpt" / "b.ckpt").exists()
+    assert not (tmp_path / "later" / "ckpt").exists() and not (tmp_path / "spawned" / "ckpt").exists()
+    # Saves, loads and removes after the chdir mean the folder at their own call.
+    io.save_checkpoint({"v": 3}, f"{scheme}ckpt/a.ckpt")
+    assert io.load_checkpoint(f"{scheme}ckpt/a.ckpt") == {"v": 3}
+    monkeypatch.chdir(tmp_path / "at_call")
+    assert io.load_checkpoint(f"{scheme}ckpt/a.ckpt") == {"v": 1}
+    io.remove_checkpoint(f"{scheme}ckpt/a.ckpt")
+    io.flush()
+    assert not a.exists() and load(tmp_path / "later" / "ckpt" / "a.ckpt") == {"v": 3}
+    io.teardown()
+
+
 # -- 5: SIGTERM while a save is being handed to a busy writer process ----------------------
 
 
@@ -606,3 +643,47 @@ def test_staging_memory_stays_within_max_pending_times_the_checkpoint(tmp_path):
     (slot,) = io._free_slots
     assert slot.nbytes <= 600_000 * 4 + 64
     io.teardown()
+
+
+# -- issue 21: credentials in a URL --------------------------------------------------------
+
+
+def _chain_texts(err: BaseException) -> str:
+    """Everything a traceback of ``err`` shows: messages, notes and the whole cause chain, plus
+    its repr and ``path``."""
+    import traceback
+
+    return "".join(traceback.format_exception(err)) + repr(err) + str(getattr(err, "path", ""))
+
+
+def test_a_password_in_a_url_never_appears_in_errors_logs_stats_or_reprs(writer, caplog):
+    """ftp to a port where nothing listens: fsspec's FTP filesystem really fails to connect."""
+    import logging
+
+    from asyncckpt import RetryPolicy
+    from asyncckpt.writer import Operation
+
+    pytest.importorskip("fsspec.implementations.ftp")
+    caplog.set_level(logging.DEBUG, logger="asyncckpt")
+    url = "ftp://user:pw-Secret-9@127.0.0.1:1/x.ckpt"
+    io = AsyncCheckpointIO(TorchCheckpointIO(retry=RetryPolicy(attempts=2, backoff=0.01)), writer=writer)
+    texts = []
+    for op in ("save", "remove"):
+        if op == "save":
+            io.save_checkpoint({"w": torch.ones(4)}, url)
+        else:
+            io.remove_checkpoint(url)
+        with pytest.raises(AsyncCheckpointError) as info:
+            io.flush()
+        assert "ftp://***@127.0.0.1:1/x.ckpt" in str(info.value) and info.value.path == "ftp://***@127.0.0.1:1/x.ckpt"
+        texts.append(_chain_texts(info.value))
+    with pytest.raises(OSError) as info:  # a load fails at the call, through the same redaction
+        io.load_checkpoint(url)
+    texts.append(_chain_texts(info.value))
+    texts += [repr(io), repr(io.stats), repr(Operation("save", url, url))]
+    io.teardown()
+    texts += [record.getMessage() for record in caplog.records]
+    texts += [_chain_texts(record.exc_info[1]) for record in caplog.records if record.exc_info]
+    joined = "\n".join(texts)
+    assert "127.0.0.1:1/x.ckpt" in joined and "Connection refused" in joined  # the rest is shown
+    assert "pw-Secret-9" not in joined and "user:" not in joined

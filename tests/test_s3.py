@@ -368,6 +368,37 @@ def test_secrets_never_appear_in_logs_messages_reprs_or_stats(proxy, bucket, cap
         assert secret not in joined
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_signed_query_in_an_s3_url_never_appears_in_errors_logs_stats_reprs_or_the_cli(
+    server, bucket, caplog, capsys, writer
+):
+    from asyncckpt.__main__ import main
+
+    caplog.set_level(logging.DEBUG, logger="asyncckpt")
+    query = "?X-Amz-Signature=SIGvalue-0a1b2c3d&X-Amz-Credential=CREDvalue-4e5f6a7b"
+    shown = "?X-Amz-Signature=***&X-Amz-Credential=***"
+    url = f"s3://{bucket}/signed.ckpt{query}"
+    missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/signed.ckpt{query}"
+    io = AsyncCheckpointIO(TorchCheckpointIO(retry=fast_retry(2)), writer=writer)
+    io.save_checkpoint(ckpt(1.0), url)
+    io.flush()
+    assert [s.path for s in io.stats] == [f"s3://{bucket}/signed.ckpt{shown}"]
+    texts = [repr(io), repr(io.stats)]
+    io.save_checkpoint(ckpt(2.0), missing)  # the bucket does not exist: the save fails for real
+    with pytest.raises(asyncckpt.CheckpointSaveError) as info:
+        io.flush()
+    assert shown in str(info.value) and info.value.path.endswith(shown)
+    texts.append(_all_text(info.value))
+    assert main(["verify", url, missing]) == 1
+    texts.append(str(capsys.readouterr()))
+    io.teardown()
+    texts += [record.getMessage() for record in caplog.records]
+    texts += [_all_text(r.exc_info[1]) for r in caplog.records if r.exc_info]
+    joined = "\n".join(texts)
+    assert "signed.ckpt" in joined and "X-Amz-Signature=***" in joined and f"OK s3://{bucket}" in joined
+    assert "SIGvalue" not in joined and "CREDvalue" not in joined
+
+
 def test_verify_cli_and_load_verify_on_s3(server, bucket, capsys):
     from asyncckpt.__main__ import main
 
