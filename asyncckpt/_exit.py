@@ -2,6 +2,11 @@
 
 Interpreter exit: a ``threading`` exit hook (the one ``concurrent.futures`` uses) runs before
 daemon threads are stopped, and drains every live engine's queue within its ``exit_timeout``.
+Where a writer process runs, ``multiprocessing``'s own exit handler would then terminate it
+(SIGTERM, which the writer ignores) and join it without a timeout; so a finalizer of
+``multiprocessing``'s, which that handler runs first whatever the order of ``atexit`` hooks,
+drains once more (saves made by ``atexit`` handlers) and stops the writers, within the same
+``exit_timeout``.
 
 SIGTERM (preemption): the default action kills the process without running any Python, so the
 first engine created on the main thread installs a handler that drains the queues, then hands
@@ -12,6 +17,7 @@ default action and re-sends SIGTERM, so the exit status is the one the process w
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -44,6 +50,33 @@ def _at_exit() -> None:
 
 
 threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+
+_multiprocessing_hook_pid: Optional[int] = None
+
+
+def _before_multiprocessing_joins_its_children() -> None:
+    for engine in list(_engines):
+        try:
+            engine._drain_before_exit("interpreter exit")
+            engine._stop_writer_before_exit()
+        except Exception:  # noqa: BLE001 - keep stopping the other engines' writers
+            log.exception("asyncckpt: could not stop a writer before interpreter exit")
+
+
+def stop_writers_before_multiprocessing_exit() -> None:
+    """Make ``multiprocessing``'s exit handler drain and stop this process's writers before it
+    joins its children (once per process; called when a writer process starts).
+
+    Its finalizers with an ``exitpriority`` run at the start of that handler, whenever the
+    handler itself runs among the ``atexit`` hooks. A child started by ``multiprocessing``
+    begins with no finalizers, hence once per process id.
+    """
+    global _multiprocessing_hook_pid
+    with _lock:
+        if _multiprocessing_hook_pid == os.getpid():
+            return
+        multiprocessing.util.Finalize(None, _before_multiprocessing_joins_its_children, exitpriority=100)
+        _multiprocessing_hook_pid = os.getpid()
 # A forked child keeps this registry: its copies of the engines start afresh at the fork (see
 # ``AsyncCheckpointIO._adopt_after_fork``), so its exit drains only the child's own saves.
 

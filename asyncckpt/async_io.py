@@ -209,6 +209,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._last_op: Dict[str, Operation] = {}  # per path key: the last pending operation
         self._errors: List[AsyncCheckpointError] = []
         self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
+        self._exit_deadline: Optional[float] = None  # set when the interpreter starts to exit
         if writer == "process" and (checkpoint_io is not None or not self._base_io_comes_later):
             from .process_writer import check_picklable
 
@@ -237,6 +238,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._last_op = {}
         self._errors = []
         self._stats = collections.deque(maxlen=_STATS_KEPT)
+        self._exit_deadline = None
         arena_kind = "shared" if self.writer_kind == "process" else "plain"
         self._free_slots = [StagingSlot(i, arena_kind) for i in range(self.max_pending)]
         self._stager = Stager(self.staging_threads)
@@ -678,6 +680,23 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         if op is not None:
             self._wait_for([op], None)
 
+    def _exit_time_left(self, reason: str) -> float:
+        """Seconds left to write pending saves before ``reason``: ``exit_timeout`` per SIGTERM,
+        and one ``exit_timeout`` for all of interpreter exit (its hooks drain more than once)."""
+        if reason != "interpreter exit":
+            return self.exit_timeout
+        now = time.monotonic()
+        if self._exit_deadline is None:
+            self._exit_deadline = now + self.exit_timeout
+        return max(0.0, self._exit_deadline - now)
+
+    def _stop_writer_before_exit(self) -> None:
+        """Stop the writer within what is left of the exit time (``multiprocessing`` joins a
+        writer process at exit without a timeout; a stopped one is joined at once)."""
+        writer = self._writer
+        if writer is not None:
+            writer.stop(max(1.0, self._exit_time_left("interpreter exit")))
+
     def _drain_before_exit(self, reason: str) -> None:
         ops = self._pending_ops()
         pending = len(ops)
@@ -693,7 +712,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         )
         started = time.monotonic()
         try:
-            self._wait_for(ops, self.exit_timeout)
+            self._wait_for(ops, self._exit_time_left(reason))
         except AsyncCheckpointError as err:
             log.error("asyncckpt: pending checkpoints not all written before %s: %s", reason, err)
             return

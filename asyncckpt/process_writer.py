@@ -28,6 +28,7 @@ import weakref
 from multiprocessing import reduction
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import _exit
 from .errors import NotSerializableError, WriterDiedError
 from .staging import collection_paused
 from .writer import Operation, WriterGoneError, perform
@@ -264,6 +265,7 @@ class ProcessWriter:
         return self._process.pid if self._process is not None else None
 
     def start(self) -> None:
+        _exit.stop_writers_before_multiprocessing_exit()
         ctx = multiprocessing.get_context("spawn")
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(
@@ -428,18 +430,26 @@ class ProcessWriter:
             op.complete(err)
 
     def stop(self, timeout: Optional[float] = None) -> bool:
-        """Finish what is queued, end the process and reap it (no zombie is left)."""
-        with self._send_lock:
-            if self._process is None:
-                return True
+        """Finish what is queued, end the process and reap it (no zombie is left).
+
+        With a ``timeout``, nothing here waits longer: a send blocked on a busy writer holds
+        the send lock, and then the process is ended without the stop command.
+        """
+        if self._process is None:
+            return True
+        got_lock = self._send_lock.acquire(timeout=-1 if timeout is None else timeout)
+        try:
             with self._table_lock:
                 was_stopping, self._stopping = self._stopping, True
                 dead = self._dead
-            if not dead and not was_stopping:
+            if got_lock and not dead and not was_stopping:
                 try:
                     self._conn.send(("stop",))
                 except OSError:
                     pass
+        finally:
+            if got_lock:
+                self._send_lock.release()
         self._process.join(timeout)
         if not _has_exited(self._process):
             self._process.kill()

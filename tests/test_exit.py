@@ -24,9 +24,9 @@ PRELUDE = textwrap.dedent(
 )
 
 
-def run_script(body: str, tmp_path, **kwargs) -> subprocess.Popen:
+def run_script(body: str, tmp_path, prelude: str = PRELUDE, **kwargs) -> subprocess.Popen:
     script = tmp_path / "script.py"
-    script.write_text(PRELUDE + textwrap.dedent(body))
+    script.write_text(textwrap.dedent(prelude) + textwrap.dedent(body))
     env = child_env()
     return subprocess.Popen(
         [sys.executable, str(script), str(tmp_path)],
@@ -311,3 +311,55 @@ def test_a_forked_child_exits_at_once_with_the_parents_saves_pending(tmp_path):
     assert first[:3] == ["child", "exit", "0"], (first, err)
     assert float(first[3]) < 2.0  # the parent's writes take 6 s; the child did not wait for them
     assert torch.load(tmp_path / "b.ckpt", weights_only=True) == {"v": 2}
+
+
+EXIT_HOOK_ORDERS = {
+    # a weakref.finalize (here a module-level TemporaryDirectory) made before torch imports
+    # multiprocessing: multiprocessing's exit handler then runs before the finalizers
+    "finalizer-before-import": ("import tempfile\nTMP = tempfile.TemporaryDirectory()\n", ""),
+    # the same, and a finalizer made after the engine
+    "finalizers-around-the-engine": (
+        "import tempfile\nTMP = tempfile.TemporaryDirectory()\n",
+        "LATER = tempfile.TemporaryDirectory()\n",
+    ),
+    # an atexit handler registered after the engine saves once more at exit
+    "save-from-a-later-atexit-handler": (
+        "import tempfile\nTMP = tempfile.TemporaryDirectory()\n",
+        "import atexit\natexit.register(lambda: io.save_checkpoint({'late': 1}, os.path.join(folder, 'late.ckpt')))\n",
+    ),
+    # no finalizer before the import: the order that always worked
+    "import-first": ("", ""),
+}
+
+
+@pytest.mark.parametrize("order", list(EXIT_HOOK_ORDERS))
+def test_a_process_writer_without_teardown_exits_whatever_the_order_of_exit_hooks(tmp_path, order):
+    """``multiprocessing``'s exit handler sends SIGTERM to its daemonic children and joins them
+    with no timeout; the writer process ignores SIGTERM (the parent drains it first) and waits
+    for its next command. When that handler ran before the engine's finalizer (any
+    ``weakref.finalize`` made before ``import torch`` arranges it), the interpreter never exited."""
+    before, after = EXIT_HOOK_ORDERS[order]
+    proc = run_script(
+        f"""
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            folder = sys.argv[1]
+            io = AsyncCheckpointIO(SlowIO(0.5), writer="process")
+{textwrap.indent(after, " " * 12)}
+            io.save_checkpoint({{"w": torch.arange(10.0)}}, os.path.join(folder, "a.ckpt"))
+            print("ready", flush=True)
+            # no flush, no teardown
+        """,
+        tmp_path,
+        prelude=before + PRELUDE,
+    )
+    wait_ready(proc)
+    try:
+        _, err = proc.communicate(timeout=30)  # the writes take 0.5 s each
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"the interpreter did not exit: {err[-2000:]}") from None
+    assert proc.returncode == 0, err
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.arange(10.0))
+    if "atexit" in order:
+        assert torch.load(tmp_path / "late.ckpt", weights_only=True) == {"late": 1}, err
