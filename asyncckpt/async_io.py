@@ -210,6 +210,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._errors: List[AsyncCheckpointError] = []
         self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
         self._exit_deadline: Optional[float] = None  # set when the interpreter starts to exit
+        # Saves and removes between admission and being counted in ``_ops`` (staging, hand-over):
+        # token -> (path key, thread id). The exit drain waits for them too.
+        self._handovers: Dict[int, "tuple[str, int]"] = {}
+        self._handover_tokens = 0
         if writer == "process" and (checkpoint_io is not None or not self._base_io_comes_later):
             from .process_writer import check_picklable
 
@@ -239,6 +243,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._errors = []
         self._stats = collections.deque(maxlen=_STATS_KEPT)
         self._exit_deadline = None
+        self._handovers = {}
         arena_kind = "shared" if self.writer_kind == "process" else "plain"
         self._free_slots = [StagingSlot(i, arena_kind) for i in range(self.max_pending)]
         self._stager = Stager(self.staging_threads)
@@ -338,7 +343,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         waited: float,
     ) -> None:
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
-        with self._holding():  # a signal handler's save on this thread must not wait for this slot
+        with self._holding(key):  # a signal handler's save on this thread must not wait for this slot
             slot.last_key = key
             self._stager.torch_save_rules = _saves_with_torch_save(self._wrapped())
             try:
@@ -367,14 +372,35 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 raise
 
     @contextlib.contextmanager
-    def _holding(self) -> Iterator[None]:
-        """Marks this thread as inside a save or hand-over of this engine (see :meth:`_save_now`)."""
+    def _holding(self, key: str) -> Iterator[None]:
+        """Marks this thread as inside a save or hand-over of this engine (see :meth:`_save_now`).
+
+        The outermost one is listed in ``_handovers`` until its operation is counted (or has
+        failed), so that the exit drain waits for it; a SIGTERM handled on this thread meanwhile
+        is handed on when it ends (see :mod:`asyncckpt._exit`).
+        """
         was_holding = getattr(self._local, "holding", False)
         self._local.holding = True
+        token = None
+        if not was_holding:
+            with self._cv:
+                self._handover_tokens += 1
+                token = self._handover_tokens
+                self._handovers[token] = (key, threading.get_ident())
         try:
             yield
         finally:
             self._local.holding = was_holding
+            if token is not None:
+                with self._cv:
+                    del self._handovers[token]
+                    self._cv.notify_all()
+                _exit.after_handover()
+
+    def _hands_over_on(self, thread_id: int) -> List[str]:
+        """The paths of the saves or removes that thread ``thread_id`` is handing over."""
+        with self._cv:
+            return [key for key, tid in self._handovers.values() if tid == thread_id]
 
     def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> None:
         """A save made on a thread that is inside another save of this engine (holding a slot)
@@ -541,7 +567,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         here and leaves nothing counted; the caller gives the slot back.
         """
         op.add_done_callback(self._on_done)
-        with self._holding():  # nor for this hand-over (a process writer's send lock)
+        with self._holding(op.path):  # nor for this hand-over (a process writer's send lock)
             with self._submit_lock:
                 for _ in range(2):
                     writer = self._live_writer()
@@ -697,10 +723,22 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         if writer is not None:
             writer.stop(max(1.0, self._exit_time_left("interpreter exit")))
 
-    def _drain_before_exit(self, reason: str) -> None:
-        ops = self._pending_ops()
-        pending = len(ops)
-        paths = sorted({op.path for op in ops})
+    def _drain_before_exit(self, reason: str, deadline: Optional[float] = None) -> None:
+        """Write what is pending, within the exit time (and by ``deadline``, a monotonic time),
+        and log it: the operations counted, and those other threads are handing over (they
+        are counted once handed over, and are waited for too). A hand-over on this thread
+        cannot finish while this runs (the SIGTERM handler waits for it to end first; see
+        :mod:`asyncckpt._exit`), so one still in progress here is logged as not written."""
+        budget = self._exit_time_left(reason)
+        if deadline is not None:
+            budget = min(budget, max(0.0, deadline - time.monotonic()))
+        started = time.monotonic()
+        end = started + budget
+        me = threading.get_ident()
+        with self._cv:
+            others = {t for t, (_, tid) in self._handovers.items() if tid != me}
+            paths = sorted({op.path for op in self._ops.values()} | {key for key, _ in self._handovers.values()})
+            pending = len(self._ops) + len(self._handovers)
         if pending == 0:
             return
         log.warning(
@@ -708,16 +746,30 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             reason,
             pending,
             ", ".join(paths),
-            self.exit_timeout,
+            budget,
         )
-        started = time.monotonic()
-        try:
-            self._wait_for(ops, self._exit_time_left(reason))
-        except AsyncCheckpointError as err:
-            log.error("asyncckpt: pending checkpoints not all written before %s: %s", reason, err)
-            return
         with self._cv:
+            self._cv.wait_for(lambda: not (others & self._handovers.keys()), max(0.0, end - time.monotonic()))
+        ops = self._pending_ops()
+        try:
+            self._wait_for(ops, max(0.0, end - time.monotonic()))
+        except AsyncCheckpointError as err:
+            err_text = str(err)
+        else:
+            err_text = ""
+        with self._cv:
+            not_written = sorted(
+                {op.path for op in ops if not op.done()} | {key for key, _ in self._handovers.values()}
+            )
             errors = list(self._errors)
+        if not_written:
+            log.error(
+                "asyncckpt: pending checkpoints not all written before %s; not written: %s%s",
+                reason,
+                ", ".join(not_written),
+                f" ({err_text})" if err_text else "",
+            )
+            return
         log.warning(
             "asyncckpt: pending checkpoint operations finished in %.2fs before %s%s",
             time.monotonic() - started,

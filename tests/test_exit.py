@@ -363,3 +363,74 @@ def test_a_process_writer_without_teardown_exits_whatever_the_order_of_exit_hook
     assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.arange(10.0))
     if "atexit" in order:
         assert torch.load(tmp_path / "late.ckpt", weights_only=True) == {"late": 1}, err
+
+
+@pytest.mark.parametrize("where", ["main-thread", "other-thread"])
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_save_being_handed_over_when_sigterm_lands_is_written(tmp_path, writer, where):
+    """The writer is busy with a slow write, so the next save's skeleton (300,000 strings, far
+    more than the pipe holds) blocks in its hand-over to a writer process; SIGTERM lands then.
+    That save was neither counted as pending nor written: the drain wrote the first save and the
+    process ended. It is written now, before the signal is handed on."""
+    proc = run_script(
+        f"""
+        import threading
+
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            folder = sys.argv[1]
+            io = AsyncCheckpointIO(SlowIO(1.5), writer={writer!r}, exit_timeout=60)
+            io.save_checkpoint({{"v": 0}}, os.path.join(folder, "first.ckpt"))
+            big = [f"s{{i}}" for i in range(300_000)]
+            print("ready", flush=True)
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+            def save():
+                io.save_checkpoint({{"big": big, "w": torch.ones(3)}}, os.path.join(folder, "second.ckpt"))
+
+            if {where!r} == "main-thread":
+                save()
+            else:
+                threading.Thread(target=save).start()
+            time.sleep(120)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert torch.load(tmp_path / "first.ckpt", weights_only=True) == {"v": 0}
+    second = torch.load(tmp_path / "second.ckpt", weights_only=True)
+    assert len(second["big"]) == 300_000 and second["big"][-1] == "s299999", err
+    assert "SIGTERM" in err and "not all written" not in err
+
+
+def test_a_save_still_being_handed_over_at_exit_timeout_is_logged_as_not_written(tmp_path):
+    """Where the hand-over cannot finish within ``exit_timeout`` (the writer is busy with an 8 s
+    write), the process still ends in bounded time, and the log line names the save in progress
+    as not written, with the pending one. (The writer process, orphaned, may finish its write
+    later: stderr goes to a file, as the orphan keeps a pipe open.)"""
+    script = tmp_path / "script.py"
+    script.write_text(PRELUDE + textwrap.dedent(
+        """
+        import threading
+
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            folder = sys.argv[1]
+            io = AsyncCheckpointIO(SlowIO(8), writer="process", exit_timeout=1)
+            io.save_checkpoint({"v": 0}, os.path.join(folder, "first.ckpt"))
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            io.save_checkpoint({"big": [f"s{i}" for i in range(300_000)]}, os.path.join(folder, "second.ckpt"))
+            time.sleep(120)
+        """
+    ))
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stderr=stderr, env=child_env())
+        try:
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == -signal.SIGTERM, err
+    line = next((line for line in err.splitlines() if "not written:" in line), "")
+    assert "first.ckpt" in line and "second.ckpt" in line, err
+    assert not (tmp_path / "second.ckpt").exists()
