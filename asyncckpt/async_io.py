@@ -321,8 +321,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 remember(path, storage_options)
         started = time.perf_counter()
         checkpoint = self._stageable_form(checkpoint)
-        slot = self._acquire_slot(key)
-        self._stage_and_submit(checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started)
+        with self._in_progress(key):  # from here a SIGTERM drain waits for this save too
+            slot = self._acquire_slot(key)
+            self._stage_and_submit(
+                checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started
+            )
 
     def _stageable_form(self, checkpoint: Any) -> Any:
         """The hook for wrapped IOs whose state is not all plain tensors: an IO with a
@@ -373,29 +376,36 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     @contextlib.contextmanager
     def _holding(self, key: str) -> Iterator[None]:
-        """Marks this thread as inside a save or hand-over of this engine (see :meth:`_save_now`).
-
-        The outermost one is listed in ``_handovers`` until its operation is counted (or has
-        failed), so that the exit drain waits for it; a SIGTERM handled on this thread meanwhile
-        is handed on when it ends (see :mod:`asyncckpt._exit`).
-        """
+        """Marks this thread as inside a save or hand-over of this engine (see :meth:`_save_now`)."""
         was_holding = getattr(self._local, "holding", False)
         self._local.holding = True
-        token = None
-        if not was_holding:
-            with self._cv:
-                self._handover_tokens += 1
-                token = self._handover_tokens
-                self._handovers[token] = (key, threading.get_ident())
+        try:
+            with self._in_progress(key):
+                yield
+        finally:
+            self._local.holding = was_holding
+
+    @contextlib.contextmanager
+    def _in_progress(self, key: str) -> Iterator[None]:
+        """Lists a save or remove in ``_handovers`` from its admission until its operation is
+        counted (or has failed), so that the exit drain waits for it; a SIGTERM handled on this
+        thread meanwhile is handed on when it ends (see :mod:`asyncckpt._exit`)."""
+        if getattr(self._local, "in_progress", False):
+            yield  # the outer call lists it
+            return
+        with self._cv:
+            self._handover_tokens += 1
+            token = self._handover_tokens
+            self._handovers[token] = (key, threading.get_ident())
+        self._local.in_progress = True
         try:
             yield
         finally:
-            self._local.holding = was_holding
-            if token is not None:
-                with self._cv:
-                    del self._handovers[token]
-                    self._cv.notify_all()
-                _exit.after_handover()
+            self._local.in_progress = False
+            with self._cv:
+                del self._handovers[token]
+                self._cv.notify_all()
+            _exit.after_handover()
 
     def _hands_over_on(self, thread_id: int) -> List[str]:
         """The paths of the saves or removes that thread ``thread_id`` is handing over."""

@@ -365,20 +365,22 @@ def test_a_process_writer_without_teardown_exits_whatever_the_order_of_exit_hook
         assert torch.load(tmp_path / "late.ckpt", weights_only=True) == {"late": 1}, err
 
 
-@pytest.mark.parametrize("where", ["main-thread", "other-thread"])
+@pytest.mark.parametrize("where", ["main-thread", "other-thread", "main-thread-waiting-for-a-slot"])
 @pytest.mark.parametrize("writer", ["thread", "process"])
 def test_a_save_being_handed_over_when_sigterm_lands_is_written(tmp_path, writer, where):
     """The writer is busy with a slow write, so the next save's skeleton (300,000 strings, far
     more than the pipe holds) blocks in its hand-over to a writer process; SIGTERM lands then.
     That save was neither counted as pending nor written: the drain wrote the first save and the
-    process ended. It is written now, before the signal is handed on."""
+    process ended. It is written now, before the signal is handed on; so is a save still
+    waiting for a staging slot (``max_pending=1``) when the signal lands."""
     proc = run_script(
         f"""
         import threading
 
         if __name__ == "__main__":  # spawn re-imports this file in the writer process
             folder = sys.argv[1]
-            io = AsyncCheckpointIO(SlowIO(1.5), writer={writer!r}, exit_timeout=60)
+            max_pending = 1 if {where!r}.endswith("slot") else 2
+            io = AsyncCheckpointIO(SlowIO(1.5), writer={writer!r}, exit_timeout=60, max_pending=max_pending)
             io.save_checkpoint({{"v": 0}}, os.path.join(folder, "first.ckpt"))
             big = [f"s{{i}}" for i in range(300_000)]
             print("ready", flush=True)
@@ -387,7 +389,7 @@ def test_a_save_being_handed_over_when_sigterm_lands_is_written(tmp_path, writer
             def save():
                 io.save_checkpoint({{"big": big, "w": torch.ones(3)}}, os.path.join(folder, "second.ckpt"))
 
-            if {where!r} == "main-thread":
+            if {where!r}.startswith("main-thread"):
                 save()
             else:
                 threading.Thread(target=save).start()
