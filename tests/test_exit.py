@@ -436,3 +436,34 @@ def test_a_save_still_being_handed_over_at_exit_timeout_is_logged_as_not_written
     line = next((line for line in err.splitlines() if "not written:" in line), "")
     assert "first.ckpt" in line and "second.ckpt" in line, err
     assert not (tmp_path / "second.ckpt").exists()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_multiprocessing_child_saving_with_a_process_writer_writes_before_it_ends(tmp_path, method):
+    """A ``multiprocessing`` child never runs the interpreter's exit hooks: it ends through
+    ``multiprocessing``'s exit handler, which terminated and joined its writer process, and the
+    pending save was lost. That handler now drains and stops the writer first."""
+    proc = run_script(
+        f"""
+        import multiprocessing
+
+        def child(folder):
+            io = AsyncCheckpointIO(SlowIO(0.5), writer="process")
+            io.save_checkpoint({{"w": torch.ones(3)}}, os.path.join(folder, "child.ckpt"))
+            global KEEP
+            KEEP = io  # no teardown; the engine lives until the child ends
+
+        if __name__ == "__main__":
+            p = multiprocessing.get_context({method!r}).Process(target=child, args=(sys.argv[1],))
+            p.start()
+            p.join(60)
+            print("child", p.exitcode, flush=True)
+        """,
+        tmp_path,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.split() == ["child", "0"], (out, err)
+    assert torch.equal(torch.load(tmp_path / "child.ckpt", weights_only=True)["w"], torch.ones(3)), err
