@@ -211,8 +211,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
         self._exit_deadline: Optional[float] = None  # set when the interpreter starts to exit
         # Saves and removes between admission and being counted in ``_ops`` (staging, hand-over):
-        # token -> (path key, thread id). The exit drain waits for them too.
-        self._handovers: Dict[int, "tuple[str, int]"] = {}
+        # token -> (path key, thread id, set when it ends). The exit drain waits for them too.
+        self._handovers: Dict[int, "tuple[str, int, threading.Event]"] = {}
         self._handover_tokens = 0
         if writer == "process" and (checkpoint_io is not None or not self._base_io_comes_later):
             from .process_writer import check_picklable
@@ -396,7 +396,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         with self._cv:
             self._handover_tokens += 1
             token = self._handover_tokens
-            self._handovers[token] = (key, threading.get_ident())
+            ended = threading.Event()
+            self._handovers[token] = (key, threading.get_ident(), ended)
         self._local.in_progress = True
         try:
             yield
@@ -404,13 +405,13 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             self._local.in_progress = False
             with self._cv:
                 del self._handovers[token]
-                self._cv.notify_all()
+            ended.set()
             _exit.after_handover()
 
     def _hands_over_on(self, thread_id: int) -> List[str]:
         """The paths of the saves or removes that thread ``thread_id`` is handing over."""
         with self._cv:
-            return [key for key, tid in self._handovers.values() if tid == thread_id]
+            return [key for key, tid, _ in self._handovers.values() if tid == thread_id]
 
     def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> None:
         """A save made on a thread that is inside another save of this engine (holding a slot)
@@ -746,8 +747,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         end = started + budget
         me = threading.get_ident()
         with self._cv:
-            others = {t for t, (_, tid) in self._handovers.items() if tid != me}
-            paths = sorted({op.path for op in self._ops.values()} | {key for key, _ in self._handovers.values()})
+            others = [ended for _, tid, ended in self._handovers.values() if tid != me]
+            paths = sorted({op.path for op in self._ops.values()} | {key for key, _, _ in self._handovers.values()})
             pending = len(self._ops) + len(self._handovers)
         if pending == 0:
             return
@@ -758,8 +759,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             ", ".join(paths),
             budget,
         )
-        with self._cv:
-            self._cv.wait_for(lambda: not (others & self._handovers.keys()), max(0.0, end - time.monotonic()))
+        # Events, not ``_cv``: this may run in a signal handler on a thread that holds ``_cv``.
+        for ended in others:
+            ended.wait(max(0.0, end - time.monotonic()))
         ops = self._pending_ops()
         try:
             self._wait_for(ops, max(0.0, end - time.monotonic()))
@@ -769,7 +771,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             err_text = ""
         with self._cv:
             not_written = sorted(
-                {op.path for op in ops if not op.done()} | {key for key, _ in self._handovers.values()}
+                {op.path for op in ops if not op.done()} | {key for key, _, _ in self._handovers.values()}
             )
             errors = list(self._errors)
         if not_written:
