@@ -56,6 +56,8 @@ def _at_exit() -> None:
 
 
 threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+# A forked child keeps this registry: its copies of the engines start afresh at the fork (see
+# ``AsyncCheckpointIO._adopt_after_fork``), so its exit drains only the child's own saves.
 
 _multiprocessing_hook_pid: Optional[int] = None
 
@@ -83,8 +85,6 @@ def stop_writers_before_multiprocessing_exit() -> None:
             return
         multiprocessing.util.Finalize(None, _before_multiprocessing_joins_its_children, exitpriority=100)
         _multiprocessing_hook_pid = os.getpid()
-# A forked child keeps this registry: its copies of the engines start afresh at the fork (see
-# ``AsyncCheckpointIO._adopt_after_fork``), so its exit drains only the child's own saves.
 
 
 def install_sigterm_handler() -> bool:
