@@ -2,21 +2,33 @@
 
 Interpreter exit: a ``threading`` exit hook (the one ``concurrent.futures`` uses) runs before
 daemon threads are stopped, and drains every live engine's queue within its ``exit_timeout``.
+Where a writer process runs, ``multiprocessing``'s own exit handler would then terminate it
+(SIGTERM, which the writer ignores) and join it without a timeout; so a finalizer of
+``multiprocessing``'s, which that handler runs first whatever the order of ``atexit`` hooks,
+drains once more (saves made by ``atexit`` handlers) and stops the writers, within the same
+``exit_timeout``.
 
 SIGTERM (preemption): the default action kills the process without running any Python, so the
 first engine created on the main thread installs a handler that drains the queues, then hands
 the signal on: to the previous Python handler if there was one, otherwise it restores the
 default action and re-sends SIGTERM, so the exit status is the one the process would have had.
+A signal handler runs on the main thread, between the instructions of whatever that thread was
+doing; when that is a save of an engine (staging, or handing the save to a busy writer process),
+the drain could not wait for it, and the save was lost. The handler then returns at once, and the
+signal is handled as soon as that save is handed over (or, at ``exit_timeout``, with that save
+logged as not written).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
 import os
 import signal
 import threading
+import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 log = logging.getLogger("asyncckpt")
 
@@ -31,10 +43,10 @@ def register(engine: Any) -> None:
         _engines.add(engine)
 
 
-def drain_all(reason: str) -> None:
+def drain_all(reason: str, deadline: Optional[float] = None) -> None:
     for engine in list(_engines):
         try:
-            engine._drain_before_exit(reason)
+            engine._drain_before_exit(reason, deadline)
         except Exception:  # noqa: BLE001 - keep draining the other engines
             log.exception("asyncckpt: could not write pending checkpoints before %s", reason)
 
@@ -46,6 +58,33 @@ def _at_exit() -> None:
 threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
 # A forked child keeps this registry: its copies of the engines start afresh at the fork (see
 # ``AsyncCheckpointIO._adopt_after_fork``), so its exit drains only the child's own saves.
+
+_multiprocessing_hook_pid: Optional[int] = None
+
+
+def _before_multiprocessing_joins_its_children() -> None:
+    for engine in list(_engines):
+        try:
+            engine._drain_before_exit("interpreter exit")
+            engine._stop_writer_before_exit()
+        except Exception:  # noqa: BLE001 - keep stopping the other engines' writers
+            log.exception("asyncckpt: could not stop a writer before interpreter exit")
+
+
+def stop_writers_before_multiprocessing_exit() -> None:
+    """Make ``multiprocessing``'s exit handler drain and stop this process's writers before it
+    joins its children (once per process; called when a writer process starts).
+
+    Its finalizers with an ``exitpriority`` run at the start of that handler, whenever the
+    handler itself runs among the ``atexit`` hooks. A child started by ``multiprocessing``
+    begins with no finalizers, hence once per process id.
+    """
+    global _multiprocessing_hook_pid
+    with _lock:
+        if _multiprocessing_hook_pid == os.getpid():
+            return
+        multiprocessing.util.Finalize(None, _before_multiprocessing_joins_its_children, exitpriority=100)
+        _multiprocessing_hook_pid = os.getpid()
 
 
 def install_sigterm_handler() -> bool:
@@ -72,8 +111,68 @@ def uninstall_sigterm_handler() -> None:
         _installed = False
 
 
+# A SIGTERM waiting for the main thread to finish handing a save over:
+# (deadline, the frame it interrupted, the timer that re-sends it at the deadline).
+_deferred: Optional[Tuple[float, Any, threading.Timer]] = None
+
+
+def _saves_in_progress_here() -> Tuple[list, float]:
+    """The paths this thread is staging or handing over, and the longest ``exit_timeout`` of
+    the engines concerned."""
+    me = threading.get_ident()
+    paths: list = []
+    timeout = 0.0
+    for engine in list(_engines):
+        mine = engine._hands_over_on(me)
+        if mine:
+            paths += mine
+            timeout = max(timeout, engine.exit_timeout)
+    return paths, timeout
+
+
 def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
-    drain_all("SIGTERM")
+    global _deferred
+    paths, timeout = _saves_in_progress_here()
+    if paths:
+        if _deferred is None:
+            deadline = time.monotonic() + timeout
+            # At the deadline the signal comes again, and is handled whatever this thread does.
+            timer = threading.Timer(timeout, signal.pthread_kill, (threading.get_ident(), signum))
+            timer.daemon = True
+            _deferred = (deadline, frame, timer)
+            timer.start()
+            log.warning(
+                "asyncckpt: SIGTERM during the save of %s; handling it once that save is handed to the writer",
+                ", ".join(paths),
+            )
+            return
+        if time.monotonic() < _deferred[0]:
+            return  # already waiting for this save
+        deadline = _deferred[0]
+        _deferred[2].cancel()
+        _deferred = None
+        _handle_sigterm(signum, frame, deadline)  # the drain logs the save in progress as not written
+        return
+    _handle_sigterm(signum, frame, None)
+
+
+def after_handover() -> None:
+    """Called when a thread has finished staging and handing over a save or remove: a SIGTERM
+    that arrived meanwhile on this thread is handled now."""
+    global _deferred
+    deferred = _deferred
+    if deferred is None or threading.current_thread() is not threading.main_thread():
+        return
+    if _saves_in_progress_here()[0]:
+        return  # still inside a save of another engine
+    _deferred = None
+    deadline, frame, timer = deferred
+    timer.cancel()
+    _handle_sigterm(signal.SIGTERM, frame, deadline)
+
+
+def _handle_sigterm(signum: int, frame: Optional[Any], deadline: Optional[float]) -> None:
+    drain_all("SIGTERM", deadline)
     previous = _previous_sigterm
     if callable(previous):
         previous(signum, frame)

@@ -214,6 +214,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._errors: List[AsyncCheckpointError] = []
         self._failed_saves: List[Operation] = []  # failed, and not yet raised to the caller
         self._stats: Deque[SaveStats] = collections.deque(maxlen=_STATS_KEPT)
+        self._exit_deadline: Optional[float] = None  # set when the interpreter starts to exit
+        # Saves and removes between admission and being counted in ``_ops`` (staging, hand-over):
+        # token -> (path key, thread id, set when it ends). The exit drain waits for them too.
+        self._handovers: Dict[int, "tuple[str, int, threading.Event]"] = {}
+        self._handover_tokens = 0
         if writer == "process" and (checkpoint_io is not None or not self._base_io_comes_later):
             from .process_writer import check_picklable
 
@@ -244,6 +249,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         self._errors = []
         self._failed_saves = []
         self._stats = collections.deque(maxlen=_STATS_KEPT)
+        self._exit_deadline = None
+        self._handovers = {}
         arena_kind = "shared" if self.writer_kind == "process" else "plain"
         self._free_slots = [StagingSlot(i, arena_kind) for i in range(self.max_pending)]
         self._stager = Stager(self.staging_threads)
@@ -325,8 +332,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 remember(path, storage_options)
         started = time.perf_counter()
         checkpoint = self._stageable_form(checkpoint)
-        slot = self._acquire_slot(key)
-        self._stage_and_submit(checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started)
+        with self._in_progress(key):  # from here a SIGTERM drain waits for this save too
+            slot = self._acquire_slot(key)
+            self._stage_and_submit(
+                checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started
+            )
 
     def _save_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> None:
         """``save_checkpoint`` for a collective IO (``agree_to_save``): the ranks agree at the
@@ -367,17 +377,18 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 self._release_slot(slot)
             raise error
         assert slot is not None
-        try:
-            self._stage_and_submit(checkpoint, target, key, storage_options, slot, started, waited)
-        except Exception as err:
-            # Every rank agreed to this save, and the others' writers will run its collective:
-            # this rank's writer takes part without data, failing it on every rank.
-            abort = Operation("abort", key, target, staged=err)
+        with self._in_progress(key):  # from here a SIGTERM drain waits for this save too
             try:
-                self._submit(abort)
-            except Exception:  # noqa: BLE001 - the staging failure is the one to raise
-                log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", key)
-            raise
+                self._stage_and_submit(checkpoint, target, key, storage_options, slot, started, waited)
+            except Exception as err:
+                # Every rank agreed to this save, and the others' writers will run its collective:
+                # this rank's writer takes part without data, failing it on every rank.
+                abort = Operation("abort", key, target, staged=err)
+                try:
+                    self._submit(abort)
+                except Exception:  # noqa: BLE001 - the staging failure is the one to raise
+                    log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", key)
+                raise
 
     def _settle(self) -> Optional[BaseException]:
         """Wait for every queued operation; return (and clear) the failures so far, if any."""
@@ -407,7 +418,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         waited: float,
     ) -> None:
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
-        with self._holding():  # a signal handler's save on this thread must not wait for this slot
+        with self._holding(key):  # a signal handler's save on this thread must not wait for this slot
             slot.last_key = key
             self._stager.torch_save_rules = _saves_with_torch_save(self._wrapped())
             try:
@@ -439,14 +450,43 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 raise
 
     @contextlib.contextmanager
-    def _holding(self) -> Iterator[None]:
+    def _holding(self, key: str) -> Iterator[None]:
         """Marks this thread as inside a save or hand-over of this engine (see :meth:`_save_now`)."""
         was_holding = getattr(self._local, "holding", False)
         self._local.holding = True
         try:
-            yield
+            with self._in_progress(key):
+                yield
         finally:
             self._local.holding = was_holding
+
+    @contextlib.contextmanager
+    def _in_progress(self, key: str) -> Iterator[None]:
+        """Lists a save or remove in ``_handovers`` from its admission until its operation is
+        counted (or has failed), so that the exit drain waits for it; a SIGTERM handled on this
+        thread meanwhile is handed on when it ends (see :mod:`asyncckpt._exit`)."""
+        if getattr(self._local, "in_progress", False):
+            yield  # the outer call lists it
+            return
+        with self._cv:
+            self._handover_tokens += 1
+            token = self._handover_tokens
+            ended = threading.Event()
+            self._handovers[token] = (key, threading.get_ident(), ended)
+        self._local.in_progress = True
+        try:
+            yield
+        finally:
+            self._local.in_progress = False
+            with self._cv:
+                del self._handovers[token]
+            ended.set()
+            _exit.after_handover()
+
+    def _hands_over_on(self, thread_id: int) -> List[str]:
+        """The paths of the saves or removes that thread ``thread_id`` is handing over."""
+        with self._cv:
+            return [key for key, tid, _ in self._handovers.values() if tid == thread_id]
 
     def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> None:
         """A save made on a thread that is inside another save of this engine (holding a slot)
@@ -641,7 +681,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         here and leaves nothing counted; the caller gives the slot back.
         """
         op.add_done_callback(self._on_done)
-        with self._holding():  # nor for this hand-over (a process writer's send lock)
+        with self._holding(op.path):  # nor for this hand-over (a process writer's send lock)
             with self._submit_lock:
                 for _ in range(2):
                     writer = self._live_writer()
@@ -802,10 +842,40 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         if op is not None:
             self._wait_for([op], None)
 
-    def _drain_before_exit(self, reason: str) -> None:
-        ops = self._pending_ops()
-        pending = len(ops)
-        paths = sorted({shown(op.path) for op in ops})
+    def _exit_time_left(self, reason: str) -> float:
+        """Seconds left to write pending saves before ``reason``: ``exit_timeout`` per SIGTERM,
+        and one ``exit_timeout`` for all of interpreter exit (its hooks drain more than once)."""
+        if reason != "interpreter exit":
+            return self.exit_timeout
+        now = time.monotonic()
+        if self._exit_deadline is None:
+            self._exit_deadline = now + self.exit_timeout
+        return max(0.0, self._exit_deadline - now)
+
+    def _stop_writer_before_exit(self) -> None:
+        """Stop the writer within what is left of the exit time (``multiprocessing`` joins a
+        writer process at exit without a timeout; a stopped one is joined at once)."""
+        writer = self._writer
+        if writer is not None:
+            writer.stop(max(1.0, self._exit_time_left("interpreter exit")))
+
+    def _drain_before_exit(self, reason: str, deadline: Optional[float] = None) -> None:
+        """Write what is pending, within the exit time (and by ``deadline``, a monotonic time),
+        and log it: the operations counted, and those other threads are handing over (they
+        are counted once handed over, and are waited for too). A hand-over on this thread
+        cannot finish while this runs (the SIGTERM handler waits for it to end first; see
+        :mod:`asyncckpt._exit`), so one still in progress here is logged as not written."""
+        budget = self._exit_time_left(reason)
+        if deadline is not None:
+            budget = min(budget, max(0.0, deadline - time.monotonic()))
+        started = time.monotonic()
+        end = started + budget
+        me = threading.get_ident()
+        with self._cv:
+            others = [ended for _, tid, ended in self._handovers.values() if tid != me]
+            keys = {op.path for op in self._ops.values()} | {key for key, _, _ in self._handovers.values()}
+            paths = sorted(shown(key) for key in keys)
+            pending = len(self._ops) + len(self._handovers)
         if pending == 0:
             return
         log.warning(
@@ -813,16 +883,30 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             reason,
             pending,
             ", ".join(paths),
-            self.exit_timeout,
+            budget,
         )
-        started = time.monotonic()
+        # Events, not ``_cv``: this may run in a signal handler on a thread that holds ``_cv``.
+        for ended in others:
+            ended.wait(max(0.0, end - time.monotonic()))
+        ops = self._pending_ops()
         try:
-            self._wait_for(ops, self.exit_timeout)
+            self._wait_for(ops, max(0.0, end - time.monotonic()))
         except AsyncCheckpointError as err:
-            log.error("asyncckpt: pending checkpoints not all written before %s: %s", reason, err)
-            return
+            err_text = str(err)
+        else:
+            err_text = ""
         with self._cv:
+            keys = {op.path for op in ops if not op.done()} | {key for key, _, _ in self._handovers.values()}
+            not_written = sorted(shown(key) for key in keys)
             errors = list(self._errors)
+        if not_written:
+            log.error(
+                "asyncckpt: pending checkpoints not all written before %s; not written: %s%s",
+                reason,
+                ", ".join(not_written),
+                f" ({err_text})" if err_text else "",
+            )
+            return
         log.warning(
             "asyncckpt: pending checkpoint operations finished in %.2fs before %s%s",
             time.monotonic() - started,

@@ -17,6 +17,7 @@ their staging slots are freed; the next operation starts a fresh writer process.
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import logging
 import mmap
@@ -30,8 +31,9 @@ import threading
 import traceback
 import weakref
 from multiprocessing import reduction
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
+from . import _exit
 from .errors import NotSerializableError, WriterDiedError
 from .redaction import shown
 from .staging import collection_paused
@@ -87,7 +89,42 @@ def main_is_importable() -> bool:
     if spec_name is not None:
         return not (spec_name == "__main__" or spec_name.endswith(".__main__"))
     path = getattr(main, "__file__", None)
-    return path is not None and os.path.splitext(os.path.basename(path))[0] != "ipython"
+    return path is not None and os.path.splitext(os.path.basename(path))[0] != "ipython" and _main_file_exists(path)
+
+
+def _main_file_exists(path: str) -> bool:
+    """Whether spawn finds the main file where it looks: a script read from standard input
+    (``python - < train.py``, a heredoc) has the ``__file__`` ``'<stdin>'``, which is no file."""
+    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
+        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
+    return os.path.isfile(path)
+
+
+_spawn_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_file_hidden_from_spawn() -> Iterator[None]:
+    """Start the writer process without re-running a ``__main__`` that spawn cannot re-run.
+
+    Spawn re-runs the main module from ``__main__.__file__`` when it has no module name; for a
+    script read from standard input that path (``'<stdin>'``) does not exist, and the writer
+    died at start. The writer needs nothing from ``__main__`` unless a checkpoint holds its
+    classes, and those saves are refused at the call (:func:`check_main_references`); so while
+    spawn reads what to prepare, ``__main__`` shows no file, as under ``python -c``.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if main is None or path is None or spec_name is not None or _main_file_exists(path):
+        yield
+        return
+    with _spawn_lock:
+        del main.__file__
+        try:
+            yield
+        finally:
+            main.__file__ = path
 
 
 def _stand_in(name: str) -> type:
@@ -199,7 +236,10 @@ def check_main_references(skeleton: bytes, path: str) -> None:
         return
     if not main_is_importable():
         raise _refuse_main_reference(
-            names[0], path, "of a program that spawn cannot re-import (python -c, a notebook, an interactive session)"
+            names[0],
+            path,
+            "of a program that spawn cannot re-import (python -c, a script read from standard input, "
+            "a notebook, an interactive session)",
         ) from None
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file is None:
@@ -269,6 +309,7 @@ class ProcessWriter:
         return self._process.pid if self._process is not None else None
 
     def start(self) -> None:
+        _exit.stop_writers_before_multiprocessing_exit()
         ctx = multiprocessing.get_context("spawn")
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(
@@ -277,7 +318,8 @@ class ProcessWriter:
             name="asyncckpt-writer",
             daemon=True,
         )
-        self._process.start()
+        with _main_file_hidden_from_spawn():
+            self._process.start()
         _started.add(self._process)
         child_conn.close()
         self._conn = parent_conn
@@ -453,18 +495,26 @@ class ProcessWriter:
             op.complete(err)
 
     def stop(self, timeout: Optional[float] = None) -> bool:
-        """Finish what is queued, end the process and reap it (no zombie is left)."""
-        with self._send_lock:
-            if self._process is None:
-                return True
+        """Finish what is queued, end the process and reap it (no zombie is left).
+
+        With a ``timeout``, nothing here waits longer: a send blocked on a busy writer holds
+        the send lock, and then the process is ended without the stop command.
+        """
+        if self._process is None:
+            return True
+        got_lock = self._send_lock.acquire(timeout=-1 if timeout is None else timeout)
+        try:
             with self._table_lock:
                 was_stopping, self._stopping = self._stopping, True
                 dead = self._dead
-            if not dead and not was_stopping:
+            if got_lock and not dead and not was_stopping:
                 try:
                     self._conn.send(("stop",))
                 except OSError:
                     pass
+        finally:
+            if got_lock:
+                self._send_lock.release()
         self._process.join(timeout)
         if not _has_exited(self._process):
             self._process.kill()

@@ -24,9 +24,9 @@ PRELUDE = textwrap.dedent(
 )
 
 
-def run_script(body: str, tmp_path, **kwargs) -> subprocess.Popen:
+def run_script(body: str, tmp_path, prelude: str = PRELUDE, **kwargs) -> subprocess.Popen:
     script = tmp_path / "script.py"
-    script.write_text(PRELUDE + textwrap.dedent(body))
+    script.write_text(textwrap.dedent(prelude) + textwrap.dedent(body))
     env = child_env()
     return subprocess.Popen(
         [sys.executable, str(script), str(tmp_path)],
@@ -311,3 +311,159 @@ def test_a_forked_child_exits_at_once_with_the_parents_saves_pending(tmp_path):
     assert first[:3] == ["child", "exit", "0"], (first, err)
     assert float(first[3]) < 2.0  # the parent's writes take 6 s; the child did not wait for them
     assert torch.load(tmp_path / "b.ckpt", weights_only=True) == {"v": 2}
+
+
+EXIT_HOOK_ORDERS = {
+    # a weakref.finalize (here a module-level TemporaryDirectory) made before torch imports
+    # multiprocessing: multiprocessing's exit handler then runs before the finalizers
+    "finalizer-before-import": ("import tempfile\nTMP = tempfile.TemporaryDirectory()\n", ""),
+    # the same, and a finalizer made after the engine
+    "finalizers-around-the-engine": (
+        "import tempfile\nTMP = tempfile.TemporaryDirectory()\n",
+        "LATER = tempfile.TemporaryDirectory()\n",
+    ),
+    # an atexit handler registered after the engine saves once more at exit
+    "save-from-a-later-atexit-handler": (
+        "import tempfile\nTMP = tempfile.TemporaryDirectory()\n",
+        "import atexit\natexit.register(lambda: io.save_checkpoint({'late': 1}, os.path.join(folder, 'late.ckpt')))\n",
+    ),
+    # no finalizer before the import: the order that always worked
+    "import-first": ("", ""),
+}
+
+
+@pytest.mark.parametrize("order", list(EXIT_HOOK_ORDERS))
+def test_a_process_writer_without_teardown_exits_whatever_the_order_of_exit_hooks(tmp_path, order):
+    """``multiprocessing``'s exit handler sends SIGTERM to its daemonic children and joins them
+    with no timeout; the writer process ignores SIGTERM (the parent drains it first) and waits
+    for its next command. When that handler ran before the engine's finalizer (any
+    ``weakref.finalize`` made before ``import torch`` arranges it), the interpreter never exited."""
+    before, after = EXIT_HOOK_ORDERS[order]
+    proc = run_script(
+        f"""
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            folder = sys.argv[1]
+            io = AsyncCheckpointIO(SlowIO(0.5), writer="process")
+{textwrap.indent(after, " " * 12)}
+            io.save_checkpoint({{"w": torch.arange(10.0)}}, os.path.join(folder, "a.ckpt"))
+            print("ready", flush=True)
+            # no flush, no teardown
+        """,
+        tmp_path,
+        prelude=before + PRELUDE,
+    )
+    wait_ready(proc)
+    try:
+        _, err = proc.communicate(timeout=30)  # the writes take 0.5 s each
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"the interpreter did not exit: {err[-2000:]}") from None
+    assert proc.returncode == 0, err
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.arange(10.0))
+    if "atexit" in order:
+        assert torch.load(tmp_path / "late.ckpt", weights_only=True) == {"late": 1}, err
+
+
+@pytest.mark.parametrize("where", ["main-thread", "other-thread", "main-thread-waiting-for-a-slot"])
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_save_being_handed_over_when_sigterm_lands_is_written(tmp_path, writer, where):
+    """The writer is busy with a slow write, so the next save's skeleton (300,000 strings, far
+    more than the pipe holds) blocks in its hand-over to a writer process; SIGTERM lands then.
+    That save was neither counted as pending nor written: the drain wrote the first save and the
+    process ended. It is written now, before the signal is handed on; so is a save still
+    waiting for a staging slot (``max_pending=1``) when the signal lands."""
+    proc = run_script(
+        f"""
+        import threading
+
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            folder = sys.argv[1]
+            max_pending = 1 if {where!r}.endswith("slot") else 2
+            io = AsyncCheckpointIO(SlowIO(1.5), writer={writer!r}, exit_timeout=60, max_pending=max_pending)
+            io.save_checkpoint({{"v": 0}}, os.path.join(folder, "first.ckpt"))
+            big = [f"s{{i}}" for i in range(300_000)]
+            print("ready", flush=True)
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+            def save():
+                io.save_checkpoint({{"big": big, "w": torch.ones(3)}}, os.path.join(folder, "second.ckpt"))
+
+            if {where!r}.startswith("main-thread"):
+                save()
+            else:
+                threading.Thread(target=save).start()
+            time.sleep(120)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert torch.load(tmp_path / "first.ckpt", weights_only=True) == {"v": 0}
+    second = torch.load(tmp_path / "second.ckpt", weights_only=True)
+    assert len(second["big"]) == 300_000 and second["big"][-1] == "s299999", err
+    assert "SIGTERM" in err and "not all written" not in err
+
+
+def test_a_save_still_being_handed_over_at_exit_timeout_is_logged_as_not_written(tmp_path):
+    """Where the hand-over cannot finish within ``exit_timeout`` (the writer is busy with an 8 s
+    write), the process still ends in bounded time, and the log line names the save in progress
+    as not written, with the pending one. (The writer process, orphaned, may finish its write
+    later: stderr goes to a file, as the orphan keeps a pipe open.)"""
+    script = tmp_path / "script.py"
+    script.write_text(PRELUDE + textwrap.dedent(
+        """
+        import threading
+
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            folder = sys.argv[1]
+            io = AsyncCheckpointIO(SlowIO(8), writer="process", exit_timeout=1)
+            io.save_checkpoint({"v": 0}, os.path.join(folder, "first.ckpt"))
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            io.save_checkpoint({"big": [f"s{i}" for i in range(300_000)]}, os.path.join(folder, "second.ckpt"))
+            time.sleep(120)
+        """
+    ))
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stderr=stderr, env=child_env())
+        try:
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == -signal.SIGTERM, err
+    line = next((line for line in err.splitlines() if "not written:" in line), "")
+    assert "first.ckpt" in line and "second.ckpt" in line, err
+    assert not (tmp_path / "second.ckpt").exists()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_multiprocessing_child_saving_with_a_process_writer_writes_before_it_ends(tmp_path, method):
+    """A ``multiprocessing`` child never runs the interpreter's exit hooks: it ends through
+    ``multiprocessing``'s exit handler, which terminated and joined its writer process, and the
+    pending save was lost. That handler now drains and stops the writer first."""
+    proc = run_script(
+        f"""
+        import multiprocessing
+
+        def child(folder):
+            io = AsyncCheckpointIO(SlowIO(0.5), writer="process")
+            io.save_checkpoint({{"w": torch.ones(3)}}, os.path.join(folder, "child.ckpt"))
+            global KEEP
+            KEEP = io  # no teardown; the engine lives until the child ends
+
+        if __name__ == "__main__":
+            p = multiprocessing.get_context({method!r}).Process(target=child, args=(sys.argv[1],))
+            p.start()
+            p.join(60)
+            print("child", p.exitcode, flush=True)
+        """,
+        tmp_path,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.split() == ["child", "0"], (out, err)
+    assert torch.equal(torch.load(tmp_path / "child.ckpt", weights_only=True)["w"], torch.ones(3)), err

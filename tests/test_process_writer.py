@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -255,3 +256,49 @@ def test_a_writer_process_that_cannot_lower_its_priority_writes_anyway_and_says_
     assert torch.equal(load(tmp_path / "a.ckpt")["w"], torch.ones(3))
     assert torch.equal(load(tmp_path / "b.ckpt")["w"], torch.zeros(3))
     assert "writer_nice not applied" in capfd.readouterr().err
+
+
+_STDIN_SCRIPT = """
+import os, sys
+import torch
+from asyncckpt import AsyncCheckpointIO
+from asyncckpt.errors import NotSerializableError
+
+class Config:  # defined in a __main__ the writer process cannot re-run
+    lr = 0.1
+
+folder = {folder!r}
+io = AsyncCheckpointIO(writer="process")
+io.save_checkpoint({{"w": torch.arange(5.0)}}, os.path.join(folder, "a.ckpt"))
+try:
+    io.save_checkpoint({{"cfg": Config()}}, os.path.join(folder, "cfg.ckpt"))
+except NotSerializableError as err:
+    print("REFUSED", err)
+io.teardown()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("how", ["python - < file", "python - <<heredoc", "python < file"])
+def test_a_script_read_from_standard_input_saves_with_the_writer_process(tmp_path, how):
+    """``python - < train.py`` (or a heredoc): ``__main__.__file__`` is ``'<stdin>'``, which
+    spawn tried to re-run in the writer process (``FileNotFoundError`` there, and the save failed
+    later as ``WriterDiedError``). The writer needs nothing from such a ``__main__``; a save
+    holding one of its classes is refused at the call, saying why."""
+    from _slow_disk import child_env
+
+    source = _STDIN_SCRIPT.format(folder=str(tmp_path))
+    script = tmp_path / "train.py"
+    script.write_text(source)
+    argv = [sys.executable] + ([] if how == "python < file" else ["-"])
+    if how == "python - <<heredoc":
+        result = subprocess.run(argv, input=source, capture_output=True, text=True, env=child_env(), timeout=120)
+    else:
+        with open(script) as stdin:
+            result = subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=child_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(load(tmp_path / "a.ckpt")["w"], torch.arange(5.0))
+    assert "REFUSED" in result.stdout and "'Config'" in result.stdout and "standard input" in result.stdout, (
+        result.stdout, result.stderr[-2000:])
+    assert not (tmp_path / "cfg.ckpt").exists()
+    assert result.stdout.splitlines()[-1] == "done"
