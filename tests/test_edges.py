@@ -140,7 +140,9 @@ def test_first_save_under_inference_mode_does_not_poison_the_slot(tmp_path, writ
 # -- 4: relative paths ----------------------------------------------------------------------
 
 
-def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, writer, monkeypatch):
+def _engine_started_in_one_folder_called_from_another(tmp_path, gated_io, writer, monkeypatch):
+    """An engine whose writer started in ``spawned/``, called from ``at_call/`` with its writes
+    held (the test moves to ``later/`` before it lets them go)."""
     for name in ("spawned", "at_call", "later"):
         (tmp_path / name).mkdir()
     monkeypatch.chdir(tmp_path / "spawned")
@@ -149,6 +151,11 @@ def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, 
     io.flush()
     monkeypatch.chdir(tmp_path / "at_call")
     gated_io.gate.clear()
+    return io
+
+
+def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, writer, monkeypatch):
+    io = _engine_started_in_one_folder_called_from_another(tmp_path, gated_io, writer, monkeypatch)
     io.save_checkpoint({"v": 1}, os.path.join("ckpt", "a.ckpt"))
     io.save_checkpoint({"v": 2}, os.path.join("ckpt", "b.ckpt"))
     io.remove_checkpoint(os.path.join("ckpt", "b.ckpt"))
@@ -165,14 +172,7 @@ def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, 
 def test_a_relative_file_url_means_the_working_folder_at_the_call(tmp_path, gated_io, writer, monkeypatch, scheme):
     """Issue 21: fsspec resolves ``file://ckpt/a.ckpt`` (and ``local://``) against the working
     folder, so the engine must resolve it at the call, as it does a relative path."""
-    for name in ("spawned", "at_call", "later"):
-        (tmp_path / name).mkdir()
-    monkeypatch.chdir(tmp_path / "spawned")
-    io = AsyncCheckpointIO(gated_io, writer=writer)
-    io.save_checkpoint({"v": 0}, "warm.ckpt")
-    io.flush()
-    monkeypatch.chdir(tmp_path / "at_call")
-    gated_io.gate.clear()
+    io = _engine_started_in_one_folder_called_from_another(tmp_path, gated_io, writer, monkeypatch)
     io.save_checkpoint({"v": 1}, f"{scheme}ckpt/a.ckpt")
     io.save_checkpoint({"v": 2}, f"{scheme}ckpt/b.ckpt")
     io.remove_checkpoint(f"{scheme}ckpt/b.ckpt")

@@ -708,20 +708,26 @@ def _save_at_once(engine: AsyncCheckpointIO, jobs: List[Any]) -> None:
     assert not errors, errors
 
 
-def test_lazy_saves_from_several_threads_at_once_are_all_finished_and_written(tmp_path):
-    for attempt in range(15):
-        engine = AsyncCheckpointIO(staging="lazy", max_pending=_THREADS, handle_sigterm=False)
+def _rounds_of_lazy_saves_from_threads_at_once(tmp_path, rounds: int, max_pending: int) -> None:
+    """``rounds`` times: ``_THREADS`` threads save lazily at once, then ``flush`` (no optimizer
+    step runs: the engine alone must finish every copy); every file holds its own state."""
+    for attempt in range(rounds):
+        engine = AsyncCheckpointIO(staging="lazy", max_pending=max_pending, handle_sigterm=False)
         states = [{"i": i, "w": torch.full((WIDTH, WIDTH), float(attempt * 10 + i))} for i in range(_THREADS)]
         paths = [tmp_path / f"{attempt}-{i}.ckpt" for i in range(_THREADS)]
         try:
             with _switching_often():
                 _save_at_once(engine, list(zip(states, paths, strict=True)))
-            engine.flush(timeout=30)  # no optimizer step runs: the engine alone finishes every copy
+            engine.flush(timeout=30)
         finally:
-            lazy_mod.finish_all()  # if a copy was left unfinished, unblock the writer so teardown returns
+            lazy_mod.finish_all()  # a copy or save left waiting: let it go, so teardown returns
             engine.teardown()
         for state, path in zip(states, paths, strict=True):
             _assert_same(torch.load(path, weights_only=True), state, str(path))
+
+
+def test_lazy_saves_from_several_threads_at_once_are_all_finished_and_written(tmp_path):
+    _rounds_of_lazy_saves_from_threads_at_once(tmp_path, rounds=15, max_pending=_THREADS)
 
 
 _THREADS_EXIT_SCRIPT = """
@@ -772,16 +778,4 @@ def test_lazy_saves_from_two_threads_pending_at_exit_are_all_written(tmp_path):
 def test_lazy_saves_from_more_threads_than_slots_never_wait_for_each_other_forever(tmp_path, max_pending):
     """A save waiting for a slot held by another thread's unverified copy finishes that copy
     itself: the writer frees the slot only once a guard has verified it."""
-    for attempt in range(10):
-        engine = AsyncCheckpointIO(staging="lazy", max_pending=max_pending, handle_sigterm=False)
-        states = [{"i": i, "w": torch.full((WIDTH, WIDTH), float(attempt * 10 + i))} for i in range(_THREADS)]
-        paths = [tmp_path / f"{attempt}-{i}.ckpt" for i in range(_THREADS)]
-        try:
-            with _switching_often():
-                _save_at_once(engine, list(zip(states, paths, strict=True)))
-            engine.flush(timeout=30)
-        finally:
-            lazy_mod.finish_all()  # if a save was left waiting, let it go so teardown returns
-            engine.teardown()
-        for state, path in zip(states, paths, strict=True):
-            _assert_same(torch.load(path, weights_only=True), state, str(path))
+    _rounds_of_lazy_saves_from_threads_at_once(tmp_path, rounds=10, max_pending=max_pending)
