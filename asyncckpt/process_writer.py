@@ -335,6 +335,7 @@ class ProcessWriter:
 
     def submit(self, op: Operation) -> None:
         """Send ``op``; an operation that cannot be pickled raises here and nothing is sent."""
+        depends_on: Any = ()
         if op.kind == "remove":
             depends_on, failed = self._dependencies(op)
             if failed is not None:  # known already: the removal is not sent, and is complete
