@@ -420,8 +420,10 @@ def test_a_save_still_being_handed_over_at_exit_timeout_is_logged_as_not_written
             folder = sys.argv[1]
             io = AsyncCheckpointIO(SlowIO(8), writer="process", exit_timeout=1)
             io.save_checkpoint({"v": 0}, os.path.join(folder, "first.ckpt"))
+            big = [f"s{i}" for i in range(300_000)]  # built before the timer starts: on a loaded
+            # machine building it took longer than the timer, and the signal came before the save
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
-            io.save_checkpoint({"big": [f"s{i}" for i in range(300_000)]}, os.path.join(folder, "second.ckpt"))
+            io.save_checkpoint({"big": big}, os.path.join(folder, "second.ckpt"))
             time.sleep(120)
         """
     ))
