@@ -343,6 +343,39 @@ def collective_calls(model: Any, opt: Any, ck: str) -> None:
 
     case("remove_after_failure", io, fail_then_remove)
 
+    # 6. An asyncio save cancelled on rank 1 while it waits for a staging slot (rank 1 has one
+    # slot, busy with a slow save; rank 0 has two), while rank 0's save of the same folder is
+    # already in the agreement; then the next save of that folder on both. The cancelled call
+    # must be refused on every rank, not paired with rank 1's next save (which committed a
+    # folder of rank 0's step-b shards and rank 1's step-c shards).
+    folder = os.path.join(ck, "cancelled")
+    impl = SlowWriteIO(timeout=20)
+    io = asyncckpt.AsyncCheckpointIO(impl, max_pending=2 if RANK == 0 else 1)
+    with torch.no_grad():  # new DTensors (local ops): three distinct states
+        states = {n: {"model": {k: v + n for k, v in state_of(model, opt, 0)["model"].items()}, "step": n}
+                  for n in (60, 61, 62)}
+    record_expected("cancelled-c", states[62])
+
+    async def cancelled_then_next() -> list:
+        errors: list = []
+        impl.delay = 2.0 if RANK == 0 else 0.0  # rank 0's write starts late: rank 1's slot stays busy
+        await io.asave_checkpoint(states[60], os.path.join(folder, "slow"))
+        await asyncio.sleep(0.3)
+        impl.delay = 0.0
+        for n, limit in ((61, 0.5 if RANK == 1 else 60), (62, 60)):
+            try:
+                await asyncio.wait_for(io.asave_checkpoint(states[n], os.path.join(folder, "a")), limit)
+                errors.append(None)
+            except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001
+                errors.append(f"{type(err).__name__}: {err}")
+        return errors
+
+    errors = asyncio.run(cancelled_then_next())
+    errors.append(attempt(io.flush, timeout=60))
+    result["cancelled_errors"] = errors
+    result["cancelled_a_is_c"] = load_full_and_compare(os.path.join(folder, "a"), "cancelled-c")
+    io.teardown()
+
 
 def main() -> None:
     dist.init_process_group(

@@ -186,7 +186,8 @@ def test_a_remove_or_asyncio_save_refused_or_called_differently_on_one_rank_rais
     Each must raise at that call on every rank (before, the other rank's writer waited in the
     remove's collective until the timeout, which broke the save group for every later save, and
     asyncio saves had no agreement at all), keep the committed checkpoint, write nothing into
-    another folder, and leave the ranks in step: the next save commits on both."""
+    another folder, and leave the ranks in step: the next save commits on both. And an asyncio
+    save cancelled on one rank while it waits for a slot is refused on every rank."""
     results = run_ranks("collective_calls", 2, str(tmp_path))
     own = {
         "remove_refused": "InvalidPathError",
@@ -207,6 +208,13 @@ def test_a_remove_or_asyncio_save_refused_or_called_differently_on_one_rank_rais
             if case != "remove_after_failure":
                 assert r[f"{case}_files"] == ["a", "next"], (case, r)  # nothing queued anywhere
     assert results[0]["fail_flush"].startswith("CheckpointSaveError"), results[0]
+    # an asyncio save cancelled on rank 1 while waiting for a slot: refused on both, the next saves
+    cancelled = [r["cancelled_errors"] for r in results]
+    assert cancelled[1][0].startswith("TimeoutError"), cancelled
+    assert cancelled[0][0].startswith("RanksOutOfStepError") and "rank 1: CancelledError" in cancelled[0][0], cancelled
+    for r in results:
+        assert r["cancelled_errors"][1:] == [None, None], r
+        assert r["cancelled_a_is_c"], r  # the folder is one save, not rank 0's b beside rank 1's c
 
 
 @pytest.mark.slow
