@@ -300,12 +300,19 @@ class DistributedCheckpointIO(CheckpointIO):
         distributed = dist.is_available() and dist.is_initialized()
         if self._pg is None and distributed:
             self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
-        if self._call_pg is None and distributed and self._own_group:
+        if self._call_pg is None and distributed:
             # A second group: the callers agree on each save on their threads while the writers
             # run earlier saves' collectives on ``_pg``; one group used from two threads would
-            # interleave the two. (A group passed in may leave out ranks, which would never reach
-            # ``new_group``; such an IO agrees on nothing at the call, see ``agree_to_save``.)
-            self._call_pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+            # interleave the two. A group passed in may leave out ranks, which never reach this
+            # line: its members alone create the second group (local synchronization).
+            timeout = timedelta(seconds=self.timeout)
+            if self._own_group:
+                self._call_pg = dist.new_group(backend="gloo", timeout=timeout)
+            else:
+                self._call_pg = dist.new_group(
+                    ranks=dist.get_process_group_ranks(self._pg), backend="gloo", timeout=timeout,
+                    use_local_synchronization=True,
+                )
         if self._nonce is None:
             nonce = [uuid.uuid4().hex]
             if distributed:

@@ -343,6 +343,11 @@ def collective_calls(model: Any, opt: Any, ck: str) -> None:
 
     case("remove_after_failure", io, fail_then_remove)
 
+    # 7. A save refused on rank 1 only, by an IO on a process group the caller passed in.
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(process_group=dist.new_group(backend="gloo"), timeout=10))
+    case("given_group", io, lambda folder: attempt(
+        io.save_checkpoint, s_other, os.path.join(folder, "a"), **({"storage_options": {}} if RANK == 1 else {})))
+
     # 6. An asyncio save cancelled on rank 1 while it waits for a staging slot (rank 1 has one
     # slot, busy with a slow save; rank 0 has two), while rank 0's save of the same folder is
     # already in the agreement; then the next save of that folder on both. The cancelled call

@@ -187,14 +187,17 @@ def test_a_remove_or_asyncio_save_refused_or_called_differently_on_one_rank_rais
     remove's collective until the timeout, which broke the save group for every later save, and
     asyncio saves had no agreement at all), keep the committed checkpoint, write nothing into
     another folder, and leave the ranks in step: the next save commits on both. And an asyncio
-    save cancelled on one rank while it waits for a slot is refused on every rank."""
+    save cancelled on one rank while it waits for a slot is refused on every rank, and so is a save
+    refused on one rank by an IO on a process group the caller passed in (it had no agreement)."""
     results = run_ranks("collective_calls", 2, str(tmp_path))
     own = {
         "remove_refused": "InvalidPathError",
         "asave_refused": "TypeError",
         "remove_after_failure": "CheckpointSaveError",
+        "given_group": "TypeError",
     }
-    for case in ("remove_refused", "remove_vs_save", "two_folders", "asave_refused", "remove_after_failure"):
+    for case in ("remove_refused", "remove_vs_save", "two_folders", "asave_refused", "remove_after_failure",
+                 "given_group"):
         raised = [r[f"{case}_errors"][0] for r in results]
         assert all(raised), (case, raised)  # the call raised on every rank
         if case in own:
