@@ -432,8 +432,9 @@ class DistributedCheckpointIO(CheckpointIO):
                 "stands. Every rank must make the same calls in the same order", folder,
             )
             failed.__cause__ = err
-            if refusal is not None:
-                failed.add_note(f"this rank refused the call too: {type(refusal).__name__}: {refusal}")
+            if refusal is not None:  # this rank's own reason stays the error it raises
+                refusal.add_note(str(failed))
+                return refusal
             return failed
         numbers = sorted({entry[0] for entry in gathered})
         self._calls = numbers[-1]  # in step again from the next call on
