@@ -73,6 +73,10 @@ class AsyncAPIMixin:
         from anyio import lowlevel
 
         await lowlevel.checkpoint()  # cancel and schedule point while nothing is held yet
+        agree = getattr(self._wrapped(), "agree_to_save", None)
+        if agree is not None:
+            await self._asave_agreed(agree, checkpoint, path, storage_options)
+            return
         key, target = self._check_save(path, storage_options)
         self._finish_lazy()
         self._raise_pending_errors()
@@ -83,6 +87,58 @@ class AsyncAPIMixin:
         waited = time.perf_counter() - started
         # the loop is blocked from here to the return: staging only, measured as blocking time
         self._stage_and_submit(checkpoint, target, key, storage_options, slot, time.perf_counter(), waited)
+
+    async def _asave_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> None:
+        """``asave_checkpoint`` for a collective IO: as ``save_checkpoint``, the ranks agree at
+        the call whether they all make the save (a save refused on one rank is refused on
+        every rank); the agreement waits for the other ranks in a thread, not on the loop, and
+        staging follows it with no ``await`` in between.
+
+        A cancellation takes part in the agreement too: cancelled while it waits for a slot, this
+        rank refuses the save (so the other ranks, already in the agreement, refuse it instead of
+        pairing it with this rank's next save); cancelled during the agreement, it waits for the
+        outcome, then makes the save if every rank agreed and returns, else raises.
+        """
+        import anyio
+
+        started = time.perf_counter()
+        slot = None
+        cancelled: BaseException | None = None
+        key, target, checkpoint, refusal, background = self._before_agreement(checkpoint, path, storage_options)
+        if refusal is None:
+            try:
+                slot = await self._aacquire_slot(key)
+            except anyio.get_cancelled_exc_class() as err:
+                refusal = cancelled = err
+            except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
+                refusal, background = err, self._reports_background_failure(err)
+        waited = time.perf_counter() - started
+        outcome: Dict[str, Any] = {}
+
+        def agreement() -> None:
+            try:
+                outcome["error"] = agree(path, refusal, background, self._settle)
+            except BaseException as err:  # noqa: BLE001 - raised on the loop below
+                outcome["raised"] = err
+
+        thread = threading.Thread(target=agreement, name="asyncckpt-agreement", daemon=True)
+        thread.start()
+        try:
+            if cancelled is None:
+                await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class() as err:
+            cancelled = err
+        finally:
+            # The other ranks are in this agreement: its outcome decides, cancelled or not.
+            thread.join()
+        error = outcome.get("raised") or outcome["error"]
+        if cancelled is not None and error is not None:
+            if slot is not None:
+                self._release_slot(slot)
+            raise cancelled
+        # Agreed: every rank makes this save, so this one does too (a cancellation that came
+        # during the agreement lands at the caller's next checkpoint, as after a held slot).
+        self._after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
 
     async def aload_checkpoint(
         self,
@@ -127,6 +183,12 @@ class AsyncAPIMixin:
         from anyio import lowlevel
 
         await lowlevel.checkpoint()
+        if getattr(self._wrapped(), "remove_is_collective", False):
+            import anyio
+
+            # collective: the ranks agree at the call; that wait is not the loop's
+            await anyio.to_thread.run_sync(self.remove_checkpoint, path)
+            return
         self.remove_checkpoint(path)
 
     async def aflush(self, timeout: float | None = None) -> None:

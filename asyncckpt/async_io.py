@@ -345,26 +345,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         :meth:`asyncckpt.DistributedCheckpointIO.agree_to_save`)."""
         started = time.perf_counter()
         slot: Optional[StagingSlot] = None
-        refusal: Optional[Exception] = None
-        background = False
-        try:
-            key, target = self._check_save(path, storage_options)
-            self._finish_lazy()
-            pending = self._take_pending_errors()
-            if pending is not None:
-                background = True
-                raise pending
-            if storage_options is not None:
-                remember = getattr(self._wrapped(), "remember_storage_options", None)
-                if remember is not None:
-                    remember(path, storage_options)
-            checkpoint = self._stageable_form(checkpoint)
-            slot = self._acquire_slot(key)
-        except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
-            refusal = err
-            background = background or isinstance(
-                err, (CheckpointSaveError, CheckpointRemoveError, WriterDiedError, TensorModifiedError)
-            )
+        key, target, checkpoint, refusal, background = self._before_agreement(checkpoint, path, storage_options)
+        if refusal is None:
+            try:
+                slot = self._acquire_slot(key)
+            except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
+                refusal, background = err, self._reports_background_failure(err)
         waited = time.perf_counter() - started
         try:
             error = agree(path, refusal, background, self._settle)
@@ -372,6 +358,39 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             if slot is not None:
                 self._release_slot(slot)
             raise
+        self._after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
+
+    def _before_agreement(
+        self, checkpoint: Any, path: PathLike, storage_options: Any
+    ) -> "tuple[Any, Any, Any, Optional[Exception], bool]":
+        """What a collective save checks on this rank before the ranks agree: (key, target,
+        stageable checkpoint, this rank's refusal or None, whether it reports a background failure)."""
+        key: Any = None
+        target: Any = None
+        try:
+            key, target = self._check_save(path, storage_options)
+            self._finish_lazy()
+            pending = self._take_pending_errors()
+            if pending is not None:
+                return key, target, checkpoint, pending, True
+            if storage_options is not None:
+                remember = getattr(self._wrapped(), "remember_storage_options", None)
+                if remember is not None:
+                    remember(path, storage_options)
+            checkpoint = self._stageable_form(checkpoint)
+        except Exception as err:  # noqa: BLE001 - refused on every rank by the agreement, then raised here
+            return key, target, checkpoint, err, self._reports_background_failure(err)
+        return key, target, checkpoint, None, False
+
+    @staticmethod
+    def _reports_background_failure(err: BaseException) -> bool:
+        return isinstance(err, (CheckpointSaveError, CheckpointRemoveError, WriterDiedError, TensorModifiedError))
+
+    def _after_agreement(
+        self, error: Optional[BaseException], checkpoint: Any, target: Any, key: Any, storage_options: Any,
+        slot: Optional[StagingSlot], started: float, waited: float,
+    ) -> None:
+        """Raise the agreement's refusal, or stage and queue the save every rank agreed to."""
         if error is not None:
             if slot is not None:
                 self._release_slot(slot)
@@ -389,6 +408,26 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 except Exception:  # noqa: BLE001 - the staging failure is the one to raise
                     log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", key)
                 raise
+
+    def _remove_agreed(self, agree: Any, path: PathLike) -> None:
+        """``remove_checkpoint`` for a collective IO: the ranks agree at the call, as for a save,
+        so that a removal refused on one rank (a bad path, an earlier failure being reported)
+        is refused on every rank instead of leaving the others' writers in its collective."""
+        key: Any = None
+        target: Any = None
+        refusal: Optional[BaseException] = None
+        background = False
+        try:
+            key = self._path_key(path)
+            target = _absolute(path)
+            refusal = self._take_pending_errors()
+            background = refusal is not None
+        except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
+            refusal = err
+        error = agree(path, refusal, background, self._settle, kind="remove")
+        if error is not None:
+            raise error
+        self._submit(Operation("remove", key, target))
 
     def _settle(self) -> Optional[BaseException]:
         """Wait for every queued operation; return (and clear) the failures so far, if any."""
@@ -553,6 +592,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         says so (:class:`asyncckpt.RemoveSkippedError`). A failure already raised to the caller
         before this call does not hold the removal back.
         """
+        agree = getattr(self._wrapped(), "agree_to_save", None)
+        if agree is not None and getattr(self._wrapped(), "remove_is_collective", False):
+            self._remove_agreed(agree, path)
+            return
         key = self._path_key(path)
         self._raise_pending_errors()
         self._submit(Operation("remove", key, _absolute(path)))

@@ -255,7 +255,10 @@ class DistributedCheckpointIO(CheckpointIO):
         sync_files: fsync every shard file before the commit (needed for the crash guarantee).
     """
 
-    #: The Lightning integration sets this to split Lightning's checkpoint the way its strategies do.
+    #: Whether every rank calls :meth:`remove_checkpoint` (then the engine agrees on each remove
+    #: at the call, as on each save). Lightning's sharded IO removes from global rank 0 alone.
+    remove_is_collective = True
+
     def __init__(
         self,
         *,
@@ -297,12 +300,19 @@ class DistributedCheckpointIO(CheckpointIO):
         distributed = dist.is_available() and dist.is_initialized()
         if self._pg is None and distributed:
             self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
-        if self._call_pg is None and distributed and self._own_group:
+        if self._call_pg is None and distributed:
             # A second group: the callers agree on each save on their threads while the writers
             # run earlier saves' collectives on ``_pg``; one group used from two threads would
-            # interleave the two. (A group passed in may leave out ranks, which would never reach
-            # ``new_group``; such an IO agrees on nothing at the call, see ``agree_to_save``.)
-            self._call_pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+            # interleave the two. A group passed in may leave out ranks, which never reach this
+            # line: its members alone create the second group (local synchronization).
+            timeout = timedelta(seconds=self.timeout)
+            if self._own_group:
+                self._call_pg = dist.new_group(backend="gloo", timeout=timeout)
+            else:
+                self._call_pg = dist.new_group(
+                    ranks=dist.get_process_group_ranks(self._pg), backend="gloo", timeout=timeout,
+                    use_local_synchronization=True,
+                )
         if self._nonce is None:
             nonce = [uuid.uuid4().hex]
             if distributed:
@@ -382,43 +392,72 @@ class DistributedCheckpointIO(CheckpointIO):
         refusal: Optional[BaseException],
         reports_background_failure: bool,
         settle: Callable[[], Optional[BaseException]],
+        kind: str = "save",
     ) -> Optional[BaseException]:
-        """Collective, on the caller's thread, at every ``save_checkpoint`` call of the engine:
-        whether every rank makes this save. Returns None when all do, else the error this rank
-        must raise at this call (nothing is queued on any rank then).
+        """Collective, on the caller's thread, at every ``save_checkpoint`` (and, with
+        ``kind="remove"``, ``remove_checkpoint``) call of the engine: whether every rank makes
+        this operation. Returns None when all do, else the error this rank must raise at this
+        call (nothing is queued on any rank then).
 
         ``refusal`` is what this rank's call raised before staging (a full queue, a bad
         argument, an earlier failure being reported); ``reports_background_failure`` says it is
-        an earlier background failure. A save that one rank refuses is refused on every rank:
-        otherwise the others' save would pair, in the writers' collectives, with the refusing
-        rank's next save, and commit shards of two steps into one folder. When the refusal
-        reports a background failure, each rank first lets its earlier saves finish (``settle``,
-        which returns this rank's own pending failure): the other ranks learn of the same
-        failure at this call too, instead of one call later, when they would refuse in turn.
-        Every call counts on every rank, so the ranks stay in step after a refusal.
+        an earlier background failure. An operation that one rank refuses is refused on every
+        rank: otherwise the others' save would pair, in the writers' collectives, with the
+        refusing rank's next save, and commit shards of two steps into one folder (or their
+        remove would wait in its collective for a rank that never enters it). The ranks must
+        also call the same operation on the same folder; if they do not, it is refused on every
+        rank. When the refusal reports a background failure, each rank first lets its earlier
+        operations finish (``settle``, which returns this rank's own pending failure): the other
+        ranks learn of the same failure at this call too, instead of one call later, when they
+        would refuse in turn. Every call counts on every rank, so the ranks stay in step after a
+        refusal.
         """
         import torch.distributed as dist
 
-        self._ensure_group()
+        folder = _comparable_folder(path)
         mine = (self._calls + 1, None if refusal is None else f"{type(refusal).__name__}: {refusal}",
-                reports_background_failure)
-        if self._call_pg is not None:
-            gathered: List[Any] = [None] * dist.get_world_size(self._call_pg)
-            dist.all_gather_object(gathered, mine, group=self._call_pg)
-        else:
-            gathered = [mine]
+                reports_background_failure, kind, folder)
+        try:
+            self._ensure_group()
+            if self._call_pg is not None:
+                gathered: List[Any] = [None] * dist.get_world_size(self._call_pg)
+                dist.all_gather_object(gathered, mine, group=self._call_pg)
+            else:
+                gathered = [mine]
+        except Exception as err:  # noqa: BLE001 - a dead or absent rank: raised as this call's failure
+            failed = RanksOutOfStepError(
+                f"not making the {kind} of {folder!r}: the ranks could not agree on this {kind}_checkpoint "
+                f"call ({type(err).__name__}: {err}). Another rank died, or did not reach the call within "
+                f"timeout={self.timeout:g}s; nothing was queued on this rank, and the committed checkpoint "
+                "stands. Every rank must make the same calls in the same order", folder,
+            )
+            failed.__cause__ = err
+            if refusal is not None:  # this rank's own reason stays the error it raises
+                refusal.add_note(str(failed))
+                return refusal
+            return failed
         numbers = sorted({entry[0] for entry in gathered})
         self._calls = numbers[-1]  # in step again from the next call on
-        folder = os.fspath(path)
+        call = f"{kind}_checkpoint"
         if len(numbers) > 1:
             return RanksOutOfStepError(
-                f"not saving {folder!r}: the ranks reached this save_checkpoint call as different calls "
+                f"not making the {kind} of {folder!r}: the ranks reached this {call} call as different calls "
                 f"(numbers {numbers}): a call ended on some ranks before the ranks agreed on it (an "
-                "interrupt?). No rank makes this save; the next call is in step again", folder,
+                f"interrupt?). No rank makes this {kind}; the next call is in step again", folder,
             )
         refused = [(rank, entry[1]) for rank, entry in enumerate(gathered) if entry[1] is not None]
         if not refused:
-            self._agreed.append(self._calls)
+            calls = sorted({(entry[3], entry[4]) for entry in gathered})
+            if len(calls) > 1:
+                detail = "; ".join(f"rank {rank}: {entry[3]} {entry[4]!r}" for rank, entry in enumerate(gathered))
+                return RanksOutOfStepError(
+                    f"not making the {kind} of {folder!r}: the ranks called different operations at this "
+                    f"call ({detail}). A sharded save or remove is collective: every rank must call the "
+                    "same one on the same folder, in the same order. Nothing was queued on any rank; "
+                    "the next call is in step again", folder,
+                )
+            if kind == "save":
+                self._agreed.append(self._calls)
             return None
         pending = settle() if any(entry[2] for entry in gathered) else None
         if refusal is not None:
@@ -429,9 +468,9 @@ class DistributedCheckpointIO(CheckpointIO):
             return pending
         detail = "; ".join(f"rank {rank}: {text}" for rank, text in refused)
         return RanksOutOfStepError(
-            f"not saving {folder!r}: another rank refused this save at the call ({detail}). A sharded "
-            "save is collective, so no rank makes it; the ranks stay in step, and the next "
-            "save_checkpoint works on every rank once the cause is gone", folder,
+            f"not making the {kind} of {folder!r}: another rank refused this {call} call ({detail}). A "
+            f"sharded {kind} is collective, so no rank makes it; the ranks stay in step, and the next "
+            "call works on every rank once the cause is gone", folder,
         )
 
     def _next_number(self) -> int:
@@ -611,6 +650,16 @@ def _remove_folder(folder: str) -> None:
     doomed = f"{folder}.removing-{uuid.uuid4().hex[:8]}"
     os.rename(folder, doomed)
     shutil.rmtree(doomed)
+
+
+def _comparable_folder(path: Any) -> str:
+    """``path`` as the ranks compare it at the agreement: the absolute folder where it is one."""
+    if isinstance(path, (str, os.PathLike)):
+        text = os.fspath(path)
+        if isinstance(text, str):
+            local = local_path_of(text)
+            return os.path.abspath(local) if local else text
+    return repr(path)
 
 
 def _local_folder(path: PathLike) -> str:

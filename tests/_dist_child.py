@@ -146,6 +146,13 @@ class SlowWriteIO(DistributedCheckpointIO):
         return writer
 
 
+class NoCallAgreementIO(DistributedCheckpointIO):
+    """Without the agreement at the call (the engine makes none), to test what stands behind it."""
+
+    agree_to_save = None
+    remove_is_collective = False
+
+
 def failing_rank(model: Any, opt: Any, ck: str) -> None:
     """The last rank's shard write fails for real (file size limit); every rank must raise."""
     io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO())
@@ -255,6 +262,126 @@ def out_of_step(model: Any, opt: Any, ck: str) -> None:
     finish_case("late", io, folder, errors)
 
 
+def collective_calls(model: Any, opt: Any, ck: str) -> None:
+    """Removes and saves that one rank refuses or calls differently, and saves from asyncio: every
+    rank must raise at that call (no rank waits in a collective the others never enter), the
+    committed checkpoint must stay, and the next call must work on every rank. Each IO has a
+    10 s collective timeout, so a rank left alone in a collective fails the case, not the run."""
+    import asyncio
+
+    def attempt(fn: Any, *args: Any, **options: Any) -> Any:
+        try:
+            fn(*args, **options)
+            return None
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            return f"{type(err).__name__}: {err}"
+
+    def committed(folder: str) -> Any:
+        try:
+            return DistributedCheckpointIO().load_checkpoint(folder)["step"]
+        except Exception as err:  # noqa: BLE001
+            return f"{type(err).__name__}: {err}"
+
+    def case(name: str, io: Any, calls: Any) -> None:
+        folder = os.path.join(ck, name)
+        io.save_checkpoint(state_of(model, opt, 40), os.path.join(folder, "a"))
+        io.flush(timeout=60)
+        s_next = state_of(model, opt, 41)  # built before the calls: building it is collective too
+        errors = [calls(folder)]
+        errors.append(attempt(io.flush, timeout=60))
+        errors.append(attempt(io.save_checkpoint, s_next, os.path.join(folder, "next")))  # in step again
+        errors.append(attempt(io.flush, timeout=60))
+        result[f"{name}_errors"] = errors
+        result[f"{name}_committed"] = [committed(os.path.join(folder, n)) for n in ("a", "next")]
+        result[f"{name}_files"] = sorted(os.listdir(folder))
+        io.teardown()
+
+    # 1. A remove refused at the call on rank 1 only (a path that is no path).
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=10))
+    case("remove_refused", io, lambda folder: attempt(
+        io.remove_checkpoint, 12345 if RANK == 1 else os.path.join(folder, "a")))
+
+    # 2. Rank 0 removes while rank 1 saves, at the same call.
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=10))
+    s_other = state_of(model, opt, 42)
+    case("remove_vs_save", io, lambda folder: attempt(io.remove_checkpoint, os.path.join(folder, "a"))
+         if RANK == 0 else attempt(io.save_checkpoint, s_other, os.path.join(folder, "b")))
+
+    # 3. The ranks save into different folders at the same call.
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=10))
+    case("two_folders", io, lambda folder: attempt(io.save_checkpoint, s_other, os.path.join(folder, f"r{RANK}")))
+
+    # 4. A save from asyncio refused at the call on rank 1 only.
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=10))
+
+    async def asave(folder: str) -> Any:
+        options = {"storage_options": {"anon": True}} if RANK == 1 else {}
+        try:
+            await io.asave_checkpoint(s_other, os.path.join(folder, "a"), **options)
+        except Exception as err:  # noqa: BLE001
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    case("asave_refused", io, lambda folder: asyncio.run(asave(folder)))
+
+    # 5. A background save fails on every rank (rank 0's write, file size limit); rank 0 learns
+    # it from a flush of its own, rank 1 not yet; then every rank removes the old checkpoint.
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=10))
+
+    def fail_then_remove(folder: str) -> Any:
+        if RANK == 0:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+        io.save_checkpoint(s_other, os.path.join(folder, "b"))
+        if RANK == 0:
+            result["fail_flush"] = attempt(io.flush, timeout=60)
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        else:
+            io.wait_for_path(os.path.join(folder, "b"), timeout=60)  # failed, not yet raised here
+        return attempt(io.remove_checkpoint, os.path.join(folder, "a"))
+
+    case("remove_after_failure", io, fail_then_remove)
+
+    # 7. A save refused on rank 1 only, by an IO on a process group the caller passed in.
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(process_group=dist.new_group(backend="gloo"), timeout=10))
+    case("given_group", io, lambda folder: attempt(
+        io.save_checkpoint, s_other, os.path.join(folder, "a"), **({"storage_options": {}} if RANK == 1 else {})))
+
+    # 6. An asyncio save cancelled on rank 1 while it waits for a staging slot (rank 1 has one
+    # slot, busy with a slow save; rank 0 has two), while rank 0's save of the same folder is
+    # already in the agreement; then the next save of that folder on both. The cancelled call
+    # must be refused on every rank, not paired with rank 1's next save (which committed a
+    # folder of rank 0's step-b shards and rank 1's step-c shards).
+    folder = os.path.join(ck, "cancelled")
+    impl = SlowWriteIO(timeout=20)
+    io = asyncckpt.AsyncCheckpointIO(impl, max_pending=2 if RANK == 0 else 1)
+    with torch.no_grad():  # new DTensors (local ops): three distinct states
+        states = {n: {"model": {k: v + n for k, v in state_of(model, opt, 0)["model"].items()}, "step": n}
+                  for n in (60, 61, 62)}
+    record_expected("cancelled-c", states[62])
+
+    async def cancelled_then_next() -> list:
+        errors: list = []
+        impl.delay = 2.0 if RANK == 0 else 0.0  # rank 0's write starts late: rank 1's slot stays busy
+        await io.asave_checkpoint(states[60], os.path.join(folder, "slow"))
+        await asyncio.sleep(0.3)
+        impl.delay = 0.0
+        for n, limit in ((61, 0.5 if RANK == 1 else 60), (62, 60)):
+            try:
+                await asyncio.wait_for(io.asave_checkpoint(states[n], os.path.join(folder, "a")), limit)
+                errors.append(None)
+            except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001
+                errors.append(f"{type(err).__name__}: {err}")
+        return errors
+
+    errors = asyncio.run(cancelled_then_next())
+    errors.append(attempt(io.flush, timeout=60))
+    result["cancelled_errors"] = errors
+    result["cancelled_a_is_c"] = load_full_and_compare(os.path.join(folder, "a"), "cancelled-c")
+    io.teardown()
+
+
 def main() -> None:
     dist.init_process_group(
         "gloo",
@@ -311,6 +438,44 @@ def main() -> None:
     elif SCENARIO == "out_of_step":
         out_of_step(model, opt, ck)
 
+    elif SCENARIO == "collective_calls":
+        collective_calls(model, opt, ck)
+
+    elif SCENARIO == "dead_rank_at_call":
+        # The last rank dies between two saves; the others' next calls cannot be agreed on. Each
+        # must raise an asyncckpt error naming the folder, at once (the connection closed), with
+        # nothing queued; the committed checkpoint stays.
+        import asyncio
+
+        io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=60))
+        s1 = state_of(model, opt, 1)
+        io.save_checkpoint(s1, ck)
+        record_expected("one", s1)
+        io.flush()
+        s2 = state_of(model, opt, 2)
+        if RANK == WORLD - 1:
+            os._exit(0)
+        time.sleep(1)
+
+        async def asave() -> None:
+            await io.asave_checkpoint(s2, ck)
+
+        errors = []
+        calls = (lambda: io.save_checkpoint(s2, ck), lambda: io.remove_checkpoint(ck), lambda: asyncio.run(asave()))
+        for call in calls:
+            try:
+                call()
+                errors.append(None)
+            except asyncckpt.AsyncCheckpointError as err:
+                errors.append(f"{type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - not an asyncckpt error: reported as such
+                errors.append(f"not an asyncckpt error: {type(err).__name__}: {err}")
+        result["errors"] = errors
+        result["pending"] = io.pending
+        result["metadata_still_first"] = load_full_and_compare(ck, "one")
+        write_result()
+        os._exit(0)  # the training group lost a member; nothing left to tear down cleanly
+
     elif SCENARIO == "lazy":
         io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(), max_pending=2, staging="lazy")
         s1 = state_of(model, opt, 1)
@@ -338,8 +503,10 @@ def main() -> None:
             result[f"load_{name}_equal"] = load_and_compare(io, os.path.join(ck, name), name)
         io.teardown()
         # Out of step: one extra save on each rank, at different places. Each collective then
-        # pairs two different saves; the coordinator refuses to commit either.
-        io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=60))
+        # pairs two different saves; the coordinator refuses to commit either. (The agreement at
+        # the call refuses saves into different folders before anything is staged; it is left out
+        # here, so that the coordinator's own check, the second line, is what is tested.)
+        io = asyncckpt.AsyncCheckpointIO(NoCallAgreementIO(timeout=60))
         s4 = state_of(model, opt, 4)
         names = {0: ["x", "y"], 1: ["y", "z"]}[RANK]
         for name in names:

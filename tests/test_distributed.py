@@ -179,6 +179,66 @@ def test_a_save_call_that_raises_on_one_rank_raises_on_every_rank_and_never_comm
 
 
 @pytest.mark.slow
+def test_a_remove_or_asyncio_save_refused_or_called_differently_on_one_rank_raises_on_every_rank(tmp_path):
+    """A sharded remove is collective too: one refused at the call on one rank (a bad path, an
+    earlier failure that only that rank has not raised yet), a remove on one rank while the other
+    saves, saves into different folders at one call, and a save from asyncio refused on one rank.
+    Each must raise at that call on every rank (before, the other rank's writer waited in the
+    remove's collective until the timeout, which broke the save group for every later save, and
+    asyncio saves had no agreement at all), keep the committed checkpoint, write nothing into
+    another folder, and leave the ranks in step: the next save commits on both. And an asyncio
+    save cancelled on one rank while it waits for a slot is refused on every rank, and so is a save
+    refused on one rank by an IO on a process group the caller passed in (it had no agreement)."""
+    results = run_ranks("collective_calls", 2, str(tmp_path))
+    own = {
+        "remove_refused": "InvalidPathError",
+        "asave_refused": "TypeError",
+        "remove_after_failure": "CheckpointSaveError",
+        "given_group": "TypeError",
+    }
+    for case in ("remove_refused", "remove_vs_save", "two_folders", "asave_refused", "remove_after_failure",
+                 "given_group"):
+        raised = [r[f"{case}_errors"][0] for r in results]
+        assert all(raised), (case, raised)  # the call raised on every rank
+        if case in own:
+            assert raised[1].startswith(own[case]), (case, raised)
+            assert raised[0].startswith("RanksOutOfStepError") and "rank 1" in raised[0], (case, raised)
+        else:
+            assert all(e.startswith("RanksOutOfStepError") for e in raised), (case, raised)
+        for r in results:
+            assert r[f"{case}_errors"][1:] == [None, None, None], (case, r)  # in step again
+            assert r[f"{case}_committed"] == [40, 41], (case, r)  # the old checkpoint kept, the next one saved
+            if case != "remove_after_failure":
+                assert r[f"{case}_files"] == ["a", "next"], (case, r)  # nothing queued anywhere
+    assert results[0]["fail_flush"].startswith("CheckpointSaveError"), results[0]
+    # an asyncio save cancelled on rank 1 while waiting for a slot: refused on both, the next saves
+    cancelled = [r["cancelled_errors"] for r in results]
+    assert cancelled[1][0].startswith("TimeoutError"), cancelled
+    assert cancelled[0][0].startswith("RanksOutOfStepError") and "rank 1: CancelledError" in cancelled[0][0], cancelled
+    for r in results:
+        assert r["cancelled_errors"][1:] == [None, None], r
+        assert r["cancelled_a_is_c"], r  # the folder is one save, not rank 0's b beside rank 1's c
+
+
+@pytest.mark.slow
+def test_a_rank_dead_before_a_call_fails_that_call_on_the_others_with_an_asyncckpt_error(tmp_path):
+    """The agreement at the call cannot be made when a rank is gone: save_checkpoint,
+    remove_checkpoint and asave_checkpoint each raise RanksOutOfStepError naming the folder and
+    the cause (before, gloo's RuntimeError came out of the call as it was), queue nothing, and
+    the committed checkpoint stays."""
+    out = str(tmp_path)
+    procs = start_ranks("dead_rank_at_call", 2, out)
+    outputs = finish(procs)
+    assert procs[0].returncode == 0, outputs[0][-4000:]
+    r = json.load(open(os.path.join(out, "result-0.json")))
+    ck = os.path.join(out, "ck")
+    for error in r["errors"]:
+        assert error is not None and error.startswith("RanksOutOfStepError"), r
+        assert ck in error and "could not agree" in error, r
+    assert r["pending"] == 0 and r["metadata_still_first"], r
+
+
+@pytest.mark.slow
 def test_lazy_staging_of_shards_and_a_save_one_rank_cannot_write(tmp_path):
     results = run_ranks("lazy", 2, str(tmp_path))
     for r in results:

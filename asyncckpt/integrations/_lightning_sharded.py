@@ -65,6 +65,8 @@ class LightningShardedIO(DistributedCheckpointIO):
         converted.update({f"optimizer_{i}": s for i, s in enumerate(rest.pop("optimizer_states", []))})
         self._save_state(converted, folder, _meta_writer(rest))
 
+    remove_is_collective = False
+
     def remove_checkpoint(self, path: Any) -> None:
         """Not collective: Lightning's strategies remove from global rank 0 only (which is this
         IO's coordinator). Ordered after every rank's writes into the folder: this rank's earlier
