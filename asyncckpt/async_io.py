@@ -576,6 +576,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         with self._submit_lock:  # a concurrent save waits here, then starts a new writer
             writer, self._writer = self._writer, None
             if writer is not None:
+                # Other threads may have handed this writer lazy saves since the wait above; it
+                # writes each only once a guard point has verified its copy, and no other guard
+                # point may come: this is one for every save the writer holds.
+                self._finish_lazy()
                 writer.stop()
         with self._cv:
             for slot in self._free_slots:
