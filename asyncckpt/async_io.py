@@ -626,7 +626,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     def _acquire_slot(self, key: str) -> StagingSlot:
         with self._cv:
-            if not self._free_slots and self.when_full == "raise":
+            # Checked and taken under one lock: with "raise" a save never waits, not even for a
+            # slot that another thread took between a check and a take.
+            if self.when_full == "raise":
+                if self._free_slots:
+                    return self._take_slot(key)
                 raise QueueFullError(
                     f"cannot save {key!r}: all {self.max_pending} staging slots hold checkpoints "
                     "still being written; call flush(), raise max_pending, or use when_full='wait'",
