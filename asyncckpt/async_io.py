@@ -619,6 +619,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         with self._submit_lock:  # a concurrent save waits here, then starts a new writer
             writer, self._writer = self._writer, None
             if writer is not None:
+                # Other threads may have handed this writer lazy saves since the wait above; it
+                # writes each only once a guard point has verified its copy, and no other guard
+                # point may come: this is one for every save the writer holds.
+                self._finish_lazy()
                 writer.stop()
         with self._cv:
             for slot in self._free_slots:
@@ -665,7 +669,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     def _acquire_slot(self, key: str) -> StagingSlot:
         with self._cv:
-            if not self._free_slots and self.when_full == "raise":
+            # Checked and taken under one lock: with "raise" a save never waits, not even for a
+            # slot that another thread took between a check and a take.
+            if self.when_full == "raise":
+                if self._free_slots:
+                    return self._take_slot(key)
                 raise QueueFullError(
                     f"cannot save {key!r}: all {self.max_pending} staging slots hold checkpoints "
                     "still being written; call flush(), raise max_pending, or use when_full='wait'",

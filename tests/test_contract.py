@@ -301,6 +301,52 @@ def test_when_full_raise_refuses_without_staging(tmp_path, gated_io, writer):
     assert load(tmp_path / "b.ckpt") == {"x": 3}
 
 
+@pytest.mark.parametrize("staging", ["eager", "lazy"])
+@pytest.mark.parametrize("max_pending", [1, 2])
+def test_when_full_raise_never_waits_when_threads_race_for_the_last_slot(tmp_path, gated_io, writer, staging,
+                                                                          max_pending):
+    """Several threads save at once while every write is held: max_pending of them get a slot, the
+    others raise QueueFullError at once; none waits for a slot another thread took meanwhile."""
+    if writer == "process" and staging == "lazy":
+        pytest.skip("staging='lazy' needs writer='thread'")
+    import sys
+
+    io = AsyncCheckpointIO(gated_io, max_pending=max_pending, when_full="raise", writer=writer, staging=staging)
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads switch inside admission
+    try:
+        for round_ in range(15):
+            gated_io.gate.clear()
+            saved: list = []
+            refused: list = []
+            barrier = threading.Barrier(6)
+
+            def save(i: int, barrier=barrier, round_=round_, saved=saved, refused=refused) -> None:
+                barrier.wait()
+                try:
+                    io.save_checkpoint({"w": torch.full((50_000,), float(i))}, tmp_path / f"{round_}-{i}.ckpt")
+                    saved.append(i)
+                except QueueFullError:
+                    refused.append(i)
+
+            threads = [threading.Thread(target=save, args=(i,), daemon=True) for i in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            waiting = sum(t.is_alive() for t in threads)
+            gated_io.gate.set()  # lets a waiting save go on, so that the threads end
+            for t in threads:
+                t.join(30)
+            io.flush()
+            assert waiting == 0, f"round {round_}: {waiting} save(s) waited for a slot with when_full='raise'"
+            assert len(saved) == max_pending and len(refused) == 6 - max_pending, (saved, refused)
+    finally:
+        sys.setswitchinterval(before)
+        gated_io.gate.set()
+        io.teardown()
+
+
 def test_staging_memory_is_at_most_max_pending_checkpoints(tmp_path, writer):
     io = AsyncCheckpointIO(max_pending=2, writer=writer)
     ckpt = {"a": torch.randn(1000, 100), "b": torch.randn(500), "tied": None}

@@ -779,3 +779,37 @@ def test_lazy_saves_from_more_threads_than_slots_never_wait_for_each_other_forev
     """A save waiting for a slot held by another thread's unverified copy finishes that copy
     itself: the writer frees the slot only once a guard has verified it."""
     _rounds_of_lazy_saves_from_threads_at_once(tmp_path, rounds=10, max_pending=max_pending)
+
+def test_teardown_on_one_thread_finishes_a_lazy_save_another_thread_made_while_it_waited(tmp_path, gated_io):
+    """A teardown waiting for a write while another thread saves lazily: the writer it stops
+    waits for that save's copy to be verified, and no later guard point may come (the other
+    thread's training ended). Teardown is a guard point for every save its writer holds."""
+    engine = AsyncCheckpointIO(gated_io, staging="lazy", max_pending=2, handle_sigterm=False)
+    gated_io.gate.clear()
+    engine.save_checkpoint({"w": torch.full((WIDTH, WIDTH), 1.0)}, tmp_path / "first.ckpt")
+    engine.wait_staged()
+    assert gated_io.started.wait(30)  # the writer is inside the first write, held
+    errors: List[BaseException] = []
+
+    def teardown() -> None:
+        try:
+            engine.teardown()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    closer = threading.Thread(target=teardown, daemon=True)
+    closer.start()
+    time.sleep(0.3)  # teardown is waiting for the first write (were it slower, this would not fail)
+    second = {"w": torch.full((WIDTH, WIDTH), 2.0)}
+    engine.save_checkpoint(second, tmp_path / "second.ckpt")  # lazily, while teardown waits
+    gated_io.gate.set()
+    closer.join(20)
+    hung = closer.is_alive()
+    if hung:
+        engine.wait_staged()  # unblock the writer so that the thread ends
+        closer.join(20)
+    assert not hung, "teardown hung: its writer waited for a lazy copy that no guard point finished"
+    assert not errors, errors
+    engine.flush()
+    _assert_same(torch.load(tmp_path / "second.ckpt", weights_only=True), second)
+    engine.teardown()
