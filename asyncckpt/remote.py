@@ -124,13 +124,6 @@ def safe_cause(err: BaseException, secrets: Iterable[str]) -> BaseException:
     return RedactedError(redact(text, secrets))
 
 
-def describe_options(storage_options: Optional[Mapping[str, Any]]) -> str:
-    """A repr of storage options that names the keys and hides every value."""
-    if not storage_options:
-        return "None"
-    return "{" + ", ".join(f"{k!r}: {REDACTED}" for k in sorted(storage_options, key=str)) + "}"
-
-
 # -- retries ----------------------------------------------------------------------------------
 
 

@@ -92,6 +92,23 @@ def test_storage_options_on_a_local_path_is_explained(tmp_path):
     assert not (tmp_path / "a.ckpt").exists()
 
 
+@pytest.mark.parametrize("writer", ["sync", "thread", "process"])
+def test_storage_options_refused_at_the_call_never_show_their_credentials(tmp_path, writer):
+    """The refusal names the option keys, never their values (a secret key given by mistake)."""
+    io = TorchCheckpointIO() if writer == "sync" else AsyncCheckpointIO(writer=writer)
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    options = {"key": "AKIAEXAMPLEKEYID", "secret": secret, "client_kwargs": {"aws_secret_access_key": secret}}
+    try:
+        with pytest.raises(TypeError, match="only used for fsspec URLs") as info:
+            io.save_checkpoint({"x": 1}, tmp_path / "a.ckpt", storage_options=options)
+        assert "'secret'" in str(info.value)
+        assert secret not in str(info.value) and "AKIAEXAMPLEKEYID" not in str(info.value)
+    finally:
+        if writer != "sync":
+            io.teardown()
+    assert not (tmp_path / "a.ckpt").exists()
+
+
 def test_missing_parent_folders_are_created_and_pathlike_and_str_work(tmp_path):
     io = AsyncCheckpointIO()
     io.save_checkpoint({"x": 1}, tmp_path / "a" / "b" / "c.ckpt")
