@@ -63,18 +63,24 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
-def local_path_of(path: str) -> str | None:
-    """The local filesystem path for ``path``, or None when it names a remote (fsspec) location."""
-    if not is_url(path):
-        return path
-    if path.startswith("file://"):
-        return path[len("file://") :]
-    return None
-
-
 #: fsspec URL prefixes that name files of the local filesystem, relative ones against the
 #: working folder (fsspec's ``LocalFileSystem`` resolves them when it opens the file).
 LOCAL_URL_PREFIXES = ("file://", "local://")
+
+
+def local_path_of(path: str) -> str | None:
+    """The local filesystem path for ``path``, or None when it names a remote (fsspec) location.
+
+    A ``file://`` or ``local://`` URL names the file fsspec's ``LocalFileSystem`` would open:
+    ``file://~/x`` is in the home folder (a plain ``~/x`` stays literal, as ``torch.save`` takes it).
+    """
+    if not is_url(path):
+        return path
+    for prefix in LOCAL_URL_PREFIXES:
+        if path.startswith(prefix):
+            rest = path[len(prefix):]
+            return os.path.expanduser(rest) if rest.startswith("~") else rest
+    return None
 
 
 def absolute_path(path: str) -> str:
@@ -146,7 +152,7 @@ def check_target(path: str) -> None:
     if local is None:
         return
     if local == "":
-        raise InvalidPathError(f"the checkpoint URL {path!r} has no file path after 'file://'", path)
+        raise InvalidPathError(f"the checkpoint URL {path!r} has no file path after its scheme", path)
     if os.path.isdir(local):
         suggestion = os.path.join(local, "last.ckpt")
         raise InvalidPathError(

@@ -161,6 +161,32 @@ def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, 
     io.teardown()
 
 
+@pytest.mark.parametrize("scheme", ["file://", "local://"])
+def test_a_home_relative_file_url_is_written_where_fsspec_writes_it(tmp_path, writer, monkeypatch, scheme):
+    """``file://~/a.ckpt`` is the home folder's file for fsspec (and Lightning's TorchCheckpointIO,
+    which opens paths with fsspec), not a folder named ``~`` under the working folder; saves,
+    loads and removes go there, and it orders as one path with the file's absolute path."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    expected = tmp_path / "home" / "ckpt" / "a.ckpt"
+    TorchCheckpointIO().save_checkpoint({"v": 0}, f"{scheme}~/ckpt/sync.ckpt")
+    assert load(tmp_path / "home" / "ckpt" / "sync.ckpt") == {"v": 0}
+    io = AsyncCheckpointIO(writer=writer)
+    try:
+        io.save_checkpoint({"v": 1}, f"{scheme}~/ckpt/a.ckpt")
+        assert io.queued_kind(expected) in ("save", None)
+        assert io.load_checkpoint(expected) == {"v": 1}
+        assert io.load_checkpoint(f"{scheme}~/ckpt/a.ckpt") == {"v": 1}
+        io.remove_checkpoint(f"{scheme}~/ckpt/a.ckpt")
+        io.flush()
+        assert not expected.exists()
+    finally:
+        io.teardown()
+    assert not (tmp_path / "cwd" / "~").exists()
+
+
 @pytest.mark.parametrize("scheme", ["file://", "local://", "simplecache::file://"])
 def test_a_relative_file_url_means_the_working_folder_at_the_call(tmp_path, gated_io, writer, monkeypatch, scheme):
     """Issue 21: fsspec resolves ``file://ckpt/a.ckpt`` (and ``local://``) against the working
