@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import io
 import logging
 import mmap
@@ -525,6 +526,36 @@ class ProcessWriter:
         return True
 
 
+def _main_objects_pickle_as_main() -> None:
+    """In the writer process: make the classes and functions of the re-imported main module
+    pickle as ``__main__.X``, as ``torch.save`` writes them in the training process.
+
+    Spawn re-imports the main module under the name ``__mp_main__`` (and makes ``__main__`` an
+    alias of it), so its objects carry ``__module__ == "__mp_main__"`` and pickle refers to them
+    by that name, which ``torch.load`` in the training program cannot find.
+    """
+    main = sys.modules.get("__mp_main__")
+    if main is None or sys.modules.get("__main__") is not main:
+        return
+    seen: Set[int] = set()
+
+    def relabel(namespace: Any) -> None:
+        for value in list(vars(namespace).values()):
+            if not (isinstance(value, type) or inspect.isfunction(value)) or id(value) in seen:
+                continue
+            seen.add(id(value))
+            if getattr(value, "__module__", None) != "__mp_main__":
+                continue
+            try:
+                value.__module__ = "__main__"
+            except (AttributeError, TypeError):  # a type that does not allow it pickles as it did
+                continue
+            if isinstance(value, type):
+                relabel(value)  # nested classes and methods
+
+    relabel(main)
+
+
 def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
     """The writer process's loop: map arenas, rebuild checkpoints from them, write in order."""
     # Preemption sends SIGTERM to every process of the job; the parent drains this process
@@ -544,6 +575,7 @@ def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
     torch.set_num_threads(1)
     if not crc32:
         torch.utils.serialization.config.save.compute_crc32 = False
+    _main_objects_pickle_as_main()
     checkpoint_io = pickle.loads(io_bytes)
     arenas: Dict[int, Tuple[mmap.mmap, Any]] = {}
     failed_saves: Set[int] = set()  # sequence numbers of this process's saves that failed
