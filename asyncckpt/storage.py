@@ -159,6 +159,13 @@ def check_target(path: str) -> None:
             f"checkpoint path {path!r} is an existing folder; pass a file path inside it, e.g. {suggestion!r}",
             path,
         )
+    if os.path.basename(local) in ("", ".", ".."):
+        name = local.rstrip("/") or local
+        raise InvalidPathError(
+            f"checkpoint path {path!r} names a folder (it ends with '/', '.' or '..'), not a file; "
+            f"pass a file path such as {os.path.join(name, 'last.ckpt')!r}",
+            path,
+        )
     parent = os.path.dirname(os.path.abspath(local))
     while True:
         if os.path.lexists(parent):

@@ -55,6 +55,18 @@ def test_existing_folder_as_path_is_a_clear_error(tmp_path, any_io):
     assert os.listdir(tmp_path / "ckpts") == []
 
 
+@pytest.mark.parametrize("name", ["new/", "new/.", "new/..", "file://new/"])
+def test_a_path_naming_a_folder_not_yet_there_is_refused_at_the_call(tmp_path, any_io, monkeypatch, name):
+    """``ckpts/`` (or ``ckpts/.``) names a folder even before it exists: torch.save cannot write
+    it, and the save used to be accepted and fail in the background at the rename."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidPathError, match="names a folder"):
+        any_io.save_checkpoint({"x": 1}, name)
+    if isinstance(any_io, AsyncCheckpointIO):
+        any_io.flush()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_empty_path_is_a_clear_error(any_io):
     with pytest.raises(InvalidPathError, match="empty"):
         any_io.save_checkpoint({"x": 1}, "")
