@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt import AsyncCheckpointError, AsyncCheckpointIO, TorchCheckpointIO
+from asyncckpt import AsyncCheckpointError, AsyncCheckpointIO, CheckpointIO, TorchCheckpointIO
 from conftest import load
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -713,3 +713,35 @@ def test_a_password_in_a_url_never_appears_in_errors_logs_stats_or_reprs(writer,
     joined = "\n".join(texts)
     assert "127.0.0.1:1/x.ckpt" in joined and "Connection refused" in joined  # the rest is shown
     assert "pw-Secret-9" not in joined and "user:" not in joined
+
+
+class _QuotingIO(CheckpointIO):
+    """A user's IO whose errors quote the storage_options it was given (a secret among them)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        raise OSError(f"could not write {path} with options {storage_options}")
+
+    def load_checkpoint(self, path, map_location=None):
+        raise NotImplementedError
+
+    def remove_checkpoint(self, path):
+        pass
+
+
+def test_a_secret_storage_option_quoted_by_a_failing_save_never_appears_in_its_error_or_logs(writer, caplog):
+    """The background error and its log line redact the save's own storage_options too, not
+    only the URL's credentials and the environment's."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="asyncckpt")
+    io = AsyncCheckpointIO(_QuotingIO(), writer=writer)
+    io.save_checkpoint({"w": torch.ones(2)}, "memory://bucket/x.ckpt",
+                       storage_options={"key": "AKIA-public-id", "secret": "opt-Secret-Value-7"})
+    with pytest.raises(AsyncCheckpointError) as info:
+        io.flush()
+    io.teardown()
+    texts = [_chain_texts(info.value)] + [record.getMessage() for record in caplog.records]
+    texts += [_chain_texts(record.exc_info[1]) for record in caplog.records if record.exc_info]
+    joined = "\n".join(texts)
+    assert "memory://bucket/x.ckpt" in joined and "could not write" in joined
+    assert "opt-Secret-Value-7" not in joined
