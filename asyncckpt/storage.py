@@ -111,10 +111,18 @@ def path_key(path: str) -> str:
     last = text.rpartition("::")[2] if is_url(text) else text
     for prefix in LOCAL_URL_PREFIXES:
         if last.startswith(prefix) and last[len(prefix):]:
-            return os.path.abspath(os.path.expanduser(last[len(prefix):]))
+            return _one_root(os.path.abspath(os.path.expanduser(last[len(prefix):])))
     if not is_url(text) and text:
-        return os.path.abspath(text)
+        return _one_root(os.path.abspath(text))
     return text
+
+
+def _one_root(path: str) -> str:
+    """``path`` with POSIX's two leading slashes (which ``abspath`` keeps) as one: Linux and
+    macOS open ``//tmp/x`` as ``/tmp/x``, so both spellings must share a key."""
+    if os.name == "posix" and path.startswith("//"):
+        return "/" + path.lstrip("/")
+    return path
 
 
 _NAME_MAX = 255

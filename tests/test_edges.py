@@ -161,6 +161,24 @@ def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, 
     io.teardown()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="'//' is one '/' on Linux and macOS")
+def test_a_path_spelled_with_a_leading_double_slash_orders_as_one_path(tmp_path, gated_io, writer):
+    """``//tmp/x.ckpt`` and ``file:////tmp/x.ckpt`` are ``/tmp/x.ckpt`` to the kernel, but
+    ``os.path.abspath`` keeps POSIX's two leading slashes: a load through one spelling did not
+    wait for a save queued through the other."""
+    a = tmp_path / "a.ckpt"
+    io = AsyncCheckpointIO(gated_io, writer=writer)
+    try:
+        gated_io.gate.clear()
+        io.save_checkpoint({"v": 1}, "/" + str(a))
+        assert io.queued_kind(a) == io.queued_kind(f"file:///{a}") == io.queued_kind("/" + str(a)) == "save"
+        gated_io.gate.set()
+        assert io.load_checkpoint(a) == {"v": 1}  # waits for the save
+    finally:
+        gated_io.gate.set()
+        io.teardown()
+
+
 @pytest.mark.parametrize("scheme", ["file://", "local://"])
 def test_a_home_relative_file_url_is_written_where_fsspec_writes_it(tmp_path, writer, monkeypatch, scheme):
     """``file://~/a.ckpt`` is the home folder's file for fsspec (and Lightning's TorchCheckpointIO,
