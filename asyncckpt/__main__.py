@@ -9,7 +9,8 @@
 ``asyncckpt cleanup FOLDER...``
     Remove temp files that crashed writers left behind (those of processes still running are
     kept). For an ``s3://bucket/prefix`` URL, abort the multipart uploads under it that started
-    more than ``--older-than-hours`` ago (default 24): the parts a killed writer left. Exits 0.
+    more than ``--older-than-hours`` ago (default 24): the parts a killed writer left. Exits 0, or 1
+    when a URL cannot be listed (``FAIL <url>: ...``; the others are still cleaned up).
 
 ``PATH`` and ``FOLDER`` may be fsspec URLs; credentials and endpoints come from the environment
 (e.g. ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``), never the command line.
@@ -39,8 +40,8 @@ def _verify(paths: List[str]) -> int:
         except IntegrityError as err:
             print(redact(f"FAIL {path}: {err}", secrets), file=sys.stderr)
             status = EXIT_DAMAGED
-        except OSError as err:
-            print(redact(f"FAIL {path}: cannot read it: {err}", secrets), file=sys.stderr)
+        except Exception as err:  # noqa: BLE001 - any failure to read is reported per path, redacted
+            print(redact(f"FAIL {path}: cannot read it: {type(err).__name__}: {err}", secrets), file=sys.stderr)
             status = EXIT_DAMAGED
         else:
             print(f"OK {shown(path)}: {result.describe()}")
@@ -49,13 +50,21 @@ def _verify(paths: List[str]) -> int:
 
 def _cleanup(folders: List[str], older_than_hours: float = 24.0) -> int:
     from .redaction import shown
+    from .remote import redact, secret_values
     from .storage import cleanup_temp_files, local_path_of
 
+    status = EXIT_OK
     for folder in folders:
         if local_path_of(folder) is None:
             from .remote import abort_stale_uploads
 
-            aborted = abort_stale_uploads(folder, older_than_hours * 3600)
+            try:
+                aborted = abort_stale_uploads(folder, older_than_hours * 3600)
+            except Exception as err:  # noqa: BLE001 - reported per URL, redacted; the others go on
+                message = f"FAIL {folder}: cannot clean it up: {type(err).__name__}: {err}"
+                print(redact(message, secret_values(None, folder)), file=sys.stderr)
+                status = EXIT_DAMAGED
+                continue
             print(f"{shown(folder)}: aborted {len(aborted)} unfinished upload(s) older than {older_than_hours:g} h")
             for url in aborted:
                 print(f"  {shown(url)}")
@@ -64,7 +73,7 @@ def _cleanup(folders: List[str], older_than_hours: float = 24.0) -> int:
         print(f"{folder}: removed {len(removed)} stale temp file(s)")
         for path in removed:
             print(f"  {path}")
-    return EXIT_OK
+    return status
 
 
 def main(argv: Optional[List[str]] = None) -> int:

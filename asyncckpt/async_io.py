@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional
 
 import torch
 
@@ -824,11 +824,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     @staticmethod
     def _background_error(op: Operation, error: BaseException) -> AsyncCheckpointError:
         """The error raised for ``op``: names its path, chains ``error``; neither shows the
-        credentials of the path's URL (``error`` is replaced by a redacted stand-in if its
-        chain quotes them)."""
+        credentials of the path's URL or of the save's storage_options (``error`` is replaced
+        by a redacted stand-in if its chain quotes them)."""
         if isinstance(error, (WriterDiedError, TensorModifiedError, RemoveSkippedError)):
             return error
-        secrets = secret_values(None, op.path)
+        options = op.storage_options if isinstance(op.storage_options, Mapping) else None
+        secrets = secret_values(options, op.path)
         cause = redact(f"{type(error).__name__}: {error}", secrets)
         if op.kind == "save":
             err: AsyncCheckpointError = CheckpointSaveError(

@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .checkpoint_io import CheckpointIO, PathLike
 from .errors import AsyncCheckpointError, CheckpointLoadError, InvalidPathError
+from .redaction import describe_options
 from .storage import fsync_folder, local_path_of
 
 log = logging.getLogger("asyncckpt")
@@ -384,7 +385,9 @@ class DistributedCheckpointIO(CheckpointIO):
     def check_storage_options(self, path: PathLike, storage_options: Any) -> None:
         """Refuse ``storage_options`` at the call, as the save itself would."""
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
+            raise TypeError(
+                f"{type(self).__name__} takes no storage_options (got {describe_options(storage_options)})"
+            )
 
     def agree_to_save(
         self,
@@ -502,7 +505,9 @@ class DistributedCheckpointIO(CheckpointIO):
     ) -> Tuple[str, Any]:
         """The checks and conversion every sharded save starts with: (folder, state with DTensors)."""
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
+            raise TypeError(
+                f"{type(self).__name__} takes no storage_options (got {describe_options(storage_options)})"
+            )
         folder = _local_folder(path)
         self._ensure_group()
         with torch.no_grad():

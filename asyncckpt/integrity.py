@@ -170,6 +170,17 @@ def verify_file(path: str, storage_options: Optional[Mapping[str, Any]] = None) 
 
 
 def _verify_url(url: str, storage_options: Optional[Mapping[str, Any]]) -> VerifyResult:
+    """Retried on transient errors; any other failure than a damaged file is a redacted
+    :class:`~asyncckpt.errors.RemoteStorageError` (the client's own message may quote the URL)."""
+    from .remote import RetryPolicy, call_with_retries, secret_values
+
+    return call_with_retries(
+        "verifying checkpoint", url, lambda: _verify_url_once(url, storage_options), RetryPolicy(),
+        secret_values(storage_options, url), passthrough=(IntegrityError,),
+    )
+
+
+def _verify_url_once(url: str, storage_options: Optional[Mapping[str, Any]]) -> VerifyResult:
     from .remote import invalidate, url_to_fs
 
     fs, fs_path = url_to_fs(url, storage_options)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import io
 import logging
 import mmap
@@ -314,7 +315,7 @@ class ProcessWriter:
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(
             target=_writer_main,
-            args=(child_conn, self._io_bytes, self._nice, self._crc32),
+            args=(child_conn, self._io_bytes, self._nice, self._crc32, _main_module_name()),
             name="asyncckpt-writer",
             daemon=True,
         )
@@ -526,7 +527,44 @@ class ProcessWriter:
         return True
 
 
-def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
+def _main_module_name() -> str:
+    """The name the training process's main module has there: ``__main__``, or ``__mp_main__``
+    when the training process is itself a spawned child."""
+    return str(getattr(sys.modules.get("__main__"), "__name__", "__main__"))
+
+
+def _main_objects_pickle_as(main_name: str) -> None:
+    """In the writer process: make the classes and functions of the re-imported main module
+    pickle as ``<main_name>.X``, as ``torch.save`` writes them in the training process.
+
+    Spawn re-imports the main module under the name ``__mp_main__`` (and makes ``__main__`` an
+    alias of it), so its objects carry ``__module__ == "__mp_main__"`` and pickle refers to them
+    by that name, which ``torch.load`` in the training program (where they are ``__main__.X``)
+    cannot find.
+    """
+    main = sys.modules.get("__mp_main__")
+    if main_name == "__mp_main__" or main is None or sys.modules.get("__main__") is not main:
+        return
+    seen: Set[int] = set()
+
+    def relabel(namespace: Any) -> None:
+        for value in list(vars(namespace).values()):
+            if not (isinstance(value, type) or inspect.isfunction(value)) or id(value) in seen:
+                continue
+            seen.add(id(value))
+            if getattr(value, "__module__", None) != "__mp_main__":
+                continue
+            try:
+                value.__module__ = main_name
+            except (AttributeError, TypeError):  # a type that does not allow it pickles as it did
+                continue
+            if isinstance(value, type):
+                relabel(value)  # nested classes and methods
+
+    relabel(main)
+
+
+def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool, main_name: str = "__main__") -> None:
     """The writer process's loop: map arenas, rebuild checkpoints from them, write in order."""
     # Preemption sends SIGTERM to every process of the job; the parent drains this process
     # before it exits, so the writer must not die first. SIGINT likewise belongs to the parent.
@@ -545,6 +583,7 @@ def _writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool) -> None:
     torch.set_num_threads(1)
     if not crc32:
         torch.utils.serialization.config.save.compute_crc32 = False
+    _main_objects_pickle_as(main_name)
     checkpoint_io = pickle.loads(io_bytes)
     arenas: Dict[int, Tuple[mmap.mmap, Any]] = {}
     failed_saves: Set[int] = set()  # sequence numbers of this process's saves that failed

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, List
+from typing import Any, List, Mapping
 from urllib.parse import parse_qsl, unquote
 
 REDACTED = "***"
@@ -82,3 +82,13 @@ def url_secrets(path: Any) -> List[str]:
                 found.append(value)
             found.extend(part.partition("=")[2] for part in query.split("&"))
     return sorted({s for s in found if len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True)
+
+
+def describe_options(storage_options: Any) -> str:
+    """``storage_options`` as it may be shown: its keys, never a value (any may be a credential:
+    ``secret``, a token nested in ``client_kwargs`` ...). Anything not a mapping shows its type."""
+    if storage_options is None or (isinstance(storage_options, Mapping) and not storage_options):
+        return "None" if storage_options is None else "{}"
+    if not isinstance(storage_options, Mapping):
+        return f"<{type(storage_options).__name__}>"
+    return "{" + ", ".join(f"{k!r}: {REDACTED}" for k in sorted(storage_options, key=str)) + "}"

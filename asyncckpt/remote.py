@@ -124,13 +124,6 @@ def safe_cause(err: BaseException, secrets: Iterable[str]) -> BaseException:
     return RedactedError(redact(text, secrets))
 
 
-def describe_options(storage_options: Optional[Mapping[str, Any]]) -> str:
-    """A repr of storage options that names the keys and hides every value."""
-    if not storage_options:
-        return "None"
-    return "{" + ", ".join(f"{k!r}: {REDACTED}" for k in sorted(storage_options, key=str)) + "}"
-
-
 # -- retries ----------------------------------------------------------------------------------
 
 
@@ -628,8 +621,10 @@ def abort_stale_uploads(url: str, older_than_seconds: float,
     now = datetime.datetime.now(datetime.timezone.utc)
     aborted: List[str] = []
     kwargs: Dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    secrets = secret_values(storage_options, url)
     while True:
-        page = s3_call(fs, "list_multipart_uploads", **kwargs)
+        page = call_with_retries("listing the unfinished uploads under", url,
+                                 lambda: s3_call(fs, "list_multipart_uploads", **kwargs), RetryPolicy(), secrets)
         for upload in page.get("Uploads", []):
             initiated = upload["Initiated"]
             if initiated.tzinfo is None:

@@ -63,18 +63,24 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
-def local_path_of(path: str) -> str | None:
-    """The local filesystem path for ``path``, or None when it names a remote (fsspec) location."""
-    if not is_url(path):
-        return path
-    if path.startswith("file://"):
-        return path[len("file://") :]
-    return None
-
-
 #: fsspec URL prefixes that name files of the local filesystem, relative ones against the
 #: working folder (fsspec's ``LocalFileSystem`` resolves them when it opens the file).
 LOCAL_URL_PREFIXES = ("file://", "local://")
+
+
+def local_path_of(path: str) -> str | None:
+    """The local filesystem path for ``path``, or None when it names a remote (fsspec) location.
+
+    A ``file://`` or ``local://`` URL names the file fsspec's ``LocalFileSystem`` would open:
+    ``file://~/x`` is in the home folder (a plain ``~/x`` stays literal, as ``torch.save`` takes it).
+    """
+    if not is_url(path):
+        return path
+    for prefix in LOCAL_URL_PREFIXES:
+        if path.startswith(prefix):
+            rest = path[len(prefix):]
+            return os.path.expanduser(rest) if rest.startswith("~") else rest
+    return None
 
 
 def absolute_path(path: str) -> str:
@@ -105,10 +111,18 @@ def path_key(path: str) -> str:
     last = text.rpartition("::")[2] if is_url(text) else text
     for prefix in LOCAL_URL_PREFIXES:
         if last.startswith(prefix) and last[len(prefix):]:
-            return os.path.abspath(os.path.expanduser(last[len(prefix):]))
+            return _one_root(os.path.abspath(os.path.expanduser(last[len(prefix):])))
     if not is_url(text) and text:
-        return os.path.abspath(text)
+        return _one_root(os.path.abspath(text))
     return text
+
+
+def _one_root(path: str) -> str:
+    """``path`` with POSIX's two leading slashes (which ``abspath`` keeps) as one: Linux and
+    macOS open ``//tmp/x`` as ``/tmp/x``, so both spellings must share a key."""
+    if os.name == "posix" and path.startswith("//"):
+        return "/" + path.lstrip("/")
+    return path
 
 
 _NAME_MAX = 255
@@ -146,11 +160,18 @@ def check_target(path: str) -> None:
     if local is None:
         return
     if local == "":
-        raise InvalidPathError(f"the checkpoint URL {path!r} has no file path after 'file://'", path)
+        raise InvalidPathError(f"the checkpoint URL {path!r} has no file path after its scheme", path)
     if os.path.isdir(local):
         suggestion = os.path.join(local, "last.ckpt")
         raise InvalidPathError(
             f"checkpoint path {path!r} is an existing folder; pass a file path inside it, e.g. {suggestion!r}",
+            path,
+        )
+    if os.path.basename(local) in ("", ".", ".."):
+        name = local.rstrip("/") or local
+        raise InvalidPathError(
+            f"checkpoint path {path!r} names a folder (it ends with '/', '.' or '..'), not a file; "
+            f"pass a file path such as {os.path.join(name, 'last.ckpt')!r}",
             path,
         )
     parent = os.path.dirname(os.path.abspath(local))

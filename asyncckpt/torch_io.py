@@ -41,12 +41,11 @@ from .integrity import (
     verify_file,
     write_record,
 )
-from .redaction import shown
+from .redaction import describe_options, shown
 from .remote import (
     RetryPolicy,
     S3Upload,
     call_with_retries,
-    describe_options,
     invalidate,
     is_s3,
     pending_aborts,
@@ -231,7 +230,7 @@ class TorchCheckpointIO(CheckpointIO):
         """Raise ``TypeError`` for ``storage_options`` this IO would refuse (they apply to URLs only)."""
         if storage_options is not None and local_path_of(os.fspath(path)) is not None:
             raise TypeError(
-                f"storage_options={storage_options!r} is only used for fsspec URLs; "
+                f"storage_options={describe_options(storage_options)} is only used for fsspec URLs; "
                 f"{os.fspath(path)!r} is a local path, so pass storage_options=None"
             )
 

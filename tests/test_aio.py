@@ -433,6 +433,29 @@ async def test_acopy_waits_for_src_and_copies_atomically(tmp_path, make_io):
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("scheme", ["file://", "local://"])
+async def test_acopy_copies_between_local_urls_resolved_at_the_call(tmp_path, make_io, monkeypatch, scheme):
+    """``local://`` names a local file as ``file://`` does (fsspec's LocalFileSystem): acopy
+    copies it, resolving a relative one against the working folder at the call."""
+    (tmp_path / "at_call").mkdir()
+    (tmp_path / "later").mkdir()
+    monkeypatch.chdir(tmp_path / "at_call")
+    held = HeldIO()
+    io = make_io(held)
+    held.gate.clear()
+    await io.asave_checkpoint({"v": torch.arange(4)}, f"{scheme}last.ckpt")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(io.acopy_checkpoint, f"{scheme}last.ckpt", f"{scheme}best/best.ckpt")
+        await anyio.sleep(0.1)  # the copy waits for the save of its source
+        monkeypatch.chdir(tmp_path / "later")
+        held.gate.set()
+    dst = tmp_path / "at_call" / "best" / "best.ckpt"
+    assert torch.equal(load(dst)["v"], torch.arange(4))
+    assert dst.read_bytes() == (tmp_path / "at_call" / "last.ckpt").read_bytes()
+    assert not (tmp_path / "later" / "best").exists()
+
+
+@pytest.mark.anyio
 async def test_acopy_over_a_checkpoint_with_a_checksum_record_leaves_it_verifiable(tmp_path, make_io):
     from asyncckpt.__main__ import main
     from asyncckpt.integrity import read_record, sha256_file

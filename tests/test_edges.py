@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import asyncckpt
-from asyncckpt import AsyncCheckpointError, AsyncCheckpointIO, TorchCheckpointIO
+from asyncckpt import AsyncCheckpointError, AsyncCheckpointIO, CheckpointIO, TorchCheckpointIO
 from conftest import load
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -166,6 +166,50 @@ def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, 
     assert not (tmp_path / "at_call" / "ckpt" / "b.ckpt").exists()
     assert not (tmp_path / "later" / "ckpt").exists() and not (tmp_path / "spawned" / "ckpt").exists()
     io.teardown()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="'//' is one '/' on Linux and macOS")
+def test_a_path_spelled_with_a_leading_double_slash_orders_as_one_path(tmp_path, gated_io, writer):
+    """``//tmp/x.ckpt`` and ``file:////tmp/x.ckpt`` are ``/tmp/x.ckpt`` to the kernel, but
+    ``os.path.abspath`` keeps POSIX's two leading slashes: a load through one spelling did not
+    wait for a save queued through the other."""
+    a = tmp_path / "a.ckpt"
+    io = AsyncCheckpointIO(gated_io, writer=writer)
+    try:
+        gated_io.gate.clear()
+        io.save_checkpoint({"v": 1}, "/" + str(a))
+        assert io.queued_kind(a) == io.queued_kind(f"file:///{a}") == io.queued_kind("/" + str(a)) == "save"
+        gated_io.gate.set()
+        assert io.load_checkpoint(a) == {"v": 1}  # waits for the save
+    finally:
+        gated_io.gate.set()
+        io.teardown()
+
+
+@pytest.mark.parametrize("scheme", ["file://", "local://"])
+def test_a_home_relative_file_url_is_written_where_fsspec_writes_it(tmp_path, writer, monkeypatch, scheme):
+    """``file://~/a.ckpt`` is the home folder's file for fsspec (and Lightning's TorchCheckpointIO,
+    which opens paths with fsspec), not a folder named ``~`` under the working folder; saves,
+    loads and removes go there, and it orders as one path with the file's absolute path."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    expected = tmp_path / "home" / "ckpt" / "a.ckpt"
+    TorchCheckpointIO().save_checkpoint({"v": 0}, f"{scheme}~/ckpt/sync.ckpt")
+    assert load(tmp_path / "home" / "ckpt" / "sync.ckpt") == {"v": 0}
+    io = AsyncCheckpointIO(writer=writer)
+    try:
+        io.save_checkpoint({"v": 1}, f"{scheme}~/ckpt/a.ckpt")
+        assert io.queued_kind(expected) in ("save", None)
+        assert io.load_checkpoint(expected) == {"v": 1}
+        assert io.load_checkpoint(f"{scheme}~/ckpt/a.ckpt") == {"v": 1}
+        io.remove_checkpoint(f"{scheme}~/ckpt/a.ckpt")
+        io.flush()
+        assert not expected.exists()
+    finally:
+        io.teardown()
+    assert not (tmp_path / "cwd" / "~").exists()
 
 
 @pytest.mark.parametrize("scheme", ["file://", "local://", "simplecache::file://"])
@@ -687,3 +731,35 @@ def test_a_password_in_a_url_never_appears_in_errors_logs_stats_or_reprs(writer,
     joined = "\n".join(texts)
     assert "127.0.0.1:1/x.ckpt" in joined and "Connection refused" in joined  # the rest is shown
     assert "pw-Secret-9" not in joined and "user:" not in joined
+
+
+class _QuotingIO(CheckpointIO):
+    """A user's IO whose errors quote the storage_options it was given (a secret among them)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        raise OSError(f"could not write {path} with options {storage_options}")
+
+    def load_checkpoint(self, path, map_location=None):
+        raise NotImplementedError
+
+    def remove_checkpoint(self, path):
+        pass
+
+
+def test_a_secret_storage_option_quoted_by_a_failing_save_never_appears_in_its_error_or_logs(writer, caplog):
+    """The background error and its log line redact the save's own storage_options too, not
+    only the URL's credentials and the environment's."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="asyncckpt")
+    io = AsyncCheckpointIO(_QuotingIO(), writer=writer)
+    io.save_checkpoint({"w": torch.ones(2)}, "memory://bucket/x.ckpt",
+                       storage_options={"key": "AKIA-public-id", "secret": "opt-Secret-Value-7"})
+    with pytest.raises(AsyncCheckpointError) as info:
+        io.flush()
+    io.teardown()
+    texts = [_chain_texts(info.value)] + [record.getMessage() for record in caplog.records]
+    texts += [_chain_texts(record.exc_info[1]) for record in caplog.records if record.exc_info]
+    joined = "\n".join(texts)
+    assert "memory://bucket/x.ckpt" in joined and "could not write" in joined
+    assert "opt-Secret-Value-7" not in joined

@@ -55,6 +55,18 @@ def test_existing_folder_as_path_is_a_clear_error(tmp_path, any_io):
     assert os.listdir(tmp_path / "ckpts") == []
 
 
+@pytest.mark.parametrize("name", ["new/", "new/.", "new/..", "file://new/"])
+def test_a_path_naming_a_folder_not_yet_there_is_refused_at_the_call(tmp_path, any_io, monkeypatch, name):
+    """``ckpts/`` (or ``ckpts/.``) names a folder even before it exists: torch.save cannot write
+    it, and the save used to be accepted and fail in the background at the rename."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidPathError, match="names a folder"):
+        any_io.save_checkpoint({"x": 1}, name)
+    if isinstance(any_io, AsyncCheckpointIO):
+        any_io.flush()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_empty_path_is_a_clear_error(any_io):
     with pytest.raises(InvalidPathError, match="empty"):
         any_io.save_checkpoint({"x": 1}, "")
@@ -89,6 +101,23 @@ def test_storage_options_on_a_local_path_is_explained(tmp_path):
     io = TorchCheckpointIO()
     with pytest.raises(TypeError, match="only used for fsspec URLs"):
         io.save_checkpoint({"x": 1}, tmp_path / "a.ckpt", storage_options={"anon": True})
+    assert not (tmp_path / "a.ckpt").exists()
+
+
+@pytest.mark.parametrize("writer", ["sync", "thread", "process"])
+def test_storage_options_refused_at_the_call_never_show_their_credentials(tmp_path, writer):
+    """The refusal names the option keys, never their values (a secret key given by mistake)."""
+    io = TorchCheckpointIO() if writer == "sync" else AsyncCheckpointIO(writer=writer)
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    options = {"key": "AKIAEXAMPLEKEYID", "secret": secret, "client_kwargs": {"aws_secret_access_key": secret}}
+    try:
+        with pytest.raises(TypeError, match="only used for fsspec URLs") as info:
+            io.save_checkpoint({"x": 1}, tmp_path / "a.ckpt", storage_options=options)
+        assert "'secret'" in str(info.value)
+        assert secret not in str(info.value) and "AKIAEXAMPLEKEYID" not in str(info.value)
+    finally:
+        if writer != "sync":
+            io.teardown()
     assert not (tmp_path / "a.ckpt").exists()
 
 

@@ -279,6 +279,109 @@ print("done")
 """
 
 
+_MAIN_CLASS_SCRIPT = """
+import io, os, sys, zipfile
+import torch
+from asyncckpt import AsyncCheckpointIO
+
+
+class Config:
+    class Inner:
+        pass
+
+    def __init__(self):
+        self.lr = 0.1
+        self.inner = Config.Inner()
+
+
+def schedule(step):
+    return step
+
+
+def entries(data):
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    return {{n.split("/", 1)[1]: archive.read(n) for n in archive.namelist() if not n.endswith("serialization_id")}}
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1]
+    ckpt = {{"w": torch.arange(5.0), "cfg": Config(), "fn": schedule, "cls": Config.Inner}}
+    io_ = AsyncCheckpointIO(writer="process")
+    io_.save_checkpoint(ckpt, os.path.join(folder, "a.ckpt"))
+    io_.teardown()
+    reference = io.BytesIO()
+    torch.save(ckpt, reference)
+    with open(os.path.join(folder, "a.ckpt"), "rb") as f:
+        assert entries(f.read()) == entries(reference.getvalue()), "not the records torch.save writes"
+    loaded = torch.load(os.path.join(folder, "a.ckpt"), weights_only=False)
+    assert type(loaded["cfg"]) is Config and loaded["fn"] is schedule and loaded["cls"] is Config.Inner
+    print("done")
+"""
+
+_MAIN_CLASS_IN_A_SPAWNED_CHILD = """
+import io, os, sys, zipfile, multiprocessing
+import torch
+
+
+class Config:
+    lr = 0.1
+
+
+def entries(data):
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    return {n.split("/", 1)[1]: archive.read(n) for n in archive.namelist() if not n.endswith("serialization_id")}
+
+
+def train(folder):
+    from asyncckpt import AsyncCheckpointIO
+
+    ckpt = {"cfg": Config(), "w": torch.ones(2)}
+    io_ = AsyncCheckpointIO(writer="process")
+    io_.save_checkpoint(ckpt, os.path.join(folder, "a.ckpt"))
+    io_.teardown()
+    reference = io.BytesIO()
+    torch.save(ckpt, reference)  # here Config is __mp_main__.Config
+    with open(os.path.join(folder, "a.ckpt"), "rb") as f:
+        assert entries(f.read()) == entries(reference.getvalue()), "not the records torch.save writes"
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=train, args=(sys.argv[1],))
+    child.start()
+    child.join()
+    sys.exit(child.exitcode)
+"""
+
+
+def test_objects_of_main_saved_from_a_spawned_child_are_written_as_torch_save_writes_them_there(tmp_path):
+    """Training in a spawned child: its main module is ``__mp_main__`` already, and stays so."""
+    from _slow_disk import child_env
+
+    (tmp_path / "train_child.py").write_text(_MAIN_CLASS_IN_A_SPAWNED_CHILD)
+    result = subprocess.run([sys.executable, "train_child.py", str(tmp_path)], cwd=tmp_path, capture_output=True,
+                            text=True, env=child_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "done"
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_objects_of_main_saved_by_the_writer_process_load_in_the_program_that_saved_them(tmp_path, how):
+    """Spawn re-imports the main module as ``__mp_main__``; the writer's torch.save then wrote
+    its classes and functions as ``__mp_main__.Config``, which ``torch.load`` in the training
+    program (where they are ``__main__.Config``) cannot find. The file must be torch.save's."""
+    from _slow_disk import child_env
+
+    (tmp_path / "train_main.py").write_text(_MAIN_CLASS_SCRIPT.format())
+    argv = [sys.executable, "train_main.py"] if how == "script" else [sys.executable, "-m", "train_main"]
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    result = subprocess.run([*argv, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "done"
+
+
 @pytest.mark.parametrize("how", ["python - < file", "python - <<heredoc", "python < file"])
 def test_a_script_read_from_standard_input_saves_with_the_writer_process(tmp_path, how):
     """``python - < train.py`` (or a heredoc): ``__main__.__file__`` is ``'<stdin>'``, which

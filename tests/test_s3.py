@@ -399,6 +399,23 @@ def test_a_signed_query_in_an_s3_url_never_appears_in_errors_logs_stats_reprs_or
     assert "SIGvalue" not in joined and "CREDvalue" not in joined
 
 
+def test_the_cli_names_a_url_it_cannot_read_without_its_credentials(server, bucket, capsys):
+    """A URL the S3 client refuses before any request (user info read as the bucket name) or a
+    bucket that does not exist: ``verify`` and ``cleanup`` print FAIL and exit 1, and neither the
+    output nor a traceback shows the password."""
+    from asyncckpt.__main__ import main
+
+    userinfo = f"s3://KEYID:pw-Secret-42@{bucket}/p.ckpt"
+    missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/prefix"
+    assert main(["verify", userinfo]) == 1
+    assert main(["cleanup", userinfo]) == 1
+    assert main(["cleanup", missing]) == 1
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "pw-Secret-42" not in text
+    assert f"FAIL s3://***@{bucket}/p.ckpt" in out.err and f"FAIL {missing}" in out.err
+
+
 def test_verify_cli_and_load_verify_on_s3(server, bucket, capsys):
     from asyncckpt.__main__ import main
 
