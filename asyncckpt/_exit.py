@@ -136,11 +136,15 @@ def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
     if paths:
         if _deferred is None:
             deadline = time.monotonic() + timeout
-            # At the deadline the signal comes again, and is handled whatever this thread does.
-            timer = threading.Timer(timeout, signal.pthread_kill, (threading.get_ident(), signum))
+            # At the deadline the signal comes again, and is handled whatever this thread does
+            # (with no time limit, ``exit_timeout=float("inf")``, there is no deadline).
+            timer = threading.Timer(
+                min(timeout, threading.TIMEOUT_MAX), signal.pthread_kill, (threading.get_ident(), signum)
+            )
             timer.daemon = True
             _deferred = (deadline, frame, timer)
-            timer.start()
+            if timeout < threading.TIMEOUT_MAX:
+                timer.start()
             log.warning(
                 "asyncckpt: SIGTERM during the save of %s; handling it once that save is handed to the writer",
                 ", ".join(paths),

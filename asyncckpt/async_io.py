@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
+import numbers
 import os
 import pathlib
 import sys
@@ -54,6 +56,14 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
     if value not in allowed:
         raise ValueError(f"unknown {name}={value!r}; allowed values: {', '.join(repr(a) for a in allowed)}")
     return value
+
+
+def _wait_limit(seconds: Optional[float]) -> Optional[float]:
+    """``seconds`` as a timeout for a thread's wait: None (no limit) beyond what one can wait
+    (``exit_timeout=float("inf")``), where the wait would raise ``OverflowError``."""
+    if seconds is not None and seconds >= threading.TIMEOUT_MAX:
+        return None
+    return seconds
 
 
 def _absolute(path: PathLike) -> PathLike:
@@ -174,8 +184,15 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     ) -> None:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
-        if exit_timeout is None or exit_timeout < 0:
-            raise ValueError(f"exit_timeout must be a number of seconds >= 0, got {exit_timeout!r}")
+        if (
+            isinstance(exit_timeout, bool)
+            or not isinstance(exit_timeout, numbers.Real)
+            or math.isnan(exit_timeout)
+            or exit_timeout < 0
+        ):
+            raise ValueError(
+                f"exit_timeout must be a number of seconds >= 0 (float('inf') for no limit), got {exit_timeout!r}"
+            )
         self._checkpoint_io = checkpoint_io
         self.max_pending = max_pending
         self.when_full = _choice("when_full", when_full, WHEN_FULL_CHOICES)
@@ -821,6 +838,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """
         self._finish_lazy()  # the writer waits for a lazy copy to be verified at a guard point
         ops = list(ops)
+        timeout = _wait_limit(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for i, op in enumerate(ops):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -857,7 +875,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         writer process at exit without a timeout; a stopped one is joined at once)."""
         writer = self._writer
         if writer is not None:
-            writer.stop(max(1.0, self._exit_time_left("interpreter exit")))
+            writer.stop(_wait_limit(max(1.0, self._exit_time_left("interpreter exit"))))
 
     def _drain_before_exit(self, reason: str, deadline: Optional[float] = None) -> None:
         """Write what is pending, within the exit time (and by ``deadline``, a monotonic time),
@@ -879,15 +897,15 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         if pending == 0:
             return
         log.warning(
-            "asyncckpt: %s with %d checkpoint operation(s) pending (%s); writing them first (up to %.0fs)",
+            "asyncckpt: %s with %d checkpoint operation(s) pending (%s); writing them first (%s)",
             reason,
             pending,
             ", ".join(paths),
-            budget,
+            "no time limit" if _wait_limit(budget) is None else f"up to {budget:.0f}s",
         )
         # Events, not ``_cv``: this may run in a signal handler on a thread that holds ``_cv``.
         for ended in others:
-            ended.wait(max(0.0, end - time.monotonic()))
+            ended.wait(_wait_limit(max(0.0, end - time.monotonic())))
         ops = self._pending_ops()
         try:
             self._wait_for(ops, max(0.0, end - time.monotonic()))

@@ -467,3 +467,29 @@ def test_a_multiprocessing_child_saving_with_a_process_writer_writes_before_it_e
         proc.kill()
     assert proc.returncode == 0 and out.split() == ["child", "0"], (out, err)
     assert torch.equal(torch.load(tmp_path / "child.ckpt", weights_only=True)["w"], torch.ones(3)), err
+
+
+@pytest.mark.parametrize("exit_timeout", [float("inf"), 1e12])
+@pytest.mark.parametrize("how", ["sigterm", "interpreter-exit"])
+def test_an_unlimited_exit_timeout_waits_for_pending_saves(tmp_path, exit_timeout, how):
+    """``exit_timeout=float("inf")`` (or any value beyond what a thread can wait) means no
+    limit: the drain waited with that timeout, the wait raised ``OverflowError``, and the
+    pending save was lost on SIGTERM."""
+    proc = run_script(
+        f"""
+        io = AsyncCheckpointIO(SlowIO(0.5), exit_timeout={exit_timeout!r})
+        io.save_checkpoint({{"v": 1}}, os.path.join(sys.argv[1], "a.ckpt"))
+        print("ready", flush=True)
+        if {how!r} == "sigterm":
+            time.sleep(120)
+        """.replace("inf", 'float("inf")'),
+        tmp_path,
+    )
+    wait_ready(proc)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (-signal.SIGTERM if how == "sigterm" else 0), err
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}, err
+    assert "Traceback" not in err and "finished in" in err, err
+
