@@ -51,7 +51,22 @@ def drain_all(reason: str, deadline: Optional[float] = None) -> None:
             log.exception("asyncckpt: could not write pending checkpoints before %s", reason)
 
 
+# Set once the interpreter has begun to exit (before the first drain). From then on a save or
+# remove takes effect at the call, as with a synchronous IO: an ``atexit`` handler that runs
+# after every drain (registered before asyncckpt was imported), or a thread still running, would
+# otherwise queue it on a writer that nobody waits for any more (a thread writer is a daemon; a
+# writer process would be started anew during exit and left behind).
+_exiting = False
+
+
+def exiting() -> bool:
+    """True once the interpreter has begun to exit: saves and removes are then synchronous."""
+    return _exiting
+
+
 def _at_exit() -> None:
+    global _exiting
+    _exiting = True
     drain_all("interpreter exit")
 
 
@@ -63,6 +78,8 @@ _multiprocessing_hook_pid: Optional[int] = None
 
 
 def _before_multiprocessing_joins_its_children() -> None:
+    global _exiting
+    _exiting = True
     for engine in list(_engines):
         try:
             engine._drain_before_exit("interpreter exit")

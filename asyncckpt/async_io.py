@@ -338,7 +338,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             self._save_agreed(agree, checkpoint, path, storage_options)
             return
         key, target = self._check_save(path, storage_options)
-        if getattr(self._local, "holding", False):
+        if getattr(self._local, "holding", False) or _exit.exiting():
             self._save_now(checkpoint, key, target, storage_options)
             return
         self._finish_lazy()
@@ -506,9 +506,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             return [key for key, tid, _ in self._handovers.values() if tid == thread_id]
 
     def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> None:
-        """A save made on a thread that is inside another save of this engine (holding a slot)
+        """A save made once the interpreter has begun to exit (its exit drain ran, or is
+        running: nothing would wait for a queued save any more), or on a thread that is inside
+        another save of this engine (holding a slot)
         or inside a hand-over to the writer: a signal handler's (Lightning saves from its SLURM
-        requeue handler). It can wait neither
+        requeue handler). The latter can wait neither
         for the slot nor for a send that the interrupted call holds, so, like a synchronous
         save, it is written here and now through the wrapped IO, after the operations already
         queued on its path (they never wait for this thread) and before the interrupted one."""
@@ -572,6 +574,11 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """
         key = self._path_key(path)
         self._raise_pending_errors()
+        if _exit.exiting():  # the writer is drained (or stopped): removed here, as a synchronous IO would
+            self._wait_for(self._pending_ops(), None)  # it depends on every save queued before it
+            self._raise_pending_errors()
+            self._wrapped().remove_checkpoint(_absolute(path))
+            return
         self._submit(Operation("remove", key, _absolute(path)))
 
     def flush(self, timeout: Optional[float] = None) -> None:

@@ -493,3 +493,54 @@ def test_an_unlimited_exit_timeout_waits_for_pending_saves(tmp_path, exit_timeou
     assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}, err
     assert "Traceback" not in err and "finished in" in err, err
 
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_save_and_remove_in_an_atexit_handler_that_runs_after_the_drain_take_effect(tmp_path, writer):
+    """An ``atexit`` handler registered before asyncckpt is imported runs after every exit hook
+    of asyncckpt's (``atexit`` runs them last-in first-out; ``multiprocessing``'s is registered
+    at import). Its save was queued on a writer nobody waited for any more: lost without a word
+    with the thread writer; with the process writer a new writer process was started during
+    exit and left behind. After the exit drain has begun, saves and removes take effect at the
+    call, as a synchronous IO's would."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import atexit, os, sys
+        folder = sys.argv[1]
+        io = None
+
+        def at_the_very_end():
+            io.save_checkpoint({{"v": 2}}, os.path.join(folder, "late.ckpt"))
+            io.remove_checkpoint(os.path.join(folder, "a.ckpt"))
+            print("handler done", flush=True)
+
+        atexit.register(at_the_very_end)  # before asyncckpt and torch are imported
+
+        import torch
+        from asyncckpt import AsyncCheckpointIO
+        from _slow_disk import SlowDiskIO
+
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            io = AsyncCheckpointIO(SlowDiskIO(0.3), writer={writer!r})
+            io.save_checkpoint({{"v": 1}}, os.path.join(folder, "a.ckpt"))
+            io.save_checkpoint({{"v": 0}}, os.path.join(folder, "other.ckpt"))
+        else:
+            atexit.unregister(at_the_very_end)
+        """
+    ))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.split() == ["handler", "done"], (out, err)
+    assert torch.load(tmp_path / "late.ckpt", weights_only=True) == {"v": 2}, err
+    assert torch.load(tmp_path / "other.ckpt", weights_only=True) == {"v": 0}, err
+    assert not (tmp_path / "a.ckpt").exists(), err
+    assert "Traceback" not in err, err
