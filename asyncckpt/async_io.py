@@ -338,8 +338,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             self._save_agreed(agree, checkpoint, path, storage_options)
             return
         key, target = self._check_save(path, storage_options)
-        if getattr(self._local, "holding", False) or _exit.exiting():
+        if getattr(self._local, "holding", False):
             self._save_now(checkpoint, key, target, storage_options)
+            return
+        if _exit.exiting():
+            with self._in_progress(key):  # a SIGTERM meanwhile is handled once it is written
+                self._save_now(checkpoint, key, target, storage_options)
             return
         self._finish_lazy()
         self._raise_pending_errors()
@@ -575,9 +579,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         key = self._path_key(path)
         self._raise_pending_errors()
         if _exit.exiting():  # the writer is drained (or stopped): removed here, as a synchronous IO would
-            self._wait_for(self._pending_ops(), None)  # it depends on every save queued before it
-            self._raise_pending_errors()
-            self._wrapped().remove_checkpoint(_absolute(path))
+            with self._in_progress(key):
+                self._wait_for(self._pending_ops(), None)  # it depends on every save queued before it
+                self._raise_pending_errors()
+                self._wrapped().remove_checkpoint(_absolute(path))
             return
         self._submit(Operation("remove", key, _absolute(path)))
 

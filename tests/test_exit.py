@@ -544,3 +544,48 @@ def test_a_save_and_remove_in_an_atexit_handler_that_runs_after_the_drain_take_e
     assert torch.load(tmp_path / "other.ckpt", weights_only=True) == {"v": 0}, err
     assert not (tmp_path / "a.ckpt").exists(), err
     assert "Traceback" not in err, err
+
+
+def test_sigterm_during_a_save_in_a_late_atexit_handler_waits_for_that_save(tmp_path):
+    """A save made once exit has begun is written at the call; a SIGTERM landing meanwhile
+    killed the process in the middle of it, unlogged. It is handled once that save is written,
+    as for a save being staged, and the process still ends with SIGTERM's status."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(
+        """
+        import atexit, os, sys
+        folder = sys.argv[1]
+        io = None
+
+        def at_the_very_end():
+            print("ready", flush=True)
+            io.save_checkpoint({"v": 2}, os.path.join(folder, "late.ckpt"))
+
+        atexit.register(at_the_very_end)  # before asyncckpt is imported: runs after its hooks
+
+        import torch
+        from asyncckpt import AsyncCheckpointIO
+        from _slow_disk import SlowDiskIO
+
+        io = AsyncCheckpointIO(SlowDiskIO(1.5))
+        io.save_checkpoint({"v": 1}, os.path.join(folder, "a.ckpt"))
+        """
+    ))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        wait_ready(proc)
+        time.sleep(0.5)  # inside the 1.5 s write of late.ckpt
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err
+    assert torch.load(tmp_path / "late.ckpt", weights_only=True) == {"v": 2}, err
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}, err
+    assert "SIGTERM during the save of" in err and "late.ckpt" in err, err
