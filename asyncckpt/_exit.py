@@ -177,6 +177,17 @@ def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
     _handle_sigterm(signum, frame, None)
 
 
+def _forget_the_parents_signal() -> None:
+    """In a forked child: a SIGTERM the parent was keeping for the end of a hand-over is the
+    parent's (its timer did not survive the fork either); the child must not act on it."""
+    global _deferred
+    _deferred = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_the_parents_signal)
+
+
 def after_handover() -> None:
     """Called when a thread has finished staging and handing over a save or remove: a SIGTERM
     that arrived meanwhile on this thread is handled now."""

@@ -589,3 +589,44 @@ def test_sigterm_during_a_save_in_a_late_atexit_handler_waits_for_that_save(tmp_
     assert torch.load(tmp_path / "late.ckpt", weights_only=True) == {"v": 2}, err
     assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}, err
     assert "SIGTERM during the save of" in err and "late.ckpt" in err, err
+
+
+def test_a_child_forked_while_a_sigterm_waits_for_a_hand_over_does_not_act_on_that_signal(tmp_path):
+    """A SIGTERM landing while the main thread hands a save to a busy writer is kept until that
+    hand-over ends. A child forked meanwhile (by another thread: a DataLoader worker starting)
+    kept it too, and its first save handled the parent's signal: the child drained and killed
+    itself with SIGTERM. The signal is the parent's; the child forgets it at the fork."""
+    proc = run_script(
+        """
+        import threading
+
+        def fork_a_child(folder):
+            pid = os.fork()
+            if pid == 0:
+                io.save_checkpoint({"c": 1}, os.path.join(folder, "child.ckpt"))
+                io.flush()
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            os.write(1, f"child {os.waitstatus_to_exitcode(status)}\\n".encode())
+
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            folder = sys.argv[1]
+            io = AsyncCheckpointIO(SlowIO(3), writer="process", exit_timeout=60)
+            io.save_checkpoint({"v": 0}, os.path.join(folder, "first.ckpt"))
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            threading.Timer(1.5, fork_a_child, (folder,)).start()
+            # about 3 MB to pickle: the send waits for the writer, busy with first.ckpt
+            io.save_checkpoint({"big": [f"s{i}" for i in range(300_000)]}, os.path.join(folder, "second.ckpt"))
+            time.sleep(120)
+        """,
+        tmp_path,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert out.split() == ["child", "0"], (out, err)
+    assert torch.load(tmp_path / "child.ckpt", weights_only=True) == {"c": 1}, err
+    assert proc.returncode == -signal.SIGTERM, err
+    assert torch.load(tmp_path / "first.ckpt", weights_only=True) == {"v": 0}, err
+    assert len(torch.load(tmp_path / "second.ckpt", weights_only=True)["big"]) == 300_000, err
