@@ -147,8 +147,26 @@ def _saves_in_progress_here() -> Tuple[list, float]:
     return paths, timeout
 
 
+# Until when a SIGTERM that landed inside an engine's lock is tried again (see _on_sigterm).
+_retry_until: Optional[float] = None
+
+
 def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
-    global _deferred
+    global _deferred, _retry_until
+    engines = list(_engines)
+    if any(engine._locked_here() for engine in engines):
+        # The signal interrupted this thread inside an engine call holding the engine's lock
+        # (``io.pending``...), which every write needs to complete: a drain here would wait for
+        # them in vain. The call ends within moments; the signal comes again then.
+        now = time.monotonic()
+        if _retry_until is None:
+            _retry_until = now + max((engine.exit_timeout for engine in engines), default=0.0)
+        if now < _retry_until:
+            retry = threading.Timer(0.01, signal.pthread_kill, (threading.get_ident(), signum))
+            retry.daemon = True
+            retry.start()
+            return
+    _retry_until = None
     paths, timeout = _saves_in_progress_here()
     if paths:
         if _deferred is None:
@@ -180,8 +198,9 @@ def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
 def _forget_the_parents_signal() -> None:
     """In a forked child: a SIGTERM the parent was keeping for the end of a hand-over is the
     parent's (its timer did not survive the fork either); the child must not act on it."""
-    global _deferred
+    global _deferred, _retry_until
     _deferred = None
+    _retry_until = None
 
 
 if hasattr(os, "register_at_fork"):

@@ -8,6 +8,7 @@ engine.
 
 from __future__ import annotations
 
+import _thread
 import collections
 import contextlib
 import logging
@@ -56,6 +57,14 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
     if value not in allowed:
         raise ValueError(f"unknown {name}={value!r}; allowed values: {', '.join(repr(a) for a in allowed)}")
     return value
+
+
+class _EngineLock(_thread.RLock):  # type: ignore[misc]
+    """The engine's lock, able to tell whether the calling thread holds it: a SIGTERM handler
+    that interrupted this thread inside it must not wait for writes whose completion needs it."""
+
+    def held_here(self) -> bool:
+        return self._is_owned()
 
 
 def _wait_limit(seconds: Optional[float]) -> Optional[float]:
@@ -206,7 +215,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             )
         self.writer_nice = writer_nice
         self.exit_timeout = float(exit_timeout)
-        self._cv = threading.Condition(threading.RLock())
+        self._cv_lock = _EngineLock()  # see _locked_here
+        self._cv = threading.Condition(self._cv_lock)
         arena_kind = "shared" if writer == "process" else "plain"
         self._free_slots: List[StagingSlot] = [StagingSlot(i, arena_kind) for i in range(max_pending)]
         self._staging_threads_chosen = staging_threads is not None
@@ -256,7 +266,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         held. Its staging memory may be shared with the parent's writer process (a memfd), so
         the child stages into new memory of its own.
         """
-        self._cv = threading.Condition(threading.RLock())
+        self._cv_lock = _EngineLock()  # see _locked_here
+        self._cv = threading.Condition(self._cv_lock)
         self._submit_lock = threading.RLock()
         self._local = threading.local()
         self._holder.writer = None  # the parent's: never stopped or used from here
@@ -503,6 +514,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 del self._handovers[token]
             ended.set()
             _exit.after_handover()
+
+    def _locked_here(self) -> bool:
+        """Whether the calling thread is inside a call holding this engine's lock."""
+        return self._cv_lock.held_here()
 
     def _hands_over_on(self, thread_id: int) -> List[str]:
         """The paths of the saves or removes that thread ``thread_id`` is handing over."""

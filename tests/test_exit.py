@@ -630,3 +630,35 @@ def test_a_child_forked_while_a_sigterm_waits_for_a_hand_over_does_not_act_on_th
     assert proc.returncode == -signal.SIGTERM, err
     assert torch.load(tmp_path / "first.ckpt", weights_only=True) == {"v": 0}, err
     assert len(torch.load(tmp_path / "second.ckpt", weights_only=True)["big"]) == 300_000, err
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigterm_landing_inside_an_engine_call_holding_its_lock_still_drains_at_once(tmp_path, writer):
+    """A signal handler runs on the main thread between two instructions, possibly inside an
+    engine call that holds the engine's lock (``io.pending``, ``io.stats``, ``queued_kind``: a
+    loop polling them was caught there 1 time in 4). The drain then waited for writes whose
+    completion needs that lock, the whole ``exit_timeout``, and named them as not written. The
+    test holds the lock itself when the signal lands (it stands for those calls, where the
+    moment cannot be chosen)."""
+    proc = run_script(
+        f"""
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            io = AsyncCheckpointIO(SlowIO(0.3), writer={writer!r}, max_pending=2, exit_timeout=20)
+            for i in range(2):
+                io.save_checkpoint({{"i": i}}, os.path.join(sys.argv[1], f"{{i}}.ckpt"))
+            print("ready", flush=True)
+            with io._cv:  # as inside io.pending
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+            time.sleep(120)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert time.monotonic() - started < 10, err
+    for i in range(2):
+        assert torch.load(tmp_path / f"{i}.ckpt", weights_only=True) == {"i": i}, err
+    assert "not written" not in err, err
