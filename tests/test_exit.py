@@ -662,3 +662,33 @@ def test_sigterm_landing_inside_an_engine_call_holding_its_lock_still_drains_at_
     for i in range(2):
         assert torch.load(tmp_path / f"{i}.ckpt", weights_only=True) == {"i": i}, err
     assert "not written" not in err, err
+
+
+def test_sigterm_landing_inside_the_lazy_copy_registry_does_not_hang(tmp_path):
+    """An optimizer step with a lazy copy in progress briefly holds the registry of lazy
+    copies; a SIGTERM landing there drained on the same thread, and finishing the copy needed
+    that lock again: the process hung for good, ``exit_timeout`` or not. The test holds the
+    registry itself when the signal lands (it stands for the optimizer step's guard, where the
+    moment cannot be chosen)."""
+    proc = run_script(
+        """
+        import asyncckpt.lazy
+
+        io = AsyncCheckpointIO(SlowIO(0.3), staging="lazy", exit_timeout=20)
+        io.save_checkpoint({"w": torch.ones(1_000_000)}, os.path.join(sys.argv[1], "a.ckpt"))
+        print("ready", flush=True)
+        with asyncckpt.lazy._registry_lock:  # as inside an optimizer step's guard
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        time.sleep(120)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("hung after SIGTERM") from None
+    assert proc.returncode == -signal.SIGTERM, err
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.ones(1_000_000)), err
