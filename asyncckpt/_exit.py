@@ -51,7 +51,22 @@ def drain_all(reason: str, deadline: Optional[float] = None) -> None:
             log.exception("asyncckpt: could not write pending checkpoints before %s", reason)
 
 
+# Set once the interpreter has begun to exit (before the first drain). From then on a save or
+# remove takes effect at the call, as with a synchronous IO: an ``atexit`` handler that runs
+# after every drain (registered before asyncckpt was imported), or a thread still running, would
+# otherwise queue it on a writer that nobody waits for any more (a thread writer is a daemon; a
+# writer process would be started anew during exit and left behind).
+_exiting = False
+
+
+def exiting() -> bool:
+    """True once the interpreter has begun to exit: saves and removes are then synchronous."""
+    return _exiting
+
+
 def _at_exit() -> None:
+    global _exiting
+    _exiting = True
     drain_all("interpreter exit")
 
 
@@ -63,6 +78,8 @@ _multiprocessing_hook_pid: Optional[int] = None
 
 
 def _before_multiprocessing_joins_its_children() -> None:
+    global _exiting
+    _exiting = True
     for engine in list(_engines):
         try:
             engine._drain_before_exit("interpreter exit")
@@ -130,17 +147,39 @@ def _saves_in_progress_here() -> Tuple[list, float]:
     return paths, timeout
 
 
+# Until when a SIGTERM that landed inside an engine's lock is tried again (see _on_sigterm).
+_retry_until: Optional[float] = None
+
+
 def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
-    global _deferred
+    global _deferred, _retry_until
+    engines = list(_engines)
+    if any(engine._locked_here() for engine in engines):
+        # The signal interrupted this thread inside an engine call holding the engine's lock
+        # (``io.pending``...), which every write needs to complete: a drain here would wait for
+        # them in vain. The call ends within moments; the signal comes again then.
+        now = time.monotonic()
+        if _retry_until is None:
+            _retry_until = now + max((engine.exit_timeout for engine in engines), default=0.0)
+        if now < _retry_until:
+            retry = threading.Timer(0.01, signal.pthread_kill, (threading.get_ident(), signum))
+            retry.daemon = True
+            retry.start()
+            return
+    _retry_until = None
     paths, timeout = _saves_in_progress_here()
     if paths:
         if _deferred is None:
             deadline = time.monotonic() + timeout
-            # At the deadline the signal comes again, and is handled whatever this thread does.
-            timer = threading.Timer(timeout, signal.pthread_kill, (threading.get_ident(), signum))
+            # At the deadline the signal comes again, and is handled whatever this thread does
+            # (with no time limit, ``exit_timeout=float("inf")``, there is no deadline).
+            timer = threading.Timer(
+                min(timeout, threading.TIMEOUT_MAX), signal.pthread_kill, (threading.get_ident(), signum)
+            )
             timer.daemon = True
             _deferred = (deadline, frame, timer)
-            timer.start()
+            if timeout < threading.TIMEOUT_MAX:
+                timer.start()
             log.warning(
                 "asyncckpt: SIGTERM during the save of %s; handling it once that save is handed to the writer",
                 ", ".join(paths),
@@ -154,6 +193,18 @@ def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
         _handle_sigterm(signum, frame, deadline)  # the drain logs the save in progress as not written
         return
     _handle_sigterm(signum, frame, None)
+
+
+def _forget_the_parents_signal() -> None:
+    """In a forked child: a SIGTERM the parent was keeping for the end of a hand-over is the
+    parent's (its timer did not survive the fork either); the child must not act on it."""
+    global _deferred, _retry_until
+    _deferred = None
+    _retry_until = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_the_parents_signal)
 
 
 def after_handover() -> None:

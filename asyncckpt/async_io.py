@@ -8,9 +8,12 @@ engine.
 
 from __future__ import annotations
 
+import _thread
 import collections
 import contextlib
 import logging
+import math
+import numbers
 import os
 import pathlib
 import sys
@@ -54,6 +57,22 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
     if value not in allowed:
         raise ValueError(f"unknown {name}={value!r}; allowed values: {', '.join(repr(a) for a in allowed)}")
     return value
+
+
+class _EngineLock(_thread.RLock):  # type: ignore[misc]
+    """The engine's lock, able to tell whether the calling thread holds it: a SIGTERM handler
+    that interrupted this thread inside it must not wait for writes whose completion needs it."""
+
+    def held_here(self) -> bool:
+        return self._is_owned()
+
+
+def _wait_limit(seconds: Optional[float]) -> Optional[float]:
+    """``seconds`` as a timeout for a thread's wait: None (no limit) beyond what one can wait
+    (``exit_timeout=float("inf")``), where the wait would raise ``OverflowError``."""
+    if seconds is not None and seconds >= threading.TIMEOUT_MAX:
+        return None
+    return seconds
 
 
 def _absolute(path: PathLike) -> PathLike:
@@ -174,8 +193,15 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
     ) -> None:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
-        if exit_timeout is None or exit_timeout < 0:
-            raise ValueError(f"exit_timeout must be a number of seconds >= 0, got {exit_timeout!r}")
+        if (
+            isinstance(exit_timeout, bool)
+            or not isinstance(exit_timeout, numbers.Real)
+            or math.isnan(exit_timeout)
+            or exit_timeout < 0
+        ):
+            raise ValueError(
+                f"exit_timeout must be a number of seconds >= 0 (float('inf') for no limit), got {exit_timeout!r}"
+            )
         self._checkpoint_io = checkpoint_io
         self.max_pending = max_pending
         self.when_full = _choice("when_full", when_full, WHEN_FULL_CHOICES)
@@ -189,7 +215,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             )
         self.writer_nice = writer_nice
         self.exit_timeout = float(exit_timeout)
-        self._cv = threading.Condition(threading.RLock())
+        self._cv_lock = _EngineLock()  # see _locked_here
+        self._cv = threading.Condition(self._cv_lock)
         arena_kind = "shared" if writer == "process" else "plain"
         self._free_slots: List[StagingSlot] = [StagingSlot(i, arena_kind) for i in range(max_pending)]
         self._staging_threads_chosen = staging_threads is not None
@@ -239,7 +266,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         held. Its staging memory may be shared with the parent's writer process (a memfd), so
         the child stages into new memory of its own.
         """
-        self._cv = threading.Condition(threading.RLock())
+        self._cv_lock = _EngineLock()  # see _locked_here
+        self._cv = threading.Condition(self._cv_lock)
         self._submit_lock = threading.RLock()
         self._local = threading.local()
         self._holder.writer = None  # the parent's: never stopped or used from here
@@ -323,6 +351,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         key, target = self._check_save(path, storage_options)
         if getattr(self._local, "holding", False):
             self._save_now(checkpoint, key, target, storage_options)
+            return
+        if _exit.exiting():
+            with self._in_progress(key):  # a SIGTERM meanwhile is handled once it is written
+                self._save_now(checkpoint, key, target, storage_options)
             return
         self._finish_lazy()
         self._raise_pending_errors()
@@ -522,15 +554,21 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             ended.set()
             _exit.after_handover()
 
+    def _locked_here(self) -> bool:
+        """Whether the calling thread is inside a call holding this engine's lock."""
+        return self._cv_lock.held_here()
+
     def _hands_over_on(self, thread_id: int) -> List[str]:
         """The paths of the saves or removes that thread ``thread_id`` is handing over."""
         with self._cv:
             return [key for key, tid, _ in self._handovers.values() if tid == thread_id]
 
     def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> None:
-        """A save made on a thread that is inside another save of this engine (holding a slot)
+        """A save made once the interpreter has begun to exit (its exit drain ran, or is
+        running: nothing would wait for a queued save any more), or on a thread that is inside
+        another save of this engine (holding a slot)
         or inside a hand-over to the writer: a signal handler's (Lightning saves from its SLURM
-        requeue handler). It can wait neither
+        requeue handler). The latter can wait neither
         for the slot nor for a send that the interrupted call holds, so, like a synchronous
         save, it is written here and now through the wrapped IO, after the operations already
         queued on its path (they never wait for this thread) and before the interrupted one."""
@@ -598,6 +636,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             return
         key = self._path_key(path)
         self._raise_pending_errors()
+        if _exit.exiting():  # the writer is drained (or stopped): removed here, as a synchronous IO would
+            with self._in_progress(key):
+                self._wait_for(self._pending_ops(), None)  # it depends on every save queued before it
+                self._raise_pending_errors()
+                self._wrapped().remove_checkpoint(_absolute(path))
+            return
         self._submit(Operation("remove", key, _absolute(path)))
 
     def flush(self, timeout: Optional[float] = None) -> None:
@@ -873,6 +917,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """
         self._finish_lazy()  # the writer waits for a lazy copy to be verified at a guard point
         ops = list(ops)
+        timeout = _wait_limit(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         for i, op in enumerate(ops):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -909,7 +954,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         writer process at exit without a timeout; a stopped one is joined at once)."""
         writer = self._writer
         if writer is not None:
-            writer.stop(max(1.0, self._exit_time_left("interpreter exit")))
+            writer.stop(_wait_limit(max(1.0, self._exit_time_left("interpreter exit"))))
 
     def _drain_before_exit(self, reason: str, deadline: Optional[float] = None) -> None:
         """Write what is pending, within the exit time (and by ``deadline``, a monotonic time),
@@ -931,15 +976,15 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         if pending == 0:
             return
         log.warning(
-            "asyncckpt: %s with %d checkpoint operation(s) pending (%s); writing them first (up to %.0fs)",
+            "asyncckpt: %s with %d checkpoint operation(s) pending (%s); writing them first (%s)",
             reason,
             pending,
             ", ".join(paths),
-            budget,
+            "no time limit" if _wait_limit(budget) is None else f"up to {budget:.0f}s",
         )
         # Events, not ``_cv``: this may run in a signal handler on a thread that holds ``_cv``.
         for ended in others:
-            ended.wait(max(0.0, end - time.monotonic()))
+            ended.wait(_wait_limit(max(0.0, end - time.monotonic())))
         ops = self._pending_ops()
         try:
             self._wait_for(ops, max(0.0, end - time.monotonic()))

@@ -238,7 +238,9 @@ class LazyCopy:
 
 # -- the global guard ------------------------------------------------------------------------
 
-_registry_lock = threading.Lock()
+# Re-entrant: a SIGTERM handler may drain (finishing copies, which takes it) on a thread that
+# holds it, in an optimizer step's guard.
+_registry_lock = threading.RLock()
 _in_progress: "weakref.WeakSet[LazyCopy]" = weakref.WeakSet()
 _hook_handle: Any = None
 
@@ -262,7 +264,7 @@ def _forget_all_in_forked_child() -> None:
     # The copying threads did not survive the fork; the child must not wait for them in its
     # own optimizer steps (a DataLoader worker or an evaluation process that trains).
     global _registry_lock, _in_progress
-    _registry_lock = threading.Lock()
+    _registry_lock = threading.RLock()
     _in_progress = weakref.WeakSet()
 
 

@@ -27,6 +27,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -403,10 +404,10 @@ class ProcessWriter:
             except BaseException:
                 # Interrupted part-way (an exception from a signal handler): the pipe may hold a
                 # partial message, so this writer can take nothing more. Earlier operations
-                # still complete (or fail as lost); this one was never handed over.
+                # still complete; this one was never handed over.
                 with self._table_lock:
                     self._inflight.pop(op.seq, None)
-                self._break()
+                self._end_input()
                 raise
 
     def _dependencies(self, op: Operation) -> Tuple[Tuple[int, ...], Optional[Operation]]:
@@ -416,6 +417,19 @@ class ProcessWriter:
         with self._table_lock:
             mine = tuple(save.seq for save in op.after if save.seq in self._inflight)
         return mine, failed_save_before(save for save in op.after if save.seq not in mine)
+
+    def _end_input(self) -> None:
+        """Take nothing more after a send interrupted part-way, without losing what was sent
+        whole: the writer's input is shut, so it finishes those operations (their replies still
+        come back), reads the partial message as the end of its input, and exits. Killing it
+        instead lost the save it was writing, accepted and counted before the interrupted call."""
+        with self._table_lock:
+            self._stopping = True
+        try:
+            with socket.fromfd(self._conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError):  # not a socket here: its stream cannot be trusted
+            self._break()
 
     def _break(self) -> None:
         """End a writer whose command stream can no longer be trusted."""

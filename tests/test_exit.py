@@ -469,3 +469,228 @@ def test_a_multiprocessing_child_saving_with_a_process_writer_writes_before_it_e
         proc.kill()
     assert proc.returncode == 0 and out.split() == ["child", "0"], (out, err)
     assert torch.equal(torch.load(tmp_path / "child.ckpt", weights_only=True)["w"], torch.ones(3)), err
+
+
+@pytest.mark.parametrize("exit_timeout", [float("inf"), 1e12])
+@pytest.mark.parametrize("how", ["sigterm", "interpreter-exit"])
+def test_an_unlimited_exit_timeout_waits_for_pending_saves(tmp_path, exit_timeout, how):
+    """``exit_timeout=float("inf")`` (or any value beyond what a thread can wait) means no
+    limit: the drain waited with that timeout, the wait raised ``OverflowError``, and the
+    pending save was lost on SIGTERM."""
+    proc = run_script(
+        f"""
+        io = AsyncCheckpointIO(SlowIO(0.5), exit_timeout={exit_timeout!r})
+        io.save_checkpoint({{"v": 1}}, os.path.join(sys.argv[1], "a.ckpt"))
+        print("ready", flush=True)
+        if {how!r} == "sigterm":
+            time.sleep(120)
+        """.replace("inf", 'float("inf")'),
+        tmp_path,
+    )
+    wait_ready(proc)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (-signal.SIGTERM if how == "sigterm" else 0), err
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}, err
+    assert "Traceback" not in err and "finished in" in err, err
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_save_and_remove_in_an_atexit_handler_that_runs_after_the_drain_take_effect(tmp_path, writer):
+    """An ``atexit`` handler registered before asyncckpt is imported runs after every exit hook
+    of asyncckpt's (``atexit`` runs them last-in first-out; ``multiprocessing``'s is registered
+    at import). Its save was queued on a writer nobody waited for any more: lost without a word
+    with the thread writer; with the process writer a new writer process was started during
+    exit and left behind. After the exit drain has begun, saves and removes take effect at the
+    call, as a synchronous IO's would."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import atexit, os, sys
+        folder = sys.argv[1]
+        io = None
+
+        def at_the_very_end():
+            io.save_checkpoint({{"v": 2}}, os.path.join(folder, "late.ckpt"))
+            io.remove_checkpoint(os.path.join(folder, "a.ckpt"))
+            print("handler done", flush=True)
+
+        atexit.register(at_the_very_end)  # before asyncckpt and torch are imported
+
+        import torch
+        from asyncckpt import AsyncCheckpointIO
+        from _slow_disk import SlowDiskIO
+
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            io = AsyncCheckpointIO(SlowDiskIO(0.3), writer={writer!r})
+            io.save_checkpoint({{"v": 1}}, os.path.join(folder, "a.ckpt"))
+            io.save_checkpoint({{"v": 0}}, os.path.join(folder, "other.ckpt"))
+        else:
+            atexit.unregister(at_the_very_end)
+        """
+    ))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.split() == ["handler", "done"], (out, err)
+    assert torch.load(tmp_path / "late.ckpt", weights_only=True) == {"v": 2}, err
+    assert torch.load(tmp_path / "other.ckpt", weights_only=True) == {"v": 0}, err
+    assert not (tmp_path / "a.ckpt").exists(), err
+    assert "Traceback" not in err, err
+
+
+def test_sigterm_during_a_save_in_a_late_atexit_handler_waits_for_that_save(tmp_path):
+    """A save made once exit has begun is written at the call; a SIGTERM landing meanwhile
+    killed the process in the middle of it, unlogged. It is handled once that save is written,
+    as for a save being staged, and the process still ends with SIGTERM's status."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(
+        """
+        import atexit, os, sys
+        folder = sys.argv[1]
+        io = None
+
+        def at_the_very_end():
+            print("ready", flush=True)
+            io.save_checkpoint({"v": 2}, os.path.join(folder, "late.ckpt"))
+
+        atexit.register(at_the_very_end)  # before asyncckpt is imported: runs after its hooks
+
+        import torch
+        from asyncckpt import AsyncCheckpointIO
+        from _slow_disk import SlowDiskIO
+
+        io = AsyncCheckpointIO(SlowDiskIO(1.5))
+        io.save_checkpoint({"v": 1}, os.path.join(folder, "a.ckpt"))
+        """
+    ))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        wait_ready(proc)
+        time.sleep(0.5)  # inside the 1.5 s write of late.ckpt
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err
+    assert torch.load(tmp_path / "late.ckpt", weights_only=True) == {"v": 2}, err
+    assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}, err
+    assert "SIGTERM during the save of" in err and "late.ckpt" in err, err
+
+
+def test_a_child_forked_while_a_sigterm_waits_for_a_hand_over_does_not_act_on_that_signal(tmp_path):
+    """A SIGTERM landing while the main thread hands a save to a busy writer is kept until that
+    hand-over ends. A child forked meanwhile (by another thread: a DataLoader worker starting)
+    kept it too, and its first save handled the parent's signal: the child drained and killed
+    itself with SIGTERM. The signal is the parent's; the child forgets it at the fork."""
+    proc = run_script(
+        """
+        import threading
+
+        def fork_a_child(folder):
+            pid = os.fork()
+            if pid == 0:
+                io.save_checkpoint({"c": 1}, os.path.join(folder, "child.ckpt"))
+                io.flush()
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            os.write(1, f"child {os.waitstatus_to_exitcode(status)}\\n".encode())
+
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            folder = sys.argv[1]
+            io = AsyncCheckpointIO(SlowIO(3), writer="process", exit_timeout=60)
+            io.save_checkpoint({"v": 0}, os.path.join(folder, "first.ckpt"))
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            threading.Timer(1.5, fork_a_child, (folder,)).start()
+            # about 3 MB to pickle: the send waits for the writer, busy with first.ckpt
+            io.save_checkpoint({"big": [f"s{i}" for i in range(300_000)]}, os.path.join(folder, "second.ckpt"))
+            time.sleep(120)
+        """,
+        tmp_path,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert out.split() == ["child", "0"], (out, err)
+    assert torch.load(tmp_path / "child.ckpt", weights_only=True) == {"c": 1}, err
+    assert proc.returncode == -signal.SIGTERM, err
+    assert torch.load(tmp_path / "first.ckpt", weights_only=True) == {"v": 0}, err
+    assert len(torch.load(tmp_path / "second.ckpt", weights_only=True)["big"]) == 300_000, err
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigterm_landing_inside_an_engine_call_holding_its_lock_still_drains_at_once(tmp_path, writer):
+    """A signal handler runs on the main thread between two instructions, possibly inside an
+    engine call that holds the engine's lock (``io.pending``, ``io.stats``, ``queued_kind``: a
+    loop polling them was caught there 1 time in 4). The drain then waited for writes whose
+    completion needs that lock, the whole ``exit_timeout``, and named them as not written. The
+    test holds the lock itself when the signal lands (it stands for those calls, where the
+    moment cannot be chosen)."""
+    proc = run_script(
+        f"""
+        if __name__ == "__main__":  # spawn re-imports this file in the writer process
+            io = AsyncCheckpointIO(SlowIO(0.3), writer={writer!r}, max_pending=2, exit_timeout=20)
+            for i in range(2):
+                io.save_checkpoint({{"i": i}}, os.path.join(sys.argv[1], f"{{i}}.ckpt"))
+            print("ready", flush=True)
+            with io._cv:  # as inside io.pending
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+            time.sleep(120)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert time.monotonic() - started < 10, err
+    for i in range(2):
+        assert torch.load(tmp_path / f"{i}.ckpt", weights_only=True) == {"i": i}, err
+    assert "not written" not in err, err
+
+
+def test_sigterm_landing_inside_the_lazy_copy_registry_does_not_hang(tmp_path):
+    """An optimizer step with a lazy copy in progress briefly holds the registry of lazy
+    copies; a SIGTERM landing there drained on the same thread, and finishing the copy needed
+    that lock again: the process hung for good, ``exit_timeout`` or not. The test holds the
+    registry itself when the signal lands (it stands for the optimizer step's guard, where the
+    moment cannot be chosen)."""
+    proc = run_script(
+        """
+        import asyncckpt.lazy
+
+        io = AsyncCheckpointIO(SlowIO(0.3), staging="lazy", exit_timeout=20)
+        io.save_checkpoint({"w": torch.ones(1_000_000)}, os.path.join(sys.argv[1], "a.ckpt"))
+        print("ready", flush=True)
+        with asyncckpt.lazy._registry_lock:  # as inside an optimizer step's guard
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        time.sleep(120)
+        """,
+        tmp_path,
+    )
+    wait_ready(proc)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("hung after SIGTERM") from None
+    assert proc.returncode == -signal.SIGTERM, err
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.ones(1_000_000)), err

@@ -85,6 +85,8 @@ def test_path_of_the_wrong_type_is_a_clear_error(any_io):
         ({"max_pending": 0}, r"max_pending"),
         ({"max_pending": 1.5}, r"max_pending"),
         ({"exit_timeout": -1}, r"exit_timeout"),
+        ({"exit_timeout": float("nan")}, r"exit_timeout"),
+        ({"exit_timeout": "5"}, r"exit_timeout"),
     ],
 )
 def test_unknown_options_list_the_allowed_values(kwargs, pattern):

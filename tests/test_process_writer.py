@@ -405,3 +405,63 @@ def test_a_script_read_from_standard_input_saves_with_the_writer_process(tmp_pat
         result.stdout, result.stderr[-2000:])
     assert not (tmp_path / "cfg.ckpt").exists()
     assert result.stdout.splitlines()[-1] == "done"
+
+
+@pytest.mark.parametrize("how", ["sigint", "users-sigterm-handler-exits"])
+def test_a_hand_over_interrupted_by_an_exception_from_a_signal_handler_keeps_the_saves_sent_before(tmp_path, how):
+    """A save handed to a busy writer process waits in the send; an exception raised there by a
+    signal handler (Ctrl-C, or the user's own SIGTERM handler calling ``sys.exit``, installed
+    over asyncckpt's) leaves a partial message in the pipe. The writer was then killed, and the
+    earlier save it was writing, accepted and counted, was lost. Now its input is ended instead:
+    it finishes what it was sent whole, then exits."""
+    import textwrap
+
+    from _slow_disk import child_env
+
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(
+        f"""
+        import os, signal, sys, threading
+        from asyncckpt import AsyncCheckpointIO
+        from _slow_disk import SlowDiskIO
+
+        def users_handler(signum, frame):
+            sys.exit(5)
+
+        if __name__ == "__main__":
+            folder = sys.argv[1]
+            io = AsyncCheckpointIO(SlowDiskIO(2.5), writer="process")
+            io.save_checkpoint({{"v": 0}}, os.path.join(folder, "first.ckpt"))
+            if {how!r} == "sigint":
+                sig = signal.SIGINT
+            else:
+                sig = signal.SIGTERM
+                signal.signal(signal.SIGTERM, users_handler)  # replaces asyncckpt's
+            threading.Timer(1.2, os.kill, (os.getpid(), sig)).start()
+            try:  # about 3 MB to pickle: the send waits for the writer, busy with first.ckpt
+                io.save_checkpoint({{"big": [f"s{{i}}" for i in range(300_000)]}}, os.path.join(folder, "second.ckpt"))
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+            io.flush()
+            print("flushed", flush=True)
+        """
+    ))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    if how == "sigint":
+        assert proc.returncode == 0 and out.split() == ["interrupted", "flushed"], (out, err)
+    else:
+        assert proc.returncode == 5, (out, err)
+    assert torch.load(tmp_path / "first.ckpt", weights_only=True) == {"v": 0}, err
+    assert not (tmp_path / "second.ckpt").exists()
+    assert "WriterDiedError" not in err, err
+    assert not temp_files(tmp_path), err
