@@ -73,13 +73,13 @@ class AsyncAPIMixin:
         from anyio import lowlevel
 
         await lowlevel.checkpoint()  # cancel and schedule point while nothing is held yet
-        agree = getattr(self._wrapped(), "agree_to_save", None)
+        agree = getattr(self.wrapped_io(), "agree_to_save", None)
         if agree is not None:
             await self._asave_agreed(agree, checkpoint, path, storage_options)
             return
         key, target = self._check_save(path, storage_options)
         self._finish_lazy()
-        self._raise_pending_errors()
+        self.raise_pending_errors()
         started = time.perf_counter()
         slot = await self._aacquire_slot(key)
         # From here to the return there is no await: the slot is either queued with the save or
@@ -159,9 +159,9 @@ class AsyncAPIMixin:
         key = self._path_key(path)
         path = absolute_path(os.fspath(path))  # the working folder at the call, whatever chdir comes
         await self._await_path(key)
-        self._raise_pending_errors()
+        self.raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
-        wrapped = self._wrapped()
+        wrapped = self.wrapped_io()
         local = local_path_of(path)
         if verify or local is None or type(wrapped).load_checkpoint is not TorchCheckpointIO.load_checkpoint:
             return await anyio.to_thread.run_sync(
@@ -183,7 +183,7 @@ class AsyncAPIMixin:
         from anyio import lowlevel
 
         await lowlevel.checkpoint()
-        if getattr(self._wrapped(), "remove_is_collective", False):
+        if getattr(self.wrapped_io(), "remove_is_collective", False):
             import anyio
 
             # collective: the ranks agree at the call; that wait is not the loop's
@@ -205,7 +205,7 @@ class AsyncAPIMixin:
         if scope.cancelled_caught:
             left = sum(1 for op in ops if not op.done())
             raise FlushTimeoutError(f"flush timed out after {timeout}s with {left} operation(s) pending", None)
-        self._raise_pending_errors()
+        self.raise_pending_errors()
 
     async def acopy_checkpoint(self, src: PathLike, dst: PathLike) -> None:
         """Copy the finished checkpoint ``src`` to the local path ``dst``, atomically and durably.
@@ -235,7 +235,7 @@ class AsyncAPIMixin:
         self._check_path(dst)
         await self._await_path(src_key)
         await self._await_path(dst_key)
-        self._raise_pending_errors()
+        self.raise_pending_errors()
         if os.path.isdir(src_local):
             raise InvalidPathError(f"checkpoint path {os.fspath(src)!r} is a folder, not a checkpoint file", src_key)
         target = os.path.abspath(dst_local)
@@ -292,7 +292,7 @@ class AsyncAPIMixin:
         """Take a free slot, awaiting one while all are busy; holds nothing when cancelled."""
         while True:
             with self._cv:
-                self._raise_pending_errors()  # a failure (e.g. a dead writer) freed the slot
+                self.raise_pending_errors()  # a failure (e.g. a dead writer) freed the slot
                 if self._free_slots:
                     return self._take_slot(key)
                 if self.when_full == "raise":

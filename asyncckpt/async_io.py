@@ -176,7 +176,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
 
     #: With no ``checkpoint_io``, ours is used at once; a framework plugin that receives its base
     #: IO later (Lightning's strategy fills it in) sets this, and the writer starts at first use.
-    _base_io_comes_later = False
+    base_io_comes_later = False
 
     def __init__(
         self,
@@ -246,10 +246,10 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         # token -> (path key, thread id, set when it ends). The exit drain waits for them too.
         self._handovers: Dict[int, "tuple[str, int, threading.Event]"] = {}
         self._handover_tokens = 0
-        if writer == "process" and (checkpoint_io is not None or not self._base_io_comes_later):
+        if writer == "process" and (checkpoint_io is not None or not self.base_io_comes_later):
             from .process_writer import check_picklable
 
-            check_picklable(self._wrapped())
+            check_picklable(self.wrapped_io())
             self._writer = self._new_writer()  # its interpreter starts while training runs
         _exit.register(self)
         _live_engines.add(self)
@@ -329,7 +329,14 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             writer.stop()
         self._checkpoint_io = io
 
-    def _wrapped(self) -> Any:
+    def replace_base_io(self, io: Any) -> None:
+        """Swap the wrapped IO the way the engine's own ``checkpoint_io`` setter does (the
+        operations queued for the old IO are written first), also where a subclass's
+        ``checkpoint_io`` property has other semantics (a framework plugin's)."""
+        AsyncCheckpointIO.checkpoint_io.fset(self, io)  # type: ignore[attr-defined]
+
+    def wrapped_io(self) -> Any:
+        """The IO that writes, filling in :class:`TorchCheckpointIO` when none was given."""
         if self.checkpoint_io is None:
             self._checkpoint_io = TorchCheckpointIO()
         return self.checkpoint_io
@@ -344,7 +351,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         The file will hold the checkpoint exactly as it is now; later in-place changes to its
         tensors or containers do not reach it.
         """
-        agree = getattr(self._wrapped(), "agree_to_save", None)
+        agree = getattr(self.wrapped_io(), "agree_to_save", None)
         if agree is not None and not getattr(self._local, "holding", False):
             self._save_agreed(agree, checkpoint, path, storage_options)
             return
@@ -357,9 +364,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 self._save_now(checkpoint, key, target, storage_options)
             return
         self._finish_lazy()
-        self._raise_pending_errors()
+        self.raise_pending_errors()
         if storage_options is not None:  # this copy of the IO loads it; a writer process saves it
-            remember = getattr(self._wrapped(), "remember_storage_options", None)
+            remember = getattr(self.wrapped_io(), "remember_storage_options", None)
             if remember is not None:
                 remember(path, storage_options)
         started = time.perf_counter()
@@ -406,7 +413,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
             if pending is not None:
                 return key, target, checkpoint, pending, True
             if storage_options is not None:
-                remember = getattr(self._wrapped(), "remember_storage_options", None)
+                remember = getattr(self.wrapped_io(), "remember_storage_options", None)
                 if remember is not None:
                     remember(path, storage_options)
             checkpoint = self._stageable_form(checkpoint)
@@ -475,7 +482,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         ``prepare_for_staging(checkpoint)`` method returns a form the stager can copy (for
         :class:`asyncckpt.DistributedCheckpointIO`: each DTensor as its local tensor), and its
         ``save_checkpoint`` receives that form back, rebuilt from the staged copy."""
-        prepare = getattr(self._wrapped(), "prepare_for_staging", None)
+        prepare = getattr(self.wrapped_io(), "prepare_for_staging", None)
         return checkpoint if prepare is None else prepare(checkpoint)
 
     def _stage_and_submit(
@@ -491,7 +498,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """Stage into ``slot`` (held by the caller) and queue the save; the slot is freed on failure."""
         with self._holding(key):  # a signal handler's save on this thread must not wait for this slot
             slot.last_key = key
-            self._stager.torch_save_rules = _saves_with_torch_save(self._wrapped())
+            self._stager.torch_save_rules = _saves_with_torch_save(self.wrapped_io())
             try:
                 # Staging allocates many containers (see collection_paused); the pause ends before
                 # the hand-over, which may wait on a busy writer process.
@@ -499,7 +506,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                     if self._lazy is not None:
                         with torch.inference_mode(False):  # staging memory is never made of inference tensors
                             staged = self._lazy.stage(
-                                checkpoint, slot, key, getattr(self._wrapped(), "version_owner", None)
+                                checkpoint, slot, key, getattr(self.wrapped_io(), "version_owner", None)
                             )
                         with self._cv:  # a save waiting for a slot finishes this copy (_acquire_slot)
                             self._lazy_started += 1
@@ -572,18 +579,18 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         for the slot nor for a send that the interrupted call holds, so, like a synchronous
         save, it is written here and now through the wrapped IO, after the operations already
         queued on its path (they never wait for this thread) and before the interrupted one."""
-        if hasattr(self._wrapped(), "prepare_for_staging"):
+        if hasattr(self.wrapped_io(), "prepare_for_staging"):
             raise AsyncCheckpointError(
                 f"cannot save {key!r}: this thread is inside another save of this engine (a save "
                 "from a signal handler?), and a sharded save is collective, so it cannot be written "
                 "here on this rank alone; save from the training loop instead"
             )
-        self._raise_pending_errors()
+        self.raise_pending_errors()
         self._wait_for_path(key)
         if storage_options is None:
-            self._wrapped().save_checkpoint(checkpoint, target)
+            self.wrapped_io().save_checkpoint(checkpoint, target)
         else:
-            self._wrapped().save_checkpoint(checkpoint, target, storage_options=storage_options)
+            self.wrapped_io().save_checkpoint(checkpoint, target, storage_options=storage_options)
 
     def wait_staged(self) -> None:
         """Wait until the last save's tensors are copied (``staging="lazy"``), and check them.
@@ -618,9 +625,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         # the working folder at the call, even if another thread changes it while this waits
         target = _absolute(path) if isinstance(path, (str, os.PathLike)) else path
         self.wait_for_path(path)
-        self._raise_pending_errors()
+        self.raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
-        return self._wrapped().load_checkpoint(target, **kwargs, **wrapped_options)
+        return self.wrapped_io().load_checkpoint(target, **kwargs, **wrapped_options)
 
     def remove_checkpoint(self, path: PathLike) -> None:
         """Queue the removal of ``path``, after every earlier operation on it.
@@ -630,24 +637,24 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         says so (:class:`asyncckpt.RemoveSkippedError`). A failure already raised to the caller
         before this call does not hold the removal back.
         """
-        agree = getattr(self._wrapped(), "agree_to_save", None)
-        if agree is not None and getattr(self._wrapped(), "remove_is_collective", False):
+        agree = getattr(self.wrapped_io(), "agree_to_save", None)
+        if agree is not None and getattr(self.wrapped_io(), "remove_is_collective", False):
             self._remove_agreed(agree, path)
             return
         key = self._path_key(path)
-        self._raise_pending_errors()
+        self.raise_pending_errors()
         if _exit.exiting():  # the writer is drained (or stopped): removed here, as a synchronous IO would
             with self._in_progress(key):
                 self._wait_for(self._pending_ops(), None)  # it depends on every save queued before it
-                self._raise_pending_errors()
-                self._wrapped().remove_checkpoint(_absolute(path))
+                self.raise_pending_errors()
+                self.wrapped_io().remove_checkpoint(_absolute(path))
             return
         self._submit(Operation("remove", key, _absolute(path)))
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait until every operation submitted before this call is done, then raise failures."""
         self._wait_for(self._pending_ops(), timeout)
-        self._raise_pending_errors()
+        self.raise_pending_errors()
 
     def teardown(self) -> None:
         """Flush, stop the writer, free staging memory and tear down the wrapped IO.
@@ -679,7 +686,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
                 first_error = first_error or err
         if first_error is not None:
             raise first_error
-        self._raise_pending_errors()
+        self.raise_pending_errors()
 
     @property
     def stats(self) -> List[SaveStats]:
@@ -692,6 +699,23 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """Operations submitted and not yet done."""
         with self._cv:
             return len(self._ops)
+
+    @property
+    def free_slots(self) -> int:
+        """How many staging slots are free now (of ``max_pending``)."""
+        with self._cv:
+            return len(self._free_slots)
+
+    @property
+    def pending_errors(self) -> int:
+        """How many background failures wait to be raised by the next call (a peek: raises nothing)."""
+        with self._cv:
+            return len(self._errors)
+
+    @property
+    def writer(self) -> Optional[Writer]:
+        """The running writer (thread or process), or None before the first operation and after teardown."""
+        return self._holder.writer
 
     def queued_kind(self, path: PathLike) -> Optional[str]:
         """``"save"`` or ``"remove"``: the last operation queued on ``path`` and not yet done;
@@ -726,7 +750,7 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         # Every slot is held by an operation that frees it when it completes (a writer's
         # death completes its operations too), so this wait always ends.
         self._wait_for_slot(lambda: bool(self._free_slots) or bool(self._errors))
-        self._raise_pending_errors()
+        self.raise_pending_errors()
         while True:  # another thread may take the slot freed by a failure
             self._wait_for_slot(lambda: bool(self._free_slots))
             with self._cv:
@@ -827,9 +851,9 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         if self.writer_kind == "process":
             from .process_writer import ProcessWriter
 
-            writer: Writer = ProcessWriter(self._wrapped(), nice=self.writer_nice)
+            writer: Writer = ProcessWriter(self.wrapped_io(), nice=self.writer_nice)
         else:
-            writer = ThreadWriter(self._wrapped(), nice=self.writer_nice)
+            writer = ThreadWriter(self.wrapped_io(), nice=self.writer_nice)
         writer.start()
         return writer
 
@@ -884,7 +908,8 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         err.__cause__ = safe_cause(error, secrets)
         return err
 
-    def _raise_pending_errors(self) -> None:
+    def raise_pending_errors(self) -> None:
+        """Raise the first background failure not yet raised (later ones noted on it), and clear it."""
         error = self._take_pending_errors()
         if error is not None:
             raise error
@@ -1027,12 +1052,12 @@ class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
         """
         key = self._check_path(path)
         if storage_options is not None:
-            _check_storage_options(self._wrapped(), path, storage_options)
+            _check_storage_options(self.wrapped_io(), path, storage_options)
         return key, _absolute(path)
 
     def _check_path(self, path: PathLike) -> str:
         key = self._path_key(path)
-        check = getattr(self._wrapped(), "check_path", None)
+        check = getattr(self.wrapped_io(), "check_path", None)
         if check is not None:
             check(path)
         else:

@@ -310,6 +310,18 @@ class ProcessWriter:
     def pid(self) -> Optional[int]:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def sentinel(self) -> Optional[int]:
+        """Ready (for ``multiprocessing.connection.wait``) once the writer process has ended."""
+        return self._process.sentinel if self._process is not None else None
+
+    def wait_exited(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the writer process has ended; whether it has."""
+        if self._process is None:
+            return True
+        self._process.join(timeout)
+        return self._process.exitcode is not None
+
     def start(self) -> None:
         _exit.stop_writers_before_multiprocessing_exit()
         ctx = multiprocessing.get_context("spawn")

@@ -129,9 +129,23 @@ class Writer(Protocol):
     @property
     def alive(self) -> bool: ...
 
+    @property
+    def pid(self) -> Optional[int]:
+        """The writer process's id; None for a thread."""
+        ...
+
+    @property
+    def sentinel(self) -> Optional[int]:
+        """Ready (``multiprocessing.connection.wait``) when the writer process ends; None for a thread."""
+        ...
+
     def submit(self, op: Operation) -> None: ...
 
     def stop(self, timeout: Optional[float] = None) -> bool: ...
+
+    def wait_exited(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the writer thread or process has ended; whether it has."""
+        ...
 
 
 def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
@@ -231,6 +245,17 @@ class ThreadWriter:
     @property
     def alive(self) -> bool:
         return not self._dead and not self._stopping and self._thread is not None and self._thread.is_alive()
+
+    pid = None
+    sentinel = None
+
+    def wait_exited(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the writer thread has ended; whether it has."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def submit(self, op: Operation) -> None:
         with self._cv:

@@ -96,7 +96,7 @@ class Harness:
         # One kill at a time: two threads killing at once would signal a pid the other has
         # already reaped (ProcessLookupError, a harness race, not an engine failure).
         with self._kill_lock:
-            writer = self.io._writer
+            writer = self.io.writer
             if writer is not None and writer.pid is not None and writer.alive:
                 try:
                     os.kill(writer.pid, signal.SIGKILL)
@@ -104,7 +104,7 @@ class Harness:
                     return  # it died (and was reaped) on its own since we looked
                 # Reap it before going on: a writer killed in one example but not yet seen dead
                 # would fail a save of the next example, whose model knows of no kill.
-                writer._process.join(30)
+                writer.wait_exited(30)
                 self.deaths += 1
 
 

@@ -276,11 +276,11 @@ async def test_cancelled_while_waiting_for_a_slot_holds_nothing(tmp_path, make_i
     with anyio.move_on_after(0.2) as scope:
         await io.asave_checkpoint({"x": torch.full((2,), 2.0)}, tmp_path / "b.ckpt")
     assert scope.cancelled_caught
-    assert io.pending == 1 and len(io._free_slots) == 0  # nothing queued, no slot taken
+    assert io.pending == 1 and io.free_slots == 0  # nothing queued, no slot taken
     held.gate.set()
     await io.aflush()
     assert (tmp_path / "a.ckpt").exists() and not (tmp_path / "b.ckpt").exists()
-    assert len(io._free_slots) == 1
+    assert io.free_slots == 1
     await io.asave_checkpoint({"x": torch.full((2,), 3.0)}, tmp_path / "b.ckpt")  # slot not leaked
     await io.aflush()
     assert torch.equal(load(tmp_path / "b.ckpt")["x"], torch.full((2,), 3.0))
@@ -293,7 +293,7 @@ async def test_cancelled_before_asave_raises_and_queues_nothing(tmp_path, make_i
         scope.cancel()
         await io.asave_checkpoint({"x": torch.ones(2)}, tmp_path / "a.ckpt")
         pytest.fail("asave_checkpoint did not raise in a cancelled scope")
-    assert io.pending == 0 and len(io._free_slots) == 2
+    assert io.pending == 0 and io.free_slots == 2
     assert not (tmp_path / "a.ckpt").exists()
 
 
@@ -311,7 +311,7 @@ async def test_cancel_landing_during_staging_still_queues_the_save(tmp_path, mak
     await io.aflush()
     got = load(tmp_path / "a.ckpt")
     assert torch.equal(got["x"], torch.arange(5)) and got["marker"] == 7
-    assert len(io._free_slots) == io.max_pending
+    assert io.free_slots == io.max_pending
 
 
 @pytest.mark.anyio
@@ -391,7 +391,7 @@ async def test_async_with_flushes_on_exit_and_tears_down(tmp_path):
             await io.asave_checkpoint({"x": torch.ones(3)}, tmp_path / "a.ckpt")
             tg.start_soon(anyio.to_thread.run_sync, lambda: (held.started.wait(30), held.gate.set()))
         assert (tmp_path / "a.ckpt").exists() and io.pending == 0
-        assert io._writer is None  # torn down
+        assert io.writer is None  # torn down
     async with io:  # works again after teardown
         await io.asave_checkpoint({"x": torch.zeros(3)}, tmp_path / "a.ckpt")
     assert torch.equal(load(tmp_path / "a.ckpt")["x"], torch.zeros(3))
@@ -533,10 +533,10 @@ async def test_asyncio_task_cancel_while_waiting_for_a_slot(tmp_path, make_io):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert io.pending == 1 and len(io._free_slots) == 0
+    assert io.pending == 1 and io.free_slots == 0
     held.gate.set()
     await io.aflush()
-    assert not (tmp_path / "b.ckpt").exists() and len(io._free_slots) == 1
+    assert not (tmp_path / "b.ckpt").exists() and io.free_slots == 1
 
 
 @pytest.mark.asyncio

@@ -355,7 +355,7 @@ def test_staging_memory_is_at_most_max_pending_checkpoints(tmp_path, writer):
     for i in range(8):
         io.save_checkpoint(ckpt, tmp_path / f"{i}.ckpt")
     io.flush()
-    assert len(io._free_slots) == 2
+    assert io.free_slots == 2
     alignment = 64 * 2  # each storage starts on a 64-byte boundary in the slot's arena
     assert sum(slot.nbytes for slot in io._free_slots) <= 2 * (ckpt_bytes + alignment)
     assert all(s.tensor_bytes == ckpt_bytes for s in io.stats)
@@ -510,7 +510,7 @@ def test_teardown_is_idempotent_and_the_object_works_again(tmp_path, writer):
     io.teardown()
     io.teardown()
     assert CountingIO.teardowns == 2  # this process's copy; the writer process tears its own down
-    assert io._writer is None
+    assert io.writer is None
     io.save_checkpoint({"v": 2}, tmp_path / "b.ckpt")
     io.flush()
     assert load(tmp_path / "b.ckpt") == {"v": 2}

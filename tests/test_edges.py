@@ -56,20 +56,20 @@ def test_unsendable_save_raises_at_the_call_and_leaves_nothing_counted(tmp_path)
     io.flush()
     with pytest.raises(TypeError, match="storage_options"):
         io.save_checkpoint({"w": torch.ones(4)}, tmp_path / "a.ckpt", storage_options={"lock": threading.Lock()})
-    assert io.pending == 0 and len(io._free_slots) == 2
+    assert io.pending == 0 and io.free_slots == 2
     io.flush(timeout=10)
     io.save_checkpoint({"w": torch.full((4,), 2.0)}, tmp_path / "a.ckpt")
     assert torch.equal(io.load_checkpoint(tmp_path / "a.ckpt")["w"], torch.full((4,), 2.0))
     # the writer dies: no slot is freed twice (two saves would then share buffers)
-    os.kill(io._writer.pid, 9)
-    io._writer._process.join(10)
+    os.kill(io.writer.pid, 9)
+    io.writer.wait_exited(10)
     for step in range(4):
         io.save_checkpoint({"w": torch.full((4,), float(step))}, tmp_path / f"s{step}.ckpt")
     try:
         io.flush(timeout=30)
     except AsyncCheckpointError:
         pass
-    assert len({id(s) for s in io._free_slots}) == len(io._free_slots) == 2
+    assert len({id(s) for s in io._free_slots}) == io.free_slots == 2
     io.teardown()
     for step in range(4):
         assert torch.equal(load(tmp_path / f"s{step}.ckpt")["w"], torch.full((4,), float(step)))
@@ -444,12 +444,12 @@ def test_dead_writer_processes_leak_no_descriptors(tmp_path):
     io.flush()
 
     def kill_and_replace() -> None:
-        old = io._writer
+        old = io.writer
         os.kill(old.pid, 9)
-        old._process.join(10)
+        old.wait_exited(10)
         io.save_checkpoint({"i": 1}, tmp_path / "a.ckpt")  # nothing was in flight: a new writer takes it
         io.flush(timeout=180)
-        assert io._writer is not old
+        assert io.writer is not old
 
     kill_and_replace()
     gc.collect()
@@ -464,7 +464,7 @@ def test_dead_writer_processes_leak_no_descriptors(tmp_path):
 def kill_and_reap_it_ourselves(writer) -> None:
     """SIGKILL the writer process and take its exit status, as a launcher's reaper would."""
     os.kill(writer.pid, 9)
-    multiprocessing.connection.wait([writer._process.sentinel], 30)
+    multiprocessing.connection.wait([writer.sentinel], 30)
     try:
         os.waitpid(writer.pid, 0)
     except ChildProcessError:
@@ -481,11 +481,11 @@ def test_a_save_right_after_the_writer_process_died_goes_to_a_new_writer(tmp_pat
     io.save_checkpoint({"i": 0}, path)
     io.flush()
     for i in range(1, 4):
-        old = io._writer
+        old = io.writer
         kill_and_reap_it_ourselves(old)
         io.save_checkpoint({"i": i}, path)
         io.flush(timeout=120)
-        assert io._writer is not old
+        assert io.writer is not old
         assert load(path) == {"i": i}
     io.teardown()
 
@@ -497,7 +497,7 @@ def test_a_writer_whose_exit_status_was_taken_is_never_signalled_again(tmp_path,
     io = AsyncCheckpointIO(writer="process")
     io.save_checkpoint({"i": 0}, tmp_path / "a.ckpt")
     io.flush()
-    writer = io._writer
+    writer = io.writer
     kill_and_reap_it_ourselves(writer)
     signalled = []
     real_kill = os.kill

@@ -26,7 +26,7 @@ def test_tensor_bytes_are_not_pickled_through_the_pipe(tmp_path):
     io.save_checkpoint({"w": torch.ones(1000)}, tmp_path / "warm.ckpt")
     io.flush()
     sent = []
-    conn = io._writer._conn
+    conn = io.writer._conn
     original, original_bytes = conn.send, conn.send_bytes
 
     def counting_send(message):
@@ -53,7 +53,7 @@ def test_writer_killed_mid_save_gives_a_clear_error_and_no_hang(tmp_path, gated_
     gated_io.gate.clear()
     io.save_checkpoint({"v": 1}, tmp_path / "a.ckpt")
     assert gated_io.started.wait(30)
-    pid = io._writer.pid
+    pid = io.writer.pid
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(WriterDiedError, match=r"killed by signal 9.*a\.ckpt") as info:
         io.flush(timeout=60)
@@ -64,7 +64,7 @@ def test_writer_killed_mid_save_gives_a_clear_error_and_no_hang(tmp_path, gated_
     gated_io.gate.set()
     io.save_checkpoint({"v": 2}, tmp_path / "a.ckpt")
     io.flush()
-    assert io._writer.pid != pid
+    assert io.writer.pid != pid
     assert load(tmp_path / "a.ckpt") == {"v": 2}
     io.teardown()
     assert temp_files(str(tmp_path)) == [] or all(str(pid) in t for t in temp_files(str(tmp_path)))
@@ -98,7 +98,7 @@ def test_a_remove_after_the_writer_died_with_the_new_save_keeps_the_old_file(tmp
         gated_io.started.clear()
         io.save_checkpoint({"v": -1}, tmp_path / "new.ckpt")
         assert gated_io.started.wait(60)
-        writer_pid = io._writer.pid
+        writer_pid = io.writer.pid
         os.kill(writer_pid, signal.SIGKILL)  # the new save dies with its writer
         _wait_until_dead(writer_pid)
         gated_io.gate.set()
@@ -117,7 +117,7 @@ def test_writer_death_frees_the_slots_so_saves_do_not_block(tmp_path, gated_io):
     gated_io.gate.clear()
     io.save_checkpoint({"v": 1}, tmp_path / "a.ckpt")
     assert gated_io.started.wait(30)
-    os.kill(io._writer.pid, signal.SIGKILL)
+    os.kill(io.writer.pid, signal.SIGKILL)
     gated_io.gate.set()
     done = threading.Event()
 
@@ -140,7 +140,7 @@ def test_teardown_reaps_the_writer_process(tmp_path):
     psutil = pytest.importorskip("psutil")
     io = AsyncCheckpointIO(writer="process")
     io.save_checkpoint({"w": torch.ones(10)}, tmp_path / "a.ckpt")
-    pid = io._writer.pid
+    pid = io.writer.pid
     io.teardown()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     assert pid not in [c.pid for c in psutil.Process().children(recursive=True)]
@@ -176,7 +176,7 @@ def test_writer_process_ignores_sigterm_so_the_parent_can_drain_it(tmp_path, gat
     gated_io.gate.clear()
     io.save_checkpoint({"v": 1}, tmp_path / "a.ckpt")
     assert gated_io.started.wait(30)
-    os.kill(io._writer.pid, signal.SIGTERM)  # as a job scheduler signals every process
+    os.kill(io.writer.pid, signal.SIGTERM)  # as a job scheduler signals every process
     gated_io.gate.set()
     io.flush()
     assert load(tmp_path / "a.ckpt") == {"v": 1}

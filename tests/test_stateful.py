@@ -115,7 +115,7 @@ def make_machine(writer: str):
         @precondition(lambda self: hasattr(self, "folder"))
         @invariant()
         def nothing_failed(self) -> None:
-            assert not self.io._errors, self.io._errors
+            assert not self.io.pending_errors, "a background failure is waiting to be raised"
 
         def check_folder(self) -> None:
             on_disk = {}

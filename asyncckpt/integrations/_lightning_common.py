@@ -148,7 +148,7 @@ def _make_io_class(wrapping_cls: type, family: str, in_stage: Callable[[], bool]
         # fresh default on every access, and only the first one (or the one a base-less inner
         # wrapper still needs) may stick. The core setter would replace the base each time.
         checkpoint_io = wrapping_cls.checkpoint_io
-        _base_io_comes_later = True
+        base_io_comes_later = True
 
         def __init__(self, checkpoint_io: Optional[Any] = None, **options: Any) -> None:
             """``options`` are those of :class:`asyncckpt.AsyncCheckpointIO` (``max_pending``,
@@ -202,7 +202,7 @@ def _make_io_class(wrapping_cls: type, family: str, in_stage: Callable[[], bool]
             those not given are left to its defaults.
             """
             self.wait_for(path)
-            self._raise_pending_errors()
+            self.raise_pending_errors()
             kwargs: Dict[str, Any] = {}
             if map_location is not _NOT_GIVEN:
                 kwargs["map_location"] = map_location
@@ -210,13 +210,13 @@ def _make_io_class(wrapping_cls: type, family: str, in_stage: Callable[[], bool]
                 kwargs["weights_only"] = weights_only
             if verify:
                 kwargs["verify"] = True
-            return self._wrapped().load_checkpoint(path, **kwargs)
+            return self.wrapped_io().load_checkpoint(path, **kwargs)
 
         def _now(self) -> Any:
             """The wrapped IO, for an operation done on the caller's thread: once every queued
             operation is done (order), and any background failure raised (it comes first)."""
             self.flush()
-            return self._wrapped()
+            return self.wrapped_io()
 
         def will_exist(self, path: Any) -> Optional[bool]:
             """Whether ``path`` exists once its queued operations are done; None when none are queued.

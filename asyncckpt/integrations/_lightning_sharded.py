@@ -205,9 +205,7 @@ def connect(strategy: Any, engine: Any) -> bool:
         return True
     io = engine.checkpoint_io
     if not isinstance(io, LightningShardedIO) or io.model_key != key:
-        from ..async_io import AsyncCheckpointIO as _Core
-
-        _Core.checkpoint_io.fset(engine, LightningShardedIO(key))  # waits for what the old IO had queued
+        engine.replace_base_io(LightningShardedIO(key))  # waits for what the old IO had queued
         engine._base_checkpoint_io_configured = True
 
     def save_checkpoint(checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
