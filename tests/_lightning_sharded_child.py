@@ -27,6 +27,8 @@ STRATEGY = sys.argv[4] if len(sys.argv) > 4 else "model_parallel"
 pl = importlib.import_module("lightning.pytorch" if FAMILY == "lightning" else "pytorch_lightning")
 ours = importlib.import_module("asyncckpt.lightning" if FAMILY == "lightning" else "asyncckpt.pytorch_lightning")
 
+from asyncckpt.integrations.lightning.sharded import connected_engine  # noqa: E402
+
 
 class Sharded(pl.LightningModule):
     def __init__(self) -> None:
@@ -126,7 +128,7 @@ def main() -> None:
             "after_resume": sorted(os.listdir(os.path.join(OUT, "ckpt"))),
             "resumed_at": second.global_step,
             "engine_saves": len(io.stats) if hasattr(io, "stats") else None,
-            "connected": getattr(second.strategy, "_asyncckpt_engine", None) is not None,
+            "connected": connected_engine(second.strategy) is not None,
             "staging_threads": getattr(io, "staging_threads", None),
             "num_processes": second.strategy.num_processes,
         }
