@@ -132,8 +132,8 @@ class SlowWriteIO(DistributedCheckpointIO):
 
     delay = 0.0
 
-    def _storage_writer(self, folder: str, before_commit: Any, *args: Any) -> Any:
-        writer = super()._storage_writer(folder, before_commit, *args)
+    def storage_writer(self, folder: str, before_commit: Any, *args: Any) -> Any:
+        writer = super().storage_writer(folder, before_commit, *args)
         write_data = writer.write_data
 
         def slow_write_data(plan: Any, planner: Any) -> Any:
@@ -423,7 +423,7 @@ def main() -> None:
         result["gone_exists"] = os.path.exists(os.path.join(ck, "gone"))
         from torch.distributed.checkpoint.planner import SavePlanner
 
-        result["plan_cached"] = io.checkpoint_io._plan_key in SavePlanner._cached_save_plan
+        result["plan_cached"] = io.checkpoint_io.plan_key in SavePlanner._cached_save_plan
         result["local_bytes"] = local_bytes(s3)
         result["full_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         result["staging_bytes"] = sum(slot.nbytes for slot in io._free_slots)

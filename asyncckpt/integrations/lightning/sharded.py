@@ -23,9 +23,9 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ...distributed import BeforeCommit, DistributedCheckpointIO, _local_folder, _remove_folder, committed_token
 from ...errors import CheckpointLoadError
 from ...storage import fsync_folder
+from ..dcp import BeforeCommit, DistributedCheckpointIO, committed_token, local_folder, remove_folder
 from .stage import calling_strategy, sharded_model_key
 
 META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
@@ -44,11 +44,11 @@ class LightningShardedIO(DistributedCheckpointIO):
         self.model_key = model_key
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        folder, state = self._begin_save_or_abort(checkpoint, path, storage_options)
+        folder, state = self.begin_save(checkpoint, path, storage_options)
         rest = dict(state)
         converted = {self.model_key: rest.pop("state_dict")}
         converted.update({f"optimizer_{i}": s for i, s in enumerate(rest.pop("optimizer_states", []))})
-        self._save_state(converted, folder, meta_writer(rest))
+        self.save_state(converted, folder, meta_writer(rest))
 
     remove_is_collective = False
 
@@ -56,7 +56,7 @@ class LightningShardedIO(DistributedCheckpointIO):
         """Not collective: Lightning's strategies remove from global rank 0 only (which is this
         IO's coordinator). Ordered after every rank's writes into the folder: this rank's earlier
         save of it ended only when every rank had written its shards."""
-        _remove_folder(_local_folder(path))
+        remove_folder(local_folder(path))
 
     def load_checkpoint(
         self,
@@ -70,7 +70,7 @@ class LightningShardedIO(DistributedCheckpointIO):
         of both strategies (model under ``state_dict`` or ``model``), whatever ``model_key``."""
         if state is not None:
             return super().load_checkpoint(path, state=state)
-        folder = _local_folder(path)
+        folder = local_folder(path)
         settle_meta(folder)
         full = super().load_checkpoint(folder)
         checkpoint = torch.load(os.path.join(folder, META_FILE), map_location=map_location, weights_only=False)
