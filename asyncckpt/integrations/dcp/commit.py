@@ -71,7 +71,7 @@ def make_storage_writer(
     that cannot take part). ``options`` go to ``FileSystemWriter``.
     """
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.filesystem import _StoragePrefix
+    from torch.distributed.checkpoint.filesystem import _StoragePrefix  # DCP's private: the one way to name shard files
 
     class _CommitOnMetadataWriter(FileSystemWriter):
         """DCP's file writer with fresh shard names per save and an atomic ``.metadata`` commit."""

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import hashlib
 import itertools
-import logging
 import os
 import shutil
 import uuid
@@ -27,8 +26,6 @@ from ...errors import CheckpointLoadError, InvalidPathError
 from ...redaction import describe_options
 from ...storage import local_path_of
 from .commit import METADATA_FILE, BeforeCommit, RanksOutOfStepError, make_storage_writer
-
-log = logging.getLogger("asyncckpt")
 
 _instances = itertools.count()
 
@@ -473,6 +470,7 @@ class DistributedCheckpointIO(CheckpointIO):
                 folder,
             )
         if state is None:
+            # DCP's private loader pieces: the one way to read a whole folder without a state to load into.
             from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
             from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
