@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asyncckpt import AsyncCheckpointIO
-from asyncckpt.staging import ParallelCopier
+from asyncckpt._staging.copier import ParallelCopier, split_shares
 from conftest import load
 
 
@@ -30,8 +30,7 @@ def test_parallel_copy_is_exact_for_any_split(threads):
 
 
 def test_split_balances_bytes_and_covers_everything():
-    copier = ParallelCopier(3)
-    shares = copier._split([(0, 10_000_000), (1, 2_000_000)], 12_000_000, 3)
+    shares = split_shares([(0, 10_000_000), (1, 2_000_000)], 12_000_000, 3)
     sizes = [sum(end - start for _, start, end in share.cuts) + 2_000_000 * (1 in share.whole) for share in shares]
     assert sum(sizes) == 12_000_000
     assert max(sizes) - min(sizes) <= 1
@@ -257,17 +256,17 @@ def test_an_interrupt_while_the_helpers_copy_waits_for_them_before_the_slot_is_f
     import threading
     import time
 
-    from asyncckpt import _copier
+    from asyncckpt._staging import copier
 
     helper_done = threading.Event()
-    real = _copier._memmove_pairs
+    real = copier.memmove_pairs
 
     def slow_memmove(dst, src):
         time.sleep(0.5)  # fault injection: a slow share, so the interrupt lands during the wait
         real(dst, src)
         helper_done.set()
 
-    monkeypatch.setattr(_copier, "_memmove_pairs", slow_memmove)
+    monkeypatch.setattr(copier, "memmove_pairs", slow_memmove)
     io = AsyncCheckpointIO(staging_threads=2, max_pending=1)
     big = torch.randn(8, 1024, 1024)
     main = threading.main_thread().ident

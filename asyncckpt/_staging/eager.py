@@ -1,0 +1,99 @@
+"""Eager staging: every tensor is copied into the slot before ``save_checkpoint`` returns.
+
+:func:`asyncckpt._staging.skeleton.split` pickles the non-tensor skeleton and sets the tensors
+aside; the :class:`EagerStager` then copies them, one raw memcpy per distinct storage, into an
+arena (:mod:`asyncckpt._staging.arena`) that belongs to a :class:`StagingSlot` and is reused by
+later saves with the same layout, sharing the copy across threads
+(:mod:`asyncckpt._staging.copier`). Copying whole storages (not views) keeps views, shared
+storage and non-contiguous strides exactly as ``torch.save`` would write them, and is bitwise
+for every dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+
+from . import layout
+from .arena import byte_view
+from .copier import ParallelCopier
+from .devices import move_xla_to_cpu
+from .protocol import StagedCheckpoint, StagingSlot
+from .skeleton import split
+
+__all__ = ["EagerStager"]
+
+
+class EagerStager:
+    """Turns a live checkpoint into a :class:`StagedCheckpoint` inside a slot's buffers."""
+
+    def __init__(self, threads: int = 1) -> None:
+        self._cuda_stream: Any = None
+        self.copier = ParallelCopier(threads)
+        # Set by the engine when the wrapped IO writes with torch.save, whose refusals are then
+        # raised at the call (DCP, for one, saves each tensor on its own and has no such rule).
+        self.torch_save_rules = False
+
+    def stage(self, checkpoint: Any, slot: StagingSlot, path: str) -> StagedCheckpoint:
+        started = time.perf_counter()
+        skeleton, tensors = split(checkpoint, path)
+        move_xla_to_cpu(tensors)
+        # Staging memory and its views are made outside inference mode, so that a first save
+        # under torch.inference_mode() (validation, an eval loop) leaves ordinary tensors for
+        # the saves after it; reading inference tensors there is allowed.
+        with torch.inference_mode(False):
+            storages, tensor_bytes = self.prepare(slot, tensors, skeleton, path)
+            with torch.no_grad():
+                waiter = self._copy(slot, tensors, storages)
+        return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter)
+
+    def prepare(
+        self, slot: StagingSlot, tensors: List[torch.Tensor], skeleton: bytes, path: str
+    ) -> Tuple[List[torch.UntypedStorage], int]:
+        """Lay ``tensors`` out in ``slot`` under this stager's ``torch_save_rules``; see
+        :func:`asyncckpt._staging.layout.prepare`."""
+        return layout.prepare(slot, tensors, skeleton, path, torch_save_rules=self.torch_save_rules)
+
+    def _copy(
+        self, slot: StagingSlot, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]
+    ) -> Optional[Callable[[], None]]:
+        if slot.copy_pairs is None:
+            slot.copy_pairs = layout.copy_pairs(slot)
+        sources, dst, on_cuda = slot.copy_pairs
+        src = [tensors[i] if i >= 0 else byte_view(storages[group]) for group, i in sources]
+        if not on_cuda:
+            slot.copy_plan = self.copier.copy(dst, src, slot.copy_plan)
+            return None
+        return self._copy_from_cuda(dst, src, wait_here=slot.arena_kind == "shared")
+
+    def _copy_from_cuda(
+        self, dst: List[torch.Tensor], src: List[torch.Tensor], wait_here: bool = False
+    ) -> Optional[Callable[[], None]]:
+        """Device-to-pinned-host copies on a side stream, ordered against the training stream.
+
+        The side stream first waits for the current stream, so pending kernels that produce the
+        values finish before the copy reads them. The current stream then waits for the copy's
+        event, so the next optimizer step (queued on it) cannot overwrite a source still being
+        read. The caller's thread never blocks on the copy; the writer waits for the event
+        before it serializes the pinned buffers.
+        """
+        if self._cuda_stream is None:
+            self._cuda_stream = torch.cuda.Stream()
+        stream = self._cuda_stream
+        current = torch.cuda.current_stream()
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s, non_blocking=s.device.type == "cuda")
+                if s.device.type == "cuda":
+                    s.record_stream(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        current.wait_event(event)
+        if wait_here:
+            # The writer process cannot wait on this process's CUDA event; finish the copy now.
+            event.synchronize()
+            return None
+        return event.synchronize
