@@ -1,4 +1,7 @@
-"""Device-to-host copies: the batched XLA-to-CPU transfer of staging.
+"""Device-to-host copies: the one CUDA side-stream copy, and the batched XLA-to-CPU transfer.
+
+:class:`SideStreamCopy` is the CUDA device-to-pinned-host copy of both stagers (eager and lazy
+staging differ only in whether the training stream waits for it).
 
 torch_xla is imported only when an XLA tensor is seen (or ``XLACheckpointIO`` is built), so the
 core never needs it. All device work (sync and transfer) runs on the caller's thread: torch_xla
@@ -13,7 +16,7 @@ from typing import Any, List
 
 import torch
 
-__all__ = ["INSTALL_HINT", "import_torch_xla", "move_xla_to_cpu", "transfer_to_cpu"]
+__all__ = ["INSTALL_HINT", "SideStreamCopy", "import_torch_xla", "move_xla_to_cpu", "transfer_to_cpu"]
 
 INSTALL_HINT = (
     "torch_xla is not installed; XLACheckpointIO needs it. Install the torch_xla release that "
@@ -60,3 +63,39 @@ def move_xla_to_cpu(tensors: List[Any]) -> bool:
     for i, cpu_tensor in zip(xla, transfer_to_cpu([tensors[i] for i in xla]), strict=True):
         tensors[i] = cpu_tensor
     return True
+
+
+class SideStreamCopy:
+    """Device-to-pinned-host copies on a CUDA side stream of their own (one per stager).
+
+    The side stream first waits for the current (training) stream, so pending kernels that
+    produce the values finish before the copy reads them. With ``training_stream_waits`` the
+    current stream then waits for the copy's event, so the next optimizer step (queued on it)
+    cannot overwrite a source still being read (eager staging); without it, training runs on
+    beside the copy, and lazy staging orders the two at its guard point instead. The caller's
+    thread never blocks on the copy: whoever needs the host bytes synchronizes the returned
+    event. ``non_blocking`` and ``record_stream`` apply to CUDA sources only; a CPU source is
+    copied in order on the side stream.
+    """
+
+    def __init__(self) -> None:
+        self._stream: Any = None  # made at the first copy: no CUDA context for CPU-only training
+
+    def start(self, dst: List[torch.Tensor], src: List[torch.Tensor], *, training_stream_waits: bool) -> Any:
+        """Queue the copies of ``src`` into ``dst``; returns the ``torch.cuda.Event`` recorded after them."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        stream = self._stream
+        current = torch.cuda.current_stream()
+        stream.wait_stream(current)  # values produced so far, then copy
+        with torch.cuda.stream(stream):
+            for d, s in zip(dst, src, strict=True):
+                on_cuda = s.device.type == "cuda"
+                d.copy_(s, non_blocking=on_cuda)
+                if on_cuda:
+                    s.record_stream(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        if training_stream_waits:
+            current.wait_event(event)
+        return event

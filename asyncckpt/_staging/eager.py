@@ -19,7 +19,7 @@ import torch
 from . import layout
 from .arena import byte_view
 from .copier import ParallelCopier
-from .devices import move_xla_to_cpu
+from .devices import SideStreamCopy, move_xla_to_cpu
 from .protocol import StagedCheckpoint, StagingSlot
 from .skeleton import split
 
@@ -30,7 +30,7 @@ class EagerStager:
     """Turns a live checkpoint into a :class:`StagedCheckpoint` inside a slot's buffers."""
 
     def __init__(self, threads: int = 1) -> None:
-        self._cuda_stream: Any = None
+        self.side_stream = SideStreamCopy()  # its own stream, apart from a lazy stager's
         self.copier = ParallelCopier(threads)
         # Set by the engine when the wrapped IO writes with torch.save, whose refusals are then
         # raised at the call (DCP, for one, saves each tensor on its own and has no such rule).
@@ -71,27 +71,9 @@ class EagerStager:
     def _copy_from_cuda(
         self, dst: List[torch.Tensor], src: List[torch.Tensor], wait_here: bool = False
     ) -> Optional[Callable[[], None]]:
-        """Device-to-pinned-host copies on a side stream, ordered against the training stream.
-
-        The side stream first waits for the current stream, so pending kernels that produce the
-        values finish before the copy reads them. The current stream then waits for the copy's
-        event, so the next optimizer step (queued on it) cannot overwrite a source still being
-        read. The caller's thread never blocks on the copy; the writer waits for the event
-        before it serializes the pinned buffers.
-        """
-        if self._cuda_stream is None:
-            self._cuda_stream = torch.cuda.Stream()
-        stream = self._cuda_stream
-        current = torch.cuda.current_stream()
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            for d, s in zip(dst, src, strict=True):
-                d.copy_(s, non_blocking=s.device.type == "cuda")
-                if s.device.type == "cuda":
-                    s.record_stream(stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-        current.wait_event(event)
+        """Device-to-pinned-host copies on this stager's side stream, which the training stream
+        waits for (see :class:`SideStreamCopy`); returns the writer's wait, or None once done."""
+        event = self.side_stream.start(dst, src, training_stream_waits=True)
         if wait_here:
             # The writer process cannot wait on this process's CUDA event; finish the copy now.
             event.synchronize()

@@ -48,7 +48,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from ..errors import TensorModifiedError
 from . import copier
 from .arena import byte_view
-from .devices import move_xla_to_cpu
+from .devices import SideStreamCopy, move_xla_to_cpu
 from .protocol import StagedCheckpoint
 from .skeleton import key_paths, split
 
@@ -253,7 +253,7 @@ class LazyStager:
 
     def __init__(self, stager: Any) -> None:
         self._stager = stager
-        self._cuda_stream: Any = None
+        self._side_stream = SideStreamCopy()  # a stream of its own, which training does not wait for
         # Insertion-ordered; by id, so that removal is one idempotent step. Re-entrant: a save
         # from a signal handler may run on a thread that holds it.
         self._unfinished: Dict[int, LazyCopy] = {}
@@ -329,7 +329,9 @@ class LazyStager:
                     eager_waiter = stager._copy_from_cuda(eager_dst, eager_src)
                 else:
                     stager.copier.copy(eager_dst, eager_src)
-            cuda_event = self._start_cuda(*lazy_cuda) if lazy_cuda[0] else None
+            cuda_event = None
+            if lazy_cuda[0]:  # the training stream does not wait: the guard orders it (LazyCopy.finish)
+                cuda_event = self._side_stream.start(*lazy_cuda, training_stream_waits=False)
         job = LazyCopy(path, skeleton, len(tensors), lazy_cpu, cuda_event, watched)
         if watched:
             _remember(job)
@@ -358,21 +360,6 @@ class LazyStager:
         }
         self._large[slot.index] = (slot.layout, large)
         return large
-
-
-    def _start_cuda(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> Any:
-        """Device-to-pinned copies on a side stream that the training stream does not wait for."""
-        if self._cuda_stream is None:
-            self._cuda_stream = torch.cuda.Stream()
-        stream = self._cuda_stream
-        stream.wait_stream(torch.cuda.current_stream())  # values produced so far, then copy
-        with torch.cuda.stream(stream):
-            for d, s in zip(dst, src, strict=True):
-                d.copy_(s, non_blocking=True)
-                s.record_stream(stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-        return event
 
 
 def check_staging(value: Any, writer: str) -> str:
