@@ -20,7 +20,7 @@ from . import layout
 from .arena import byte_view
 from .copier import ParallelCopier
 from .devices import SideStreamCopy, move_xla_to_cpu
-from .protocol import StagedCheckpoint, StagingSlot
+from .protocol import StagedCheckpoint, StagingSlot, VersionOwner
 from .skeleton import split
 
 __all__ = ["EagerStager"]
@@ -29,6 +29,8 @@ __all__ = ["EagerStager"]
 class EagerStager:
     """Turns a live checkpoint into a :class:`StagedCheckpoint` inside a slot's buffers."""
 
+    defers_copies = False  # every byte is in the slot when stage() returns (or on the side stream)
+
     def __init__(self, threads: int = 1) -> None:
         self.side_stream = SideStreamCopy()  # its own stream, apart from a lazy stager's
         self.copier = ParallelCopier(threads)
@@ -36,7 +38,11 @@ class EagerStager:
         # raised at the call (DCP, for one, saves each tensor on its own and has no such rule).
         self.torch_save_rules = False
 
-    def stage(self, checkpoint: Any, slot: StagingSlot, path: str) -> StagedCheckpoint:
+    def stage(
+        self, checkpoint: Any, slot: StagingSlot, path: str, version_owner: Optional[VersionOwner] = None
+    ) -> StagedCheckpoint:
+        """Copy every tensor of ``checkpoint`` into ``slot`` now (``version_owner``: unused, as
+        nothing is left to verify)."""
         started = time.perf_counter()
         skeleton, tensors = split(checkpoint, path)
         move_xla_to_cpu(tensors)
@@ -46,7 +52,7 @@ class EagerStager:
         with torch.inference_mode(False):
             storages, tensor_bytes = self.prepare(slot, tensors, skeleton, path)
             with torch.no_grad():
-                waiter = self._copy(slot, tensors, storages)
+                waiter = self.copy_into_slot(slot, tensors, storages)
         return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter)
 
     def prepare(
@@ -56,9 +62,18 @@ class EagerStager:
         :func:`asyncckpt._staging.layout.prepare`."""
         return layout.prepare(slot, tensors, skeleton, path, torch_save_rules=self.torch_save_rules)
 
-    def _copy(
+    def finish(self, host_sync: bool = False) -> None:
+        """Nothing to finish: eager copies are complete, or ordered on the training stream."""
+
+    def unfinished(self) -> List[Any]:
+        """No deferred copies."""
+        return []
+
+    def copy_into_slot(
         self, slot: StagingSlot, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]
     ) -> Optional[Callable[[], None]]:
+        """Copy every storage of a prepared save into ``slot`` (:func:`layout.prepare` laid it
+        out); returns the writer's wait for copies still landing (CUDA), or None."""
         if slot.copy_pairs is None:
             slot.copy_pairs = layout.copy_pairs(slot)
         sources, dst, on_cuda = slot.copy_pairs

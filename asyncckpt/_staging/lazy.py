@@ -40,16 +40,18 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import TensorModifiedError
-from . import copier
+from . import copier, layout
 from .arena import byte_view
+from .copier import ParallelCopier
 from .devices import SideStreamCopy, move_xla_to_cpu
-from .protocol import StagedCheckpoint
+from .eager import EagerStager
+from .protocol import StagedCheckpoint, StagingSlot, VersionOwner
 from .skeleton import key_paths, split
 
 #: Storages of at most this many bytes are copied at the call, not lazily. Forward passes mutate
@@ -87,7 +89,7 @@ class LazyCopy:
         self._skeleton = skeleton
         self._tensor_count = tensor_count
         self._cpu_dst, self._cpu_src = cpu_pairs
-        self._cuda_event = cuda_event
+        self.cuda_event = cuda_event  # the side stream's event after the CUDA copies, or None
         self._watched = watched
         self._copied = threading.Event()
         self._verified = threading.Event()
@@ -134,16 +136,16 @@ class LazyCopy:
             if not self._verified.is_set():
                 self._copied.wait()
             if not self._verified.is_set():  # not by a signal handler's finish() during the wait
-                if self._cuda_event is not None:
+                if self.cuda_event is not None:
                     # Kernels queued on the training stream from now on run after the copy; the
                     # host does not wait. Those queued since the call were seen by the counters.
-                    torch.cuda.current_stream().wait_event(self._cuda_event)
+                    torch.cuda.current_stream().wait_event(self.cuda_event)
                 self.error = self._copy_error or self._check_versions()
                 self._watched = []
                 self._verified.set()
                 _forget(self)
-        if host_sync and self._cuda_event is not None:
-            self._cuda_event.synchronize()
+        if host_sync and self.cuda_event is not None:
+            self.cuda_event.synchronize()
 
     def _check_versions(self) -> Optional[BaseException]:
         changed = [(i, before, t._version) for i, t, before in self._watched if t._version != before]
@@ -165,8 +167,8 @@ class LazyCopy:
     def wait_for_writer(self) -> None:
         """The writer's wait: until a guard has verified the copy; raises if it failed."""
         self._verified.wait()
-        if self._cuda_event is not None:
-            self._cuda_event.synchronize()
+        if self.cuda_event is not None:
+            self.cuda_event.synchronize()
         if self.error is not None:
             raise self.error
 
@@ -251,8 +253,10 @@ class LazyStager:
     every later write of the engine.
     """
 
-    def __init__(self, stager: Any) -> None:
-        self._stager = stager
+    defers_copies = True
+
+    def __init__(self, eager: EagerStager) -> None:
+        self._eager = eager  # its copier, torch_save_rules, slot copy and side stream are shared
         self._side_stream = SideStreamCopy()  # a stream of its own, which training does not wait for
         # Insertion-ordered; by id, so that removal is one idempotent step. Re-entrant: a save
         # from a signal handler may run on a thread that holds it.
@@ -261,6 +265,19 @@ class LazyStager:
         self._large: Dict[int, Tuple[Any, Set[int]]] = {}
 
     @property
+    def copier(self) -> ParallelCopier:
+        """The eager stager's copier: one pool of copy threads per engine."""
+        return self._eager.copier
+
+    @property
+    def torch_save_rules(self) -> bool:
+        """The eager stager's setting (the engine may set it on either)."""
+        return self._eager.torch_save_rules
+
+    @torch_save_rules.setter
+    def torch_save_rules(self, value: bool) -> None:
+        self._eager.torch_save_rules = value
+
     def unfinished(self) -> List[LazyCopy]:
         """The jobs started and not yet finished by a guard point, oldest first."""
         with self._jobs_lock:
@@ -268,16 +285,15 @@ class LazyStager:
 
     def finish(self, host_sync: bool = False) -> None:
         """Finish and verify every job this stager started that no guard has finished yet."""
-        for job in self.unfinished:
+        for job in self.unfinished():
             job.finish(host_sync)
             if job.finished:
                 with self._jobs_lock:
                     self._unfinished.pop(id(job), None)
 
     def stage(
-        self, checkpoint: Any, slot: Any, path: str,
-        version_owner: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None,
-    ) -> Any:
+        self, checkpoint: Any, slot: StagingSlot, path: str, version_owner: Optional[VersionOwner] = None,
+    ) -> StagedCheckpoint:
         """Copy the small tensors now, start the lazy copy of the rest, record version counters.
 
         ``version_owner`` (from the wrapped IO) names, for a staged tensor, another tensor whose
@@ -285,14 +301,13 @@ class LazyStager:
         """
         started = time.perf_counter()
         self.finish()
-        stager = self._stager
         skeleton, tensors = split(checkpoint, path)
         move_xla_to_cpu(tensors)
-        storages, tensor_bytes = stager.prepare(slot, tensors, skeleton, path)
+        storages, tensor_bytes = layout.prepare(slot, tensors, skeleton, path, torch_save_rules=self.torch_save_rules)
         large = self._large_groups(slot)
         if not large:  # every storage is small: exactly the eager copy, at the eager cost
             with torch.no_grad():
-                waiter = stager._copy(slot, tensors, storages)
+                waiter = self._eager.copy_into_slot(slot, tensors, storages)
             return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter)
         eager_dst: List[torch.Tensor] = []
         eager_src: List[torch.Tensor] = []
@@ -326,9 +341,12 @@ class LazyStager:
             eager_waiter = None
             if eager_dst:
                 if any(s.device.type == "cuda" for s in eager_src):
-                    eager_waiter = stager._copy_from_cuda(eager_dst, eager_src)
+                    # on the eager stager's stream, which the training stream waits for
+                    eager_waiter = self._eager.side_stream.start(
+                        eager_dst, eager_src, training_stream_waits=True
+                    ).synchronize
                 else:
-                    stager.copier.copy(eager_dst, eager_src)
+                    self.copier.copy(eager_dst, eager_src)
             cuda_event = None
             if lazy_cuda[0]:  # the training stream does not wait: the guard orders it (LazyCopy.finish)
                 cuda_event = self._side_stream.start(*lazy_cuda, training_stream_waits=False)
@@ -348,7 +366,7 @@ class LazyStager:
 
         return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, wait_for_copies)
 
-    def _large_groups(self, slot: Any) -> Set[int]:
+    def _large_groups(self, slot: StagingSlot) -> Set[int]:
         """The slot's storages copied lazily: above EAGER_MAX_BYTES, on CPU or CUDA (cached per layout)."""
         cached = self._large.get(slot.index)
         if cached is not None and cached[0] is slot.layout:

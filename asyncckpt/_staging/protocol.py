@@ -1,6 +1,8 @@
 """What every stager shares: the staged checkpoint, the slot it lives in, and the collector pause.
 
-A :class:`StagingSlot` is host memory for one in-flight checkpoint, reused while the layout
+:class:`Stager` is the one interface of the two stagers (``asyncckpt._staging.eager`` and
+``asyncckpt._staging.lazy``), so the engine holds one stager and never asks which. A
+:class:`StagingSlot` is host memory for one in-flight checkpoint, reused while the layout
 repeats; a :class:`StagedCheckpoint` is what a stager hands the writer: the pickled skeleton,
 host tensors viewing the slot's arena, and a wait for copies still landing.
 :func:`collection_paused` keeps the cyclic garbage collector out of the save call.
@@ -14,20 +16,32 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 
 from .arena import HostArena
-from .copier import CopyPlan
+from .copier import CopyPlan, ParallelCopier
 from .skeleton import restore
 
-__all__ = ["Layout", "StagedCheckpoint", "StagingSlot", "collection_paused", "reset_after_fork"]
+__all__ = [
+    "Layout",
+    "StagedCheckpoint",
+    "Stager",
+    "StagingSlot",
+    "VersionOwner",
+    "collection_paused",
+    "reset_after_fork",
+]
 
 # Per distinct storage: (device type, bytes); per tensor: (storage index, dtype, size, stride,
 # offset, requires_grad); per bare storage: (storage index, dtype or None). Two saves with
 # equal layouts reuse the same buffers and views.
 Layout = Tuple[Tuple[Tuple[str, int], ...], Tuple[tuple, ...]]
+
+#: For a staged tensor, another tensor whose version counter moves when it is modified (a
+#: DTensor for its local tensor), or None; a wrapped IO may offer one (``version_owner``).
+VersionOwner = Callable[[torch.Tensor], Optional[torch.Tensor]]
 
 
 _gc_lock = threading.RLock()  # re-entered by a save from a signal handler on this thread
@@ -150,3 +164,35 @@ class StagingSlot:
         self.members = []
         self.copy_pairs = None
         self.copy_plan = None
+
+
+class Stager(Protocol):
+    """What the engine asks of a stager, eager or lazy.
+
+    ``copier`` copies host to host (the engine sets ``copier.threads`` and closes it);
+    ``torch_save_rules`` is set by the engine when the wrapped IO writes with ``torch.save``,
+    whose refusals are then raised at the call; ``defers_copies`` says that :meth:`stage` may
+    return before the bytes are in the slot, and that the engine must then call :meth:`finish`
+    at every guard point (a save waiting for a slot waits for such a copy too).
+    """
+
+    copier: ParallelCopier
+    torch_save_rules: bool
+    defers_copies: bool
+
+    def stage(
+        self, checkpoint: Any, slot: StagingSlot, key: str, version_owner: Optional[VersionOwner] = None
+    ) -> StagedCheckpoint:
+        """Snapshot ``checkpoint`` into ``slot``; ``key`` names it in errors."""
+        ...
+
+    def finish(self, host_sync: bool = False) -> None:
+        """Finish and verify every copy :meth:`stage` left running (eager: nothing to do)."""
+        ...
+
+    def unfinished(self) -> List[Any]:
+        """The deferred copies not yet finished by a guard point, oldest first (eager: none).
+
+        Each has ``path``, ``finished`` and ``cuda_event`` (the side stream's event, or None).
+        """
+        ...
