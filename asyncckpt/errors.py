@@ -94,3 +94,15 @@ class RemoteStorageError(AsyncCheckpointError, OSError):
     usual credential environment variables, and a URL's user info and query values are
     replaced by ``***``.
     """
+
+
+class TensorModifiedError(CheckpointSaveError):
+    """A tensor was modified in place while ``staging="lazy"`` copied it; that save was not written.
+
+    Attributes:
+        key: the tensor's key path in the checkpoint, e.g. ``state_dict.layer3.weight``.
+    """
+
+    def __init__(self, message: str, path: Optional[str] = None, key: Optional[str] = None) -> None:
+        super().__init__(message, path)
+        self.key = key

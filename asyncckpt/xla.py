@@ -1,4 +1,5 @@
-"""torch_xla support: ``XLACheckpointIO`` and the batched XLA-to-CPU transfer used by staging.
+"""torch_xla support: ``XLACheckpointIO``, and the batched XLA-to-CPU transfer used by staging
+(``transfer_to_cpu``, whose code lives in asyncckpt._staging.devices).
 
 torch_xla is imported only when an XLA tensor is seen or ``XLACheckpointIO`` is built, so the
 core never needs it. All device work (sync and transfer) runs on the caller's thread: torch_xla
@@ -8,40 +9,14 @@ only ever sees CPU tensors.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-import torch
-
+from ._staging.devices import import_torch_xla, move_xla_to_cpu, transfer_to_cpu
+from ._staging.skeleton import restore, split
 from .checkpoint_io import PathLike
 from .torch_io import TorchCheckpointIO
 
-_INSTALL_HINT = (
-    "torch_xla is not installed; XLACheckpointIO needs it. Install the torch_xla release that "
-    "matches your torch, e.g. `pip install torch==2.9.0 torch-xla==2.9.0` (set PJRT_DEVICE=CPU "
-    "to run on the CPU), or use asyncckpt.TorchCheckpointIO for CPU and CUDA training"
-)
-
-
-def _torch_xla() -> Any:
-    try:
-        import torch_xla
-    except ImportError as err:
-        raise ImportError(_INSTALL_HINT) from err
-    return torch_xla
-
-
-def transfer_to_cpu(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Move XLA tensors to the CPU after one sync, in one batched transfer (no per-tensor trips).
-
-    The sync materializes pending lazy computation once, as ``xm.save`` does, so the transfer
-    runs no graph. The results are new contiguous CPU tensors, unaffected by later device
-    updates.
-    """
-    torch_xla = _torch_xla()
-    if not tensors:
-        return []
-    torch_xla._XLAC._xla_sync_multi(tensors, devices=[], wait=True, sync_xla_data=False)
-    return list(torch_xla._XLAC._xla_get_cpu_tensors(tensors))
+__all__ = ["XLACheckpointIO", "checkpoint_to_cpu", "transfer_to_cpu"]
 
 
 def checkpoint_to_cpu(checkpoint: Any) -> Any:
@@ -50,8 +25,6 @@ def checkpoint_to_cpu(checkpoint: Any) -> Any:
     Structure is kept exactly (OrderedDict and its ``_metadata``, tuples, namedtuples,
     Parameters), unlike torch_xla's own converter, because it reuses staging's pickling pass.
     """
-    from ._pickling import move_xla_to_cpu, restore, split
-
     skeleton, tensors = split(checkpoint, "<xla checkpoint>")
     if not move_xla_to_cpu(tensors):
         return checkpoint
@@ -72,7 +45,7 @@ class XLACheckpointIO(TorchCheckpointIO):
     """
 
     def __init__(self, *, master_only: bool = True, global_master: bool = False, durable: bool = True) -> None:
-        _torch_xla()
+        import_torch_xla()
         super().__init__(durable=durable)
         self.master_only = master_only
         self.global_master = global_master

@@ -33,6 +33,27 @@ def test_cuda_point_in_time_while_the_next_steps_run(tmp_path, writer):
             assert torch.equal(out["model"][key], value), (step, key)
 
 
+@pytest.mark.parametrize("training_stream_waits", [True, False])
+def test_side_stream_copy_orders_the_training_stream_only_when_asked(training_stream_waits):
+    """SideStreamCopy, the one device-to-host copy of both stagers: the side stream waits for
+    the values the training stream produced before it; the training stream waits for the copy
+    only when asked (eager staging; lazy staging orders it at a guard point). A CPU source is
+    copied on the side stream too."""
+    from asyncckpt._staging.devices import SideStreamCopy
+
+    big = torch.randn(64 * 2**20, device="cuda")  # 256 MiB: its copy takes milliseconds
+    src = [big * 2, torch.arange(5.0)]  # the first is produced on the training stream just before
+    dst = [torch.empty(big.shape, pin_memory=True), torch.empty(5, pin_memory=True)]
+    event = SideStreamCopy().start(dst, src, training_stream_waits=training_stream_waits)
+    after = torch.cuda.Event()
+    after.record()  # on the training stream, after start()
+    after.synchronize()
+    if training_stream_waits:
+        assert event.query(), "the training stream ran past a copy it was to wait for"
+    event.synchronize()
+    assert torch.equal(dst[0], (big * 2).cpu()) and torch.equal(dst[1], src[1])
+
+
 def test_cuda_staging_uses_pinned_buffers_reused_across_saves(tmp_path):
     io = AsyncCheckpointIO(max_pending=1)
     weight = torch.randn(4096, 256, device="cuda")

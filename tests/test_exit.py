@@ -256,16 +256,16 @@ def test_a_save_from_a_signal_handler_while_waiting_for_a_lazy_copy_is_not_deadl
     proc = run_script(
         """
         import signal, threading
-        from asyncckpt import lazy
+        from asyncckpt._staging import copier
 
         folder = sys.argv[1]
-        real = lazy._memmove_pairs
+        real = copier.memmove_pairs
 
         def slow_copy(dst, src):
             time.sleep(1.0)  # fault injection: a slow lazy copy, so the signal lands during the wait
             real(dst, src)
 
-        lazy._memmove_pairs = slow_copy
+        copier.memmove_pairs = slow_copy
         io = AsyncCheckpointIO(staging="lazy", handle_sigterm=False)
 
         def handler(signum, frame):

@@ -24,6 +24,7 @@ from torch import nn
 
 from asyncckpt import AsyncCheckpointIO, CheckpointSaveError
 from asyncckpt import lazy as lazy_mod
+from asyncckpt._staging import copier
 from asyncckpt.lazy import EAGER_MAX_BYTES, TensorModifiedError, key_paths
 
 WIDTH = 192  # 192x192 fp32 = 144 KiB: above EAGER_MAX_BYTES, so copied lazily
@@ -81,14 +82,14 @@ def held_copy(monkeypatch):
     """Fault injection: the background copy starts only once the test sets the event."""
     release = threading.Event()
     started = threading.Event()
-    original = lazy_mod._memmove_all
+    original = copier.memmove_pairs
 
     def held(dst, src):
         started.set()
         assert release.wait(30), "the test never released the held copy"
         original(dst, src)
 
-    monkeypatch.setattr(lazy_mod, "_memmove_all", held)
+    monkeypatch.setattr(copier, "memmove_pairs", held)
     yield release
     release.set()
 
@@ -326,7 +327,7 @@ class Holder:
 
 
 def test_key_paths_of_nested_containers_and_objects():
-    from asyncckpt._pickling import split
+    from asyncckpt._staging.skeleton import split
 
     obj = {"a": [torch.zeros(1), (torch.zeros(1), {"b": torch.zeros(1)})], "h": Holder()}
     skeleton, tensors = split(obj, "x")
@@ -662,7 +663,7 @@ def test_parameters_saved_then_changed_in_place_are_exact_or_loud(tmp_path, writ
 
 
 def test_key_paths_name_the_parameters_of_a_module():
-    from asyncckpt._pickling import split
+    from asyncckpt._staging.skeleton import split
 
     model = _model()
     skeleton, tensors = split({"model": model, "keep": model.state_dict(keep_vars=True)}, "x")

@@ -63,13 +63,13 @@ def test_cuda_training_stream_does_not_wait_for_the_lazy_copy(tmp_path):
     io = AsyncCheckpointIO(staging="lazy", handle_sigterm=False)
     try:
         io.save_checkpoint({"big": big}, tmp_path / "a.ckpt")
-        (job,) = io._lazy.unfinished
-        assert job._cuda_event is not None
+        (job,) = io._lazy.unfinished()
+        assert job.cuda_event is not None
         y = torch.ones(16, device="cuda") * 2  # queued on the training stream after the call
         done = torch.cuda.Event()
         done.record()
         done.synchronize()
-        assert not job._cuda_event.query(), "the training stream waited for the lazy copy"
+        assert not job.cuda_event.query(), "the training stream waited for the lazy copy"
         io.flush()
         assert torch.equal(torch.load(tmp_path / "a.ckpt")["big"], big.cpu())
         assert y.sum().item() == 32

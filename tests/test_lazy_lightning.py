@@ -17,7 +17,7 @@ import pytest
 import torch
 from _lightning_helpers import FAMILIES, load_family, make_trainer
 
-from asyncckpt import lazy as lazy_mod
+from asyncckpt._staging import copier
 from asyncckpt.lazy import EAGER_MAX_BYTES
 
 pytestmark = pytest.mark.lightning
@@ -102,13 +102,13 @@ def _same(a: Any, b: Any, where: str) -> None:
 def slow_copy(monkeypatch):
     """Fault injection: every lazy copy starts 30 ms late, so it is still running when the next
     batch's forward, backward and optimizer step come (on a quiet machine it would be done)."""
-    original = lazy_mod._memmove_all
+    original = copier.memmove_pairs
 
     def slow(dst: Any, src: Any) -> None:
         time.sleep(0.03)
         original(dst, src)
 
-    monkeypatch.setattr(lazy_mod, "_memmove_all", slow)
+    monkeypatch.setattr(copier, "memmove_pairs", slow)
 
 
 @pytest.mark.parametrize("manual", [False, True], ids=["automatic-accumulate", "manual"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from asyncckpt import AsyncCheckpointIO
-from asyncckpt.staging import ParallelCopier
+from asyncckpt._staging.copier import ParallelCopier, split_shares
+from asyncckpt._staging.eager import EagerStager
 from conftest import load
 
 
@@ -30,8 +31,7 @@ def test_parallel_copy_is_exact_for_any_split(threads):
 
 
 def test_split_balances_bytes_and_covers_everything():
-    copier = ParallelCopier(3)
-    shares = copier._split([(0, 10_000_000), (1, 2_000_000)], 12_000_000, 3)
+    shares = split_shares([(0, 10_000_000), (1, 2_000_000)], 12_000_000, 3)
     sizes = [sum(end - start for _, start, end in share.cuts) + 2_000_000 * (1 in share.whole) for share in shares]
     assert sum(sizes) == 12_000_000
     assert max(sizes) - min(sizes) <= 1
@@ -128,7 +128,7 @@ def test_share_cores_among_ranks_keeps_a_count_the_user_gave(monkeypatch):
     chosen.teardown()
 
 
-def test_a_save_pauses_the_garbage_collector_and_restores_it(tmp_path):
+def test_a_save_pauses_the_garbage_collector_and_restores_it(tmp_path, monkeypatch):
     """Staging many tensors allocates enough containers to run the collector about a hundred
     times in one call (0.4-0.5 s for one full collection of a training process's objects); the
     call pauses it. Afterwards it is as it was, after failed and concurrent saves too."""
@@ -139,13 +139,13 @@ def test_a_save_pauses_the_garbage_collector_and_restores_it(tmp_path):
 
     io = AsyncCheckpointIO()
     seen = []
-    real_stage = io._stager.stage
+    real_stage = EagerStager.stage
 
-    def stage(*args, **kwargs):
+    def stage(self, *args, **kwargs):
         seen.append(gc.isenabled())
-        return real_stage(*args, **kwargs)
+        return real_stage(self, *args, **kwargs)
 
-    io._stager.stage = stage
+    monkeypatch.setattr(EagerStager, "stage", stage)
     assert gc.isenabled()
     io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "a.ckpt")
     assert seen == [False] and gc.isenabled()
@@ -171,7 +171,7 @@ def test_a_save_pauses_the_garbage_collector_and_restores_it(tmp_path):
     io.teardown()
 
 
-def test_a_process_forked_during_a_save_call_collects_garbage(tmp_path):
+def test_a_process_forked_during_a_save_call_collects_garbage(tmp_path, monkeypatch):
     """Another thread forks (a DataLoader worker, a subprocess) while a save call has the
     collector paused: the child has no save call, so its collector must be on. The call is held
     open by an event in the stager (fault injection: a real call is too short to fork inside)."""
@@ -180,14 +180,14 @@ def test_a_process_forked_during_a_save_call_collects_garbage(tmp_path):
 
     io = AsyncCheckpointIO()
     inside, release = threading.Event(), threading.Event()
-    real_stage = io._stager.stage
+    real_stage = EagerStager.stage
 
-    def held_stage(*args, **kwargs):
+    def held_stage(self, *args, **kwargs):
         inside.set()
         release.wait(30)
-        return real_stage(*args, **kwargs)
+        return real_stage(self, *args, **kwargs)
 
-    io._stager.stage = held_stage
+    monkeypatch.setattr(EagerStager, "stage", held_stage)
     saver = threading.Thread(target=io.save_checkpoint, args=({"w": torch.ones(3)}, tmp_path / "a.ckpt"))
     saver.start()
     assert inside.wait(30) and not gc.isenabled()
@@ -257,17 +257,17 @@ def test_an_interrupt_while_the_helpers_copy_waits_for_them_before_the_slot_is_f
     import threading
     import time
 
-    from asyncckpt import _copier
+    from asyncckpt._staging import copier
 
     helper_done = threading.Event()
-    real = _copier._memmove_pairs
+    real = copier.memmove_pairs
 
     def slow_memmove(dst, src):
         time.sleep(0.5)  # fault injection: a slow share, so the interrupt lands during the wait
         real(dst, src)
         helper_done.set()
 
-    monkeypatch.setattr(_copier, "_memmove_pairs", slow_memmove)
+    monkeypatch.setattr(copier, "memmove_pairs", slow_memmove)
     io = AsyncCheckpointIO(staging_threads=2, max_pending=1)
     big = torch.randn(8, 1024, 1024)
     main = threading.main_thread().ident
@@ -285,3 +285,26 @@ def test_an_interrupt_while_the_helpers_copy_waits_for_them_before_the_slot_is_f
     io.save_checkpoint({"big": big}, tmp_path / "b.ckpt")
     io.teardown()
     assert torch.equal(load(tmp_path / "b.ckpt")["big"], big)
+
+
+@pytest.mark.parametrize("staging", ["eager", "lazy"])
+def test_both_stagers_answer_the_one_stager_protocol(tmp_path, staging):
+    """The engine holds one Stager and never asks which: stage, finish, unfinished, the copier,
+    the torch.save rules and whether copies are deferred, answered alike by both."""
+    from asyncckpt._staging.lazy import LazyStager
+    from asyncckpt._staging.protocol import Stager, StagingSlot
+
+    eager = EagerStager(2)
+    stager: Stager = eager if staging == "eager" else LazyStager(eager)
+    assert stager.copier is eager.copier and stager.defers_copies is (staging == "lazy")
+    stager.torch_save_rules = True
+    assert eager.torch_save_rules and stager.torch_save_rules
+    big, small = torch.randn(1_000_000), torch.arange(10.0)
+    staged = stager.stage({"big": big, "small": small, "n": 3}, StagingSlot(0), "a.ckpt", None)
+    assert [job.path for job in stager.unfinished()] == (["a.ckpt"] if staging == "lazy" else [])
+    stager.finish()
+    assert stager.unfinished() == []
+    got = staged.materialize()
+    assert torch.equal(got["big"], big) and torch.equal(got["small"], small) and got["n"] == 3
+    assert got["big"].data_ptr() != big.data_ptr()  # a copy in the slot, not the live tensor
+    stager.copier.close()

@@ -1,0 +1,120 @@
+"""Staging memory: one block of host memory per slot (an arena), and the tensors viewing it.
+
+``torch.save`` writes each storage as its own record, so the staged tensors of one source
+storage get a storage of their own, a window of the arena, and the file holds one record per
+source storage, exactly as it would for the live tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import mmap
+import os
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+ALIGN = 64
+
+
+class HostArena:
+    """One block of host memory holding every storage of a staged checkpoint.
+
+    ``kind`` is ``"plain"`` (ordinary memory), ``"pinned"`` (page-locked, for CUDA copies) or
+    ``"shared"`` (an anonymous memfd, mapped by the writer process too, so tensors are written
+    from there without being pickled through a pipe).
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, nbytes: int, kind: str) -> None:
+        self.id = next(HostArena._ids)
+        self.nbytes = nbytes
+        self.kind = kind
+        self.fd: Optional[int] = None
+        if kind == "shared":
+            self.fd = os.memfd_create(f"asyncckpt-arena-{self.id}", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, max(nbytes, 1))
+            except OSError as err:
+                os.close(self.fd)
+                self.fd = None
+                raise type(err)(
+                    err.errno,
+                    f"cannot allocate {nbytes} bytes of shared staging memory for writer='process' "
+                    f"({err.strerror}); it is a memfd, so the file size limit (RLIMIT_FSIZE, "
+                    "'ulimit -f') applies to it: raise the limit or use writer='thread'",
+                ) from err
+            self._mmap = mmap.mmap(self.fd, max(nbytes, 1))
+            self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)[:nbytes]
+        elif kind == "pinned":
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+
+    def close_fd(self) -> None:
+        """The writer process has its own mapping; the descriptor is no longer needed here."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+
+def plan_groups(sizes: Sequence[int]) -> Tuple[Tuple[Tuple[int, int], ...], int]:
+    """``(offset, nbytes)`` per storage, each aligned, and the arena size they need."""
+    groups = []
+    total = 0
+    for nbytes in sizes:
+        groups.append((total, nbytes))
+        total += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+    return tuple(groups), total
+
+
+def storages_in(base: torch.Tensor, groups: Sequence[Tuple[int, int]], owner: Any) -> List[torch.UntypedStorage]:
+    """One distinct storage per ``(offset, nbytes)`` range of ``base``, without copying.
+
+    Each storage keeps ``owner`` (the object that owns ``base``'s memory: the arena, or the
+    writer process's mapping) alive, so a staged tensor that escapes (kept by a wrapped IO, or by
+    a failed save's traceback) never reads freed memory.
+    """
+    address = base.data_ptr()
+    storages = []
+    for offset, nbytes in groups:
+        if nbytes == 0:
+            storages.append(torch.UntypedStorage(0))
+            continue
+        window = (ctypes.c_char * nbytes).from_address(address + offset)
+        window.owner = owner  # torch.frombuffer keeps ``window`` alive, and it keeps ``owner``
+        storages.append(torch.frombuffer(window, dtype=torch.uint8).untyped_storage())
+    return storages
+
+
+def build_views(storages: Sequence[torch.UntypedStorage], specs: Sequence[tuple]) -> List[Any]:
+    """The staged items: each tensor spec ``(group, dtype, size, stride, offset, requires_grad)`` as
+    a view, each storage spec ``(group, dtype or None)`` as a typed (or untyped) storage."""
+    views: List[Any] = []
+    for spec in specs:
+        if len(spec) == 2:
+            group, dtype = spec
+            storage: Any = storages[group]
+            if dtype is not None:
+                storage = torch.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+            views.append(storage)
+            continue
+        group, dtype, size, stride, offset, requires_grad = spec
+        view = torch.empty(0, dtype=dtype).set_(storages[group], offset, size, stride)
+        if requires_grad:
+            view.requires_grad_(True)
+        views.append(view)
+    return views
+
+
+def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over the whole of ``storage``."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
