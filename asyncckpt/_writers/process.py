@@ -7,8 +7,9 @@ rebuilds the tensors as views of its own mapping. No tensor bytes go through the
 
 A remove carries the sequence numbers of the saves it depends on that this writer process runs
 (see :func:`asyncckpt._writers.base.failed_save_before`); the process remembers which of its saves
-failed and answers ``skipped`` instead of removing. Saves it never saw (another writer's) are
-checked here.
+failed and answers :class:`~asyncckpt._writers.messages.SkippedMsg` instead of removing. Saves it
+never saw (another writer's) are checked here. The messages both ways are the classes of
+:mod:`asyncckpt._writers.messages`.
 
 If the writer process dies, every operation it had in flight fails with
 :class:`~asyncckpt.errors.WriterDiedError` (raised once by the next call into the engine) and
@@ -17,6 +18,7 @@ their staging slots are freed; the next operation starts a fresh writer process.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 import mmap
@@ -31,13 +33,26 @@ import threading
 import traceback
 import weakref
 from multiprocessing import reduction
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from .. import _exit
 from ..errors import NotSerializableError, WriterDiedError
 from ..redaction import shown
 from ..staging import collection_paused
 from .base import Operation, WriterGoneError, failed_save_before, perform, skipped_removal
+from .messages import (
+    AbortMsg,
+    DoneMsg,
+    DropArenaMsg,
+    RemoveMsg,
+    SaveMsg,
+    ShareArenaMsg,
+    SkippedMsg,
+    StopMsg,
+    StoppedMsg,
+    UnknownMessageError,
+    encode,
+)
 from .spawn_check import check_main_references, hide_main_file
 
 log = logging.getLogger("asyncckpt.process_writer")  # the logger's name from before the move: users may configure it
@@ -131,6 +146,17 @@ class ProcessWriter:
         self._reader: Optional[threading.Thread] = None
         self._dead = False
         self._stopping = False
+        self._sent_sizes: Deque[int] = collections.deque(maxlen=64)
+
+    def message_sizes(self) -> List[int]:
+        """The pickled sizes, in bytes, of the last 64 messages sent to the writer process (a
+        save's holds its skeleton and, when it changed, its layout; never the tensor bytes)."""
+        return list(self._sent_sizes)
+
+    def _send(self, data: bytes) -> None:
+        """Send one encoded message (under ``_send_lock``); a whole message or, on error, none."""
+        self._conn.send_bytes(data)
+        self._sent_sizes.append(len(data))
 
     @property
     def pid(self) -> Optional[int]:
@@ -175,7 +201,7 @@ class ProcessWriter:
 
     def submit(self, op: Operation) -> None:
         """Send ``op``; an operation that cannot be pickled raises here and nothing is sent."""
-        depends_on: Any = ()
+        depends_on: Tuple[int, ...] = ()
         if op.kind == "remove":
             depends_on, failed = self._dependencies(op)
             if failed is not None:  # known already: the removal is not sent, and is complete
@@ -196,12 +222,15 @@ class ProcessWriter:
             # (pickling 20,000 tensor specs costs about 20 ms of the call).
             sent = self._sent_layouts.get(arena_id)
             same = sent is not None and sent[0] is layout[0] and sent[1] is layout[1]
-            message: Tuple[Any, ...] = (
-                "save", op.seq, op.target, op.storage_options, staged.skeleton, arena_id,
-                *((None, None) if same else layout),
+            message: Any = SaveMsg(
+                op.seq, op.target, op.storage_options, staged.skeleton, arena_id, None if same else layout
             )
+        elif op.kind == "remove":
+            message = RemoveMsg(op.seq, op.target, depends_on)
+        elif op.kind == "abort":
+            message = AbortMsg(op.seq, op.target)
         else:
-            message = (op.kind, op.seq, op.target, depends_on)
+            raise ValueError(f"unknown operation kind {op.kind!r}")
         if op.kind == "save":
             check_main_references(op.staged.skeleton, op.path)
         try:
@@ -209,7 +238,7 @@ class ProcessWriter:
             # process's objects (0.3 s of the call, measured); the pause covers the pickling,
             # not the send, which may wait on a busy writer.
             with collection_paused():
-                data = bytes(reduction.ForkingPickler.dumps(message))  # fails here, before any byte is sent
+                data = encode(message)  # fails here, before any byte is sent
         except Exception as err:
             what = "its storage_options" if _unpicklable(op.storage_options) else "its path"
             raise NotSerializableError(
@@ -227,7 +256,7 @@ class ProcessWriter:
                 self._drop_released_arenas()
                 if arena is not None:
                     self._share_arena(arena)
-                self._conn.send_bytes(data)
+                self._send(data)
                 if layout is not None:
                     self._sent_layouts[arena_id] = layout
             except (OSError, EOFError) as err:
@@ -279,7 +308,7 @@ class ProcessWriter:
     def _share_arena(self, arena: Any) -> None:
         if arena.id in self._arenas:
             return
-        self._conn.send(("arena", arena.id, arena.nbytes))
+        self._send(encode(ShareArenaMsg(arena.id, arena.nbytes)))
         reduction.send_handle(self._conn, arena.fd, self._process.pid)
         self._arenas[arena.id] = weakref.ref(arena)
 
@@ -288,7 +317,7 @@ class ProcessWriter:
             if ref() is None:
                 del self._arenas[arena_id]
                 self._sent_layouts.pop(arena_id, None)
-                self._conn.send(("drop", arena_id))
+                self._send(encode(DropArenaMsg(arena_id)))
 
     def _read_replies(self) -> None:
         try:
@@ -297,23 +326,24 @@ class ProcessWriter:
                     reply = self._conn.recv()
                 except (EOFError, OSError):
                     break
-                if reply[0] == "done":
-                    _, seq, error, write_seconds = reply
-                    with self._table_lock:
-                        op = self._inflight.pop(seq, None)
-                    if op is None:
-                        continue
-                    op.write_seconds = write_seconds or 0.0
-                    op.complete(error)
-                elif reply[0] == "skipped":  # a remove not carried out: a save it depends on failed
-                    _, seq, failed_seq = reply
-                    with self._table_lock:
-                        op = self._inflight.pop(seq, None)
-                    if op is None:
-                        continue
-                    op.complete(skipped_removal(op, next((s for s in op.after if s.seq == failed_seq), None)))
-                elif reply[0] == "stopped":
-                    break
+                match reply:
+                    case DoneMsg(seq=seq, error=error, write_seconds=write_seconds):
+                        with self._table_lock:
+                            op = self._inflight.pop(seq, None)
+                        if op is None:
+                            continue
+                        op.write_seconds = write_seconds or 0.0
+                        op.complete(error)
+                    case SkippedMsg(seq=seq, failed_seq=failed_seq):  # a remove not carried out: its save failed
+                        with self._table_lock:
+                            op = self._inflight.pop(seq, None)
+                        if op is None:
+                            continue
+                        op.complete(skipped_removal(op, next((s for s in op.after if s.seq == failed_seq), None)))
+                    case StoppedMsg():
+                        break
+                    case _:
+                        raise UnknownMessageError(reply, "training process")
         except BaseException:  # noqa: BLE001 - an unreadable reply: this writer is done for
             log.exception("asyncckpt: could not read a reply from the writer process; stopping it")
             self._break()
@@ -363,7 +393,7 @@ class ProcessWriter:
                 dead = self._dead
             if got_lock and not dead and not was_stopping:
                 try:
-                    self._conn.send(("stop",))
+                    self._send(encode(StopMsg()))
                 except OSError:
                     pass
         finally:
@@ -416,6 +446,9 @@ def _main_objects_pickle_as(main_name: str) -> None:
     relabel(main)
 
 
+_KIND = {SaveMsg: "save", RemoveMsg: "remove", AbortMsg: "abort"}  # the Operation each message runs
+
+
 def writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool, main_name: str = "__main__") -> None:
     """The writer process's loop: map arenas, rebuild checkpoints from them, write in order."""
     # Preemption sends SIGTERM to every process of the job; the parent drains this process
@@ -445,42 +478,44 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool, main_name: s
             message = conn.recv()
         except (EOFError, OSError):
             break  # the parent is gone; everything it sent has been handled
-        kind = message[0]
-        if kind == "arena":
-            _, arena_id, nbytes = message
-            fd = reduction.recv_handle(conn)
-            mapping = mmap.mmap(fd, max(nbytes, 1))
-            os.close(fd)
-            arenas[arena_id] = (mapping, torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes])
-        elif kind == "drop":
-            arenas.pop(message[1], None)
-            layouts.pop(message[1], None)
-        elif kind == "stop":
-            try:
-                checkpoint_io.teardown()
-            except Exception:  # noqa: BLE001 - the parent tears down its own copy and reports
-                log.exception("asyncckpt: teardown of the wrapped IO in the writer process failed")
-            conn.send(("stopped",))
-            break
-        elif kind == "remove" and any(seq in failed_saves for seq in message[3]):
-            # Not carried out: a save it depends on failed here (the parent words the error).
-            conn.send(("skipped", message[1], next(seq for seq in message[3] if seq in failed_saves)))
-        else:
-            op = Operation(kind, str(message[2]), message[2], seq=message[1])
-            error: Optional[BaseException] = None
-            try:
+        match message:
+            case ShareArenaMsg(arena_id=arena_id, nbytes=nbytes):
+                fd = reduction.recv_handle(conn)
+                mapping = mmap.mmap(fd, max(nbytes, 1))
+                os.close(fd)
+                arenas[arena_id] = (mapping, torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes])
+            case DropArenaMsg(arena_id=arena_id):
+                arenas.pop(arena_id, None)
+                layouts.pop(arena_id, None)
+            case StopMsg():
+                try:
+                    checkpoint_io.teardown()
+                except Exception:  # noqa: BLE001 - the parent tears down its own copy and reports
+                    log.exception("asyncckpt: teardown of the wrapped IO in the writer process failed")
+                conn.send(StoppedMsg())
+                break
+            case RemoveMsg(seq=seq, depends_on=depends_on) if any(s in failed_saves for s in depends_on):
+                # Not carried out: a save it depends on failed here (the parent words the error).
+                conn.send(SkippedMsg(seq, next(s for s in depends_on if s in failed_saves)))
+            case SaveMsg() | RemoveMsg() | AbortMsg():
+                op = Operation(_KIND[type(message)], str(message.target), message.target, seq=message.seq)
+                error: Optional[BaseException] = None
+                try:
+                    checkpoint = None
+                    if isinstance(message, SaveMsg):
+                        op.storage_options = message.storage_options
+                        arena_id = message.arena_id
+                        # None: the same layout as this arena's last save
+                        groups, specs = message.layout if message.layout is not None else layouts[arena_id]
+                        layouts[arena_id] = (groups, specs)
+                        views = build_views(storages_in(arenas[arena_id][1], groups, arenas[arena_id]), specs)
+                        checkpoint = restore(message.skeleton, views)
+                    perform(checkpoint_io, op, checkpoint)
+                except BaseException as err:  # noqa: BLE001 - reported to the parent, never fatal here
+                    error = _portable(err)
+                    if isinstance(message, SaveMsg):
+                        failed_saves.add(op.seq)
                 checkpoint = None
-                if kind == "save":
-                    _, _, _, op.storage_options, skeleton, arena_id, groups, specs = message
-                    if specs is None:  # the same layout as this arena's last save
-                        groups, specs = layouts[arena_id]
-                    layouts[arena_id] = (groups, specs)
-                    views = build_views(storages_in(arenas[arena_id][1], groups, arenas[arena_id]), specs)
-                    checkpoint = restore(skeleton, views)
-                perform(checkpoint_io, op, checkpoint)
-            except BaseException as err:  # noqa: BLE001 - reported to the parent, never fatal here
-                error = _portable(err)
-                if kind == "save":
-                    failed_saves.add(op.seq)
-            checkpoint = None
-            conn.send(("done", op.seq, error, op.write_seconds))
+                conn.send(DoneMsg(op.seq, error, op.write_seconds))
+            case _:
+                raise UnknownMessageError(message, "writer process")
