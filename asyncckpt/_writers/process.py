@@ -96,11 +96,16 @@ def _unpicklable(obj: Any) -> bool:
 _started: "weakref.WeakSet[Any]" = weakref.WeakSet()  # this process's writer processes
 
 
-def _disown_writers_in_forked_child() -> None:
-    """A child forked (``os.fork``) from a process with a writer process inherits
-    ``multiprocessing``'s list of children; at its exit, ``multiprocessing`` would then
-    terminate the daemonic writer process, which belongs to the parent (seen: the parent's
-    pending save failed as lost, its writer killed by SIGTERM)."""
+def reset_after_fork() -> None:
+    """In a child forked (``os.fork``) from a process with a writer process: disown the writer
+    processes, which belong to the parent.
+
+    The child inherits ``multiprocessing``'s list of children; at its exit, ``multiprocessing``
+    would then terminate the daemonic writer process (seen: the parent's pending save failed as
+    lost, its writer killed by SIGTERM). Registered below with ``os.register_at_fork``."""
+    # ``multiprocessing.process._children`` is the stdlib's private set of this process's
+    # children, which its exit handler terminates; there is no public way to drop one from it.
+    # This is the only place that reads it.
     children = getattr(multiprocessing.process, "_children", None)
     for process in list(_started):
         if children is not None:
@@ -108,8 +113,9 @@ def _disown_writers_in_forked_child() -> None:
     _started.clear()
 
 
+# Until the engine's one lifecycle registers every fork hook, this one is registered here.
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_disown_writers_in_forked_child)
+    os.register_at_fork(after_in_child=reset_after_fork)
 
 
 def _has_exited(process: Any) -> bool:
