@@ -581,14 +581,14 @@ def test_the_main_probe_names_every_main_class_of_a_checkpoint(monkeypatch):
     after it is still found."""
     import pickle
 
-    from asyncckpt.process_writer import _main_names
+    from asyncckpt._writers.spawn_check import main_names
 
     main = sys.modules["__main__"]
     for cls in (_TakesArgs, _Plain):
         monkeypatch.setattr(cls, "__module__", "__main__")
         monkeypatch.setattr(main, cls.__name__, cls, raising=False)
     data = pickle.dumps({"first": _TakesArgs(3), "later": [_Plain()]}, protocol=pickle.HIGHEST_PROTOCOL)
-    assert _main_names(data) == ["_TakesArgs", "_Plain"]
+    assert main_names(data) == ["_TakesArgs", "_Plain"]
 
 
 # -- 12: API edges -------------------------------------------------------------------------

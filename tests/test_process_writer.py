@@ -25,22 +25,10 @@ def test_tensor_bytes_are_not_pickled_through_the_pipe(tmp_path):
     io = AsyncCheckpointIO(writer="process")
     io.save_checkpoint({"w": torch.ones(1000)}, tmp_path / "warm.ckpt")
     io.flush()
-    sent = []
-    conn = io.writer._conn
-    original, original_bytes = conn.send, conn.send_bytes
-
-    def counting_send(message):
-        sent.append(len(__import__("pickle").dumps(message)))
-        original(message)
-
-    def counting_send_bytes(data):
-        sent.append(len(data))
-        original_bytes(data)
-
-    conn.send, conn.send_bytes = counting_send, counting_send_bytes
+    before = io.writer.message_sizes()
     io.save_checkpoint({"w": torch.ones(4 * 1024 * 1024)}, tmp_path / "big.ckpt")  # 16 MB
     io.flush()
-    conn.send, conn.send_bytes = original, original_bytes
+    sent = io.writer.message_sizes()[len(before):]
     assert sent and max(sent) < 64 * 1024, sent
     assert torch.equal(load(tmp_path / "big.ckpt")["w"], torch.ones(4 * 1024 * 1024))
     io.teardown()
@@ -465,3 +453,73 @@ def test_a_hand_over_interrupted_by_an_exception_from_a_signal_handler_keeps_the
     assert not (tmp_path / "second.ckpt").exists()
     assert "WriterDiedError" not in err, err
     assert not temp_files(tmp_path), err
+
+
+# -- the messages to and from the writer process --------------------------------------------
+
+
+def _one_of_each_message() -> list:
+    from asyncckpt._writers import messages as m
+
+    return [
+        m.SaveMsg(7, "/ckpt/a.ckpt", {"key": "value"}, b"skeleton", 2, (("groups",), ("specs",))),
+        m.SaveMsg(8, "/ckpt/a.ckpt", None, b"skeleton", 2, None),
+        m.RemoveMsg(9, "/ckpt/old.ckpt", (7, 8)),
+        m.AbortMsg(10, "/ckpt/shared"),
+        m.ShareArenaMsg(2, 1 << 20),
+        m.DropArenaMsg(2),
+        m.StopMsg(),
+        m.DoneMsg(7, None, 0.25),
+        m.SkippedMsg(9, 7),
+        m.StoppedMsg(),
+    ]
+
+
+def test_every_message_round_trips_through_pickle_and_stays_small():
+    import dataclasses
+    import pickle
+
+    from asyncckpt._writers import messages as m
+
+    samples = _one_of_each_message()
+    every_class = {c for c in vars(m).values() if dataclasses.is_dataclass(c)}
+    assert {type(x) for x in samples} == every_class  # a new message gets a sample here
+    for message in samples:
+        for clone in (pickle.loads(pickle.dumps(message)), pickle.loads(m.encode(message))):
+            assert type(clone) is type(message) and clone == message
+        assert not hasattr(message, "__dict__")  # slotted
+        if dataclasses.fields(message):
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(message, dataclasses.fields(message)[0].name, 0)
+    assert len(m.encode(m.SaveMsg(123456, "/ckpt/step=000123.ckpt", None, b"", 3, None))) < 128
+    error = ValueError("disk full")
+    clone = pickle.loads(m.encode(m.DoneMsg(3, error, 1.5)))
+    assert type(clone.error) is ValueError and clone.error.args == error.args and clone.write_seconds == 1.5
+
+
+@pytest.mark.parametrize("message", [("save", 1, "/ckpt/a.ckpt", ()), None])
+def test_an_unknown_message_ends_the_writer_process_loudly(message, capfd):
+    """A message the writer process does not know (here: the tuples of the old protocol) is an
+    error that ends it with a traceback; it does not skip it and wait for the next one."""
+    import multiprocessing
+    import pickle
+
+    from asyncckpt._writers.process import writer_main
+
+    ctx = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=True)
+    process = ctx.Process(target=writer_main, args=(child_conn, pickle.dumps(TorchCheckpointIO()), 0, True))
+    process.start()
+    child_conn.close()
+    try:
+        parent_conn.send(message)
+        process.join(60)
+        assert process.exitcode == 1
+        with pytest.raises(EOFError):
+            parent_conn.recv()  # no reply: nothing was done
+    finally:
+        if process.exitcode is None:
+            process.kill()
+            process.join(5)
+        parent_conn.close()
+    assert "UnknownMessageError" in capfd.readouterr().err

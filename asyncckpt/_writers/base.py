@@ -1,0 +1,212 @@
+"""Operations and what every writer shares: the work item, the writer interface, and running one.
+
+Every save or remove is an :class:`Operation` that carries its own state, as a
+``concurrent.futures`` work item carries its Future: it is completed exactly once (by the writer
+that ran it, or by the writer's death), and its completion is what ``flush``,
+``load_checkpoint`` and the exit drain wait on. A single worker per engine keeps the order
+contract trivially true: a remove queued after a save to the same path runs after that save
+commits, and a save queued after a remove re-creates the file.
+
+A remove also depends on every save queued before it, on any path (:func:`failed_save_before`):
+if one of them failed, the writer does not remove, and completes the remove with
+:class:`~asyncckpt.errors.RemoveSkippedError`. A rotation that removes the old checkpoint after
+saving the new one then keeps the old one when the new one could not be written.
+
+Both writers implement :class:`Writer`: :class:`asyncckpt._writers.thread.ThreadWriter` runs the
+wrapped ``CheckpointIO`` on a thread, :class:`asyncckpt._writers.process.ProcessWriter` in a
+separate process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Iterable, List, Optional, Protocol, Sequence
+
+from ..errors import RemoveSkippedError
+from ..redaction import shown
+
+log = logging.getLogger("asyncckpt.writer")  # the logger's name from before the move: users may configure it
+
+
+class WriterGoneError(RuntimeError):
+    """``submit`` on a writer that has stopped or died: nothing was handed over, start another."""
+
+
+class Operation:
+    """One unit of background work: a save or a remove of ``path`` (or the abort of a collective
+    save this rank could not stage; ``staged`` is then its error).
+
+    ``path`` is the normalized key used for ordering; ``target`` is the path handed to the
+    wrapped IO. :meth:`complete` runs the done callbacks and wakes waiters, once; later calls
+    (a writer's death racing its last reply, say) do nothing. ``after`` (removes only) holds the
+    saves queued before it whose outcome the engine did not know yet: the remove is skipped if
+    one of them failed.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        path: str,
+        target: Any,
+        *,
+        storage_options: Any = None,
+        staged: Any = None,
+        slot: Any = None,
+        seq: int = 0,
+    ) -> None:
+        self.seq = seq
+        self.kind = kind
+        self.path = path
+        self.target = target
+        self.storage_options = storage_options
+        self.staged = staged
+        self.slot = slot
+        self.wait_seconds = 0.0
+        self.blocking_seconds = 0.0
+        self.write_seconds = 0.0
+        self.error: Optional[BaseException] = None
+        self.after: Sequence["Operation"] = ()
+        self._lock = threading.Lock()
+        self._completed = False
+        self._event = threading.Event()
+        self._callbacks: List[Callable[["Operation"], None]] = []
+
+    def add_done_callback(self, fn: Callable[["Operation"], None]) -> None:
+        """Run ``fn(op)`` at completion (at once if already complete), on the completing thread."""
+        with self._lock:
+            if not self._completed:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def complete(self, error: Optional[BaseException] = None) -> bool:
+        """Record the outcome, run the callbacks, wake the waiters; True the first time only."""
+        with self._lock:
+            if self._completed:
+                return False
+            self._completed = True
+            self.error = error
+            callbacks, self._callbacks = self._callbacks, []
+        try:
+            for fn in callbacks:
+                try:
+                    fn(self)
+                except Exception:  # noqa: BLE001 - one failing callback must not skip the others
+                    log.exception("asyncckpt: internal error while completing %s of %s", self.kind, shown(self.path))
+        finally:
+            self._event.set()
+        return True
+
+    def done(self) -> bool:
+        """Whether the operation has completed (its callbacks may still be running)."""
+        return self._completed
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until completed and its callbacks have run; returns False on timeout."""
+        return self._event.wait(timeout)
+
+    def __repr__(self) -> str:
+        state = "done" if self._completed else "pending"
+        return f"Operation(#{self.seq} {self.kind} {shown(self.path)!r}, {state})"
+
+
+class Writer(Protocol):
+    """What the engine needs of a writer; :class:`ThreadWriter` and ``ProcessWriter`` provide it.
+
+    ``submit`` either hands the operation over (the writer then completes it exactly once, by
+    running it or, if the writer dies first, with :class:`WriterDiedError`) or raises and keeps
+    nothing; it raises :class:`WriterGoneError` when the writer is no longer running.
+    """
+
+    kind: str
+    arena_kind: str
+
+    def start(self) -> None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The writer process's id; None for a thread."""
+        ...
+
+    @property
+    def sentinel(self) -> Optional[int]:
+        """Ready (``multiprocessing.connection.wait``) when the writer process ends; None for a thread."""
+        ...
+
+    def submit(self, op: Operation) -> None: ...
+
+    def stop(self, timeout: Optional[float] = None) -> bool: ...
+
+    def wait_exited(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the writer thread or process has ended; whether it has."""
+        ...
+
+
+def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
+    """Run ``op`` against ``checkpoint_io``; for a save, ``checkpoint`` is the rebuilt object."""
+    if op.kind == "save":
+        started = time.perf_counter()
+        checkpoint_io.save_checkpoint(checkpoint, op.target, storage_options=op.storage_options)
+        op.write_seconds = time.perf_counter() - started
+    elif op.kind == "remove":
+        checkpoint_io.remove_checkpoint(op.target)
+    elif op.kind == "abort":  # a save agreed on by every rank that this rank could not stage
+        abort_collective_save(checkpoint_io, op, op.staged)
+    else:
+        raise ValueError(f"unknown operation kind {op.kind!r}")
+
+
+def failed_save_before(saves: Iterable[Operation]) -> Optional[Operation]:
+    """For a remove: the first of the saves it depends on (its ``after``) that failed, else None.
+
+    Waits for each to complete. In one writer's FIFO they are done already; one still held by a
+    writer that died is completed by that writer's death (every operation completes), soon.
+    """
+    for save in saves:
+        save.wait()
+        if save.error is not None:
+            return save
+    return None
+
+
+def skipped_removal(op: Operation, save: Optional[Operation]) -> RemoveSkippedError:
+    """The error a remove completes with when ``save``, queued before it, failed."""
+    failed = save.path if save is not None else "an earlier checkpoint"
+    cause = save.error if save is not None else None
+    why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    err = RemoveSkippedError(
+        f"checkpoint {op.path!r} was kept, not removed: the save of {failed!r} queued before the removal "
+        f"failed{why}, so {op.path!r} may be the last good checkpoint; remove it yourself once a later "
+        "save has succeeded",
+        op.path,
+        failed_save=save.path if save is not None else None,
+    )
+    err.__cause__ = cause
+    return err
+
+
+def abort_collective_save(checkpoint_io: Any, op: Operation, error: BaseException) -> None:
+    """A collective IO (one save = one collective across ranks) must still take part in a save
+    this rank cannot write, so that the other ranks fail it too instead of waiting for this one."""
+    abort = getattr(checkpoint_io, "abort_save", None)
+    if abort is None:
+        return
+    try:
+        abort(op.target, error)
+    except Exception:  # noqa: BLE001 - the original error is the one reported
+        log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", shown(op.path))
+
+
+def lower_this_threads_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's niceness, and to nothing else (Linux: a thread is
+    a task of its own to the scheduler, so the training threads keep theirs). Threads this one
+    starts later inherit it."""
+    tid = threading.get_native_id()
+    current = os.getpriority(os.PRIO_PROCESS, tid)
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, current + nice))
