@@ -1,0 +1,341 @@
+"""Checksum records and full-read verification of checkpoint files.
+
+Two independent checks, used by ``asyncckpt verify`` and ``load_checkpoint(..., verify=True)``:
+
+* **Checksum record** (opt-in: ``TorchCheckpointIO(checksum=True)``). A sidecar ``<path>.sha256``
+  in ``sha256sum`` format (``<hex>  <name>``, one line per accepted digest). It stays consistent
+  with the checkpoint across a crash at any instant: before the new file is renamed over the
+  target, the record is committed listing the new digest *and* the one of the file still there;
+  after the rename it is rewritten to list only the new digest. So the file at the target always
+  matches a line of its record. In the steady state the record has one line, and
+  ``sha256sum -c last.ckpt.sha256`` (run in its folder) checks it too.
+
+* **Full read** (always, also for files without a record). ``torch.save`` writes a zip archive
+  whose entries are stored uncompressed, each with a CRC32 in the zip directory. ``torch.load``
+  does not check those CRCs (a flipped bit in tensor data loads silently), so this module reads
+  every entry and checks its CRC32, its local header and its length. A truncated file has lost
+  the zip directory at its end and is reported as such. Not covered without a record: bit flips
+  in bytes that carry no data (zip padding, timestamps); they do not change what loads.
+
+Both work on fsspec URLs too (``s3://bucket/run/last.ckpt``, its record ``<url>.sha256``): the
+object is streamed for the digest, and read with ranged requests for the zip check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import IO, Any, Callable, List, Mapping, Optional
+
+from ..errors import IntegrityError
+from ..redaction import shown
+from .fsspec import invalidate, url_to_fs
+from .local import atomic_write
+from .paths import local_path_of
+from .retry import RetryPolicy, call_with_retries
+from .secrets import secret_values
+
+CHUNK_BYTES = 8 * 1024 * 1024
+RECORD_SUFFIX = ".sha256"
+MAX_ACCEPTED = 4
+_LINE_RE = re.compile(r"^(?P<digest>[0-9a-f]{64}) [ *](?P<name>.+)$")
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+
+
+@dataclass
+class VerifyResult:
+    """What :func:`verify_file` checked; it raises :class:`IntegrityError` instead of failing."""
+
+    path: str
+    size: int
+    method: str  # "sha256" (matched its record) or "crc32" (every zip entry read and checked)
+    records: int = 0
+    digest: Optional[str] = None
+    unchecked_records: int = 0
+
+    def describe(self) -> str:
+        """One line for humans, e.g. for the CLI's ``OK`` line."""
+        if self.method == "sha256":
+            record = os.path.basename(record_path(self.path))
+            return f"sha256 {self.digest[:16]}... matches {record} ({self.size} bytes)"
+        text = f"{self.records} zip records read in full, CRC32 of each checked ({self.size} bytes, no checksum record)"
+        if self.unchecked_records:
+            text += f"; {self.unchecked_records} record(s) were written without a CRC32 and only read"
+        return text
+
+
+def record_path(path: str) -> str:
+    """The checksum record (sidecar) of checkpoint ``path``."""
+    return os.fspath(path) + RECORD_SUFFIX
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of the file at ``path``, read in 8 MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(CHUNK_BYTES)
+            if not chunk:
+                break
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_record(path: str) -> Optional[List[str]]:
+    """The digests accepted for ``path`` by its record, newest first; ``None`` when there is none."""
+    try:
+        with open(record_path(path), encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    return parse_record(text)
+
+
+def parse_record(text: str) -> List[str]:
+    """The digests a record's text lists, newest first."""
+    digests = []
+    for line in text.splitlines():
+        match = _LINE_RE.match(line.strip())
+        if match and match.group("digest") not in digests:
+            digests.append(match.group("digest"))
+    return digests
+
+
+def format_record(path: str, digests: List[str]) -> bytes:
+    """The record's bytes: ``sha256sum`` lines, one per accepted digest."""
+    name = os.path.basename(os.fspath(path))
+    return "".join(f"{d}  {name}\n" for d in digests[:MAX_ACCEPTED]).encode("utf-8")
+
+
+def write_record(path: str, digests: List[str], *, durable: bool = True) -> None:
+    """Commit the record of local checkpoint ``path`` listing ``digests``, atomically (temp file,
+    fsync, rename), so a crash leaves the old record or the new one, never a partial one."""
+    data = format_record(path, digests)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(record_path(path), write, durable=durable)
+
+
+def digests_to_commit(path: str, new: str) -> List[str]:
+    """The digests a record must list while ``new`` replaces the file at local ``path``: ``new``
+    first, then those the file still there matches (its record's, or its own digest when it
+    has no record), so the file at ``path`` matches the record before and after the rename."""
+    accepted = read_record(path)
+    if accepted is None:
+        accepted = [sha256_file(path)] if os.path.isfile(path) else []
+    return [new] + [d for d in accepted if d != new]
+
+
+def verify_file(path: str, storage_options: Optional[Mapping[str, Any]] = None) -> VerifyResult:
+    """Check the checkpoint at ``path`` completely; raise :class:`IntegrityError` if it is damaged.
+
+    With a checksum record, the file's SHA-256 must be one the record lists. Without one, every
+    zip entry is read and its CRC32 checked (what ``torch.load`` skips). ``path`` may be an
+    fsspec URL; ``storage_options`` then open its filesystem.
+    """
+    path = os.fspath(path)
+    local = local_path_of(path)
+    if local is None:
+        return _verify_url(path, storage_options)
+    path = local
+    if not os.path.exists(path):
+        raise IntegrityError(f"checkpoint {path!r} does not exist", path)
+    if os.path.isdir(path):
+        raise IntegrityError(f"checkpoint {path!r} is a folder, not a checkpoint file", path)
+    size = os.path.getsize(path)
+    accepted = read_record(path)
+    if accepted is not None:
+        digest = sha256_file(path)
+        if digest in accepted:
+            return VerifyResult(path, size, "sha256", digest=digest)
+        try:
+            check_zip(path)
+            why = "its contents changed since it was written (the zip structure still reads)"
+        except IntegrityError as err:
+            why = str(err)
+        raise IntegrityError(
+            f"checkpoint {path!r} does not match its checksum record {record_path(path)!r}: "
+            f"sha256 {digest} is not among the {len(accepted)} accepted; {why}",
+            path,
+        )
+    return check_zip(path)
+
+
+def _verify_url(url: str, storage_options: Optional[Mapping[str, Any]]) -> VerifyResult:
+    """Retried on transient errors; any other failure than a damaged file is a redacted
+    :class:`~asyncckpt.errors.RemoteStorageError` (the client's own message may quote the URL)."""
+    return call_with_retries(
+        "verifying checkpoint", url, lambda: _verify_url_once(url, storage_options), RetryPolicy(),
+        secret_values(storage_options, url), passthrough=(IntegrityError,),
+    )
+
+
+def _verify_url_once(url: str, storage_options: Optional[Mapping[str, Any]]) -> VerifyResult:
+    fs, fs_path = url_to_fs(url, storage_options)
+    invalidate(fs, fs_path)
+    if not fs.exists(fs_path):
+        raise IntegrityError(f"checkpoint {url!r} does not exist", url)
+    if fs.isdir(fs_path):
+        raise IntegrityError(f"checkpoint {url!r} is a folder, not a checkpoint file", url)
+    size = fs.size(fs_path)
+
+    def opener() -> IO[bytes]:
+        return fs.open(fs_path, "rb", block_size=CHUNK_BYTES)
+
+    try:
+        record = fs.cat_file(fs_path + RECORD_SUFFIX).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return _check_zip(shown(url), size, opener)
+    accepted = parse_record(record)
+    digest = hashlib.sha256()
+    with opener() as f:
+        while True:
+            chunk = f.read(CHUNK_BYTES)
+            if not chunk:
+                break
+            digest.update(chunk)
+    hexdigest = digest.hexdigest()
+    if hexdigest in accepted:
+        return VerifyResult(shown(url), size, "sha256", digest=hexdigest)
+    try:
+        _check_zip(shown(url), size, opener)
+        why = "its contents changed since it was written (the zip structure still reads)"
+    except IntegrityError as err:
+        why = str(err)
+    raise IntegrityError(
+        f"checkpoint {url!r} does not match its checksum record {record_path(url)!r}: "
+        f"sha256 {hexdigest} is not among the {len(accepted)} accepted; {why}",
+        url,
+    )
+
+
+def check_zip(path: str) -> VerifyResult:
+    """Read every entry of the torch zip file at ``path``, checking headers, lengths and CRC32."""
+    return _check_zip(path, os.path.getsize(path), lambda: open(path, "rb"))
+
+
+def _check_zip(path: str, size: int, opener: Callable[[], IO[bytes]]) -> VerifyResult:
+    with opener() as f:
+        head = f.read(4)
+    if size == 0:
+        raise IntegrityError(f"checkpoint {path!r} is empty (0 bytes)", path)
+    zip_source = opener()
+    try:
+        archive = zipfile.ZipFile(zip_source)
+    except Exception as err:  # noqa: BLE001 - damaged headers raise BadZipFile, ValueError, EOFError...
+        zip_source.close()
+        if head == _LOCAL_SIGNATURE:
+            raise IntegrityError(
+                f"checkpoint {path!r} is truncated or damaged: the zip directory at its end is missing or "
+                f"unreadable ({err}); the file was cut short (a partial write or copy) at {size} bytes",
+                path,
+            ) from err
+        raise IntegrityError(
+            f"checkpoint {path!r} is not a zip-format torch checkpoint (torch.save writes zip files since "
+            "torch 1.6), so it cannot be checked without a checksum record",
+            path,
+        ) from err
+    unchecked = 0
+    with zip_source, archive, opener() as f:
+        infos = archive.infolist()
+        if not any(info.filename.endswith("data.pkl") for info in infos):
+            raise IntegrityError(
+                f"checkpoint {path!r} is a zip file without a data.pkl record: not a torch checkpoint", path
+            )
+        for info in infos:
+            if info.external_attr & 0x10 or info.filename.endswith("/"):  # MS-DOS directory bit
+                raise IntegrityError(
+                    f"checkpoint {path!r} is corrupted: record {info.filename!r} is marked as a folder in the "
+                    "zip directory (torch would read it as empty)",
+                    path,
+                )
+            if info.compress_type != zipfile.ZIP_STORED:  # torch stores; another writer may not
+                try:
+                    with archive.open(info) as entry:  # zipfile checks the CRC32 as it reads
+                        while entry.read(CHUNK_BYTES):
+                            pass
+                except Exception as err:  # noqa: BLE001 - any failure to read the record is damage
+                    raise IntegrityError(
+                        f"checkpoint {path!r} is corrupted: record {info.filename!r}: {err}", path
+                    ) from err
+                continue
+            crc = _stored_entry_crc(f, info, path, size)
+            if info.CRC == 0 and info.file_size > 0:
+                unchecked += 1  # written with torch's compute_crc32 turned off
+            elif crc != info.CRC:
+                raise IntegrityError(
+                    f"checkpoint {path!r} is corrupted: record {info.filename!r} ({info.file_size} bytes) fails "
+                    f"its CRC32 check (stored {info.CRC:08x}, read {crc:08x}); its bytes changed after writing",
+                    path,
+                )
+    with opener() as f:
+        _check_with_torch_reader(path, f if "://" in path else path, infos)
+    return VerifyResult(path, size, "crc32", records=len(infos), unchecked_records=unchecked)
+
+
+def _check_with_torch_reader(path: str, source: Any, infos: List[zipfile.ZipInfo]) -> None:
+    """Open the file with torch's own zip reader (miniz), which is stricter than ``zipfile``
+    about some directory fields, and locate every record the way ``torch.load`` does."""
+    import torch
+
+    try:
+        reader = torch._C.PyTorchFileReader(source)
+        names = reader.get_all_records()
+        for name in names:
+            reader.get_record_offset(name)
+        reader.get_record("data.pkl")
+    except Exception as err:  # noqa: BLE001 - torch.load would fail the same way
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise IntegrityError(f"checkpoint {path!r} is corrupted: torch cannot read it: {first}", path) from err
+    if len(names) != len(infos):
+        raise IntegrityError(
+            f"checkpoint {path!r} is corrupted: torch finds {len(names)} records, the zip directory {len(infos)}",
+            path,
+        )
+
+
+def _stored_entry_crc(f, info: zipfile.ZipInfo, path: str, size: int) -> int:
+    if not 0 <= info.header_offset < size or not 0 <= info.file_size <= size:
+        raise IntegrityError(
+            f"checkpoint {path!r} is corrupted: the zip directory entry of record {info.filename!r} "
+            f"points outside the file (offset {info.header_offset}, {info.file_size} bytes, file {size} bytes)",
+            path,
+        )
+    f.seek(info.header_offset)
+    header = f.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
+        raise IntegrityError(
+            f"checkpoint {path!r} is corrupted: the local header of record {info.filename!r} "
+            f"at offset {info.header_offset} is damaged",
+            path,
+        )
+    name_len, extra_len = _LOCAL_HEADER.unpack(header)[-2:]
+    name = f.read(name_len)
+    if name.decode("utf-8", "replace") != info.filename:
+        raise IntegrityError(
+            f"checkpoint {path!r} is corrupted: record {info.filename!r} has the name {name!r} in its local header",
+            path,
+        )
+    f.seek(extra_len, os.SEEK_CUR)
+    remaining = info.file_size
+    crc = 0
+    while remaining:
+        chunk = f.read(min(CHUNK_BYTES, remaining))
+        if not chunk:
+            raise IntegrityError(
+                f"checkpoint {path!r} is truncated: record {info.filename!r} ends past the end of the file "
+                f"({size} bytes)",
+                path,
+            )
+        crc = zlib.crc32(chunk, crc)
+        remaining -= len(chunk)
+    return crc
