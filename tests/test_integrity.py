@@ -193,3 +193,81 @@ def test_every_single_bit_flip_is_detected_or_harmless(tmp_path):
         assert torch.equal(loaded["w"], original["w"]), offset
         outcome["harmless (loads identical)"] += 1
     print(f"\nbit flips without a checksum record: {len(data)} tried, {dict(outcome)}, missed 0")
+
+
+# -- AtomicFile: the one atomic write ---------------------------------------------------------
+
+
+def test_atomic_file_failing_mid_write_leaves_neither_target_nor_temp_file(tmp_path):
+    from asyncckpt._storage.local import AtomicFile
+
+    target = tmp_path / "sub" / "ckpt.pt"
+    with pytest.raises(OSError, match="disk died"):
+        with AtomicFile(str(target)) as atomic:
+            with atomic.open() as f:
+                f.write(b"half of it")
+                raise OSError("disk died")
+    assert os.listdir(tmp_path / "sub") == []  # the folder was made; no target, no temp file
+
+
+def test_atomic_file_target_holds_the_old_file_until_the_complete_new_one_replaces_it(tmp_path):
+    from asyncckpt._storage.local import AtomicFile, is_temp_file
+
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+    seen = []
+    with AtomicFile(str(target)) as atomic:
+        with atomic.open() as f:
+            f.write(b"new and complete")
+        assert is_temp_file(os.path.basename(atomic.tmp)) and os.path.dirname(atomic.tmp) == str(tmp_path)
+        size = atomic.commit(before=lambda tmp: seen.append((open(tmp, "rb").read(), target.read_bytes())))
+    assert seen == [(b"new and complete", b"old")]  # ``before`` runs with both files in place
+    assert size == len(b"new and complete") and target.read_bytes() == b"new and complete"
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_atomic_file_failing_before_the_rename_keeps_the_old_file(tmp_path):
+    from asyncckpt._storage.local import AtomicFile
+
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+
+    def refuse(tmp: str) -> None:
+        raise RuntimeError("record could not be written")
+
+    with pytest.raises(RuntimeError, match="record"):
+        with AtomicFile(str(target)) as atomic:
+            with atomic.open() as f:
+                f.write(b"new")
+            atomic.commit(before=refuse)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and target.read_bytes() == b"old"
+
+
+def test_atomic_file_keeps_a_callers_temp_name_and_adopt_commits_it_later(tmp_path):
+    from asyncckpt._storage.local import AtomicFile
+
+    target = tmp_path / "meta.pt"
+    with AtomicFile(str(target), temp_name="meta.pt.abc.pending") as atomic:
+        with atomic.open() as f:
+            f.write(b"meta")
+    assert atomic.tmp == str(tmp_path / "meta.pt.abc.pending")
+    assert os.listdir(tmp_path) == ["meta.pt.abc.pending"]  # a normal exit without commit keeps it
+    AtomicFile.adopt(atomic.tmp, str(target)).commit()  # crash recovery finishes the rename
+    assert os.listdir(tmp_path) == ["meta.pt"] and target.read_bytes() == b"meta"
+    with pytest.raises(ValueError):
+        with AtomicFile(str(target), temp_name="meta.pt.def.pending") as atomic:
+            with open(atomic.tmp, "wb") as f:
+                f.write(b"x")
+            raise ValueError
+    assert os.listdir(tmp_path) == ["meta.pt"]
+
+
+def test_atomic_write_is_an_atomic_file(tmp_path):
+    from asyncckpt.storage import atomic_write
+
+    target = tmp_path / "x"
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(str(target), lambda tmp: (open(tmp, "wb").write(b"part"), 1 / 0))
+    assert os.listdir(tmp_path) == []
+    assert atomic_write(str(target), lambda tmp: open(tmp, "wb").write(b"data")) == 4
+    assert target.read_bytes() == b"data" and os.listdir(tmp_path) == ["x"]

@@ -24,21 +24,26 @@ object is streamed for the digest, and read with ranged requests for the zip che
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import struct
+import threading
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import IO, Any, Callable, List, Mapping, Optional
+from typing import IO, Any, Callable, List, Mapping, Optional, Tuple, Type, TypeVar
 
 from ..errors import IntegrityError
 from ..redaction import shown
 from .fsspec import invalidate, url_to_fs
-from .local import atomic_write
+from .local import AtomicFile
 from .paths import local_path_of
 from .retry import RetryPolicy, call_with_retries
 from .secrets import secret_values
+
+log = logging.getLogger("asyncckpt.torch_io")  # its prune warning was the IO's: same logger
+R = TypeVar("R")
 
 CHUNK_BYTES = 8 * 1024 * 1024
 RECORD_SUFFIX = ".sha256"
@@ -117,12 +122,58 @@ def write_record(path: str, digests: List[str], *, durable: bool = True) -> None
     """Commit the record of local checkpoint ``path`` listing ``digests``, atomically (temp file,
     fsync, rename), so a crash leaves the old record or the new one, never a partial one."""
     data = format_record(path, digests)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
+    with AtomicFile(record_path(path), durable=durable) as atomic:
+        with atomic.open() as f:
             f.write(data)
+        atomic.commit()
 
-    atomic_write(record_path(path), write, durable=durable)
+
+def put_local_record(path: str, digests: List[str], *, durable: bool = True) -> None:
+    """Commit the record of local ``path`` listing ``digests``; with none, remove a stale record
+    (one an earlier ``checksum=True`` save left)."""
+    if digests:
+        write_record(path, digests, durable=durable)
+    elif os.path.exists(record_path(path)):
+        os.unlink(record_path(path))
+
+
+#: Held by callers whose commits to one target are not ordered by the engine (two copies to one
+#: ``dst``): their records and renames must not interleave, or the record of one could be left
+#: beside the other's file.
+COMMIT_LOCK = threading.Lock()
+
+
+def commit_with_record(
+    commit: Callable[[Callable[..., None]], R],
+    digests_before: Callable[[], List[str]],
+    put_record: Callable[[List[str]], None],
+    *,
+    shown_target: str,
+    prune_errors: Tuple[Type[BaseException], ...] = (OSError,),
+) -> R:
+    """Replace a file and keep its checksum record consistent at every instant (THE record protocol).
+
+    ``commit(before)`` makes the new file appear (:meth:`AtomicFile.commit`, an S3 completion ...),
+    calling ``before(...)`` once the new file is complete and the old one still in place. There,
+    ``digests_before()`` gives the digests the record must list during the switch (the new one
+    first, then those the old file matches; ``[]``: keep no record) and ``put_record`` commits
+    them (``[]`` removes a stale record). After the switch the record is pruned to the new digest
+    alone; a failure of the types ``prune_errors`` only logs a warning (the record still lists
+    the new digest, so it stays valid). Returns what ``commit`` returns.
+    """
+    digests: List[str] = []
+
+    def before(*_: Any) -> None:
+        digests[:] = digests_before()
+        put_record(digests)
+
+    result = commit(before)
+    if len(digests) > 1:
+        try:
+            put_record(digests[:1])
+        except prune_errors as err:
+            log.warning("asyncckpt: could not prune the checksum record of %s: %s", shown_target, err)
+    return result
 
 
 def digests_to_commit(path: str, new: str) -> List[str]:

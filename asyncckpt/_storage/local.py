@@ -20,8 +20,8 @@ import re
 import shutil
 import socket
 import uuid
-from contextlib import suppress
-from typing import Callable, List, Optional, Tuple
+from contextlib import contextmanager, suppress
+from typing import Any, BinaryIO, Callable, Iterator, List, Optional, Tuple
 
 log = logging.getLogger("asyncckpt.storage")  # the name users configure; kept from before the move
 
@@ -100,6 +100,90 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
+class AtomicFile:
+    """A file that appears at ``target`` complete or not at all (THE atomic write).
+
+    The bytes go to :attr:`tmp`, a temp file beside ``target`` (same filesystem, so the rename
+    is atomic); :meth:`commit` fsyncs it, renames it over ``target`` and fsyncs the folder. Any
+    failure before the rename removes the temp file and leaves ``target`` as it was::
+
+        with AtomicFile(path) as atomic:          # makedirs + sweep of crashed runs' temp files
+            with atomic.open() as f:              # fsynced on close when durable
+                f.write(data)
+            atomic.commit()                       # or write to atomic.tmp yourself, then commit()
+
+    Leaving the ``with`` block by an exception discards the temp file; leaving it normally keeps
+    an uncommitted temp file, so a caller may commit later (a deferred rename) or adopt it after
+    a crash (:meth:`adopt`). ``temp_name`` gives the temp file a caller's own name in the target's
+    folder (for callers whose sweeps or crash recovery read their names); the default is
+    :func:`temp_path_for`, which :func:`cleanup_temp_files` recognises.
+    """
+
+    def __init__(self, target: str, *, durable: bool = True, temp_name: Optional[str] = None) -> None:
+        self.target = target
+        self.folder = os.path.dirname(os.path.abspath(target))
+        self.durable = durable
+        self.tmp = os.path.join(self.folder, temp_name) if temp_name else temp_path_for(os.path.abspath(target))
+        self._synced = False
+        self.committed = False
+
+    @classmethod
+    def adopt(cls, tmp: str, target: str, *, durable: bool = True) -> "AtomicFile":
+        """The complete, already fsynced temp file ``tmp`` (left by an interrupted commit), ready
+        to :meth:`commit` over ``target`` (``tmp`` must be in ``target``'s folder)."""
+        atomic = cls(target, durable=durable, temp_name=os.path.basename(tmp))
+        atomic.tmp = tmp
+        atomic._synced = True
+        return atomic
+
+    def __enter__(self) -> "AtomicFile":
+        os.makedirs(self.folder, exist_ok=True)
+        sweep_stale_temp_files_once(self.folder)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.discard()
+
+    @contextmanager
+    def open(self, mode: str = "wb") -> Iterator[BinaryIO]:
+        """The temp file, opened for writing; flushed and (when durable) fsynced on close."""
+        with open(self.tmp, mode) as f:
+            yield f
+            f.flush()
+            if self.durable:
+                os.fsync(f.fileno())
+                self._synced = True
+
+    def commit(self, before: Optional[Callable[[str], None]] = None) -> int:
+        """Move the complete temp file over the target; returns its size in bytes.
+
+        ``before(tmp)``, if given, runs once the temp file is complete (and fsynced) and before
+        the rename, with the previous file still at the target (a checksum record is committed
+        there). A failure up to the rename discards the temp file and leaves the target as it was.
+        """
+        try:
+            if self.durable and not self._synced:
+                fsync_file(self.tmp)
+            size = os.path.getsize(self.tmp)
+            if before is not None:
+                before(self.tmp)
+            os.replace(self.tmp, self.target)
+        except BaseException:
+            self.discard()
+            raise
+        self.committed = True
+        if self.durable:
+            fsync_folder(self.folder)
+        return size
+
+    def discard(self) -> None:
+        """Remove the temp file (nothing after a commit)."""
+        if not self.committed:
+            with suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+
+
 def atomic_write(
     path: str,
     write: Callable[[str], None],
@@ -107,31 +191,15 @@ def atomic_write(
     durable: bool = True,
     before_commit: Optional[Callable[[str], None]] = None,
 ) -> int:
-    """Run ``write(temp_path)``, then move the finished temp file over ``path``.
+    """Run ``write(temp_path)``, then move the finished temp file over ``path`` (an :class:`AtomicFile`).
 
     ``before_commit(temp_path)``, if given, runs after the temp file is complete (and fsynced)
     and before the rename; the checksum record is committed there. Returns the size in bytes of
     the committed file. On any failure, the temp file is removed and the target is untouched.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    sweep_stale_temp_files_once(folder)
-    tmp = temp_path_for(os.path.abspath(path))
-    try:
-        write(tmp)
-        if durable:
-            fsync_file(tmp)
-        size = os.path.getsize(tmp)
-        if before_commit is not None:
-            before_commit(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_folder(folder)
-    return size
+    with AtomicFile(path, durable=durable) as atomic:
+        write(atomic.tmp)
+        return atomic.commit(before_commit)
 
 
 def remove_path(path: str) -> bool:

@@ -24,7 +24,7 @@ import logging
 import os
 import pickle
 import shutil
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -35,15 +35,16 @@ from ..redaction import describe_options, shown
 from .fsspec import invalidate, is_s3, url_to_fs
 from .integrity import (
     RECORD_SUFFIX,
+    commit_with_record,
     digests_to_commit,
     format_record,
     parse_record,
+    put_local_record,
     record_path,
     sha256_file,
     verify_file,
-    write_record,
 )
-from .local import atomic_write, remove_path
+from .local import AtomicFile, remove_path
 from .paths import check_target, local_path_of
 from .retry import RetryPolicy, call_with_retries
 from .s3 import S3Upload, pending_aborts, retry_pending_aborts
@@ -252,24 +253,18 @@ class TorchCheckpointIO(CheckpointIO):
         log.debug("asyncckpt: wrote %s", shown(target))
 
     def _save_local(self, checkpoint: Dict[str, Any], local: str) -> None:
-        digests: List[str] = []
+        with AtomicFile(local, durable=self.durable) as atomic:
+            torch_save_to_file(checkpoint, atomic.tmp)
 
-        def before_commit(tmp: str) -> None:
-            # Runs with the new file complete in ``tmp`` and the previous one still at ``local``.
-            if not self.checksum:
-                if os.path.exists(record_path(local)):  # a record from an earlier checksum=True save
-                    os.unlink(record_path(local))
-                return
-            digests[:] = digests_to_commit(local, sha256_file(tmp))
-            write_record(local, digests, durable=self.durable)
+            def digests_before() -> List[str]:
+                # The new file is complete in ``tmp`` and the previous one still at ``local``.
+                return digests_to_commit(local, sha256_file(atomic.tmp)) if self.checksum else []
 
-        atomic_write(local, lambda tmp: torch_save_to_file(checkpoint, tmp), durable=self.durable,
-                     before_commit=before_commit)
-        if self.checksum and len(digests) > 1:
-            try:
-                write_record(local, digests[:1], durable=self.durable)
-            except OSError as err:  # the record still lists the new digest; it stays valid
-                log.warning("asyncckpt: could not prune the checksum record of %s: %s", local, err)
+            commit_with_record(
+                atomic.commit, digests_before,
+                lambda digests: put_local_record(local, digests, durable=self.durable),
+                shown_target=local,
+            )
 
     def _save_url(self, checkpoint: Dict[str, Any], url: str, storage_options: Optional[Any]) -> None:
         if storage_options is not None and not isinstance(storage_options, Mapping):
@@ -304,33 +299,36 @@ class TorchCheckpointIO(CheckpointIO):
         invalidate(fs, fs_path)  # exists() below must not answer from a stale listing
         upload = S3Upload(fs, url, fs_path, policy=self.retry, part_bytes=self.part_bytes,
                           max_inflight=self.max_inflight_parts, secrets=secrets, sha256=self.checksum)
-        digests: List[str] = []
 
-        def before_complete() -> None:
+        def digests_before() -> List[str]:
             # Every byte is uploaded; the previous object is still the one at the URL.
-            if self.checksum:
-                accepted = self._remote_record(fs, fs_path, url, secrets)
-                if accepted is None:
-                    accepted = [sha256_url(fs, fs_path)] if fs.exists(fs_path) else []
-                new = upload.sha256()
-                digests[:] = [new] + [d for d in accepted if d != new]
-            self._write_remote_record(fs, fs_path, url, digests, secrets)
+            if not self.checksum:
+                return []
+            accepted = self._remote_record(fs, fs_path, url, secrets)
+            if accepted is None:
+                accepted = [sha256_url(fs, fs_path)] if fs.exists(fs_path) else []
+            new = upload.sha256()
+            return [new] + [d for d in accepted if d != new]
 
-        try:
+        def commit(before: Callable[[], None]) -> None:
             try:
-                torch.save(checkpoint, upload)
-            except Exception:
-                if upload.error is not None:
-                    raise upload.error  # noqa: B904 - torch's RuntimeError stays as __context__
+                try:
+                    torch.save(checkpoint, upload)
+                except Exception:
+                    if upload.error is not None:
+                        raise upload.error  # noqa: B904 - torch's RuntimeError stays as __context__
+                    raise
+                upload.commit(before_complete=before)
+            except BaseException:
+                upload.abort()
                 raise
-            upload.commit(before_complete=before_complete)
-        except BaseException:
-            upload.abort()
-            raise
-        finally:
-            invalidate(fs, fs_path)
-        if len(digests) > 1:
-            self._write_remote_record(fs, fs_path, url, digests[:1], secrets)
+            finally:
+                invalidate(fs, fs_path)
+
+        commit_with_record(
+            commit, digests_before, lambda digests: self._write_remote_record(fs, fs_path, url, digests, secrets),
+            shown_target=url, prune_errors=(),  # a failed prune of a remote record fails the save, as before
+        )
 
     def _remote_record(self, fs: Any, fs_path: str, url: str, secrets: List[str]) -> Optional[List[str]]:
         def read() -> Optional[bytes]:
