@@ -527,3 +527,65 @@ def test_pending_upload_is_finished_at_interpreter_exit(server, bucket):
     assert "pending checkpoint operations finished" in out.stderr
     assert TorchCheckpointIO().load_checkpoint(url)["w"].numel() == 4 << 20
     assert orphans(server.endpoint, bucket) == []
+
+
+# -- Retry: the one retry loop (no server needed: the failures are real exceptions of fn) -------
+
+
+def test_retry_retries_a_transient_error_with_backoff_then_raises_a_remote_error(caplog):
+    import time
+
+    from asyncckpt import RetryPolicy
+    from asyncckpt._storage.retry import Retry
+    from asyncckpt.errors import RemoteStorageError
+
+    caplog.set_level(logging.WARNING, logger="asyncckpt")
+    tries = []
+
+    def lost_connection():
+        tries.append(time.monotonic())
+        raise ConnectionResetError("connection reset by peer, key=s3cr3tv4lue")
+
+    retry = Retry(RetryPolicy(attempts=3, backoff=0.05, max_backoff=1.0), "writing checkpoint", "s3://b/k",
+                  ["s3cr3tv4lue"])
+    with pytest.raises(RemoteStorageError, match="gave up after 3 tries") as info:
+        retry.call(lost_connection)
+    assert len(tries) == 3
+    assert tries[1] - tries[0] >= 0.025 and tries[2] - tries[1] >= 0.05  # backoff doubles, jitter in [0.5, 1]
+    assert "s3cr3tv4lue" not in str(info.value) and "s3cr3tv4lue" not in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(warnings) == 2 and warnings[0].startswith("asyncckpt: writing checkpoint s3://b/k failed (try 1 of 3)")
+
+
+def test_retry_raises_a_passthrough_error_at_once_and_recovers_when_told():
+    import asyncio
+
+    from asyncckpt import RetryPolicy
+    from asyncckpt._storage.retry import Retry
+    from asyncckpt.errors import IntegrityError
+
+    policy = RetryPolicy(attempts=5, backoff=0.0)
+    tries = []
+
+    def damaged():
+        tries.append(1)
+        raise IntegrityError("checkpoint is damaged", "s3://b/k")
+
+    with pytest.raises(IntegrityError, match="damaged"):
+        Retry(policy, "verifying checkpoint", "s3://b/k", [], passthrough=(IntegrityError,)).call(damaged)
+    assert len(tries) == 1
+
+    def reply_lost():
+        tries.append(2)
+        raise TimeoutError("reply lost")
+
+    recovered = Retry(policy, "completing", "s3://b/k", [], recover=lambda err, attempt: attempt == 2)
+    assert recovered.call(reply_lost) is None and tries.count(2) == 2
+
+    async def flaky(state={"n": 0}):  # noqa: B006 - the call count across tries
+        state["n"] += 1
+        if state["n"] < 3:
+            raise ConnectionError("down")
+        return state["n"]
+
+    assert asyncio.run(Retry(policy, "S3 upload_part of", "s3://b/k", []).acall(flaky)) == 3

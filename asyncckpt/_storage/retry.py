@@ -108,6 +108,92 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
+class Retry:
+    """THE retry loop for requests to object storage: ``call(fn)`` (and ``await acall(make_coro)``)
+    runs ``fn`` until it returns, tried per ``policy``; :meth:`decide` classifies each failure.
+
+    * ``transient(err)`` says whether a retry may succeed (default :func:`is_transient`); the
+      last failure, or one that is not transient, becomes a :class:`RemoteStorageError` naming
+      ``what`` and ``url`` (from a redacted cause).
+    * Errors of the ``passthrough`` types that are not transient are raised as they are (a
+      damaged file on load says so itself), unless their text holds a secret.
+    * ``recover(err, attempt)`` returning True ends the loop as a success (``call`` returns
+      None): e.g. a completion whose reply was lost but which went through.
+    * Each retry logs ``asyncckpt: <log_what> <url> failed (try n of m), retrying in ...``
+      (``log_what`` defaults to ``what``); ``warn=False`` retries silently.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        what: str,
+        url: str,
+        secrets: Iterable[str],
+        *,
+        passthrough: Tuple[type, ...] = (),
+        transient: Callable[[BaseException], bool] = is_transient,
+        recover: Optional[Callable[[BaseException, int], bool]] = None,
+        log_what: Optional[str] = None,
+        warn: bool = True,
+    ) -> None:
+        self.policy = policy
+        self.what = what
+        self.url = url
+        self.secrets = list(secrets)
+        self.passthrough = passthrough
+        self.transient = transient
+        self.recover = recover
+        self.log_what = what if log_what is None else log_what
+        self.warn = warn
+
+    def decide(self, err: BaseException, attempt: int) -> Optional[float]:
+        """The delay before try ``attempt + 1`` after ``err`` ended try ``attempt``; None when
+        ``recover`` accepted the failure as success. Raises when there is no next try."""
+        if self.recover is not None and self.recover(err, attempt):
+            return None
+        transient = self.transient(err)
+        if isinstance(err, self.passthrough) and not transient:
+            if any(secret in chain_text(err) for secret in self.secrets):
+                raise remote_error(self.what, self.url, err, attempt, self.secrets) from safe_cause(err, self.secrets)
+            raise err
+        if not transient or attempt >= self.policy.attempts:
+            raise remote_error(self.what, self.url, err, attempt, self.secrets) from safe_cause(err, self.secrets)
+        delay = self.policy.delay(attempt)
+        if self.warn:
+            log.warning(
+                "asyncckpt: %s %s failed (try %d of %d), retrying in %.2fs: %s",
+                self.log_what, shown(self.url), attempt, self.policy.attempts, delay,
+                redact(f"{type(err).__name__}: {err}", self.secrets),
+            )
+        return delay
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried; sleeps between tries."""
+        attempt = 1
+        while True:
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 - classified by decide
+                delay = self.decide(err, attempt)
+                if delay is None:
+                    return None
+            time.sleep(delay)
+            attempt += 1
+
+    async def acall(self, make_coro: Callable[[], Any]) -> Any:
+        """``await make_coro()``, retried; awaits ``asyncio.sleep`` between tries."""
+        attempt = 1
+        while True:
+            try:
+                return await make_coro()
+            except Exception as err:  # noqa: BLE001 - classified by decide
+                delay = self.decide(err, attempt)
+                if delay is None:
+                    return None
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
 def call_with_retries(
     what: str,
     url: str,
@@ -118,28 +204,10 @@ def call_with_retries(
 ) -> Any:
     """``fn()``, tried per ``policy``; the last failure becomes a :class:`RemoteStorageError`.
 
-    Errors of the ``passthrough`` types that are not transient are raised as they are (e.g. a
-    damaged file on load says so itself).
+    Errors of the ``passthrough`` types (and ``FileNotFoundError``) that are not transient are
+    raised as they are (e.g. a damaged file on load says so itself).
     """
-    attempt = 1
-    while True:
-        try:
-            return fn()
-        except Exception as err:  # noqa: BLE001 - classified below
-            transient = is_transient(err)
-            if isinstance(err, (FileNotFoundError, *passthrough)) and not transient:
-                if any(secret in chain_text(err) for secret in secrets):
-                    raise remote_error(what, url, err, attempt, secrets) from safe_cause(err, secrets)
-                raise
-            if not transient or attempt >= policy.attempts:
-                raise remote_error(what, url, err, attempt, secrets) from safe_cause(err, secrets)
-            delay = policy.delay(attempt)
-            log.warning(
-                "asyncckpt: %s %s failed (try %d of %d), retrying in %.2fs: %s",
-                what, shown(url), attempt, policy.attempts, delay, redact(f"{type(err).__name__}: {err}", secrets),
-            )
-            time.sleep(delay)
-            attempt += 1
+    return Retry(policy, what, url, secrets, passthrough=(FileNotFoundError, *passthrough)).call(fn)
 
 
 def remote_error(what: str, url: str, err: BaseException, attempts: int, secrets: Iterable[str]) -> RemoteStorageError:

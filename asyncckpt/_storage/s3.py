@@ -18,15 +18,14 @@ import collections
 import hashlib
 import logging
 import threading
-import time
 from concurrent.futures import Future
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import RemoteStorageError
 from ..redaction import shown
 from .fsspec import is_s3, url_to_fs
-from .retry import RetryPolicy, call_with_retries, error_code, is_transient, remote_error
-from .secrets import redact, safe_cause, secret_values
+from .retry import Retry, RetryPolicy, call_with_retries, error_code
+from .secrets import secret_values
 
 log = logging.getLogger("asyncckpt.remote")  # the name users configure; kept from before the move
 
@@ -45,24 +44,17 @@ def s3_call(fs: Any, method: str, **kwargs: Any) -> Any:
 
 
 async def s3_call_with_retries(fs: Any, method: str, policy: RetryPolicy, url: str, secrets: List[str],
-                                **kwargs: Any) -> Any:
-    attempt = 1
-    while True:
-        try:
-            return await fs._call_s3(method, **kwargs)
-        except Exception as err:  # noqa: BLE001 - classified below
-            if not is_transient(err) or attempt >= policy.attempts:
-                raise remote_error(f"S3 {method} of", url, err, attempt, secrets) from safe_cause(err, secrets)
-            delay = policy.delay(attempt)
-            log.warning(
-                "asyncckpt: S3 %s of %s failed (try %d of %d), retrying in %.2fs: %s",
-                method, shown(url), attempt, policy.attempts, delay, redact(f"{type(err).__name__}: {err}", secrets),
-            )
-            await asyncio.sleep(delay)
-            attempt += 1
+                               **kwargs: Any) -> Any:
+    """One S3 API call on the filesystem's event loop, retried (no error passes through)."""
+    return await Retry(policy, f"S3 {method} of", url, secrets).acall(lambda: fs._call_s3(method, **kwargs))
 
 
 # -- aborts that could not reach the server ----------------------------------------------------
+
+
+class _AbortNotReached(Exception):
+    """An abort that did not reach the server (its error was logged where it happened)."""
+
 
 _pending_aborts: Dict[Tuple[int, str, str, str], Tuple[Any, str]] = {}
 _pending_lock = threading.Lock()
@@ -257,25 +249,18 @@ class S3Upload:
 
     def _complete(self) -> None:
         parts = sorted(self._parts, key=lambda p: p["PartNumber"])
-        attempt = 1
-        while True:
-            try:
-                s3_call(self._fs, "complete_multipart_upload", Bucket=self.bucket, Key=self.key,
-                        UploadId=self._upload_id, MultipartUpload={"Parts": parts})
-                return
-            except Exception as err:  # noqa: BLE001 - classified below
-                if attempt > 1 and error_code(err) == "NoSuchUpload" and self._completed_by_earlier_try(parts):
-                    log.info("asyncckpt: the completion of %s had gone through before its reply was lost", self.url)
-                    return
-                if not is_transient(err) or attempt >= self._policy.attempts:
-                    raise remote_error("S3 CompleteMultipartUpload of", self.url, err, attempt, self._secrets) \
-                        from safe_cause(err, self._secrets)
-                delay = self._policy.delay(attempt)
-                log.warning("asyncckpt: completing %s failed (try %d of %d), retrying in %.2fs: %s", self.url,
-                            attempt, self._policy.attempts, delay,
-                            redact(f"{type(err).__name__}: {err}", self._secrets))
-                time.sleep(delay)
-                attempt += 1
+
+        def completed_by_earlier_try(err: BaseException, attempt: int) -> bool:
+            if attempt > 1 and error_code(err) == "NoSuchUpload" and self._completed_by_earlier_try(parts):
+                log.info("asyncckpt: the completion of %s had gone through before its reply was lost", self.url)
+                return True
+            return False
+
+        Retry(self._policy, "S3 CompleteMultipartUpload of", self.url, self._secrets, log_what="completing",
+              recover=completed_by_earlier_try).call(
+            lambda: s3_call(self._fs, "complete_multipart_upload", Bucket=self.bucket, Key=self.key,
+                            UploadId=self._upload_id, MultipartUpload={"Parts": parts})
+        )
 
     def _completed_by_earlier_try(self, parts: List[Dict[str, Any]]) -> bool:
         """Whether the object on the server is this upload (its multipart ETag and size match)."""
@@ -319,11 +304,17 @@ class S3Upload:
         if self._upload_id is None:
             return
         upload_id, self._upload_id = self._upload_id, None
-        for attempt in range(1, self._policy.attempts + 1):
-            if _abort_upload(self._fs, self.bucket, self.key, upload_id, self.url):
-                return
-            if attempt < self._policy.attempts:
-                time.sleep(self._policy.delay(attempt))
+
+        def abort_once() -> None:
+            if not _abort_upload(self._fs, self.bucket, self.key, upload_id, self.url):
+                raise _AbortNotReached(self.url)
+
+        try:  # every failure is worth another try (it was logged at debug level); no warning per try
+            Retry(self._policy, "aborting the upload of", self.url, self._secrets, transient=lambda err: True,
+                  warn=False).call(abort_once)
+            return
+        except RemoteStorageError:
+            pass
         with _pending_lock:
             _pending_aborts[(id(self._fs), self.bucket, self.key, upload_id)] = (self._fs, self.url)
         log.warning(
