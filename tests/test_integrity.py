@@ -271,3 +271,54 @@ def test_atomic_write_is_an_atomic_file(tmp_path):
     assert os.listdir(tmp_path) == []
     assert atomic_write(str(target), lambda tmp: open(tmp, "wb").write(b"data")) == 4
     assert target.read_bytes() == b"data" and os.listdir(tmp_path) == ["x"]
+
+
+# -- one hash, one local-vs-URL decision ------------------------------------------------------
+
+
+def test_sha256_tee_during_a_write_equals_sha256_stream_of_the_file(tmp_path):
+    from asyncckpt._storage.hashing import Sha256Tee, sha256_stream
+    from asyncckpt.integrity import sha256_file
+
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    tee = Sha256Tee()
+    view = memoryview(data)
+    with open(tmp_path / "f", "wb") as f:
+        for start in range(0, len(data), 700_001):  # uneven writes, as torch.save makes them
+            tee.update(view[start : start + 700_001])
+            f.write(view[start : start + 700_001])
+    with open(tmp_path / "f", "rb") as f:
+        streamed = sha256_stream(f, chunk=1_000_003)
+    assert tee.hexdigest() == streamed == sha256_file(str(tmp_path / "f")) == hashlib.sha256(data).hexdigest()
+
+
+def test_backend_for_chooses_local_files_for_paths_and_file_urls_and_fsspec_for_other_urls(tmp_path, monkeypatch):
+    from asyncckpt._storage.backend import FsspecFiles, LocalFiles, S3Files, backend_for
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for path, local in [
+        (str(tmp_path / "a.ckpt"), str(tmp_path / "a.ckpt")),
+        ("rel/a.ckpt", "rel/a.ckpt"),
+        (f"file://{tmp_path}/a.ckpt", f"{tmp_path}/a.ckpt"),
+        (f"local://{tmp_path}/a.ckpt", f"{tmp_path}/a.ckpt"),
+        ("file://~/a.ckpt", f"{tmp_path}/a.ckpt"),
+    ]:
+        backend = backend_for(path)
+        assert isinstance(backend, LocalFiles) and backend.is_local and backend.local_path == local, path
+    backend = backend_for(str(tmp_path / "a.ckpt"))
+    torch.save(_ckpt(), backend.local_path)
+    assert backend.exists() and backend.size() == os.path.getsize(backend.local_path)
+    assert backend.sha256() == hashlib.sha256(open(backend.local_path, "rb").read()).hexdigest()
+    assert backend.remove() and not backend.exists() and not backend.remove()
+
+    url = f"memory://backend-{os.getpid()}/a.ckpt"
+    remote = backend_for(url)
+    assert isinstance(remote, FsspecFiles) and not isinstance(remote, S3Files)
+    assert not remote.is_local and not remote.is_s3 and remote.local_path is None
+    remote.fs.pipe_file(remote.fs_path, b"x" * 10)
+    remote.fs.pipe_file(remote.fs_path + ".sha256", b"digest line\n")
+    assert remote.exists() and remote.size() == 10 and remote.read_record_text() == "digest line\n"
+    assert remote.sha256() == hashlib.sha256(b"x" * 10).hexdigest()
+    assert remote.remove() and not remote.exists() and not remote.fs.exists(remote.fs_path + ".sha256")
+    with pytest.raises(ValueError, match="not an s3:// URL"):
+        remote.cleanup(0)

@@ -589,3 +589,21 @@ def test_retry_raises_a_passthrough_error_at_once_and_recovers_when_told():
         return state["n"]
 
     assert asyncio.run(Retry(policy, "S3 upload_part of", "s3://b/k", []).acall(flaky)) == 3
+
+
+def test_backend_for_an_s3_url_is_s3files_and_reads_the_object(server, bucket):
+    import hashlib
+
+    from asyncckpt._storage.backend import LocalFiles, S3Files, backend_for
+
+    url = f"s3://{bucket}/run/x.ckpt"
+    data = os.urandom(300_000)
+    admin(server.endpoint).pipe_file(f"{bucket}/run/x.ckpt", data)
+    backend = backend_for(url, options(server.endpoint))
+    assert isinstance(backend, S3Files) and backend.is_s3 and not backend.is_local and backend.local_path is None
+    assert SECRET_KEY in backend.secrets  # what its retries keep out of messages
+    assert backend.exists() and not backend.isdir() and backend.size() == len(data)
+    assert backend.sha256() == hashlib.sha256(data).hexdigest() and backend.read_record_text() is None
+    assert backend.remove() and not backend.exists()
+    assert not admin(server.endpoint).exists(f"{bucket}/run/x.ckpt")
+    assert isinstance(backend_for(f"file://{bucket}/x.ckpt"), LocalFiles)  # never an object store

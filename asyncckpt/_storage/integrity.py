@@ -23,7 +23,6 @@ object is streamed for the digest, and read with ranged requests for the zip che
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -36,17 +35,14 @@ from typing import IO, Any, Callable, List, Mapping, Optional, Tuple, Type, Type
 
 from ..errors import IntegrityError
 from ..redaction import shown
-from .fsspec import invalidate, url_to_fs
+from .backend import RECORD_SUFFIX, Backend, backend_for
+from .hashing import CHUNK_BYTES, sha256_stream
 from .local import AtomicFile
-from .paths import local_path_of
 from .retry import RetryPolicy, call_with_retries
-from .secrets import secret_values
 
 log = logging.getLogger("asyncckpt.torch_io")  # its prune warning was the IO's: same logger
 R = TypeVar("R")
 
-CHUNK_BYTES = 8 * 1024 * 1024
-RECORD_SUFFIX = ".sha256"
 MAX_ACCEPTED = 4
 _LINE_RE = re.compile(r"^(?P<digest>[0-9a-f]{64}) [ *](?P<name>.+)$")
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
@@ -82,14 +78,8 @@ def record_path(path: str) -> str:
 
 def sha256_file(path: str) -> str:
     """Hex SHA-256 of the file at ``path``, read in 8 MB chunks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(CHUNK_BYTES)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_stream(f)
 
 
 def read_record(path: str) -> Optional[List[str]]:
@@ -191,81 +181,43 @@ def verify_file(path: str, storage_options: Optional[Mapping[str, Any]] = None) 
 
     With a checksum record, the file's SHA-256 must be one the record lists. Without one, every
     zip entry is read and its CRC32 checked (what ``torch.load`` skips). ``path`` may be an
-    fsspec URL; ``storage_options`` then open its filesystem.
+    fsspec URL; ``storage_options`` then open its filesystem, and each try is retried on
+    transient errors; any other failure than a damaged file is a redacted
+    :class:`~asyncckpt.errors.RemoteStorageError` (the client's own message may quote the URL).
     """
     path = os.fspath(path)
-    local = local_path_of(path)
-    if local is None:
-        return _verify_url(path, storage_options)
-    path = local
-    if not os.path.exists(path):
-        raise IntegrityError(f"checkpoint {path!r} does not exist", path)
-    if os.path.isdir(path):
-        raise IntegrityError(f"checkpoint {path!r} is a folder, not a checkpoint file", path)
-    size = os.path.getsize(path)
-    accepted = read_record(path)
-    if accepted is not None:
-        digest = sha256_file(path)
-        if digest in accepted:
-            return VerifyResult(path, size, "sha256", digest=digest)
-        try:
-            check_zip(path)
-            why = "its contents changed since it was written (the zip structure still reads)"
-        except IntegrityError as err:
-            why = str(err)
-        raise IntegrityError(
-            f"checkpoint {path!r} does not match its checksum record {record_path(path)!r}: "
-            f"sha256 {digest} is not among the {len(accepted)} accepted; {why}",
-            path,
-        )
-    return check_zip(path)
-
-
-def _verify_url(url: str, storage_options: Optional[Mapping[str, Any]]) -> VerifyResult:
-    """Retried on transient errors; any other failure than a damaged file is a redacted
-    :class:`~asyncckpt.errors.RemoteStorageError` (the client's own message may quote the URL)."""
+    backend = backend_for(path, storage_options)
+    if backend.is_local:
+        return _verify_once(backend, backend.local_path, backend.local_path)
     return call_with_retries(
-        "verifying checkpoint", url, lambda: _verify_url_once(url, storage_options), RetryPolicy(),
-        secret_values(storage_options, url), passthrough=(IntegrityError,),
+        "verifying checkpoint", path, lambda: _verify_once(backend, path, shown(path)), RetryPolicy(),
+        backend.secrets, passthrough=(IntegrityError,),
     )
 
 
-def _verify_url_once(url: str, storage_options: Optional[Mapping[str, Any]]) -> VerifyResult:
-    fs, fs_path = url_to_fs(url, storage_options)
-    invalidate(fs, fs_path)
-    if not fs.exists(fs_path):
-        raise IntegrityError(f"checkpoint {url!r} does not exist", url)
-    if fs.isdir(fs_path):
-        raise IntegrityError(f"checkpoint {url!r} is a folder, not a checkpoint file", url)
-    size = fs.size(fs_path)
-
-    def opener() -> IO[bytes]:
-        return fs.open(fs_path, "rb", block_size=CHUNK_BYTES)
-
-    try:
-        record = fs.cat_file(fs_path + RECORD_SUFFIX).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return _check_zip(shown(url), size, opener)
+def _verify_once(backend: Backend, name: str, result_name: str) -> VerifyResult:
+    """One full read of the checkpoint ``backend`` stores; errors name ``name``."""
+    if not backend.exists():
+        raise IntegrityError(f"checkpoint {name!r} does not exist", name)
+    if backend.isdir():
+        raise IntegrityError(f"checkpoint {name!r} is a folder, not a checkpoint file", name)
+    size = backend.size()
+    record = backend.read_record_text()
+    if record is None:
+        return _check_zip(result_name, size, backend.open_read)
     accepted = parse_record(record)
-    digest = hashlib.sha256()
-    with opener() as f:
-        while True:
-            chunk = f.read(CHUNK_BYTES)
-            if not chunk:
-                break
-            digest.update(chunk)
-    hexdigest = digest.hexdigest()
-    if hexdigest in accepted:
-        return VerifyResult(shown(url), size, "sha256", digest=hexdigest)
+    digest = backend.sha256()
+    if digest in accepted:
+        return VerifyResult(result_name, size, "sha256", digest=digest)
     try:
-        _check_zip(shown(url), size, opener)
+        _check_zip(result_name, size, backend.open_read)
         why = "its contents changed since it was written (the zip structure still reads)"
     except IntegrityError as err:
         why = str(err)
     raise IntegrityError(
-        f"checkpoint {url!r} does not match its checksum record {record_path(url)!r}: "
-        f"sha256 {hexdigest} is not among the {len(accepted)} accepted; {why}",
-        url,
+        f"checkpoint {name!r} does not match its checksum record {record_path(name)!r}: "
+        f"sha256 {digest} is not among the {len(accepted)} accepted; {why}",
+        name,
     )
 
 

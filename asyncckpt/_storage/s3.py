@@ -24,6 +24,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 from ..errors import RemoteStorageError
 from ..redaction import shown
 from .fsspec import is_s3, url_to_fs
+from .hashing import Sha256Tee
 from .retry import Retry, RetryPolicy, call_with_retries, error_code
 from .secrets import secret_values
 
@@ -126,7 +127,7 @@ class S3Upload:
         self._part_bytes = max(int(part_bytes), MIN_PART_BYTES)
         self._max_inflight = max(1, int(max_inflight))
         self._secrets = secrets
-        self._hash = hashlib.sha256() if sha256 else None
+        self._hash = Sha256Tee() if sha256 else None
         self._buf = bytearray(self._part_bytes)
         self._fill = 0
         self.error: Optional[BaseException] = None

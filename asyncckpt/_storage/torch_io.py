@@ -32,7 +32,8 @@ from .._pickling import describe_unpicklable
 from ..checkpoint_io import CheckpointIO, PathLike
 from ..errors import InvalidPathError, NotSerializableError
 from ..redaction import describe_options, shown
-from .fsspec import invalidate, is_s3, url_to_fs
+from .backend import Backend, FsspecFiles, backend_for, is_local_path
+from .hashing import CHUNK_BYTES, sha256_stream
 from .integrity import (
     RECORD_SUFFIX,
     commit_with_record,
@@ -40,15 +41,13 @@ from .integrity import (
     format_record,
     parse_record,
     put_local_record,
-    record_path,
     sha256_file,
     verify_file,
 )
-from .local import AtomicFile, remove_path
-from .paths import check_target, local_path_of
+from .local import AtomicFile
+from .paths import check_target
 from .retry import RetryPolicy, call_with_retries
 from .s3 import S3Upload, pending_aborts, retry_pending_aborts
-from .secrets import secret_values
 
 log = logging.getLogger("asyncckpt.torch_io")  # the name users configure; kept from before the move
 
@@ -201,7 +200,7 @@ class TorchCheckpointIO(CheckpointIO):
         if storage_options is None or not isinstance(path, (str, os.PathLike)):
             return
         target = os.fspath(path)
-        if local_path_of(target) is None:
+        if not is_local_path(target):
             self._url_options[target] = dict(storage_options)
 
     def _options_for(self, url: str, given: Optional[Mapping[str, Any]] = None) -> Optional[Dict[str, Any]]:
@@ -223,7 +222,7 @@ class TorchCheckpointIO(CheckpointIO):
 
     def check_storage_options(self, path: PathLike, storage_options: Optional[Any]) -> None:
         """Raise ``TypeError`` for ``storage_options`` this IO would refuse (they apply to URLs only)."""
-        if storage_options is not None and local_path_of(os.fspath(path)) is not None:
+        if storage_options is not None and is_local_path(os.fspath(path)):
             raise TypeError(
                 f"storage_options={describe_options(storage_options)} is only used for fsspec URLs; "
                 f"{os.fspath(path)!r} is a local path, so pass storage_options=None"
@@ -234,18 +233,21 @@ class TorchCheckpointIO(CheckpointIO):
     ) -> None:
         target = self.check_path(path)
         try:
-            local = local_path_of(target)
-            if local is None:
-                self._save_url(checkpoint, target, storage_options)
-            else:
-                self.check_storage_options(target, storage_options)
+            backend = self._backend_for_save(target, storage_options)
+            if backend.is_local:
                 try:
-                    self._save_local(checkpoint, local)
+                    self._save_local(checkpoint, backend.local_path)
                 except OSError as err:
                     explained = explain_os_error(err, target)
                     if explained is err:
                         raise
                     raise explained from err
+            elif backend.is_s3:
+                self._save_s3(checkpoint, backend)
+            else:
+                call_with_retries("writing checkpoint", target, lambda: self._save_fsspec(checkpoint, backend),
+                                  self.retry, backend.secrets,
+                                  passthrough=(*_PICKLING_ERRORS, pickle.PicklingError, InvalidPathError))
         except Exception as err:
             if _is_pickling_error(err):
                 raise NotSerializableError(describe_unpicklable(checkpoint, target, err), target) from err
@@ -266,22 +268,19 @@ class TorchCheckpointIO(CheckpointIO):
                 shown_target=local,
             )
 
-    def _save_url(self, checkpoint: Dict[str, Any], url: str, storage_options: Optional[Any]) -> None:
+    def _backend_for_save(self, target: str, storage_options: Optional[Any]) -> Backend:
+        """The backend ``target`` is saved to, with the save's options checked and remembered."""
+        if is_local_path(target):
+            self.check_storage_options(target, storage_options)
+            return backend_for(target)
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise TypeError(f"storage_options must be a dict of fsspec options, not {type(storage_options).__name__}")
-        self.remember_storage_options(url, storage_options)
-        options = self._options_for(url, storage_options)
-        secrets = secret_values(options, url)
-        fs, fs_path = url_to_fs(url, options)
-        if is_s3(fs):
-            self._save_s3(checkpoint, url, fs, fs_path, secrets)
-        else:
-            call_with_retries("writing checkpoint", url,
-                              lambda: self._save_fsspec(checkpoint, url, fs, fs_path, secrets), self.retry, secrets,
-                              passthrough=(*_PICKLING_ERRORS, pickle.PicklingError, InvalidPathError))
+        self.remember_storage_options(target, storage_options)
+        return backend_for(target, self._options_for(target, storage_options))
 
-    def _save_fsspec(self, checkpoint: Dict[str, Any], url: str, fs: Any, fs_path: str, secrets: List[str]) -> None:
+    def _save_fsspec(self, checkpoint: Dict[str, Any], backend: FsspecFiles) -> None:
         """Any fsspec protocol: an fsspec transaction commits the file only if the write succeeds."""
+        fs, fs_path, url = backend.fs, backend.fs_path, backend.url
         parent = os.path.dirname(fs_path)
         if parent:
             fs.makedirs(parent, exist_ok=True)
@@ -290,13 +289,14 @@ class TorchCheckpointIO(CheckpointIO):
         with fs.transaction:
             with fs.open(fs_path, "wb") as f:
                 torch.save(checkpoint, f)
-        digests = [sha256_url(fs, fs_path)] if self.checksum else []
-        self._write_remote_record(fs, fs_path, url, digests, secrets)
+        digests = [backend.sha256()] if self.checksum else []
+        self._write_remote_record(backend, digests)
 
-    def _save_s3(self, checkpoint: Dict[str, Any], url: str, fs: Any, fs_path: str, secrets: List[str]) -> None:
+    def _save_s3(self, checkpoint: Dict[str, Any], backend: FsspecFiles) -> None:
         """Stream ``torch.save`` into a multipart upload; the object appears only when it is complete."""
+        fs, fs_path, url, secrets = backend.fs, backend.fs_path, backend.url, backend.secrets
         retry_pending_aborts()
-        invalidate(fs, fs_path)  # exists() below must not answer from a stale listing
+        backend.invalidate()  # exists() below must not answer from a stale listing
         upload = S3Upload(fs, url, fs_path, policy=self.retry, part_bytes=self.part_bytes,
                           max_inflight=self.max_inflight_parts, secrets=secrets, sha256=self.checksum)
 
@@ -304,9 +304,9 @@ class TorchCheckpointIO(CheckpointIO):
             # Every byte is uploaded; the previous object is still the one at the URL.
             if not self.checksum:
                 return []
-            accepted = self._remote_record(fs, fs_path, url, secrets)
+            accepted = self._remote_record(backend)
             if accepted is None:
-                accepted = [sha256_url(fs, fs_path)] if fs.exists(fs_path) else []
+                accepted = [backend.sha256()] if fs.exists(fs_path) else []
             new = upload.sha256()
             return [new] + [d for d in accepted if d != new]
 
@@ -323,25 +323,21 @@ class TorchCheckpointIO(CheckpointIO):
                 upload.abort()
                 raise
             finally:
-                invalidate(fs, fs_path)
+                backend.invalidate()
 
         commit_with_record(
-            commit, digests_before, lambda digests: self._write_remote_record(fs, fs_path, url, digests, secrets),
+            commit, digests_before, lambda digests: self._write_remote_record(backend, digests),
             shown_target=url, prune_errors=(),  # a failed prune of a remote record fails the save, as before
         )
 
-    def _remote_record(self, fs: Any, fs_path: str, url: str, secrets: List[str]) -> Optional[List[str]]:
-        def read() -> Optional[bytes]:
-            try:
-                return fs.cat_file(fs_path + RECORD_SUFFIX)
-            except FileNotFoundError:
-                return None
+    def _remote_record(self, backend: FsspecFiles) -> Optional[List[str]]:
+        text = call_with_retries("reading the checksum record of", backend.url, backend.read_record_text,
+                                 self.retry, backend.secrets)
+        return None if text is None else parse_record(text)
 
-        data = call_with_retries("reading the checksum record of", url, read, self.retry, secrets)
-        return None if data is None else parse_record(data.decode("utf-8", "replace"))
-
-    def _write_remote_record(self, fs: Any, fs_path: str, url: str, digests: List[str], secrets: List[str]) -> None:
+    def _write_remote_record(self, backend: FsspecFiles, digests: List[str]) -> None:
         """Write the record listing ``digests``, or remove a stale one when there are none."""
+        fs, fs_path, url, secrets = backend.fs, backend.fs_path, backend.url, backend.secrets
         record = fs_path + RECORD_SUFFIX
         if digests:
             data = format_record(fs_path, digests)
@@ -355,7 +351,7 @@ class TorchCheckpointIO(CheckpointIO):
             except FileNotFoundError:
                 pass
 
-        if is_s3(fs) or fs.exists(record):  # an S3 delete of a missing key succeeds: no look-up first
+        if backend.is_s3 or fs.exists(record):  # an S3 delete of a missing key succeeds: no look-up first
             call_with_retries("removing the stale checksum record of", url, remove_stale, self.retry, secrets)
 
     def load_checkpoint(
@@ -372,9 +368,10 @@ class TorchCheckpointIO(CheckpointIO):
         of every zip record) and :class:`asyncckpt.IntegrityError` is raised for a damaged file.
         """
         target = os.fspath(path)
-        local = local_path_of(target)
-        if local is None:
-            return self._load_url(target, map_location, weights_only, verify)
+        backend = backend_for(target, self._options_for(target))
+        if not backend.is_local:
+            return self._load_url(backend, map_location, weights_only, verify)
+        local = backend.local_path
         if verify:
             if not os.path.exists(local):
                 raise FileNotFoundError(f"checkpoint file not found: {target}")
@@ -385,53 +382,29 @@ class TorchCheckpointIO(CheckpointIO):
             raise FileNotFoundError(f"checkpoint file not found: {target}")
         return torch.load(local, map_location=map_location, weights_only=weights_only)
 
-    def _load_url(self, url: str, map_location: Any, weights_only: Optional[bool], verify: bool) -> Dict[str, Any]:
-        options = self._options_for(url)
-        secrets = secret_values(options, url)
-        fs, fs_path = url_to_fs(url, options)
-
-        def exists() -> bool:
-            invalidate(fs, fs_path)
-            return fs.exists(fs_path)
-
-        if not call_with_retries("looking up checkpoint", url, exists, self.retry, secrets):
+    def _load_url(self, backend: FsspecFiles, map_location: Any, weights_only: Optional[bool],
+                  verify: bool) -> Dict[str, Any]:
+        url, secrets = backend.url, backend.secrets
+        if not call_with_retries("looking up checkpoint", url, backend.exists, self.retry, secrets):
             raise FileNotFoundError(f"checkpoint file not found: {shown(url)}")
         if verify:
-            verify_file(url, storage_options=options)
+            verify_file(url, storage_options=backend.storage_options)
 
         def load() -> Dict[str, Any]:
-            with fs.open(fs_path, "rb") as f:
+            with backend.fs.open(backend.fs_path, "rb") as f:
                 return torch.load(f, map_location=map_location, weights_only=weights_only)
 
         return call_with_retries("loading checkpoint", url, load, self.retry, secrets, passthrough=_LOAD_ERRORS)
 
     def remove_checkpoint(self, path: PathLike) -> None:
         target = os.fspath(path)
-        local = local_path_of(target)
-        if local is None:
-            self._remove_url(target)
+        backend = backend_for(target, self._options_for(target))
+        if backend.is_local:
+            if backend.remove():  # the file (or folder) and its checksum record
+                log.debug("asyncckpt: removed %s", shown(target))
             return
-        removed = remove_path(local)
-        if os.path.exists(record_path(local)):
-            remove_path(record_path(local))
-        if removed:
-            log.debug("asyncckpt: removed %s", shown(target))
-
-    def _remove_url(self, url: str) -> None:
-        options = self._options_for(url)
-        secrets = secret_values(options, url)
-        fs, fs_path = url_to_fs(url, options)
-
-        def remove() -> None:
-            invalidate(fs, fs_path)
-            if fs.exists(fs_path):
-                fs.rm(fs_path, recursive=True)
-            if fs.exists(fs_path + RECORD_SUFFIX):
-                fs.rm_file(fs_path + RECORD_SUFFIX)
-            invalidate(fs, fs_path)
-
-        call_with_retries("removing checkpoint", url, remove, self.retry, secrets)
-        log.debug("asyncckpt: removed %s", shown(url))
+        call_with_retries("removing checkpoint", target, backend.remove, self.retry, backend.secrets)
+        log.debug("asyncckpt: removed %s", shown(target))
 
     def teardown(self) -> None:
         """Abort uploads that failed while the server was unreachable, if it is back."""
@@ -455,13 +428,5 @@ TorchCheckpointIO.__module__ = "asyncckpt.torch_io"
 
 def sha256_url(fs: Any, fs_path: str) -> str:
     """Hex SHA-256 of the object at ``fs_path``, streamed."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with fs.open(fs_path, "rb", block_size=8 * 1024 * 1024) as f:
-        while True:
-            chunk = f.read(8 * 1024 * 1024)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
+    with fs.open(fs_path, "rb", block_size=CHUNK_BYTES) as f:
+        return sha256_stream(f)
