@@ -22,16 +22,17 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ._storage.backend import backend_for
+from ._storage.integrity import verify_file
+from ._storage.secrets import redact, secret_values
+from .errors import IntegrityError
+from .redaction import shown
+
 EXIT_OK = 0
 EXIT_DAMAGED = 1
 
 
 def _verify(paths: List[str]) -> int:
-    from .errors import IntegrityError
-    from .integrity import verify_file
-    from .redaction import shown
-    from .remote import redact, secret_values
-
     status = EXIT_OK
     for path in paths:
         secrets = secret_values(None, path)
@@ -49,30 +50,28 @@ def _verify(paths: List[str]) -> int:
 
 
 def _cleanup(folders: List[str], older_than_hours: float = 24.0) -> int:
-    from .redaction import shown
-    from .remote import redact, secret_values
-    from .storage import cleanup_temp_files, local_path_of
-
     status = EXIT_OK
     for folder in folders:
-        if local_path_of(folder) is None:
-            from .remote import abort_stale_uploads
-
-            try:
-                aborted = abort_stale_uploads(folder, older_than_hours * 3600)
-            except Exception as err:  # noqa: BLE001 - reported per URL, redacted; the others go on
-                message = f"FAIL {folder}: cannot clean it up: {type(err).__name__}: {err}"
-                print(redact(message, secret_values(None, folder)), file=sys.stderr)
-                status = EXIT_DAMAGED
-                continue
-            print(f"{shown(folder)}: aborted {len(aborted)} unfinished upload(s) older than {older_than_hours:g} h")
-            for url in aborted:
-                print(f"  {shown(url)}")
+        backend = None
+        try:
+            backend = backend_for(folder)
+            found = backend.cleanup(older_than_hours * 3600)
+        except Exception as err:
+            if backend is not None and backend.is_local:
+                raise  # a local folder's errors surface as they are
+            # reported per URL, redacted; the others go on
+            message = f"FAIL {folder}: cannot clean it up: {type(err).__name__}: {err}"
+            print(redact(message, secret_values(None, folder)), file=sys.stderr)
+            status = EXIT_DAMAGED
             continue
-        removed = cleanup_temp_files(folder)
-        print(f"{folder}: removed {len(removed)} stale temp file(s)")
-        for path in removed:
-            print(f"  {path}")
+        if backend.is_local:
+            print(f"{folder}: removed {len(found)} stale temp file(s)")
+            for path in found:
+                print(f"  {path}")
+        else:
+            print(f"{shown(folder)}: aborted {len(found)} unfinished upload(s) older than {older_than_hours:g} h")
+            for url in found:
+                print(f"  {shown(url)}")
     return status
 
 

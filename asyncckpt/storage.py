@@ -1,321 +1,37 @@
-"""Durable, atomic file storage: temp file beside the target, fsync, rename, fsync the folder.
+"""Compatibility path; the code lives in :mod:`asyncckpt._storage.paths` (path kinds and keys)
+and :mod:`asyncckpt._storage.local` (atomic, durable local files and temp-file cleanup)."""
 
-At every instant the target path holds either the previous complete file or the new complete
-file. A crash leaves at most a temp file, recognisable by its name (see :func:`is_temp_file`),
-which :func:`cleanup_temp_files` removes once the process that wrote it is gone.
-
-A temp name carries the writer's host identity (:data:`HOST_ID`) beside its pid: in a folder
-shared by several hosts (NFS, Lustre, a multi-node job) or containers (other PID namespaces),
-a pid means something only on the host that wrote it, so the sweep removes only files of this
-host whose process is gone, never another's.
-"""
-
-from __future__ import annotations
-
-import errno
-import hashlib
-import logging
-import os
-import re
-import shutil
-import socket
-import uuid
-from contextlib import suppress
-from typing import Callable, List, Optional, Tuple
-
-from .errors import InvalidPathError
-
-log = logging.getLogger(__name__)
-
-TEMP_MARKER = ".asyncckpt-tmp-"
-# ``<host>-<pid>-<random>``; names of older versions had no ``<host>`` (never swept now).
-_TEMP_RE = re.compile(
-    r"^\.(?P<name>.+)" + re.escape(TEMP_MARKER) + r"(?:(?P<host>[0-9a-f]{8})-)?(?P<pid>\d+)-[0-9a-f]{8}$"
+from ._storage.local import (
+    HOST_ID,
+    TEMP_MARKER,
+    atomic_write,
+    cleanup_temp_files,
+    find_temp_files,
+    fsync_file,
+    fsync_folder,
+    is_temp_file,
+    remove_path,
+    sweep_stale_temp_files_once,
+    temp_path_for,
 )
+from ._storage.paths import LOCAL_URL_PREFIXES, absolute_path, check_target, is_url, local_path_of, path_key
 
-
-def _host_identity() -> str:
-    """8 hex digits naming this host and PID namespace: the scope in which a pid is meaningful.
-
-    Built from the host name, the kernel's boot id (a reboot reuses pids) and the PID namespace
-    (containers on one host number their processes apart).
-    """
-    parts = [socket.gethostname()]
-    for source in ("/proc/sys/kernel/random/boot_id",):
-        try:
-            with open(source) as f:
-                parts.append(f.read().strip())
-        except OSError:
-            pass
-    try:
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    except OSError:
-        pass
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
-
-
-#: This host's identity in temp file names (see the module docstring).
-HOST_ID = _host_identity()
-
-
-def is_url(path: str) -> bool:
-    """True for fsspec URLs such as ``memory://x`` or ``s3://bucket/x``."""
-    return "://" in path
-
-
-#: fsspec URL prefixes that name files of the local filesystem, relative ones against the
-#: working folder (fsspec's ``LocalFileSystem`` resolves them when it opens the file).
-LOCAL_URL_PREFIXES = ("file://", "local://")
-
-
-def local_path_of(path: str) -> str | None:
-    """The local filesystem path for ``path``, or None when it names a remote (fsspec) location.
-
-    A ``file://`` or ``local://`` URL names the file fsspec's ``LocalFileSystem`` would open:
-    ``file://~/x`` is in the home folder (a plain ``~/x`` stays literal, as ``torch.save`` takes it).
-    """
-    if not is_url(path):
-        return path
-    for prefix in LOCAL_URL_PREFIXES:
-        if path.startswith(prefix):
-            rest = path[len(prefix):]
-            return os.path.expanduser(rest) if rest.startswith("~") else rest
-    return None
-
-
-def absolute_path(path: str) -> str:
-    """``path`` with a relative local part made absolute against the working folder now.
-
-    A relative path, and a relative ``file://`` or ``local://`` URL (also as the last link of a
-    chain such as ``simplecache::file://ckpts/x``), means the folder at the time of the call, not
-    the writer's when it writes (the process writer keeps the folder it was spawned in, and a
-    thread writer sees a later ``os.chdir``). Other URLs are returned as they are.
-    """
-    if not is_url(path):
-        return path if path == "" or os.path.isabs(path) else os.path.join(os.getcwd(), path)
-    head, sep, last = path.rpartition("::")
-    for prefix in LOCAL_URL_PREFIXES:
-        if last.startswith(prefix):
-            rest = last[len(prefix):]
-            if rest and not os.path.isabs(rest) and not rest.startswith("~"):  # fsspec expands '~' itself
-                return f"{head}{sep}{prefix}{os.path.join(os.getcwd(), rest)}"
-            break
-    return path
-
-
-def path_key(path: str) -> str:
-    """The key under which operations on ``path`` are ordered, resolved now: the absolute local
-    path for a local file (a plain path, or a ``file://`` / ``local://`` URL, chained or not, so
-    the spellings of one file share a key), else the URL itself."""
-    text = absolute_path(path)
-    last = text.rpartition("::")[2] if is_url(text) else text
-    for prefix in LOCAL_URL_PREFIXES:
-        if last.startswith(prefix) and last[len(prefix):]:
-            return _one_root(os.path.abspath(os.path.expanduser(last[len(prefix):])))
-    if not is_url(text) and text:
-        return _one_root(os.path.abspath(text))
-    return text
-
-
-def _one_root(path: str) -> str:
-    """``path`` with POSIX's two leading slashes (which ``abspath`` keeps) as one: Linux and
-    macOS open ``//tmp/x`` as ``/tmp/x``, so both spellings must share a key."""
-    if os.name == "posix" and path.startswith("//"):
-        return "/" + path.lstrip("/")
-    return path
-
-
-_NAME_MAX = 255
-
-
-def temp_path_for(target: str) -> str:
-    """A unique temp file name in the target's folder, so the final rename stays on one filesystem.
-
-    The name is ``.<name>.asyncckpt-tmp-<host>-<pid>-<hex8>``; where that would exceed the filesystem's
-    255-byte name limit (a target name that ``torch.save`` itself could still write), ``<name>``
-    is shortened, so any name that fits on its own can be written.
-    """
-    folder, name = os.path.split(target)
-    suffix = f"{TEMP_MARKER}{HOST_ID}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    room = _NAME_MAX - 1 - len(suffix.encode())
-    encoded = os.fsencode(name)
-    if len(encoded) > room:
-        name = os.fsdecode(encoded[:room].decode("utf-8", "ignore").encode()) or "ckpt"
-    return os.path.join(folder, f".{name}{suffix}")
-
-
-def is_temp_file(filename: str) -> bool:
-    """True when ``filename`` (a base name) is one of asyncckpt's temp files."""
-    return _TEMP_RE.match(filename) is not None
-
-
-def check_target(path: str) -> None:
-    """Raise :class:`InvalidPathError` when ``path`` can never hold a checkpoint file.
-
-    Cheap checks only, run on the caller's thread so the mistake surfaces where it was made.
-    """
-    if path == "":
-        raise InvalidPathError("the checkpoint path is empty; pass a file path such as 'checkpoints/last.ckpt'", path)
-    local = local_path_of(path)
-    if local is None:
-        return
-    if local == "":
-        raise InvalidPathError(f"the checkpoint URL {path!r} has no file path after its scheme", path)
-    if os.path.isdir(local):
-        suggestion = os.path.join(local, "last.ckpt")
-        raise InvalidPathError(
-            f"checkpoint path {path!r} is an existing folder; pass a file path inside it, e.g. {suggestion!r}",
-            path,
-        )
-    if os.path.basename(local) in ("", ".", ".."):
-        name = local.rstrip("/") or local
-        raise InvalidPathError(
-            f"checkpoint path {path!r} names a folder (it ends with '/', '.' or '..'), not a file; "
-            f"pass a file path such as {os.path.join(name, 'last.ckpt')!r}",
-            path,
-        )
-    parent = os.path.dirname(os.path.abspath(local))
-    while True:
-        if os.path.lexists(parent):
-            if not os.path.isdir(parent):
-                raise InvalidPathError(
-                    f"cannot write checkpoint {path!r}: {parent!r} is a file, not a folder; "
-                    "choose a path whose parent folders are folders (missing ones are created)",
-                    path,
-                )
-            return
-        up = os.path.dirname(parent)
-        if up == parent:
-            return
-        parent = up
-
-
-def fsync_folder(folder: str) -> None:
-    """Make a rename or unlink in ``folder`` durable."""
-    fd = os.open(folder or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:  # some filesystems cannot fsync a directory; the data is still fsynced
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(
-    path: str,
-    write: Callable[[str], None],
-    *,
-    durable: bool = True,
-    before_commit: Optional[Callable[[str], None]] = None,
-) -> int:
-    """Run ``write(temp_path)``, then move the finished temp file over ``path``.
-
-    ``before_commit(temp_path)``, if given, runs after the temp file is complete (and fsynced)
-    and before the rename; the checksum record is committed there. Returns the size in bytes of
-    the committed file. On any failure, the temp file is removed and the target is untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    sweep_stale_temp_files_once(folder)
-    tmp = temp_path_for(os.path.abspath(path))
-    try:
-        write(tmp)
-        if durable:
-            fsync_file(tmp)
-        size = os.path.getsize(tmp)
-        if before_commit is not None:
-            before_commit(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_folder(folder)
-    return size
-
-
-def remove_path(path: str) -> bool:
-    """Remove a file (or a folder, as Lightning's IO does); returns whether anything was there."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return False
-    fsync_folder(os.path.dirname(os.path.abspath(path)))
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process; a zombie (dead, not yet reaped) counts as gone.
-
-    Zombies matter in containers whose init does not reap orphans: a killed writer process
-    would otherwise keep its temp files "live" forever.
-    """
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in (b"Z", b"X")
-
-
-def find_temp_files(folder: str) -> List[Tuple[str, Optional[str], int]]:
-    """asyncckpt temp files in ``folder``, each with the host id (None in older names) and the
-    pid of the process that wrote it."""
-    found = []
-    with suppress(FileNotFoundError, NotADirectoryError):
-        for name in os.listdir(folder):
-            match = _TEMP_RE.match(name)
-            if match:
-                found.append((os.path.join(folder, name), match.group("host"), int(match.group("pid"))))
-    return found
-
-
-def cleanup_temp_files(folder: str, *, include_live: bool = False) -> List[str]:
-    """Remove temp files that crashed writers of this host left in ``folder``; returns them.
-
-    A file is removed only when its name proves it was written on this host (and PID
-    namespace) by a process that is gone; another host's files, and names without a host id,
-    are kept, since their writer may be running elsewhere. ``include_live`` removes every
-    asyncckpt temp file in the folder: only for a folder no writer anywhere is using.
-    """
-    removed = []
-    for tmp, host, pid in find_temp_files(folder):
-        if include_live or (host == HOST_ID and not _pid_alive(pid)):
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-                removed.append(tmp)
-    if removed:
-        log.info("asyncckpt: removed %d stale temp file(s) in %s", len(removed), folder)
-    return removed
-
-
-_swept_folders: set = set()
-
-
-def sweep_stale_temp_files_once(folder: str) -> None:
-    """Clean a crashed run's temp files the first time this process writes into ``folder``."""
-    if folder in _swept_folders:
-        return
-    _swept_folders.add(folder)
-    cleanup_temp_files(folder)
+__all__ = [
+    "HOST_ID",
+    "LOCAL_URL_PREFIXES",
+    "TEMP_MARKER",
+    "absolute_path",
+    "atomic_write",
+    "check_target",
+    "cleanup_temp_files",
+    "find_temp_files",
+    "fsync_file",
+    "fsync_folder",
+    "is_temp_file",
+    "is_url",
+    "local_path_of",
+    "path_key",
+    "remove_path",
+    "sweep_stale_temp_files_once",
+    "temp_path_for",
+]

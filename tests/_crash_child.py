@@ -27,7 +27,7 @@ from typing import Any, Dict
 
 import torch
 
-import asyncckpt.torch_io as torch_io
+import asyncckpt._storage.torch_io as torch_io
 from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO
 
 ELEMENTS = 1 << 20  # 4 MB of float32 per checkpoint
@@ -62,7 +62,7 @@ def mark(line: str) -> None:
         os.close(fd)
 
 
-_real_torch_save_to_file = torch_io._torch_save_to_file
+_real_torch_save_to_file = torch_io.torch_save_to_file
 _writing = ""  # "<target> <step>" of the save in progress; one writer runs one save at a time
 
 
@@ -80,7 +80,7 @@ class PhaseIO(TorchCheckpointIO):
         global _writing
         # Patched here, in the killed process or its writer process only, never in the test's:
         # adds the "sync" marker after torch.save; the write itself is the real one.
-        torch_io._torch_save_to_file = _marked_torch_save_to_file
+        torch_io.torch_save_to_file = _marked_torch_save_to_file
         _writing = f"{os.path.basename(os.fspath(path))} {checkpoint['step']}"
         mark(f"write {_writing}")
         super().save_checkpoint(checkpoint, path, storage_options)

@@ -193,3 +193,132 @@ def test_every_single_bit_flip_is_detected_or_harmless(tmp_path):
         assert torch.equal(loaded["w"], original["w"]), offset
         outcome["harmless (loads identical)"] += 1
     print(f"\nbit flips without a checksum record: {len(data)} tried, {dict(outcome)}, missed 0")
+
+
+# -- AtomicFile: the one atomic write ---------------------------------------------------------
+
+
+def test_atomic_file_failing_mid_write_leaves_neither_target_nor_temp_file(tmp_path):
+    from asyncckpt._storage.local import AtomicFile
+
+    target = tmp_path / "sub" / "ckpt.pt"
+    with pytest.raises(OSError, match="disk died"):
+        with AtomicFile(str(target)) as atomic:
+            with atomic.open() as f:
+                f.write(b"half of it")
+                raise OSError("disk died")
+    assert os.listdir(tmp_path / "sub") == []  # the folder was made; no target, no temp file
+
+
+def test_atomic_file_target_holds_the_old_file_until_the_complete_new_one_replaces_it(tmp_path):
+    from asyncckpt._storage.local import AtomicFile, is_temp_file
+
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+    seen = []
+    with AtomicFile(str(target)) as atomic:
+        with atomic.open() as f:
+            f.write(b"new and complete")
+        assert is_temp_file(os.path.basename(atomic.tmp)) and os.path.dirname(atomic.tmp) == str(tmp_path)
+        size = atomic.commit(before=lambda tmp: seen.append((open(tmp, "rb").read(), target.read_bytes())))
+    assert seen == [(b"new and complete", b"old")]  # ``before`` runs with both files in place
+    assert size == len(b"new and complete") and target.read_bytes() == b"new and complete"
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_atomic_file_failing_before_the_rename_keeps_the_old_file(tmp_path):
+    from asyncckpt._storage.local import AtomicFile
+
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+
+    def refuse(tmp: str) -> None:
+        raise RuntimeError("record could not be written")
+
+    with pytest.raises(RuntimeError, match="record"):
+        with AtomicFile(str(target)) as atomic:
+            with atomic.open() as f:
+                f.write(b"new")
+            atomic.commit(before=refuse)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and target.read_bytes() == b"old"
+
+
+def test_atomic_file_keeps_a_callers_temp_name_and_adopt_commits_it_later(tmp_path):
+    from asyncckpt._storage.local import AtomicFile
+
+    target = tmp_path / "meta.pt"
+    with AtomicFile(str(target), temp_name="meta.pt.abc.pending") as atomic:
+        with atomic.open() as f:
+            f.write(b"meta")
+    assert atomic.tmp == str(tmp_path / "meta.pt.abc.pending")
+    assert os.listdir(tmp_path) == ["meta.pt.abc.pending"]  # a normal exit without commit keeps it
+    AtomicFile.adopt(atomic.tmp, str(target)).commit()  # crash recovery finishes the rename
+    assert os.listdir(tmp_path) == ["meta.pt"] and target.read_bytes() == b"meta"
+    with pytest.raises(ValueError):
+        with AtomicFile(str(target), temp_name="meta.pt.def.pending") as atomic:
+            with open(atomic.tmp, "wb") as f:
+                f.write(b"x")
+            raise ValueError
+    assert os.listdir(tmp_path) == ["meta.pt"]
+
+
+def test_atomic_write_is_an_atomic_file(tmp_path):
+    from asyncckpt.storage import atomic_write
+
+    target = tmp_path / "x"
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(str(target), lambda tmp: (open(tmp, "wb").write(b"part"), 1 / 0))
+    assert os.listdir(tmp_path) == []
+    assert atomic_write(str(target), lambda tmp: open(tmp, "wb").write(b"data")) == 4
+    assert target.read_bytes() == b"data" and os.listdir(tmp_path) == ["x"]
+
+
+# -- one hash, one local-vs-URL decision ------------------------------------------------------
+
+
+def test_sha256_tee_during_a_write_equals_sha256_stream_of_the_file(tmp_path):
+    from asyncckpt._storage.hashing import Sha256Tee, sha256_stream
+    from asyncckpt.integrity import sha256_file
+
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    tee = Sha256Tee()
+    view = memoryview(data)
+    with open(tmp_path / "f", "wb") as f:
+        for start in range(0, len(data), 700_001):  # uneven writes, as torch.save makes them
+            tee.update(view[start : start + 700_001])
+            f.write(view[start : start + 700_001])
+    with open(tmp_path / "f", "rb") as f:
+        streamed = sha256_stream(f, chunk=1_000_003)
+    assert tee.hexdigest() == streamed == sha256_file(str(tmp_path / "f")) == hashlib.sha256(data).hexdigest()
+
+
+def test_backend_for_chooses_local_files_for_paths_and_file_urls_and_fsspec_for_other_urls(tmp_path, monkeypatch):
+    from asyncckpt._storage.backend import FsspecFiles, LocalFiles, S3Files, backend_for
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for path, local in [
+        (str(tmp_path / "a.ckpt"), str(tmp_path / "a.ckpt")),
+        ("rel/a.ckpt", "rel/a.ckpt"),
+        (f"file://{tmp_path}/a.ckpt", f"{tmp_path}/a.ckpt"),
+        (f"local://{tmp_path}/a.ckpt", f"{tmp_path}/a.ckpt"),
+        ("file://~/a.ckpt", f"{tmp_path}/a.ckpt"),
+    ]:
+        backend = backend_for(path)
+        assert isinstance(backend, LocalFiles) and backend.is_local and backend.local_path == local, path
+    backend = backend_for(str(tmp_path / "a.ckpt"))
+    torch.save(_ckpt(), backend.local_path)
+    assert backend.exists() and backend.size() == os.path.getsize(backend.local_path)
+    assert backend.sha256() == hashlib.sha256(open(backend.local_path, "rb").read()).hexdigest()
+    assert backend.remove() and not backend.exists() and not backend.remove()
+
+    url = f"memory://backend-{os.getpid()}/a.ckpt"
+    remote = backend_for(url)
+    assert isinstance(remote, FsspecFiles) and not isinstance(remote, S3Files)
+    assert not remote.is_local and not remote.is_s3 and remote.local_path is None
+    remote.fs.pipe_file(remote.fs_path, b"x" * 10)
+    remote.fs.pipe_file(remote.fs_path + ".sha256", b"digest line\n")
+    assert remote.exists() and remote.size() == 10 and remote.read_record_text() == "digest line\n"
+    assert remote.sha256() == hashlib.sha256(b"x" * 10).hexdigest()
+    assert remote.remove() and not remote.exists() and not remote.fs.exists(remote.fs_path + ".sha256")
+    with pytest.raises(ValueError, match="not an s3:// URL"):
+        remote.cleanup(0)

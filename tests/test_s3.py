@@ -527,3 +527,83 @@ def test_pending_upload_is_finished_at_interpreter_exit(server, bucket):
     assert "pending checkpoint operations finished" in out.stderr
     assert TorchCheckpointIO().load_checkpoint(url)["w"].numel() == 4 << 20
     assert orphans(server.endpoint, bucket) == []
+
+
+# -- Retry: the one retry loop (no server needed: the failures are real exceptions of fn) -------
+
+
+def test_retry_retries_a_transient_error_with_backoff_then_raises_a_remote_error(caplog):
+    import time
+
+    from asyncckpt import RetryPolicy
+    from asyncckpt._storage.retry import Retry
+    from asyncckpt.errors import RemoteStorageError
+
+    caplog.set_level(logging.WARNING, logger="asyncckpt")
+    tries = []
+
+    def lost_connection():
+        tries.append(time.monotonic())
+        raise ConnectionResetError("connection reset by peer, key=s3cr3tv4lue")
+
+    retry = Retry(RetryPolicy(attempts=3, backoff=0.05, max_backoff=1.0), "writing checkpoint", "s3://b/k",
+                  ["s3cr3tv4lue"])
+    with pytest.raises(RemoteStorageError, match="gave up after 3 tries") as info:
+        retry.call(lost_connection)
+    assert len(tries) == 3
+    assert tries[1] - tries[0] >= 0.025 and tries[2] - tries[1] >= 0.05  # backoff doubles, jitter in [0.5, 1]
+    assert "s3cr3tv4lue" not in str(info.value) and "s3cr3tv4lue" not in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(warnings) == 2 and warnings[0].startswith("asyncckpt: writing checkpoint s3://b/k failed (try 1 of 3)")
+
+
+def test_retry_raises_a_passthrough_error_at_once_and_recovers_when_told():
+    import asyncio
+
+    from asyncckpt import RetryPolicy
+    from asyncckpt._storage.retry import Retry
+    from asyncckpt.errors import IntegrityError
+
+    policy = RetryPolicy(attempts=5, backoff=0.0)
+    tries = []
+
+    def damaged():
+        tries.append(1)
+        raise IntegrityError("checkpoint is damaged", "s3://b/k")
+
+    with pytest.raises(IntegrityError, match="damaged"):
+        Retry(policy, "verifying checkpoint", "s3://b/k", [], passthrough=(IntegrityError,)).call(damaged)
+    assert len(tries) == 1
+
+    def reply_lost():
+        tries.append(2)
+        raise TimeoutError("reply lost")
+
+    recovered = Retry(policy, "completing", "s3://b/k", [], recover=lambda err, attempt: attempt == 2)
+    assert recovered.call(reply_lost) is None and tries.count(2) == 2
+
+    async def flaky(state={"n": 0}):  # noqa: B006 - the call count across tries
+        state["n"] += 1
+        if state["n"] < 3:
+            raise ConnectionError("down")
+        return state["n"]
+
+    assert asyncio.run(Retry(policy, "S3 upload_part of", "s3://b/k", []).acall(flaky)) == 3
+
+
+def test_backend_for_an_s3_url_is_s3files_and_reads_the_object(server, bucket):
+    import hashlib
+
+    from asyncckpt._storage.backend import LocalFiles, S3Files, backend_for
+
+    url = f"s3://{bucket}/run/x.ckpt"
+    data = os.urandom(300_000)
+    admin(server.endpoint).pipe_file(f"{bucket}/run/x.ckpt", data)
+    backend = backend_for(url, options(server.endpoint))
+    assert isinstance(backend, S3Files) and backend.is_s3 and not backend.is_local and backend.local_path is None
+    assert SECRET_KEY in backend.secrets  # what its retries keep out of messages
+    assert backend.exists() and not backend.isdir() and backend.size() == len(data)
+    assert backend.sha256() == hashlib.sha256(data).hexdigest() and backend.read_record_text() is None
+    assert backend.remove() and not backend.exists()
+    assert not admin(server.endpoint).exists(f"{bucket}/run/x.ckpt")
+    assert isinstance(backend_for(f"file://{bucket}/x.ckpt"), LocalFiles)  # never an object store

@@ -1,0 +1,122 @@
+"""Path kinds: whether a checkpoint path is a local file or an fsspec URL, and the keys the
+engine orders operations by.
+
+These are computed before any backend exists (the engine keys its queue on them), so they live
+apart from the backends; :func:`asyncckpt._storage.backend.backend_for` is the only other place
+that decides local versus URL.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import InvalidPathError
+
+
+def is_url(path: str) -> bool:
+    """True for fsspec URLs such as ``memory://x`` or ``s3://bucket/x``."""
+    return "://" in path
+
+
+#: fsspec URL prefixes that name files of the local filesystem, relative ones against the
+#: working folder (fsspec's ``LocalFileSystem`` resolves them when it opens the file).
+LOCAL_URL_PREFIXES = ("file://", "local://")
+
+
+def local_path_of(path: str) -> str | None:
+    """The local filesystem path for ``path``, or None when it names a remote (fsspec) location.
+
+    A ``file://`` or ``local://`` URL names the file fsspec's ``LocalFileSystem`` would open:
+    ``file://~/x`` is in the home folder (a plain ``~/x`` stays literal, as ``torch.save`` takes it).
+    """
+    if not is_url(path):
+        return path
+    for prefix in LOCAL_URL_PREFIXES:
+        if path.startswith(prefix):
+            rest = path[len(prefix):]
+            return os.path.expanduser(rest) if rest.startswith("~") else rest
+    return None
+
+
+def absolute_path(path: str) -> str:
+    """``path`` with a relative local part made absolute against the working folder now.
+
+    A relative path, and a relative ``file://`` or ``local://`` URL (also as the last link of a
+    chain such as ``simplecache::file://ckpts/x``), means the folder at the time of the call, not
+    the writer's when it writes (the process writer keeps the folder it was spawned in, and a
+    thread writer sees a later ``os.chdir``). Other URLs are returned as they are.
+    """
+    if not is_url(path):
+        return path if path == "" or os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    head, sep, last = path.rpartition("::")
+    for prefix in LOCAL_URL_PREFIXES:
+        if last.startswith(prefix):
+            rest = last[len(prefix):]
+            if rest and not os.path.isabs(rest) and not rest.startswith("~"):  # fsspec expands '~' itself
+                return f"{head}{sep}{prefix}{os.path.join(os.getcwd(), rest)}"
+            break
+    return path
+
+
+def path_key(path: str) -> str:
+    """The key under which operations on ``path`` are ordered, resolved now: the absolute local
+    path for a local file (a plain path, or a ``file://`` / ``local://`` URL, chained or not, so
+    the spellings of one file share a key), else the URL itself."""
+    text = absolute_path(path)
+    last = text.rpartition("::")[2] if is_url(text) else text
+    for prefix in LOCAL_URL_PREFIXES:
+        if last.startswith(prefix) and last[len(prefix):]:
+            return _one_root(os.path.abspath(os.path.expanduser(last[len(prefix):])))
+    if not is_url(text) and text:
+        return _one_root(os.path.abspath(text))
+    return text
+
+
+def _one_root(path: str) -> str:
+    """``path`` with POSIX's two leading slashes (which ``abspath`` keeps) as one: Linux and
+    macOS open ``//tmp/x`` as ``/tmp/x``, so both spellings must share a key."""
+    if os.name == "posix" and path.startswith("//"):
+        return "/" + path.lstrip("/")
+    return path
+
+
+
+def check_target(path: str) -> None:
+    """Raise :class:`InvalidPathError` when ``path`` can never hold a checkpoint file.
+
+    Cheap checks only, run on the caller's thread so the mistake surfaces where it was made.
+    """
+    if path == "":
+        raise InvalidPathError("the checkpoint path is empty; pass a file path such as 'checkpoints/last.ckpt'", path)
+    local = local_path_of(path)
+    if local is None:
+        return
+    if local == "":
+        raise InvalidPathError(f"the checkpoint URL {path!r} has no file path after its scheme", path)
+    if os.path.isdir(local):
+        suggestion = os.path.join(local, "last.ckpt")
+        raise InvalidPathError(
+            f"checkpoint path {path!r} is an existing folder; pass a file path inside it, e.g. {suggestion!r}",
+            path,
+        )
+    if os.path.basename(local) in ("", ".", ".."):
+        name = local.rstrip("/") or local
+        raise InvalidPathError(
+            f"checkpoint path {path!r} names a folder (it ends with '/', '.' or '..'), not a file; "
+            f"pass a file path such as {os.path.join(name, 'last.ckpt')!r}",
+            path,
+        )
+    parent = os.path.dirname(os.path.abspath(local))
+    while True:
+        if os.path.lexists(parent):
+            if not os.path.isdir(parent):
+                raise InvalidPathError(
+                    f"cannot write checkpoint {path!r}: {parent!r} is a file, not a folder; "
+                    "choose a path whose parent folders are folders (missing ones are created)",
+                    path,
+                )
+            return
+        up = os.path.dirname(parent)
+        if up == parent:
+            return
+        parent = up
