@@ -208,11 +208,13 @@ def test_the_hand_over_to_a_writer_process_pickles_with_the_collector_paused(tmp
     import gc
     from multiprocessing import reduction
 
+    from asyncckpt._writers.messages import SaveMsg
+
     seen = []
     real_dumps = reduction.ForkingPickler.dumps
 
     def dumps(obj, *args, **kwargs):
-        if isinstance(obj, tuple) and obj and obj[0] == "save":
+        if isinstance(obj, SaveMsg):
             seen.append(gc.isenabled())
         return real_dumps(obj, *args, **kwargs)
 
