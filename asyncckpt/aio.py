@@ -16,7 +16,7 @@ Two rules shape this module:
 * **Waiting never blocks the loop.** Waiting for a free slot, for a path's pending operations or
   for a flush runs in a worker thread that sleeps on the engine's condition variable; the task
   awaits it. On cancellation the task returns at once and the thread notices within
-  ``_WAIT_SLICE`` seconds (or at the next engine event) and exits, holding nothing.
+  :data:`asyncckpt._engine.condition.WAIT_SLICE` seconds (or at the next engine event) and exits, holding nothing.
 
 Files are read and copied with anyio's file API (thread-offloaded, like aiofiles, but also
 working under trio, where aiofiles does not).
@@ -29,29 +29,26 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List
+from typing import Any, Dict, List
 
+from ._engine.wrapped import WrappedIO, path_key_of
 from .checkpoint_io import PathLike, load_options
-from .errors import FlushTimeoutError, IntegrityError, InvalidPathError, QueueFullError
+from .errors import FlushTimeoutError, IntegrityError, InvalidPathError
 from .integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
 from .storage import absolute_path, fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
-from .torch_io import TorchCheckpointIO, load_on_cpu
+from .torch_io import load_on_cpu
 
 log = logging.getLogger("asyncckpt")
 
-if TYPE_CHECKING:
-    from .staging import StagingSlot
-    from .writer import Operation
 
-_WAIT_SLICE = 0.25  # longest an abandoned waiter thread lingers after its task was cancelled
 _COPY_CHUNK = 8 << 20
 
 
 class AsyncAPIMixin:
     """Async methods of :class:`~asyncckpt.AsyncCheckpointIO`; see the module docstring.
 
-    Mixed into the engine class; it uses the engine's state (``_cv``, ``_free_slots``,
-    ``_ops``, ``_last_op``) and its helpers, and adds none of its own.
+    Mixed into the engine class; it admits through the engine's slot pool and waits through its
+    operation table.
     """
 
     # -- public API -----------------------------------------------------------------------
@@ -77,16 +74,16 @@ class AsyncAPIMixin:
         if agree is not None:
             await self._asave_agreed(agree, checkpoint, path, storage_options)
             return
-        key, target = self._check_save(path, storage_options)
+        key, target = WrappedIO(self.wrapped_io()).check_save(path, storage_options)
         self._finish_lazy()
         self.raise_pending_errors()
         started = time.perf_counter()
-        slot = await self._aacquire_slot(key)
+        slot = await self._slots.aacquire(key)
         # From here to the return there is no await: the slot is either queued with the save or
         # given back, and no other task runs between the copy and the caller's next line.
         waited = time.perf_counter() - started
         # the loop is blocked from here to the return: staging only, measured as blocking time
-        self._stage_and_submit(checkpoint, target, key, storage_options, slot, time.perf_counter(), waited)
+        self.stage_and_submit(checkpoint, target, key, storage_options, slot, time.perf_counter(), waited)
 
     async def _asave_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> None:
         """``asave_checkpoint`` for a collective IO: as ``save_checkpoint``, the ranks agree at
@@ -104,20 +101,20 @@ class AsyncAPIMixin:
         started = time.perf_counter()
         slot = None
         cancelled: BaseException | None = None
-        key, target, checkpoint, refusal, background = self._before_agreement(checkpoint, path, storage_options)
+        key, target, checkpoint, refusal, background = self.before_agreement(checkpoint, path, storage_options)
         if refusal is None:
             try:
-                slot = await self._aacquire_slot(key)
+                slot = await self._slots.aacquire(key)
             except anyio.get_cancelled_exc_class() as err:
                 refusal = cancelled = err
             except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
-                refusal, background = err, self._reports_background_failure(err)
+                refusal, background = err, self.reports_background_failure(err)
         waited = time.perf_counter() - started
         outcome: Dict[str, Any] = {}
 
         def agreement() -> None:
             try:
-                outcome["error"] = agree(path, refusal, background, self._settle)
+                outcome["error"] = agree(path, refusal, background, self.settle)
             except BaseException as err:  # noqa: BLE001 - raised on the loop below
                 outcome["raised"] = err
 
@@ -134,11 +131,11 @@ class AsyncAPIMixin:
         error = outcome.get("raised") or outcome["error"]
         if cancelled is not None and error is not None:
             if slot is not None:
-                self._release_slot(slot)
+                self._slots.release(slot)
             raise cancelled
         # Agreed: every rank makes this save, so this one does too (a cancellation that came
         # during the agreement lands at the caller's next checkpoint, as after a held slot).
-        self._after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
+        self.after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
 
     async def aload_checkpoint(
         self,
@@ -156,14 +153,14 @@ class AsyncAPIMixin:
         """
         import anyio
 
-        key = self._path_key(path)
+        key = path_key_of(path)
         path = absolute_path(os.fspath(path))  # the working folder at the call, whatever chdir comes
-        await self._await_path(key)
+        await self._table.await_path(key)
         self.raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
         wrapped = self.wrapped_io()
         local = local_path_of(path)
-        if verify or local is None or type(wrapped).load_checkpoint is not TorchCheckpointIO.load_checkpoint:
+        if verify or local is None or not WrappedIO(wrapped).loads_like_torch_checkpoint_io:
             return await anyio.to_thread.run_sync(
                 lambda: wrapped.load_checkpoint(path, **kwargs), abandon_on_cancel=True
             )
@@ -183,7 +180,7 @@ class AsyncAPIMixin:
         from anyio import lowlevel
 
         await lowlevel.checkpoint()
-        if getattr(self.wrapped_io(), "remove_is_collective", False):
+        if WrappedIO(self.wrapped_io()).remove_is_collective_flag:
             import anyio
 
             # collective: the ranks agree at the call; that wait is not the loop's
@@ -199,9 +196,9 @@ class AsyncAPIMixin:
         """
         import anyio
 
-        ops = self._pending_ops()
+        ops = self._table.pending()
         with anyio.move_on_after(timeout) as scope:
-            await self._await_ops(ops)
+            await self._table.await_done(ops)
         if scope.cancelled_caught:
             left = sum(1 for op in ops if not op.done())
             raise FlushTimeoutError(f"flush timed out after {timeout}s with {left} operation(s) pending", None)
@@ -224,7 +221,7 @@ class AsyncAPIMixin:
         """
         import anyio
 
-        src_key, dst_key = self._path_key(src), self._path_key(dst)
+        src_key, dst_key = path_key_of(src), path_key_of(dst)
         # resolved now: a relative path means the working folder at the call, whatever chdir comes
         src_local = local_path_of(absolute_path(os.fspath(src)))
         dst_local = local_path_of(absolute_path(os.fspath(dst)))
@@ -232,9 +229,9 @@ class AsyncAPIMixin:
             raise InvalidPathError(
                 f"acopy_checkpoint copies local files; got {os.fspath(src)!r} -> {os.fspath(dst)!r}", os.fspath(dst)
             )
-        self._check_path(dst)
-        await self._await_path(src_key)
-        await self._await_path(dst_key)
+        WrappedIO(self.wrapped_io()).check_path(dst)
+        await self._table.await_path(src_key)
+        await self._table.await_path(dst_key)
         self.raise_pending_errors()
         if os.path.isdir(src_local):
             raise InvalidPathError(f"checkpoint path {os.fspath(src)!r} is a folder, not a checkpoint file", src_key)
@@ -275,7 +272,7 @@ class AsyncAPIMixin:
         import anyio
 
         with anyio.CancelScope(shield=True):
-            await self._await_ops(self._pending_ops())
+            await self._table.await_done(self._table.pending())
             try:
                 await anyio.to_thread.run_sync(self.teardown)
             except Exception as err:
@@ -285,74 +282,6 @@ class AsyncAPIMixin:
                 # logged and added to it as a note, so neither is lost.
                 log.error("asyncckpt: while leaving 'async with' after %r: %s", exc, err, exc_info=err)
                 exc.add_note(f"asyncckpt: on leaving 'async with': {type(err).__name__}: {err}")
-
-    # -- waiting without blocking the loop ----------------------------------------------
-
-    async def _aacquire_slot(self, key: str) -> "StagingSlot":
-        """Take a free slot, awaiting one while all are busy; holds nothing when cancelled."""
-        while True:
-            with self._cv:
-                self.raise_pending_errors()  # a failure (e.g. a dead writer) freed the slot
-                if self._free_slots:
-                    return self._take_slot(key)
-                if self.when_full == "raise":
-                    raise QueueFullError(
-                        f"cannot save {key!r}: all {self.max_pending} staging slots hold checkpoints "
-                        "still being written; await aflush(), raise max_pending, or use when_full='wait'",
-                        key,
-                    )
-                started = self._lazy_started
-            # A lazy copy started by another thread holds its slot until a guard verifies it:
-            # finish it here, and wake for each one started while this waits.
-            self._finish_lazy()
-            await self._await_engine(
-                lambda started=started: bool(self._free_slots) or bool(self._errors) or self._lazy_started != started
-            )
-
-    async def _await_ops(self, ops: "List[Operation]") -> None:
-        """Await ``ops`` (each one handed over, so the engine forgets it when it completes)."""
-        self._finish_lazy()  # a lazy copy is verified here, at a guard point, before the writer goes on
-        await self._await_engine(lambda: all(op.seq not in self._ops for op in ops))
-
-    async def _await_path(self, key: str) -> None:
-        with self._cv:
-            op = self._last_op.get(key)
-        if op is not None:
-            await self._await_ops([op])
-
-    async def _await_engine(self, ready: Callable[[], bool]) -> None:
-        """Await ``ready()`` (called with the engine's lock held) without blocking the loop.
-
-        A worker thread sleeps on the engine's condition variable, which the writer notifies on
-        every completion. Cancelled, the task leaves at once; the thread sees ``abandoned`` at
-        its next wake-up (at most ``_WAIT_SLICE`` later) and ends. Each wait has its own
-        capacity limiter, so parked waiters never starve anyio's default thread pool (which
-        file I/O uses).
-        """
-        import anyio
-        from anyio import lowlevel
-
-        with self._cv:
-            done = ready()
-        if done:
-            await lowlevel.checkpoint()  # still a checkpoint, as an async call should be
-            return
-        abandoned = threading.Event()
-
-        def wait() -> None:
-            with self._cv:
-                while not ready() and not abandoned.is_set():
-                    self._cv.wait(_WAIT_SLICE)
-
-        try:
-            await anyio.to_thread.run_sync(wait, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
-        finally:
-            abandoned.set()
-            if self._cv.acquire(blocking=False):  # wake it now if that costs the loop nothing
-                try:
-                    self._cv.notify_all()
-                finally:
-                    self._cv.release()
 
 
 async def _read_checkpoint_bytes(local: str, shown: str) -> bytes:
