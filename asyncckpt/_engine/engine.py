@@ -19,7 +19,6 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 import torch
 
 from .. import _exit
-from ..aio import AsyncAPIMixin
 from ..checkpoint_io import CheckpointIO, PathLike, load_options
 from ..errors import (
     AsyncCheckpointError,
@@ -36,6 +35,7 @@ from ..staging import Stager, StagingSlot, collection_paused, default_staging_th
 from ..stats import SaveStats
 from ..torch_io import TorchCheckpointIO
 from ..writer import Operation, ThreadWriter, Writer, WriterGoneError
+from .aio import AsyncFace
 from .condition import EngineCondition
 from .ops import ErrorInbox, OpTable, StatsLog, wait_limit
 from .options import EngineOptions, options_of
@@ -58,7 +58,7 @@ class _WriterHolder:
             writer.stop(5)
 
 
-class AsyncCheckpointIO(AsyncAPIMixin, CheckpointIO):
+class AsyncCheckpointIO(AsyncFace, CheckpointIO):
     """Saves checkpoints in the background, through any ``CheckpointIO``.
 
     Args:
