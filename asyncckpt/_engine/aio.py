@@ -39,6 +39,7 @@ from ..errors import FlushTimeoutError, IntegrityError, InvalidPathError
 from ..integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
 from ..storage import absolute_path, fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
 from ..torch_io import load_on_cpu
+from .ops import SaveHandle
 from .wrapped import WrappedIO, path_key_of
 
 log = logging.getLogger("asyncckpt")
@@ -58,8 +59,9 @@ class AsyncFace:
 
     async def asave_checkpoint(
         self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Any | None = None
-    ) -> None:
-        """Await a free slot, stage ``checkpoint`` on the loop thread, queue its write, return.
+    ) -> SaveHandle:
+        """Await a free slot, stage ``checkpoint`` on the loop thread, queue its write, return
+        its :class:`~asyncckpt._engine.ops.SaveHandle` (as ``save_checkpoint`` does).
 
         Point in time: the file holds the checkpoint as it was when this returned; neither this
         task nor any other task on the loop can change what is written, since there is no
@@ -75,8 +77,7 @@ class AsyncFace:
         await lowlevel.checkpoint()  # cancel and schedule point while nothing is held yet
         agree = getattr(self.wrapped_io(), "agree_to_save", None)
         if agree is not None:
-            await self._asave_agreed(agree, checkpoint, path, storage_options)
-            return
+            return await self._asave_agreed(agree, checkpoint, path, storage_options)
         key, target = WrappedIO(self.wrapped_io()).check_save(path, storage_options)
         self.op_table.guard_point()
         self.raise_pending_errors()
@@ -86,9 +87,9 @@ class AsyncFace:
         # given back, and no other task runs between the copy and the caller's next line.
         waited = time.perf_counter() - started
         # the loop is blocked from here to the return: staging only, measured as blocking time
-        self.stage_and_submit(checkpoint, target, key, storage_options, slot, time.perf_counter(), waited)
+        return self.stage_and_submit(checkpoint, target, key, storage_options, slot, time.perf_counter(), waited)
 
-    async def _asave_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> None:
+    async def _asave_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> SaveHandle:
         """``asave_checkpoint`` for a collective IO: as ``save_checkpoint``, the ranks agree at
         the call whether they all make the save (a save refused on one rank is refused on
         every rank); the agreement waits for the other ranks in a thread, not on the loop, and
@@ -138,7 +139,7 @@ class AsyncFace:
             raise cancelled
         # Agreed: every rank makes this save, so this one does too (a cancellation that came
         # during the agreement lands at the caller's next checkpoint, as after a held slot).
-        self.after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
+        return self.after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
 
     async def aload_checkpoint(
         self,

@@ -37,7 +37,7 @@ from ..torch_io import TorchCheckpointIO
 from ..writer import Operation, ThreadWriter, Writer, WriterGoneError
 from .aio import AsyncFace
 from .condition import EngineCondition
-from .ops import ErrorInbox, OpTable, StatsLog, wait_limit
+from .ops import ErrorInbox, OpTable, SaveHandle, StatsLog, wait_limit
 from .options import EngineOptions, options_of
 from .slots import SlotPool, StagingBuffer
 from .wrapped import WrappedIO, absolute_target, path_key_of
@@ -224,25 +224,24 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
 
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None
-    ) -> None:
-        """Stage ``checkpoint`` into host memory, queue its write, and return.
+    ) -> SaveHandle:
+        """Stage ``checkpoint`` into host memory, queue its write, and return its handle.
 
         The file will hold the checkpoint exactly as it is now; later in-place changes to its
-        tensors or containers do not reach it.
+        tensors or containers do not reach it. The returned :class:`SaveHandle` (a
+        ``concurrent.futures.Future``) completes when the write does; its failure is still
+        raised once by the next call into the engine.
         """
         hooks = WrappedIO(self.wrapped_io())
         agree = hooks.agree_to_save
         if agree is not None and not getattr(self._local, "holding", False):
-            self._save_agreed(agree, checkpoint, path, storage_options)
-            return
+            return self._save_agreed(agree, checkpoint, path, storage_options)
         key, target = hooks.check_save(path, storage_options)
         if getattr(self._local, "holding", False):
-            self._save_now(checkpoint, key, target, storage_options)
-            return
+            return self._save_now(checkpoint, key, target, storage_options)
         if _exit.exiting():
             with self._in_progress(key):  # a SIGTERM meanwhile is handled once it is written
-                self._save_now(checkpoint, key, target, storage_options)
-            return
+                return self._save_now(checkpoint, key, target, storage_options)
         self._finish_lazy()
         self.raise_pending_errors()
         if storage_options is not None:  # this copy of the IO loads it; a writer process saves it
@@ -251,11 +250,11 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         checkpoint = hooks.stageable_form(checkpoint)
         with self._in_progress(key):  # from here a SIGTERM drain waits for this save too
             slot = self._slots.acquire(key)
-            self.stage_and_submit(
+            return self.stage_and_submit(
                 checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started
             )
 
-    def _save_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> None:
+    def _save_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> SaveHandle:
         """``save_checkpoint`` for a collective IO (``agree_to_save``): the ranks agree at the
         call, after everything that may refuse the save and before staging, whether they all
         make it; a save refused on one rank is refused on every rank (see
@@ -275,7 +274,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             if slot is not None:
                 self._slots.release(slot)
             raise
-        self.after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
+        return self.after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
 
     def before_agreement(
         self, checkpoint: Any, path: PathLike, storage_options: Any
@@ -306,7 +305,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
     def after_agreement(
         self, error: Optional[BaseException], checkpoint: Any, target: Any, key: Any, storage_options: Any,
         slot: Optional[StagingSlot], started: float, waited: float,
-    ) -> None:
+    ) -> SaveHandle:
         """Raise the agreement's refusal, or stage and queue the save every rank agreed to."""
         if error is not None:
             if slot is not None:
@@ -315,7 +314,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         assert slot is not None
         with self._in_progress(key):  # from here a SIGTERM drain waits for this save too
             try:
-                self.stage_and_submit(checkpoint, target, key, storage_options, slot, started, waited)
+                return self.stage_and_submit(checkpoint, target, key, storage_options, slot, started, waited)
             except Exception as err:
                 # Every rank agreed to this save, and the others' writers will run its collective:
                 # this rank's writer takes part without data, failing it on every rank.
@@ -364,7 +363,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         slot: StagingSlot,
         blocking_since: float,
         waited: float,
-    ) -> None:
+    ) -> SaveHandle:
         """Stage into ``slot`` (held by the caller, from :attr:`slot_pool`) and queue the save;
         the slot is freed on failure. The last step of a save, shared by both faces."""
         hooks = WrappedIO(self.wrapped_io())
@@ -388,12 +387,14 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
             op.wait_seconds = waited
             op.blocking_seconds = time.perf_counter() - blocking_since
+            handle = SaveHandle(key, staged.tensor_bytes)
             try:
-                self._submit(op)
+                self._submit(op, handle)
             except BaseException:
                 self._finish_lazy()
                 self._slots.release(slot)
                 raise
+            return handle
 
     @contextlib.contextmanager
     def _holding(self, key: str) -> Iterator[None]:
@@ -438,7 +439,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         with self._cv:
             return [key for key, tid, _ in self._handovers.values() if tid == thread_id]
 
-    def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> None:
+    def _save_now(self, checkpoint: Any, key: str, target: PathLike, storage_options: Any) -> SaveHandle:
         """A save made once the interpreter has begun to exit (its exit drain ran, or is
         running: nothing would wait for a queued save any more), or on a thread that is inside
         another save of this engine (holding a slot)
@@ -455,10 +456,14 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             )
         self.raise_pending_errors()
         self._table.wait_path(key)
+        started = time.perf_counter()
         if storage_options is None:
             self.wrapped_io().save_checkpoint(checkpoint, target)
         else:
             self.wrapped_io().save_checkpoint(checkpoint, target, storage_options=storage_options)
+        took = time.perf_counter() - started
+        # Written at the call: nothing staged, the whole time was the caller's and the write's.
+        return SaveHandle.completed(key, SaveStats(shown(key), took, 0.0, 0.0, took, 0))
 
     def wait_staged(self) -> None:
         """Wait until the last save's tensors are copied (``staging="lazy"``), and check them.
@@ -611,13 +616,13 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
 
     # -- submission and completion --------------------------------------------------------
 
-    def _submit(self, op: Operation) -> None:
+    def _submit(self, op: Operation, handle: Optional[SaveHandle] = None) -> None:
         """Hand ``op`` to the writer; it counts as pending only once fully handed over.
 
         Anything that fails before that (an unpicklable message, an interrupted send) raises
         here and leaves nothing counted; the caller gives the slot back.
         """
-        op.add_done_callback(self._on_done)
+        op.add_done_callback(lambda op: self._on_done(op, handle))  # then the handle, if any
         with self._holding(op.path):  # nor for this hand-over (a process writer's send lock)
             with self._submit_lock:
                 for _ in range(2):
@@ -670,10 +675,13 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         writer.start()
         return writer
 
-    def _on_done(self, op: Operation) -> None:
+    def _on_done(self, op: Operation, handle: Optional[SaveHandle] = None) -> None:
         """Runs once per operation, on the thread that completes it: free the slot, record
-        stats or the error, forget the operation, wake slot waiters."""
+        stats or the error, forget the operation, wake slot waiters; then complete ``handle``
+        (with the same error object the next call raises)."""
         error = op.error
+        stats: Optional[SaveStats] = None
+        wrapped_error: Optional[BaseException] = None
         if error is not None:
             wrapped_error = self._background_error(op, error)
             log.error("asyncckpt: %s", wrapped_error, exc_info=wrapped_error.__cause__ or wrapped_error)
@@ -681,8 +689,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             if op.kind == "save":
                 self._slots.release_locked(op.slot)
                 if error is None:
-                    self._stats.add(
-                        SaveStats(
+                    stats = SaveStats(
                             path=shown(op.path),
                             blocking_seconds=op.blocking_seconds,
                             wait_seconds=op.wait_seconds,
@@ -690,13 +697,15 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                             write_seconds=op.write_seconds,
                             tensor_bytes=op.staged.tensor_bytes,
                         )
-                    )
+                    self._stats.add(stats)
             if error is not None:
                 self._errors.put(wrapped_error, op if op.kind == "save" else None)
             self._table.forget(op)
             op.staged = op.slot = None
             op.after = ()
             self._cv.notify_all()
+        if handle is not None:
+            handle.settle(stats, wrapped_error)
 
     @staticmethod
     def _background_error(op: Operation, error: BaseException) -> AsyncCheckpointError:

@@ -5,17 +5,20 @@ failures not yet raised, and the measurements of completed saves.
 ``flush``, ``load_checkpoint``, ``wait_for_path`` and the exit drain wait on (blocking or
 awaiting, one rule for both faces). :class:`ErrorInbox` holds background failures until the next
 call into the engine raises them, once. :class:`StatsLog` keeps the last measurements.
+:class:`SaveHandle` is what a save returns: a Future of that one save.
 All three share the engine's condition.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 import time
-from typing import Callable, Deque, Dict, Iterable, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional
 
 from ..errors import FlushTimeoutError, RemoveSkippedError
+from ..redaction import shown
 from ..stats import SaveStats
 from ..writer import Operation
 from .condition import EngineCondition
@@ -201,3 +204,53 @@ class StatsLog:
         with self._cond:
             return list(self._stats)
 
+
+class SaveHandle(concurrent.futures.Future):
+    """What ``save_checkpoint`` and ``asave_checkpoint`` return: a ``concurrent.futures.Future``
+    of one save (DCP's ``async_save`` returns a Future too).
+
+    ``path`` is the path as it may be shown (credentials redacted), ``bytes`` the tensor bytes
+    staged, ``timings`` the save's :class:`~asyncckpt.SaveStats` once it is written (None until
+    then). ``result(timeout)`` returns those stats or raises the save's failure;
+    ``exception(timeout)``, ``done()`` and ``add_done_callback()`` are ``Future``'s;
+    :meth:`wait` waits without raising. A save cannot be cancelled once queued: ``cancel()``
+    returns False.
+
+    The failure is the same object the engine raises once from its next call: looking at it here
+    does not consume it (the engine's error contract stays as it is). A synchronous save (one
+    made during interpreter exit, or inside another save) returns a handle already completed.
+    The handle keeps only the path, sizes and timings, never the staged buffers.
+    """
+
+    def __init__(self, path: Any, nbytes: int = 0) -> None:
+        super().__init__()
+        self.path: Any = shown(path)
+        self.bytes = int(nbytes)
+        self.timings: Optional[SaveStats] = None
+
+    def cancel(self) -> bool:
+        return False
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the save is written or has failed; False when ``timeout`` s passed first."""
+        done, _ = concurrent.futures.wait([self], timeout=wait_limit(timeout))
+        return self in done
+
+    def settle(self, stats: Optional[SaveStats], error: Optional[BaseException]) -> None:
+        """Complete the handle: with the save's stats, or its (already wrapped) failure."""
+        if error is not None:
+            self.set_exception(error)
+            return
+        self.timings = stats
+        self.set_result(stats)
+
+    @classmethod
+    def completed(cls, path: Any, stats: Optional[SaveStats]) -> "SaveHandle":
+        """A handle for a save already written at the call."""
+        handle = cls(path, stats.tensor_bytes if stats is not None else 0)
+        handle.settle(stats, None)
+        return handle
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self.exception() is not None else "written")
+        return f"SaveHandle({self.path!r}, {state})"
