@@ -18,7 +18,6 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
-from .. import _exit
 from ..checkpoint_io import CheckpointIO, PathLike, load_options
 from ..errors import (
     AsyncCheckpointError,
@@ -35,6 +34,7 @@ from ..staging import Stager, StagingSlot, collection_paused, default_staging_th
 from ..stats import SaveStats
 from ..torch_io import TorchCheckpointIO
 from ..writer import Operation, ThreadWriter, Writer, WriterGoneError
+from . import lifecycle
 from .aio import AsyncFace
 from .condition import EngineCondition
 from .ops import ErrorInbox, OpTable, SaveHandle, StatsLog, wait_limit
@@ -56,6 +56,47 @@ class _WriterHolder:
         writer, self.writer = self.writer, None
         if writer is not None:
             writer.stop(5)
+
+
+class _ExitView:
+    """The engine as :mod:`.lifecycle` sees it: exit, SIGTERM and fork, through public methods.
+
+    Held by its engine, weakly by the lifecycle registry, and holding the engine weakly: an
+    engine nobody uses any more leaves the registry with its view.
+    """
+
+    __slots__ = ("_engine", "__weakref__")
+
+    def __init__(self, engine: "AsyncCheckpointIO") -> None:
+        self._engine = weakref.ref(engine)
+
+    @property
+    def exit_timeout(self) -> float:
+        engine = self._engine()
+        return engine.exit_timeout if engine is not None else 0.0
+
+    def drain_before_exit(self, reason: str, deadline: Optional[float] = None) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine._drain_before_exit(reason, deadline)
+
+    def stop_writer_before_exit(self) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine._stop_writer_before_exit()
+
+    def hands_over_on(self, thread_id: int) -> List[str]:
+        engine = self._engine()
+        return engine._hands_over_on(thread_id) if engine is not None else []
+
+    def locked_here(self) -> bool:
+        engine = self._engine()
+        return engine._locked_here() if engine is not None else False
+
+    def adopt_after_fork(self) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine._adopt_after_fork()
 
 
 class AsyncCheckpointIO(AsyncFace, CheckpointIO):
@@ -84,7 +125,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             machine (``LOCAL_WORLD_SIZE``), up to 4; 1 copies on the caller alone).
         exit_timeout: seconds allowed at interpreter exit or on SIGTERM to write pending saves.
         handle_sigterm: install a SIGTERM handler that writes pending saves before the process
-            ends, then hands the signal on (see :mod:`asyncckpt._exit`).
+            ends, then hands the signal on (see :mod:`asyncckpt._engine.lifecycle`).
         staging: ``"eager"`` (``save_checkpoint`` copies every tensor before it returns) or
             ``"lazy"`` (it copies small tensors, starts a background copy of the rest and
             returns; an optimizer step pre-hook and every call into the engine wait for that
@@ -135,11 +176,11 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         if writer == "process" and (checkpoint_io is not None or not self.base_io_comes_later):
             check_picklable(self.wrapped_io())
             self._writer = self._new_writer()  # its interpreter starts while training runs
-        _exit.register(self)
-        _live_engines.add(self)
+        self._exit_view = _ExitView(self)  # lives as long as this engine; lifecycle holds it weakly
+        lifecycle.register(self._exit_view)
         self.handle_sigterm = handle_sigterm
         if handle_sigterm:
-            _exit.install_sigterm_handler()
+            lifecycle.install_sigterm_handler()
 
     def _fresh_state(self) -> None:
         """The engine's state, new: at construction, and in a forked child (see :meth:`_adopt_after_fork`)."""
@@ -239,7 +280,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         key, target = hooks.check_save(path, storage_options)
         if getattr(self._local, "holding", False):
             return self._save_now(checkpoint, key, target, storage_options)
-        if _exit.exiting():
+        if lifecycle.exiting():
             with self._in_progress(key):  # a SIGTERM meanwhile is handled once it is written
                 return self._save_now(checkpoint, key, target, storage_options)
         self._finish_lazy()
@@ -411,7 +452,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
     def _in_progress(self, key: str) -> Iterator[None]:
         """Lists a save or remove in ``_handovers`` from its admission until its operation is
         counted (or has failed), so that the exit drain waits for it; a SIGTERM handled on this
-        thread meanwhile is handed on when it ends (see :mod:`asyncckpt._exit`)."""
+        thread meanwhile is handed on when it ends (see :mod:`asyncckpt._engine.lifecycle`)."""
         if getattr(self._local, "in_progress", False):
             yield  # the outer call lists it
             return
@@ -428,7 +469,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             with self._cv:
                 del self._handovers[token]
             ended.set()
-            _exit.after_handover()
+            lifecycle.after_handover()
 
     def _locked_here(self) -> bool:
         """Whether the calling thread is inside a call holding this engine's lock."""
@@ -516,7 +557,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             return
         key = path_key_of(path)
         self.raise_pending_errors()
-        if _exit.exiting():  # the writer is drained (or stopped): removed here, as a synchronous IO would
+        if lifecycle.exiting():  # the writer is drained (or stopped): removed here, as a synchronous IO would
             with self._in_progress(key):
                 self._table.wait(self._table.pending(), None)  # it depends on every save queued before it
                 self.raise_pending_errors()
@@ -754,7 +795,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         and log it: the operations counted, and those other threads are handing over (they
         are counted once handed over, and are waited for too). A hand-over on this thread
         cannot finish while this runs (the SIGTERM handler waits for it to end first; see
-        :mod:`asyncckpt._exit`), so one still in progress here is logged as not written."""
+        :mod:`asyncckpt._engine.lifecycle`), so one still in progress here is logged as not written."""
         budget = self._exit_time_left(reason)
         if deadline is not None:
             budget = min(budget, max(0.0, deadline - time.monotonic()))
@@ -810,15 +851,3 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             f"{type(self).__name__}({self.checkpoint_io!r}, max_pending={self.max_pending}, "
             f"when_full={self.when_full!r}, writer={self.writer_kind!r}, staging={self.staging!r})"
         )
-
-
-_live_engines: "weakref.WeakSet[AsyncCheckpointIO]" = weakref.WeakSet()
-
-
-def _adopt_engines_in_forked_child() -> None:
-    for engine in list(_live_engines):
-        engine._adopt_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_adopt_engines_in_forked_child)
