@@ -34,6 +34,8 @@ import threading
 import time
 from typing import Any, Dict, List
 
+import torch
+
 from ..checkpoint_io import PathLike, load_options
 from ..errors import FlushTimeoutError, IntegrityError, InvalidPathError
 from ..integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
@@ -169,8 +171,6 @@ class AsyncFace:
                 lambda: wrapped.load_checkpoint(path, **kwargs), abandon_on_cancel=True
             )
         data = await _read_checkpoint_bytes(local, path)
-        import torch
-
         kwargs.setdefault("map_location", load_on_cpu)  # TorchCheckpointIO's default
         return await anyio.to_thread.run_sync(
             lambda: torch.load(io.BytesIO(data), **kwargs), abandon_on_cancel=True
