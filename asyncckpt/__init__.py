@@ -1,12 +1,14 @@
 """asyncckpt: checkpoint saving off the training step.
 
 Public API: :class:`AsyncCheckpointIO` (the engine), :class:`CheckpointIO` (the interface),
-:class:`TorchCheckpointIO` (durable ``torch.save``), the error types, and
+:class:`TorchCheckpointIO` (durable ``torch.save``), :class:`SaveHandle` (what a save returns),
+the error types, and
 :func:`cleanup_temp_files`. Lightning and torch_xla integrations live in their own modules and
 are imported only when used.
 """
 
-from .async_io import AsyncCheckpointIO
+from ._engine.engine import AsyncCheckpointIO
+from ._engine.ops import SaveHandle
 from .checkpoint_io import CheckpointIO
 from .errors import (
     AsyncCheckpointError,
@@ -58,6 +60,7 @@ __all__ = [
     "RemoteStorageError",
     "RemoveSkippedError",
     "RetryPolicy",
+    "SaveHandle",
     "SaveStats",
     "TorchCheckpointIO",
     "WriterDiedError",

@@ -255,7 +255,7 @@ def worker(rank: int, world: int, port: int, cfg: Dict[str, Any]) -> None:
         final_wait = time.perf_counter() - t
         # asyncckpt's staging slots are allocated by the first save and kept (the warm-up round
         # made them, so the RSS increase of a measured round leaves them out): counted here
-        held = sum(slot.nbytes for slot in engine._free_slots) if engine is not None else 0
+        held = sum(buffer.nbytes for buffer in engine.staging_buffers()) if engine is not None else 0
         loop = time.perf_counter() - started
         peak = rss.stop()
         dist.barrier()

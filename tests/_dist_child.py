@@ -426,7 +426,7 @@ def main() -> None:
         result["plan_cached"] = io.checkpoint_io.plan_key in SavePlanner._cached_save_plan
         result["local_bytes"] = local_bytes(s3)
         result["full_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        result["staging_bytes"] = sum(slot.nbytes for slot in io._free_slots)
+        result["staging_bytes"] = sum(buffer.nbytes for buffer in io.staging_buffers())
         result["max_pending"] = io.max_pending
         result["tensor_bytes"] = [s.tensor_bytes for s in io.stats]
         result["files_two"] = sorted(os.listdir(os.path.join(ck, "two")))

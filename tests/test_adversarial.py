@@ -230,9 +230,8 @@ def check_example(harness: Harness, programs) -> None:
             pass
         io.flush(timeout=HANG_SECONDS)  # every failure was raised once; now clean
         assert io.pending == 0
-        with io._cv:
-            slots = list(io._free_slots)
-        assert len(slots) == io.max_pending and len({id(s) for s in slots}) == len(slots)
+        slots = io.staging_buffers()  # taken under the engine's lock
+        assert len(slots) == io.max_pending and len({s.slot for s in slots}) == len(slots)
         for p in players:
             for i, path in enumerate(p.paths):
                 value = _value_of(torch.load(path, weights_only=True)) if os.path.exists(path) else None

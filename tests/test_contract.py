@@ -93,11 +93,11 @@ def test_staging_buffers_are_reused_from_save_to_save(tmp_path, writer):
     weight = torch.randn(128, 128)
     io.save_checkpoint({"w": weight}, tmp_path / "a.ckpt")
     io.flush()
-    (slot,) = io._free_slots
-    arena, views = slot.arena, [v.data_ptr() for v in slot.views]
+    (before,) = io.staging_buffers()
     io.save_checkpoint({"w": weight + 1}, tmp_path / "b.ckpt")
     io.flush()
-    assert slot.arena is arena and [v.data_ptr() for v in slot.views] == views
+    (after,) = io.staging_buffers()
+    assert after.arena_id == before.arena_id is not None and after.data_ptrs == before.data_ptrs
     io.teardown()
 
 
@@ -357,7 +357,7 @@ def test_staging_memory_is_at_most_max_pending_checkpoints(tmp_path, writer):
     io.flush()
     assert io.free_slots == 2
     alignment = 64 * 2  # each storage starts on a 64-byte boundary in the slot's arena
-    assert sum(slot.nbytes for slot in io._free_slots) <= 2 * (ckpt_bytes + alignment)
+    assert sum(buffer.nbytes for buffer in io.staging_buffers()) <= 2 * (ckpt_bytes + alignment)
     assert all(s.tensor_bytes == ckpt_bytes for s in io.stats)
     io.teardown()
 
@@ -431,7 +431,7 @@ def test_background_failure_is_logged_then_raised_once_by_the_next_call(tmp_path
 def test_every_entry_point_raises_a_pending_failure(tmp_path, next_call, writer):
     io = AsyncCheckpointIO(FailingIO(), writer=writer)
     io.save_checkpoint({"x": 1}, tmp_path / "fail.ckpt")
-    io._wait_for(io._pending_ops(), 30)
+    io.wait_idle(30)
     calls = {
         "save": lambda: io.save_checkpoint({"x": 2}, tmp_path / "ok.ckpt"),
         "flush": io.flush,

@@ -69,7 +69,7 @@ def test_unsendable_save_raises_at_the_call_and_leaves_nothing_counted(tmp_path)
         io.flush(timeout=30)
     except AsyncCheckpointError:
         pass
-    assert len({id(s) for s in io._free_slots}) == io.free_slots == 2
+    assert len({s.slot for s in io.staging_buffers()}) == io.free_slots == 2
     io.teardown()
     for step in range(4):
         assert torch.equal(load(tmp_path / f"s{step}.ckpt")["w"], torch.full((4,), float(step)))
@@ -673,7 +673,7 @@ def test_alternating_layouts_reuse_their_slots(tmp_path):
         io.save_checkpoint(large, tmp_path / "large.ckpt")
         io.flush()
         if i >= 1:
-            arenas |= {s.arena.id for s in io._free_slots}
+            arenas |= {s.arena_id for s in io.staging_buffers()}
     assert len(arenas) == 2
     io.teardown()
 
@@ -684,8 +684,8 @@ def test_staging_memory_stays_within_max_pending_times_the_checkpoint(tmp_path):
     io.flush()
     io.save_checkpoint({"w": torch.ones(600_000)}, tmp_path / "a.ckpt")  # 60% of the first
     io.flush()
-    (slot,) = io._free_slots
-    assert slot.nbytes <= 600_000 * 4 + 64
+    (buffer,) = io.staging_buffers()
+    assert buffer.nbytes <= 600_000 * 4 + 64
     io.teardown()
 
 

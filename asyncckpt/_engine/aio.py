@@ -1,0 +1,359 @@
+"""The async face of :class:`~asyncckpt.AsyncCheckpointIO`, for code that runs on an event loop.
+
+``await io.asave_checkpoint(...)``, ``aload_checkpoint``, ``aremove_checkpoint``,
+``acopy_checkpoint``, ``aflush`` and ``async with io:`` drive the same engine as the blocking
+methods (same slots, same FIFO writer, same order and error contract), built on anyio so they run
+under asyncio and trio alike. anyio is imported inside the methods: the core imports without it
+(``pip install asyncckpt[async]``).
+
+Two rules shape this module:
+
+* **Staging runs on the loop thread.** The copy into the slot's host buffers is synchronous and
+  has no ``await`` inside it, so no other task on the loop can run, let alone mutate the tensors,
+  while it copies. The file therefore holds the checkpoint exactly as it was when
+  ``asave_checkpoint`` returned, relative to every task on the loop. The price is that the loop
+  stalls for the copy (the copy floor, ~50 ms for 250 MB here); it never stalls for the write.
+* **Waiting never blocks the loop.** Waiting for a free slot, for a path's pending operations or
+  for a flush runs in a worker thread that sleeps on the engine's condition variable; the task
+  awaits it. On cancellation the task returns at once and the thread notices within
+  :data:`.condition.WAIT_SLICE` seconds (or at the next engine event) and exits, holding nothing.
+
+The face uses only the engine's public methods, its slot pool (:mod:`.slots`: the one admission
+rule, awaited here) and its operation table (:mod:`.ops`: the one wait for a path or a flush).
+
+Files are read and copied with anyio's file API (thread-offloaded, like aiofiles, but also
+working under trio, where aiofiles does not).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+from typing import Any, Dict, List
+
+import torch
+
+from ..checkpoint_io import PathLike, load_options
+from ..errors import FlushTimeoutError, IntegrityError, InvalidPathError
+from ..integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
+from ..storage import absolute_path, fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
+from ..torch_io import load_on_cpu
+from .ops import SaveHandle
+from .wrapped import WrappedIO, path_key_of
+
+log = logging.getLogger("asyncckpt")
+
+
+_COPY_CHUNK = 8 << 20
+
+
+class AsyncFace:
+    """Async methods of :class:`~asyncckpt.AsyncCheckpointIO`; see the module docstring.
+
+    Mixed into the engine class; it reads no private attribute of the engine: it admits through
+    ``slot_pool``, waits through ``op_table``, and stages with ``stage_and_submit``.
+    """
+
+    # -- public API -----------------------------------------------------------------------
+
+    async def asave_checkpoint(
+        self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Any | None = None
+    ) -> SaveHandle:
+        """Await a free slot, stage ``checkpoint`` on the loop thread, queue its write, return
+        its :class:`~asyncckpt._engine.ops.SaveHandle` (as ``save_checkpoint`` does).
+
+        Point in time: the file holds the checkpoint as it was when this returned; neither this
+        task nor any other task on the loop can change what is written, since there is no
+        ``await`` between the start of staging and the return. The loop is blocked for the copy
+        into host memory only; waiting for a slot is awaited.
+
+        Cancellation: cancelled before it holds a slot, it raises and nothing is queued; once
+        it holds a slot it finishes staging, queues the save and returns normally (the
+        cancellation then lands at the caller's next checkpoint).
+        """
+        from anyio import lowlevel
+
+        await lowlevel.checkpoint()  # cancel and schedule point while nothing is held yet
+        agree = getattr(self.wrapped_io(), "agree_to_save", None)
+        if agree is not None:
+            return await self._asave_agreed(agree, checkpoint, path, storage_options)
+        key, target = WrappedIO(self.wrapped_io()).check_save(path, storage_options)
+        self.op_table.guard_point()
+        self.raise_pending_errors()
+        started = time.perf_counter()
+        slot = await self.slot_pool.aacquire(key)
+        # From here to the return there is no await: the slot is either queued with the save or
+        # given back, and no other task runs between the copy and the caller's next line.
+        waited = time.perf_counter() - started
+        # the loop is blocked from here to the return: staging only, measured as blocking time
+        return self.stage_and_submit(checkpoint, target, key, storage_options, slot, time.perf_counter(), waited)
+
+    async def _asave_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> SaveHandle:
+        """``asave_checkpoint`` for a collective IO: as ``save_checkpoint``, the ranks agree at
+        the call whether they all make the save (a save refused on one rank is refused on
+        every rank); the agreement waits for the other ranks in a thread, not on the loop, and
+        staging follows it with no ``await`` in between.
+
+        A cancellation takes part in the agreement too: cancelled while it waits for a slot, this
+        rank refuses the save (so the other ranks, already in the agreement, refuse it instead of
+        pairing it with this rank's next save); cancelled during the agreement, it waits for the
+        outcome, then makes the save if every rank agreed and returns, else raises.
+        """
+        import anyio
+
+        started = time.perf_counter()
+        slot = None
+        cancelled: BaseException | None = None
+        key, target, checkpoint, refusal, background = self.before_agreement(checkpoint, path, storage_options)
+        if refusal is None:
+            try:
+                slot = await self.slot_pool.aacquire(key)
+            except anyio.get_cancelled_exc_class() as err:
+                refusal = cancelled = err
+            except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
+                refusal, background = err, self.reports_background_failure(err)
+        waited = time.perf_counter() - started
+        outcome: Dict[str, Any] = {}
+
+        def agreement() -> None:
+            try:
+                outcome["error"] = agree(path, refusal, background, self.settle)
+            except BaseException as err:  # noqa: BLE001 - raised on the loop below
+                outcome["raised"] = err
+
+        thread = threading.Thread(target=agreement, name="asyncckpt-agreement", daemon=True)
+        thread.start()
+        try:
+            if cancelled is None:
+                await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class() as err:
+            cancelled = err
+        finally:
+            # The other ranks are in this agreement: its outcome decides, cancelled or not.
+            thread.join()
+        error = outcome.get("raised") or outcome["error"]
+        if cancelled is not None and error is not None:
+            if slot is not None:
+                self.slot_pool.release(slot)
+            raise cancelled
+        # Agreed: every rank makes this save, so this one does too (a cancellation that came
+        # during the agreement lands at the caller's next checkpoint, as after a held slot).
+        return self.after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
+
+    async def aload_checkpoint(
+        self,
+        path: PathLike,
+        map_location: Any | None = None,
+        weights_only: bool | None = None,
+        verify: bool = False,
+    ) -> Dict[str, Any]:
+        """Await every queued operation on ``path``, then load it without blocking the loop.
+
+        With :class:`TorchCheckpointIO` and a local path, the bytes are read with async file
+        I/O and ``torch.load`` runs in a worker thread on them; any other wrapped IO's own
+        ``load_checkpoint`` runs in a worker thread, and so does a load with ``verify=True``
+        (the wrapped IO checks the whole file first, as ``load_checkpoint`` does).
+        """
+        import anyio
+
+        key = path_key_of(path)
+        path = absolute_path(os.fspath(path))  # the working folder at the call, whatever chdir comes
+        await self.op_table.await_path(key)
+        self.raise_pending_errors()
+        kwargs = load_options(map_location, weights_only, verify)
+        wrapped = self.wrapped_io()
+        local = local_path_of(path)
+        if verify or local is None or not WrappedIO(wrapped).loads_like_torch_checkpoint_io:
+            return await anyio.to_thread.run_sync(
+                lambda: wrapped.load_checkpoint(path, **kwargs), abandon_on_cancel=True
+            )
+        data = await _read_checkpoint_bytes(local, path)
+        kwargs.setdefault("map_location", load_on_cpu)  # TorchCheckpointIO's default
+        return await anyio.to_thread.run_sync(
+            lambda: torch.load(io.BytesIO(data), **kwargs), abandon_on_cancel=True
+        )
+
+    async def aremove_checkpoint(self, path: PathLike) -> None:
+        """Queue the removal of ``path`` after every earlier operation on it; never waits.
+
+        ``await aflush()`` when the file must be gone before going on.
+        """
+        from anyio import lowlevel
+
+        await lowlevel.checkpoint()
+        if WrappedIO(self.wrapped_io()).remove_is_collective_flag:
+            import anyio
+
+            # collective: the ranks agree at the call; that wait is not the loop's
+            await anyio.to_thread.run_sync(self.remove_checkpoint, path)
+            return
+        self.remove_checkpoint(path)
+
+    async def aflush(self, timeout: float | None = None) -> None:
+        """Await every operation submitted before this call, then raise background failures.
+
+        Cancelling it (or its ``timeout``, which raises :class:`FlushTimeoutError`) stops the
+        waiting only: the writes go on, and a later ``aflush`` or ``flush`` waits for them.
+        """
+        import anyio
+
+        ops = self.op_table.pending()
+        with anyio.move_on_after(timeout) as scope:
+            await self.op_table.await_done(ops)
+        if scope.cancelled_caught:
+            left = sum(1 for op in ops if not op.done())
+            raise FlushTimeoutError(f"flush timed out after {timeout}s with {left} operation(s) pending", None)
+        self.raise_pending_errors()
+
+    async def acopy_checkpoint(self, src: PathLike, dst: PathLike) -> None:
+        """Copy the finished checkpoint ``src`` to the local path ``dst``, atomically and durably.
+
+        Waits for every operation on ``src`` and ``dst`` submitted before this call, then
+        copies with async file I/O into a temp file beside ``dst``, fsyncs it, renames it over
+        ``dst`` and fsyncs the folder. ``dst`` holds its old file or the complete copy, never a
+        partial one. The copy is not a queued operation: saves or removes on ``src`` or ``dst``
+        submitted while it runs are not ordered against it.
+
+        Checksum records (``TorchCheckpointIO(checksum=True)``) stay consistent: where ``src`` or
+        ``dst`` has one, ``dst`` gets a record of the copied bytes, committed as a save commits
+        it (see :mod:`asyncckpt.integrity`), so ``dst`` matches its record at every instant. A
+        ``src`` that does not match its own record raises :class:`asyncckpt.IntegrityError` and
+        ``dst`` is left as it was.
+        """
+        import anyio
+
+        src_key, dst_key = path_key_of(src), path_key_of(dst)
+        # resolved now: a relative path means the working folder at the call, whatever chdir comes
+        src_local = local_path_of(absolute_path(os.fspath(src)))
+        dst_local = local_path_of(absolute_path(os.fspath(dst)))
+        if src_local is None or dst_local is None:
+            raise InvalidPathError(
+                f"acopy_checkpoint copies local files; got {os.fspath(src)!r} -> {os.fspath(dst)!r}", os.fspath(dst)
+            )
+        WrappedIO(self.wrapped_io()).check_path(dst)
+        await self.op_table.await_path(src_key)
+        await self.op_table.await_path(dst_key)
+        self.raise_pending_errors()
+        if os.path.isdir(src_local):
+            raise InvalidPathError(f"checkpoint path {os.fspath(src)!r} is a folder, not a checkpoint file", src_key)
+        target = os.path.abspath(dst_local)
+        folder = os.path.dirname(target)
+
+        def prepare() -> None:
+            os.makedirs(folder, exist_ok=True)
+            sweep_stale_temp_files_once(folder)
+
+        await anyio.to_thread.run_sync(prepare)
+        tmp = temp_path_for(target)
+        try:
+            try:
+                source = await anyio.open_file(src_local, "rb")
+            except FileNotFoundError:
+                raise FileNotFoundError(f"checkpoint file not found: {os.fspath(src)}") from None
+            async with source, await anyio.open_file(tmp, "wb") as sink:
+                while chunk := await source.read(_COPY_CHUNK):
+                    await sink.write(chunk)
+                await sink.flush()
+                await anyio.to_thread.run_sync(os.fsync, sink.wrapped.fileno())
+            # One worker-thread call (not cancellable half-way): record, rename, fsync, prune.
+            await anyio.to_thread.run_sync(_commit_copy, src_local, tmp, target)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_unlink_quietly, tmp)
+            raise
+
+    async def __aenter__(self) -> "AsyncFace":
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Flush and tear down, shielded from cancellation: leaving the block means written.
+
+        The wait runs in a worker thread, so the loop keeps running other tasks meanwhile.
+        """
+        import anyio
+
+        with anyio.CancelScope(shield=True):
+            await self.op_table.await_done(self.op_table.pending())
+            try:
+                await anyio.to_thread.run_sync(self.teardown)
+            except Exception as err:
+                if exc is None:
+                    raise
+                # The body's own exception stays the one raised; the checkpoint failure is
+                # logged and added to it as a note, so neither is lost.
+                log.error("asyncckpt: while leaving 'async with' after %r: %s", exc, err, exc_info=err)
+                exc.add_note(f"asyncckpt: on leaving 'async with': {type(err).__name__}: {err}")
+
+
+async def _read_checkpoint_bytes(local: str, shown: str) -> bytes:
+    import anyio
+
+    if await anyio.Path(local).is_dir():
+        raise InvalidPathError(f"checkpoint path {shown!r} is a folder, not a checkpoint file", shown)
+    try:
+        async with await anyio.open_file(local, "rb") as f:
+            return await f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file not found: {shown}") from None
+
+
+#: Held while a copy commits its record and renames: two copies to one ``dst`` (not ordered by
+#: the engine) must not interleave, or the record of one could be left beside the other's file.
+_commit_lock = threading.Lock()
+
+
+def _commit_copy(src: str, tmp: str, target: str) -> None:
+    """Move the complete copy ``tmp`` over ``target`` durably, keeping checksum records
+    consistent (see :func:`_record_before_rename`)."""
+    new = sha256_file(tmp) if os.path.exists(record_path(src)) or os.path.exists(record_path(target)) else None
+    with _commit_lock:
+        digests = _record_before_rename(src, tmp, target, new)
+        os.replace(tmp, target)
+        fsync_folder(os.path.dirname(target))
+        if len(digests) > 1:
+            _prune_record(target, digests[0])
+
+
+def _record_before_rename(src: str, tmp: str, target: str, new: "str | None") -> List[str]:
+    """With the copy complete in ``tmp`` (digest ``new``) and ``target`` not yet replaced: check
+    the copy against ``src``'s checksum record, and commit ``target``'s record listing the copy's
+    digest and the digests the file still at ``target`` matches. Returns those digests ([] where
+    neither file has a record: then none is written).
+
+    The record is committed before the rename, as a save commits it: a crash before the rename
+    leaves the old file, after it the copy, and the record lists both. A stale record (the old
+    file's alone) would make the good copy fail verification.
+    """
+    src_accepted = read_record(src)
+    if src_accepted is None and not os.path.exists(record_path(target)):
+        return []
+    if new is None:  # a record appeared since the look before the lock
+        new = sha256_file(tmp)
+    if src_accepted is not None and new not in src_accepted:
+        raise IntegrityError(
+            f"checkpoint {src!r} does not match its checksum record {record_path(src)!r}: sha256 {new} is not "
+            f"among the {len(src_accepted)} accepted (damaged, or replaced while it was copied); nothing was "
+            f"copied to {target!r}. Check it with 'asyncckpt verify', or copy a good checkpoint",
+            src,
+        )
+    digests = digests_to_commit(target, new)
+    write_record(target, digests)
+    return digests
+
+
+def _prune_record(target: str, digest: str) -> None:
+    """After the rename: the record lists only the copy's digest (a failure leaves it valid)."""
+    try:
+        write_record(target, [digest])
+    except OSError as err:
+        log.warning("asyncckpt: could not prune the checksum record of %s: %s", target, err)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
