@@ -20,11 +20,11 @@ from typing import Any, Dict, Optional, Set, Tuple
 import pytest
 
 import asyncckpt
+from _subproc import ROOT, TESTS
 from asyncckpt.remote import RetryPolicy
 from asyncckpt.torch_io import TorchCheckpointIO
 
-PICKLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pickles")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PICKLES = os.path.join(TESTS, "data", "pickles")
 
 # Modules whose names may appear in a pickle although they start with ``asyncckpt._``: the
 # ModelCheckpoint stand-in has been pickled under this name since it was written.

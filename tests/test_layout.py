@@ -15,7 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "asyncckpt")
+from _subproc import ROOT
+
+PACKAGE = os.path.join(ROOT, "asyncckpt")
 
 # Import edges (importer, imported) that close today's two cycles; both function-level.
 CYCLE_EDGES_ALLOWED: Dict[Tuple[str, str], str] = {
