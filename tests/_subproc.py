@@ -19,7 +19,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-CHILDREN = TESTS  # the child scripts (_crash_child, _dist_child, _slow_disk ...)
+CHILDREN = os.path.join(TESTS, "_children")  # the child scripts (_crash_child, _dist_child, _slow_disk ...)
 
 Script = Union[str, "os.PathLike[str]"]
 

@@ -1,5 +1,5 @@
 """Reliability beyond the contract tests: preemption of a real training loop, the memory bound
-under a burst of large saves, and bad input not covered in tests/test_inputs.py.
+under a burst of large saves, and bad input not covered in tests/engine/test_inputs.py.
 
 ``-s`` prints the memory figures recorded in docs/reliability.md.
 """
@@ -233,7 +233,7 @@ def test_a_burst_of_large_saves_stays_within_max_pending_buffers(tmp_path, write
     assert extra <= bound
 
 
-# -- bad input not covered by tests/test_inputs.py --------------------------------------------------
+# -- bad input not covered by tests/engine/test_inputs.py --------------------------------------------------
 
 
 def _nested(depth: int) -> dict:

@@ -3,7 +3,7 @@
 The server starts once per test session on a free port. Faults: the server is stopped for
 real mid-upload; server errors (500, 503, throttling) and a server echoing the access key in
 an error come from a small real HTTP proxy in front of it (fault injection: a local server
-cannot be made to answer those on cue; said in tests/_s3_server.py).
+cannot be made to answer those on cue; said in tests/_children/_s3_server.py).
 """
 
 from __future__ import annotations

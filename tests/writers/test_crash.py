@@ -1,13 +1,13 @@
 """Contract line 4 under real SIGKILL: a committed checkpoint is never lost, a target path never
 holds a partial file, and crash leftovers are recognisable temp files that get cleaned.
 
-A fresh process (forked from a fork server that imported torch once, see tests/_crash_child.py)
+A fresh process (forked from a fork server that imported torch once, see tests/_children/_crash_child.py)
 saves a deterministic checkpoint per step in a loop through ``AsyncCheckpointIO``; it is killed
 with SIGKILL, together with its writer process, at a random moment: a random time, or just after
 it reports entering a phase (staging, writing the temp file, fsync + rename) plus a random
 jitter. After every kill the folder is checked against what the process had reported committed.
 
-``python -m pytest tests/test_crash.py -s`` prints the figures recorded in docs/reliability.md.
+``python -m pytest tests/writers/test_crash.py -s`` prints the figures recorded in docs/reliability.md.
 ``ASYNCCKPT_CRASH_KILLS`` (default 30) sets the kills per writer, ``ASYNCCKPT_CRASH_SEED`` the seed.
 """
 
