@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
-from _slow_disk import child_env
+from _subproc import run_python
 
 BLOCK = (
     "import sys\n"
@@ -19,7 +18,7 @@ BLOCK = (
 
 def run(code: str, blocked: tuple) -> subprocess.CompletedProcess:
     script = BLOCK.format(blocked=set(blocked)) + code
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=child_env(), timeout=120)
+    return run_python(script, timeout=120)
 
 
 def test_core_saves_without_torch_xla_and_never_imports_it(tmp_path):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import io as _io
 import os
 import pickle
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -28,8 +26,9 @@ from _lightning_helpers import (  # noqa: F401 - no_writer_thread_left is an aut
     writer_threads,
 )
 
+from _subproc import TESTS, run_python
+
 pytestmark = pytest.mark.lightning
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(params=FAMILIES)
@@ -356,13 +355,7 @@ SIGTERM_SCRIPT = textwrap.dedent(
 def test_sigterm_during_fit_stops_as_lightning_does(tmp_path):
     """Lightning's SIGTERM handler stops training gracefully (SIGTERMException, then teardown);
     asyncckpt's own handler, chained behind it, used to end the process at once."""
-    proc = subprocess.run(
-        [sys.executable, "-c", SIGTERM_SCRIPT, os.path.join(REPO, "tests"), str(tmp_path)],
-        env=dict(os.environ, PYTHONPATH=REPO),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(SIGTERM_SCRIPT, TESTS, tmp_path, timeout=300)
     lines = [line.split(" ", 2) for line in proc.stdout.splitlines() if " raised " in line]
     outcome = {(name, variant): rest for name, variant, rest in lines}
     assert proc.returncode == 0 and len(outcome) == 4, f"rc={proc.returncode} {proc.stdout} {proc.stderr[-2000:]}"
@@ -400,11 +393,5 @@ KEEPING_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_a_wrapped_io_may_keep_the_tensors_it_was_given(fam, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", KEEPING_SCRIPT, fam.name, os.path.join(REPO, "tests"), str(tmp_path)],
-        env=dict(os.environ, PYTHONPATH=REPO),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = run_python(KEEPING_SCRIPT, fam.name, TESTS, tmp_path, timeout=180)
     assert proc.returncode == 0 and "ok" in proc.stdout, f"rc={proc.returncode} {proc.stderr[-2000:]}"

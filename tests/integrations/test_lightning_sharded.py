@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from _slow_disk import TESTS, child_env
+from _subproc import CHILDREN, child_env, finish, start_python
 from conftest import same
 
 pytest.importorskip("lightning")
@@ -28,7 +27,7 @@ pytest.importorskip("pytorch_lightning")
 from asyncckpt.distributed import METADATA_FILE  # noqa: E402
 from asyncckpt.integrations._lightning_sharded import META_FILE, LightningShardedIO  # noqa: E402
 
-CHILD = os.path.join(TESTS, "_lightning_sharded_child.py")
+CHILD = os.path.join(CHILDREN, "_lightning_sharded_child.py")
 RUNS = (("lightning", "sync"), ("lightning", "async"), ("pytorch_lightning", "async"), ("lightning", "plugin_only"))
 
 
@@ -38,22 +37,14 @@ def _run_side_by_side(base, runs, strategy="model_parallel"):
     for family, mode in runs:  # side by side: each run is 2 processes of mostly imports
         out = base / f"{family}-{mode}"
         out.mkdir()
-        env = dict(child_env(), OMP_NUM_THREADS="1")
+        env = child_env(OMP_NUM_THREADS="1")
         env.pop("MASTER_PORT", None)
-        procs[(family, mode)] = (
-            out,
-            subprocess.Popen(
-                [sys.executable, CHILD, family, mode, str(out), strategy],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            ),
-        )
+        proc = start_python(CHILD, family, mode, out, strategy, env=env, stderr=subprocess.STDOUT)
+        procs[(family, mode)] = (out, proc)
     results = {}
     try:
         for key, (out, proc) in procs.items():
-            text, _ = proc.communicate(timeout=400)
+            text, _ = finish(proc, 400, what=f"{key} did not finish in time")
             assert proc.returncode == 0, f"{key} exited {proc.returncode}:\n{text[-5000:]}"
             results[key] = (out, json.loads((out / "result.json").read_text()))
     finally:

@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from _subproc import run_python
 from asyncckpt import (
     AsyncCheckpointIO,
     CheckpointSaveError,
@@ -391,13 +392,10 @@ def test_no_temp_files_survive_a_clean_run(tmp_path, writer):
 
 
 def test_stale_temp_files_of_dead_processes_are_cleaned(tmp_path):
-    import subprocess
-    import sys
-
     from asyncckpt import cleanup_temp_files
     from asyncckpt.storage import temp_path_for
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = run_python("import os; print(os.getpid())")
     from asyncckpt.storage import HOST_ID
 
     stale = tmp_path / f".a.ckpt.asyncckpt-tmp-{HOST_ID}-{int(dead.stdout)}-0123abcd"
@@ -603,9 +601,6 @@ def test_parameters_and_module_objects_round_trip(tmp_path, writer):
 
 
 def test_file_loads_in_a_process_without_asyncckpt(tmp_path, writer):
-    import subprocess
-    import sys
-
     io = AsyncCheckpointIO(writer=writer)
     io.save_checkpoint({"w": torch.arange(5), "meta": {"epoch": 2}}, tmp_path / "a.ckpt")
     io.teardown()
@@ -616,5 +611,5 @@ def test_file_loads_in_a_process_without_asyncckpt(tmp_path, writer):
         "assert out['meta'] == {'epoch': 2} and out['w'].tolist() == [0, 1, 2, 3, 4]\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    result = run_python(code, cwd="/")
     assert result.stdout.strip() == "ok", result.stderr

@@ -1,13 +1,13 @@
 """Contract line 4 under real SIGKILL: a committed checkpoint is never lost, a target path never
 holds a partial file, and crash leftovers are recognisable temp files that get cleaned.
 
-A fresh process (forked from a fork server that imported torch once, see tests/_crash_child.py)
+A fresh process (forked from a fork server that imported torch once, see tests/_children/_crash_child.py)
 saves a deterministic checkpoint per step in a loop through ``AsyncCheckpointIO``; it is killed
 with SIGKILL, together with its writer process, at a random moment: a random time, or just after
 it reports entering a phase (staging, writing the temp file, fsync + rename) plus a random
 jitter. After every kill the folder is checked against what the process had reported committed.
 
-``python -m pytest tests/test_crash.py -s`` prints the figures recorded in docs/reliability.md.
+``python -m pytest tests/writers/test_crash.py -s`` prints the figures recorded in docs/reliability.md.
 ``ASYNCCKPT_CRASH_KILLS`` (default 30) sets the kills per writer, ``ASYNCCKPT_CRASH_SEED`` the seed.
 """
 
@@ -21,7 +21,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from typing import Dict, List, Tuple
@@ -30,12 +29,11 @@ import _crash_child
 import pytest
 import torch
 
+from _subproc import start_python
 from asyncckpt import cleanup_temp_files
 from asyncckpt.integrity import verify_file
 from asyncckpt.storage import is_temp_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
 KILLS = int(os.environ.get("ASYNCCKPT_CRASH_KILLS", "30"))
 SEED = int(os.environ.get("ASYNCCKPT_CRASH_SEED", str(int(time.time()) % 100000)))
 # one kill in four at a random time; the others just after a phase marker, plus a random jitter
@@ -46,14 +44,7 @@ class Zygote:
     """The fork server: one ``run`` per kill, each a fresh process."""
 
     def __init__(self) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import _crash_child; _crash_child.zygote()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        self.proc = start_python("import _crash_child; _crash_child.zygote()", stdin=subprocess.PIPE, stderr=None)
         self.lines: "queue.Queue[str]" = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         assert self.next_line(120) == "zygote ready"

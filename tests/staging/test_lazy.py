@@ -534,24 +534,16 @@ if sys.argv[2] == "sleep":
 @pytest.mark.parametrize("how", ["exit", "sigterm"])
 def test_lazy_saves_pending_at_exit_or_sigterm_are_verified_and_written(tmp_path, how):
     import signal
-    import subprocess
-    import sys
 
-    from _slow_disk import child_env
+    from _subproc import finish, start_python
 
     script = tmp_path / "script.py"
     script.write_text(_EXIT_SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path), "sleep" if how == "sigterm" else "exit"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
+    proc = start_python(script, tmp_path, "sleep" if how == "sigterm" else "exit")
     assert proc.stdout.readline().strip() == "ready"
     if how == "sigterm":
         proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = finish(proc, 120)
     assert proc.returncode == (-signal.SIGTERM if how == "sigterm" else 0), err
     for i in range(2):
         got = torch.load(tmp_path / f"{i}.ckpt", weights_only=True)
@@ -755,17 +747,14 @@ print("ready", flush=True)
 
 
 def test_lazy_saves_from_two_threads_pending_at_exit_are_all_written(tmp_path):
-    import subprocess
 
-    from _slow_disk import child_env
+    from _subproc import run_python
 
     script = tmp_path / "script.py"
     script.write_text(_THREADS_EXIT_SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.run(
-        [sys.executable, str(script), str(out)], capture_output=True, text=True, env=child_env(), timeout=240
-    )
+    proc = run_python(script, out, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ready"
     assert "not all written" not in proc.stderr, proc.stderr

@@ -12,55 +12,30 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from typing import Dict, List, Optional
 
 import pytest
 import torch
 
+import _subproc
 import asyncckpt
-from _slow_disk import TESTS, child_env
+from _subproc import CHILDREN, finish_all, run_python
 from asyncckpt.distributed import METADATA_FILE, DistributedCheckpointIO
 from conftest import same
 
-CHILD = os.path.join(TESTS, "_dist_child.py")
+CHILD = os.path.join(CHILDREN, "_dist_child.py")
 TIMEOUT = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ranks(scenario: str, world: int, out: str, arg: Optional[str] = None) -> List[subprocess.Popen]:
     os.makedirs(out, exist_ok=True)
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(child_env(), RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, CHILD, scenario, out] + ([arg] if arg else [])
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    return procs
+    return _subproc.start_ranks(CHILD, world, scenario, out, *([arg] if arg else []))
 
 
 def finish(procs: List[subprocess.Popen], timeout: float = TIMEOUT) -> List[str]:
-    deadline = time.monotonic() + timeout
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outputs.append(out)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("ranks did not finish in time:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs))
-    return outputs
+    return finish_all(procs, timeout)
 
 
 def run_ranks(scenario: str, world: int, out: str, arg: Optional[str] = None) -> List[Dict]:
@@ -370,7 +345,7 @@ def test_import_asyncckpt_does_not_import_dcp_until_used():
         "assert 'torch.distributed.checkpoint' in sys.modules\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=120)
+    out = run_python(code, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
 
 

@@ -22,10 +22,9 @@ import textwrap
 import pytest
 import torch
 
+from _subproc import run_python
 from asyncckpt import AsyncCheckpointIO, CheckpointSaveError
 from conftest import temp_files
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs in a subprocess, the body inside main() (the process writer is spawned, so the script is
 # imported again there). The last line of output is a JSON report for the test to check.
@@ -62,14 +61,7 @@ def run_child(body: str, folder: str, writer: str, preexec_fn=None) -> dict:
             + textwrap.indent(textwrap.dedent(body), "    ")
             + "\nif __name__ == '__main__':\n    main(sys.argv[1], sys.argv[2])\n    print(json.dumps(report))\n"
         )
-    result = subprocess.run(
-        [sys.executable, script, folder, writer],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        preexec_fn=preexec_fn,
-    )
+    result = run_python(script, folder, writer, timeout=120, preexec_fn=preexec_fn)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -16,11 +16,10 @@ import sys
 import pytest
 import torch
 
+from _subproc import child_env, run_python
 from asyncckpt import AsyncCheckpointIO, IntegrityError, TorchCheckpointIO
 from asyncckpt.__main__ import main
 from asyncckpt.integrity import read_record, record_path, verify_file
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ckpt(value: float = 1.0) -> dict:
@@ -140,12 +139,10 @@ def test_the_cli_runs_as_a_module_and_a_console_script(tmp_path):
     torch.save(_ckpt(), good)
     torch.save(_ckpt(), bad)
     _truncate(bad, 100)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    ok = subprocess.run([sys.executable, "-m", "asyncckpt", "verify", str(good)], capture_output=True, text=True,
-                        env=env)
+    env = child_env()
+    ok = run_python("-m", "asyncckpt", "verify", good, env=env)
     assert ok.returncode == 0 and ok.stdout.startswith("OK "), ok.stderr
-    fail = subprocess.run([sys.executable, "-m", "asyncckpt", "verify", str(good), str(bad)], capture_output=True,
-                          text=True, env=env)
+    fail = run_python("-m", "asyncckpt", "verify", good, bad, env=env)
     assert fail.returncode == 1 and "FAIL" in fail.stderr and "truncated" in fail.stderr
     script = os.path.join(os.path.dirname(sys.executable), "asyncckpt")
     if os.path.exists(script):  # installed (pip install -e .): the declared console script
@@ -160,7 +157,7 @@ def test_the_cli_reports_a_missing_file_and_a_non_checkpoint(tmp_path, capsys):
 
 
 def test_cleanup_command_removes_stale_temp_files(tmp_path, capsys):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = run_python("import os; print(os.getpid())")
     from asyncckpt.storage import HOST_ID
 
     stale = tmp_path / f".a.ckpt.asyncckpt-tmp-{HOST_ID}-{int(dead.stdout)}-0123abcd"

@@ -1,4 +1,4 @@
-"""The process that tests/test_crash.py kills: a fork server and the save loop it runs.
+"""The process that tests/writers/test_crash.py kills: a fork server and the save loop it runs.
 
 A fork server ("zygote") imports torch once; each run is a fresh process forked from it, in its
 own session, so one ``killpg(SIGKILL)`` kills the run and its writer process together, like a

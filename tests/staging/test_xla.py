@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import collections
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,10 +12,10 @@ pytestmark = pytest.mark.xla
 
 torch_xla = pytest.importorskip("torch_xla", reason="torch_xla runs in the tox 'xla' environment")
 
+from _subproc import run_python  # noqa: E402
 from asyncckpt import AsyncCheckpointIO, XLACheckpointIO  # noqa: E402
 
 Point = collections.namedtuple("Point", "x y")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +138,7 @@ def test_file_loads_without_torch_xla(tmp_path, device):
         "import torch\n"
         f"print(torch.load({str(tmp_path / 'a.ckpt')!r}, weights_only=True)['w'].tolist())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    out = run_python(code, cwd="/")
     assert out.stdout.strip() == "[0.0, 1.0, 2.0]", out.stderr
 
 

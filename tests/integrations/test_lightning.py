@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 import textwrap
 import threading
 import warnings
@@ -33,10 +31,10 @@ from _lightning_helpers import (
     steps,
 )
 
+from _subproc import ROOT, child_env, run_python
 from asyncckpt.errors import CheckpointSaveError, NotSerializableError
 
 pytestmark = pytest.mark.lightning
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(params=FAMILIES)
@@ -365,16 +363,9 @@ DDP_SCRIPT = textwrap.dedent(
 def test_ddp_two_processes_only_rank_zero_writes(fam, tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     env.pop("MASTER_PORT", None)
-    proc = subprocess.run(
-        [sys.executable, str(script), fam.name, str(tmp_path), REPO],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python(script, fam.name, tmp_path, ROOT, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = [json.loads((tmp_path / f"done-{rank}.json").read_text()) for rank in (0, 1)]
     assert done[0]["saves"] == 6 and done[1]["saves"] == 0  # 3 top-k + 3 last, on rank 0 only
@@ -414,11 +405,5 @@ BLOCKER = textwrap.dedent(
 
 
 def test_core_imports_without_lightning():
-    proc = subprocess.run(
-        [sys.executable, "-c", BLOCKER],
-        env=dict(os.environ, PYTHONPATH=REPO),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python(BLOCKER, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]

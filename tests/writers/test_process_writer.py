@@ -344,7 +344,7 @@ if __name__ == "__main__":
 
 def test_objects_of_main_saved_from_a_spawned_child_are_written_as_torch_save_writes_them_there(tmp_path):
     """Training in a spawned child: its main module is ``__mp_main__`` already, and stays so."""
-    from _slow_disk import child_env
+    from _subproc import child_env
 
     (tmp_path / "train_child.py").write_text(_MAIN_CLASS_IN_A_SPAWNED_CHILD)
     result = subprocess.run([sys.executable, "train_child.py", str(tmp_path)], cwd=tmp_path, capture_output=True,
@@ -358,7 +358,7 @@ def test_objects_of_main_saved_by_the_writer_process_load_in_the_program_that_sa
     """Spawn re-imports the main module as ``__mp_main__``; the writer's torch.save then wrote
     its classes and functions as ``__mp_main__.Config``, which ``torch.load`` in the training
     program (where they are ``__main__.Config``) cannot find. The file must be torch.save's."""
-    from _slow_disk import child_env
+    from _subproc import child_env
 
     (tmp_path / "train_main.py").write_text(_MAIN_CLASS_SCRIPT.format())
     argv = [sys.executable, "train_main.py"] if how == "script" else [sys.executable, "-m", "train_main"]
@@ -376,7 +376,7 @@ def test_a_script_read_from_standard_input_saves_with_the_writer_process(tmp_pat
     spawn tried to re-run in the writer process (``FileNotFoundError`` there, and the save failed
     later as ``WriterDiedError``). The writer needs nothing from such a ``__main__``; a save
     holding one of its classes is refused at the call, saying why."""
-    from _slow_disk import child_env
+    from _subproc import child_env
 
     source = _STDIN_SCRIPT.format(folder=str(tmp_path))
     script = tmp_path / "train.py"
@@ -404,7 +404,7 @@ def test_a_hand_over_interrupted_by_an_exception_from_a_signal_handler_keeps_the
     it finishes what it was sent whole, then exits."""
     import textwrap
 
-    from _slow_disk import child_env
+    from _subproc import finish, start_python
 
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(
@@ -434,15 +434,9 @@ def test_a_hand_over_interrupted_by_an_exception_from_a_signal_handler_keeps_the
             print("flushed", flush=True)
         """
     ))
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
+    proc = start_python(script, tmp_path)
     try:
-        out, err = proc.communicate(timeout=60)
+        out, err = finish(proc, 60)
     finally:
         proc.kill()
     if how == "sigint":

@@ -20,24 +20,15 @@ import pytest
 import torch
 
 import asyncckpt
+from _subproc import run_python
 from asyncckpt import AsyncCheckpointError, AsyncCheckpointIO, CheckpointIO, TorchCheckpointIO
 from conftest import load
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(asyncckpt.__file__)))
-
-
-def child_env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_ROOT, TESTS]))
 
 
 def run_child(code: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run ``code`` with ``python -c`` from a folder holding no asyncckpt (``-c`` puts the
     working folder first on ``sys.path``)."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir(),
-    )
+    return run_python(code, timeout=timeout, cwd=tempfile.gettempdir())
 
 
 class OptionsIO(TorchCheckpointIO):
@@ -276,8 +267,7 @@ def test_sigterm_during_a_blocked_handoff_drains_as_long_as_the_writes_take(tmp_
         """
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(code))
-    result = subprocess.run([sys.executable, str(script)], env=child_env(), capture_output=True, text=True,
-                            timeout=120)
+    result = run_python(script, timeout=120)
     assert result.returncode == -15, result.stderr[-3000:]
     assert "not all written" not in result.stderr, result.stderr[-3000:]
     assert "finished in" in result.stderr, result.stderr[-3000:]
@@ -556,8 +546,7 @@ def test_class_defined_under_the_main_guard_of_a_script_is_refused_at_the_call(t
             io.teardown()
         """
     ))
-    result = subprocess.run([sys.executable, str(script)], env=child_env(), capture_output=True, text=True,
-                            timeout=180, cwd=tempfile.gettempdir())
+    result = run_python(script, timeout=180, cwd=tempfile.gettempdir())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REFUSED" in result.stdout and "Guarded" in result.stdout, (result.stdout, result.stderr[-2000:])
     assert "failed in the background" not in result.stderr, result.stderr[-2000:]

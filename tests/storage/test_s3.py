@@ -3,7 +3,7 @@
 The server starts once per test session on a free port. Faults: the server is stopped for
 real mid-upload; server errors (500, 503, throttling) and a server echoing the access key in
 an error come from a small real HTTP proxy in front of it (fault injection: a local server
-cannot be made to answer those on cue; said in tests/_s3_server.py).
+cannot be made to answer those on cue; said in tests/_children/_s3_server.py).
 """
 
 from __future__ import annotations
@@ -190,14 +190,11 @@ print(tracemalloc.get_traced_memory()[1])
 @pytest.mark.slow
 def test_large_save_streams_into_a_multipart_upload_with_bounded_memory(server, bucket):
     """The save runs in a child process, so only the client's memory is traced (the server is here)."""
-    import subprocess
-    import sys
+    from _subproc import run_python
 
     part = 5 * 1024 * 1024
     url = f"s3://{bucket}/big.ckpt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, url], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = run_python(_MEMORY_CHILD, url, timeout=120)
     assert out.returncode == 0, out.stderr
     peak = int(out.stdout.split()[-1])
     head = admin(server.endpoint).call_s3("head_object", Bucket=bucket, Key="big.ckpt")
@@ -516,13 +513,10 @@ io.save_checkpoint({"w": torch.ones(4 << 20)}, sys.argv[1])
 
 @pytest.mark.slow
 def test_pending_upload_is_finished_at_interpreter_exit(server, bucket):
-    import subprocess
-    import sys
+    from _subproc import run_python
 
     url = f"s3://{bucket}/exit.ckpt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-c", _EXIT_CHILD, url], env=env, capture_output=True, text=True,
-                         timeout=240)
+    out = run_python(_EXIT_CHILD, url, timeout=240)
     assert out.returncode == 0, out.stderr
     assert "pending checkpoint operations finished" in out.stderr
     assert TorchCheckpointIO().load_checkpoint(url)["w"].numel() == 4 << 20

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import threading
 from typing import Any, Callable, Dict, List
 
@@ -20,6 +18,7 @@ import anyio
 import pytest
 import torch
 
+from _subproc import run_python
 from asyncckpt import (
     AsyncCheckpointIO,
     CheckpointSaveError,
@@ -572,7 +571,7 @@ def test_core_imports_and_saves_without_anyio(tmp_path):
         "io = asyncckpt.AsyncCheckpointIO(handle_sigterm=False)\n"
         f"io.save_checkpoint({{'x': torch.ones(2)}}, {str(tmp_path / 'a.ckpt')!r}); io.teardown()\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    run_python(code, timeout=60, check=True)
     assert torch.equal(load(tmp_path / "a.ckpt")["x"], torch.ones(2))
 
 

@@ -1,5 +1,5 @@
 """Reliability beyond the contract tests: preemption of a real training loop, the memory bound
-under a burst of large saves, and bad input not covered in tests/test_inputs.py.
+under a burst of large saves, and bad input not covered in tests/engine/test_inputs.py.
 
 ``-s`` prints the memory figures recorded in docs/reliability.md.
 """
@@ -10,18 +10,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 import torch
 
-from _slow_disk import child_env
+from _subproc import run_python, start_python
 from asyncckpt import AsyncCheckpointIO, NotSerializableError
 from conftest import load, temp_files
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Shared by the training subprocess and the test, which replays it to know the exact weights.
 TRAINING = textwrap.dedent(
@@ -78,14 +75,7 @@ def _start_training(tmp_path, writer, handler, delay, exit_timeout) -> subproces
     script.write_text(TRAIN_SCRIPT)
     folder = tmp_path / "ckpts"
     folder.mkdir()
-    return subprocess.Popen(
-        [sys.executable, str(script), str(folder), writer, handler, str(delay), str(exit_timeout)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        start_new_session=True,
-    )
+    return start_python(script, folder, writer, handler, delay, exit_timeout, start_new_session=True)
 
 
 def _replayed_weights(step: int) -> dict:
@@ -229,8 +219,7 @@ def test_a_burst_of_large_saves_stays_within_max_pending_buffers(tmp_path, write
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
     try:
-        result = subprocess.run([sys.executable, str(script), folder, writer], capture_output=True, text=True,
-                                timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+        result = run_python(script, folder, writer, timeout=300)
     finally:
         subprocess.run(["rm", "-rf", folder], check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -244,7 +233,7 @@ def test_a_burst_of_large_saves_stays_within_max_pending_buffers(tmp_path, write
     assert extra <= bound
 
 
-# -- bad input not covered by tests/test_inputs.py --------------------------------------------------
+# -- bad input not covered by tests/engine/test_inputs.py --------------------------------------------------
 
 
 def _nested(depth: int) -> dict:
@@ -328,7 +317,6 @@ def test_sync_io_gives_the_real_errno_not_torchs_opaque_runtime_error(tmp_path):
             print("ours:", err.errno == errno.EFBIG, type(err.__cause__).__name__)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    result = run_python(script, timeout=120)
     assert "torch: RuntimeError" in result.stdout, result.stderr
     assert "ours: True OSError" in result.stdout, result.stderr

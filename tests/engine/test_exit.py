@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 import torch
 
-from _slow_disk import child_env
+from _subproc import finish, start_python
 
 PRELUDE = textwrap.dedent(
     """
@@ -27,25 +26,12 @@ PRELUDE = textwrap.dedent(
 def run_script(body: str, tmp_path, prelude: str = PRELUDE, **kwargs) -> subprocess.Popen:
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(prelude) + textwrap.dedent(body))
-    env = child_env()
-    return subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        **kwargs,
-    )
+    return start_python(script, tmp_path, **kwargs)
 
 
 def finish_without_deadlock(proc: subprocess.Popen, timeout: float = 60) -> None:
     """Wait for a script that prints only ``ready``; a hang fails as a deadlock."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"deadlocked: {err[-2000:]}") from None
+    out, err = finish(proc, timeout, what="deadlocked")
     assert proc.returncode == 0 and out.split() == ["ready"], (out, err)
 
 
@@ -66,7 +52,7 @@ def test_pending_saves_are_written_at_interpreter_exit(tmp_path):
         tmp_path,
     )
     wait_ready(proc)
-    _, err = proc.communicate(timeout=60)
+    _, err = finish(proc, 60)
     assert proc.returncode == 0, err
     for i in range(3):
         assert torch.load(tmp_path / f"{i}.ckpt", weights_only=True)["i"] == i
@@ -87,7 +73,7 @@ def test_pending_saves_are_written_on_sigterm_and_the_exit_status_is_kept(tmp_pa
     wait_ready(proc)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = finish(proc, 60)
     assert proc.returncode == -signal.SIGTERM, err
     assert time.monotonic() - started < 30
     for i in range(2):
@@ -111,7 +97,7 @@ def test_the_users_own_sigterm_handler_still_runs(tmp_path):
     )
     wait_ready(proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = finish(proc, 60)
     assert proc.returncode == 7, err
     assert "user handler ran" in out
     assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}
@@ -128,7 +114,7 @@ def test_exit_waits_no_longer_than_exit_timeout(tmp_path):
     )
     wait_ready(proc)
     started = time.monotonic()
-    _, err = proc.communicate(timeout=30)
+    _, err = finish(proc, 30)
     assert time.monotonic() - started < 15
     assert "not all written" in err
     assert not (tmp_path / "a.ckpt").exists()
@@ -148,7 +134,7 @@ def test_sigterm_handler_respects_what_was_there_before(tmp_path, previous):
         tmp_path,
     )
     wait_ready(proc)
-    out, err = proc.communicate(timeout=60)
+    out, err = finish(proc, 60)
     assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}
     if previous == "ignore":
         assert proc.returncode == 0 and "still running" in out
@@ -193,7 +179,7 @@ def test_an_os_fork_child_exiting_through_the_interpreter_leaves_the_parents_eng
         tmp_path,
     )
     try:
-        out, err = proc.communicate(timeout=90)
+        out, err = finish(proc, 90)
     finally:
         proc.kill()
     assert proc.returncode == 0, (out, err)
@@ -307,7 +293,7 @@ def test_a_forked_child_exits_at_once_with_the_parents_saves_pending(tmp_path):
     )
     first = proc.stdout.readline().split()
     wait_ready(proc)
-    _, err = proc.communicate(timeout=60)
+    _, err = finish(proc, 60)
     assert first[:3] == ["child", "exit", "0"], (first, err)
     assert float(first[3]) < 2.0  # the parent's writes take 6 s; the child did not wait for them
     assert torch.load(tmp_path / "b.ckpt", weights_only=True) == {"v": 2}
@@ -353,12 +339,7 @@ def test_a_process_writer_without_teardown_exits_whatever_the_order_of_exit_hook
         prelude=before + PRELUDE,
     )
     wait_ready(proc)
-    try:
-        _, err = proc.communicate(timeout=30)  # the writes take 0.5 s each
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        raise AssertionError(f"the interpreter did not exit: {err[-2000:]}") from None
+    _, err = finish(proc, 30, what="the interpreter did not exit")  # the writes take 0.5 s each
     assert proc.returncode == 0, err
     assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.arange(10.0))
     if "atexit" in order:
@@ -398,7 +379,7 @@ def test_a_save_being_handed_over_when_sigterm_lands_is_written(tmp_path, writer
         tmp_path,
     )
     wait_ready(proc)
-    _, err = proc.communicate(timeout=90)
+    _, err = finish(proc, 90)
     assert proc.returncode == -signal.SIGTERM, err
     assert torch.load(tmp_path / "first.ckpt", weights_only=True) == {"v": 0}
     second = torch.load(tmp_path / "second.ckpt", weights_only=True)
@@ -428,7 +409,7 @@ def test_a_save_still_being_handed_over_at_exit_timeout_is_logged_as_not_written
         """
     ))
     with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stderr=stderr, env=child_env())
+        proc = start_python(script, tmp_path, stdout=None, stderr=stderr, text=False)
         try:
             proc.wait(timeout=30)
         finally:
@@ -464,7 +445,7 @@ def test_a_multiprocessing_child_saving_with_a_process_writer_writes_before_it_e
         tmp_path,
     )
     try:
-        out, err = proc.communicate(timeout=90)
+        out, err = finish(proc, 90)
     finally:
         proc.kill()
     assert proc.returncode == 0 and out.split() == ["child", "0"], (out, err)
@@ -490,7 +471,7 @@ def test_an_unlimited_exit_timeout_waits_for_pending_saves(tmp_path, exit_timeou
     wait_ready(proc)
     if how == "sigterm":
         proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = finish(proc, 60)
     assert proc.returncode == (-signal.SIGTERM if how == "sigterm" else 0), err
     assert torch.load(tmp_path / "a.ckpt", weights_only=True) == {"v": 1}, err
     assert "Traceback" not in err and "finished in" in err, err
@@ -530,15 +511,9 @@ def test_a_save_and_remove_in_an_atexit_handler_that_runs_after_the_drain_take_e
             atexit.unregister(at_the_very_end)
         """
     ))
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
+    proc = start_python(script, tmp_path)
     try:
-        out, err = proc.communicate(timeout=60)
+        out, err = finish(proc, 60)
     finally:
         proc.kill()
     assert proc.returncode == 0 and out.split() == ["handler", "done"], (out, err)
@@ -573,18 +548,12 @@ def test_sigterm_during_a_save_in_a_late_atexit_handler_waits_for_that_save(tmp_
         io.save_checkpoint({"v": 1}, os.path.join(folder, "a.ckpt"))
         """
     ))
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-    )
+    proc = start_python(script, tmp_path)
     try:
         wait_ready(proc)
         time.sleep(0.5)  # inside the 1.5 s write of late.ckpt
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        _, err = finish(proc, 60)
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGTERM, err
@@ -624,7 +593,7 @@ def test_a_child_forked_while_a_sigterm_waits_for_a_hand_over_does_not_act_on_th
         tmp_path,
     )
     try:
-        out, err = proc.communicate(timeout=90)
+        out, err = finish(proc, 90)
     finally:
         proc.kill()
     assert out.split() == ["child", "0"], (out, err)
@@ -658,7 +627,7 @@ def test_sigterm_landing_inside_an_engine_call_holding_its_lock_still_drains_at_
     )
     wait_ready(proc)
     started = time.monotonic()
-    _, err = proc.communicate(timeout=60)
+    _, err = finish(proc, 60)
     assert proc.returncode == -signal.SIGTERM, err
     assert time.monotonic() - started < 10, err
     for i in range(2):
@@ -687,10 +656,6 @@ def test_sigterm_landing_inside_the_lazy_copy_registry_does_not_hang(tmp_path):
         tmp_path,
     )
     wait_ready(proc)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("hung after SIGTERM") from None
+    _, err = finish(proc, 30, what="hung after SIGTERM")
     assert proc.returncode == -signal.SIGTERM, err
     assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.ones(1_000_000)), err
