@@ -9,6 +9,9 @@ are imported only when used.
 
 from ._engine.engine import AsyncCheckpointIO
 from ._engine.ops import SaveHandle
+from ._storage.local import cleanup_temp_files
+from ._storage.retry import RetryPolicy
+from ._storage.torch_io import TorchCheckpointIO
 from .checkpoint_io import CheckpointIO
 from .errors import (
     AsyncCheckpointError,
@@ -24,10 +27,7 @@ from .errors import (
     RemoveSkippedError,
     WriterDiedError,
 )
-from .remote import RetryPolicy
 from .stats import SaveStats
-from .storage import cleanup_temp_files
-from .torch_io import TorchCheckpointIO
 
 
 def __getattr__(name: str):

@@ -8,7 +8,6 @@ from ._staging.lazy import (
     STAGING_CHOICES,
     LazyCopy,
     LazyStager,
-    _registry_lock,  # noqa: F401 - held by tests/test_exit.py as an optimizer step's guard would
     check_staging,
     finish_all,
 )

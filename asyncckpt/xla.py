@@ -13,8 +13,8 @@ from typing import Any, Dict, Optional
 
 from ._staging.devices import import_torch_xla, move_xla_to_cpu, transfer_to_cpu
 from ._staging.skeleton import restore, split
+from ._storage.torch_io import TorchCheckpointIO
 from .checkpoint_io import PathLike
-from .torch_io import TorchCheckpointIO
 
 __all__ = ["XLACheckpointIO", "checkpoint_to_cpu", "transfer_to_cpu"]
 

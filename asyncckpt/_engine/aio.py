@@ -36,11 +36,12 @@ from typing import Any, Dict, List
 
 import torch
 
+from .._storage.integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
+from .._storage.local import fsync_folder, sweep_stale_temp_files_once, temp_path_for
+from .._storage.paths import absolute_path, local_path_of
+from .._storage.torch_io import load_on_cpu
 from ..checkpoint_io import PathLike, load_options
 from ..errors import FlushTimeoutError, IntegrityError, InvalidPathError
-from ..integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
-from ..storage import absolute_path, fsync_folder, local_path_of, sweep_stale_temp_files_once, temp_path_for
-from ..torch_io import load_on_cpu
 from .ops import SaveHandle
 from .wrapped import WrappedIO, path_key_of
 

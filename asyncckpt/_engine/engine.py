@@ -18,22 +18,26 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 
+from .._staging.copier import default_staging_threads
+from .._staging.eager import EagerStager
+from .._staging.lazy import LazyStager
+from .._staging.protocol import Stager, StagingSlot, collection_paused
+from .._storage.secrets import redact, safe_cause, secret_values
+from .._storage.torch_io import TorchCheckpointIO
+from .._writers.base import Operation, Writer, WriterGoneError
+from .._writers.process import ProcessWriter, check_picklable
+from .._writers.thread import ThreadWriter
 from ..checkpoint_io import CheckpointIO, PathLike, load_options
 from ..errors import (
     AsyncCheckpointError,
     CheckpointRemoveError,
     CheckpointSaveError,
     RemoveSkippedError,
+    TensorModifiedError,
     WriterDiedError,
 )
-from ..lazy import LazyStager, TensorModifiedError
-from ..process_writer import ProcessWriter, check_picklable
 from ..redaction import shown
-from ..remote import redact, safe_cause, secret_values
-from ..staging import Stager, StagingSlot, collection_paused, default_staging_threads
 from ..stats import SaveStats
-from ..torch_io import TorchCheckpointIO
-from ..writer import Operation, ThreadWriter, Writer, WriterGoneError
 from . import lifecycle
 from .aio import AsyncFace
 from .condition import EngineCondition
@@ -190,9 +194,9 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         # writer process may block, and completions (which take ``_cv``) must go on meanwhile.
         self._submit_lock = threading.RLock()
         self._local = threading.local()  # ``holding``: this thread holds a slot in stage_and_submit
-        self._stager = Stager(self.staging_threads)
-        self._lazy: Optional[LazyStager] = LazyStager(self._stager) if self.staging == "lazy" else None
-        finish_lazy = self._lazy.finish if self._lazy is not None else None
+        eager = EagerStager(self.staging_threads)
+        self._stager: Stager = LazyStager(eager) if self.staging == "lazy" else eager
+        finish_lazy = self._stager.finish if self._stager.defers_copies else None
         self._errors = ErrorInbox(self._cond)  # failures not yet raised to the caller
         self._table = OpTable(self._cond, finish_lazy)  # handed to the writer, not yet complete
         self._stats = StatsLog(self._cond)
@@ -223,6 +227,11 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             return
         self.staging_threads = default_staging_threads(max(1, int(local_ranks)))
         self._stager.copier.threads = self.staging_threads
+
+    @property
+    def stager(self) -> Stager:
+        """The staging strategy (eager or lazy; see :mod:`asyncckpt._staging.protocol`), read-only."""
+        return self._stager
 
     def options(self) -> Dict[str, Any]:
         """The keyword options this engine was built with (to build an equal one elsewhere)."""
@@ -415,9 +424,9 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                 # Staging allocates many containers (see collection_paused); the pause ends before
                 # the hand-over, which may wait on a busy writer process.
                 with collection_paused():
-                    if self._lazy is not None:
+                    if self._stager.defers_copies:
                         with torch.inference_mode(False):  # staging memory is never made of inference tensors
-                            staged = self._lazy.stage(checkpoint, slot, key, hooks.version_owner)
+                            staged = self._stager.stage(checkpoint, slot, key, hooks.version_owner)
                         self._slots.note_copy_started()  # a save waiting for a slot finishes this copy
                     else:
                         staged = self._stager.stage(checkpoint, slot, key)
@@ -518,8 +527,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
 
     def _finish_lazy(self, host_sync: bool = False) -> None:
         """A guard point: finish and verify this engine's lazy copy (see :mod:`asyncckpt.lazy`)."""
-        if self._lazy is not None:
-            self._lazy.finish(host_sync)
+        self._stager.finish(host_sync)  # eager staging: nothing to finish
 
     def load_checkpoint(
         self,
@@ -710,6 +718,8 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
 
     def _new_writer(self) -> Writer:
         if self.writer_kind == "process":
+            # multiprocessing's exit handler must drain and stop it, whatever the order of exit hooks
+            lifecycle.stop_writers_before_multiprocessing_exit()
             writer: Writer = ProcessWriter(self.wrapped_io(), nice=self.writer_nice)
         else:
             writer = ThreadWriter(self.wrapped_io(), nice=self.writer_nice)

@@ -38,6 +38,10 @@ import time
 import weakref
 from typing import Any, Optional, Protocol, Tuple
 
+from .._staging import lazy as staging_lazy
+from .._staging import protocol as staging_protocol
+from .._writers import process as writer_process
+
 log = logging.getLogger("asyncckpt")
 
 
@@ -237,10 +241,15 @@ def _forget_the_parents_signal() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """The one fork hook: the parent's held signal is forgotten, then every engine adopts."""
+    """The one fork hook, in a fixed order: the collector's pause and the lazy copies in
+    progress are the parent's (their threads did not survive the fork), then the parent's held
+    signal is forgotten, every engine adopts, and the parent's writer processes are disowned."""
+    staging_protocol.reset_after_fork()
+    staging_lazy.reset_after_fork()
     _forget_the_parents_signal()
     for engine in list(_engines):
         engine.adopt_after_fork()
+    writer_process.reset_after_fork()
 
 
 if hasattr(os, "register_at_fork"):

@@ -17,10 +17,10 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional
 
+from .._writers.base import Operation
 from ..errors import FlushTimeoutError, RemoveSkippedError
 from ..redaction import shown
 from ..stats import SaveStats
-from ..writer import Operation
 from .condition import EngineCondition
 
 STATS_KEPT = 1000

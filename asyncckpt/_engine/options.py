@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from ..lazy import check_staging
-from ..staging import default_staging_threads
+from .._staging.copier import default_staging_threads
+from .._staging.lazy import check_staging
 
 WHEN_FULL_CHOICES = ("wait", "raise")
 WRITER_CHOICES = ("thread", "process")

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple, Union
 
+from .._staging.protocol import StagingSlot
 from ..errors import QueueFullError
-from ..staging import StagingSlot
 from .condition import EngineCondition
 
 

@@ -13,11 +13,11 @@ import os
 import pathlib
 from typing import Any, Callable, Optional, Tuple
 
+from .._storage.paths import absolute_path, check_target, path_key
+from .._storage.torch_io import TorchCheckpointIO
 from ..checkpoint_io import PathLike
 from ..errors import InvalidPathError
 from ..integrations.known_ios import io_traits, save_owner
-from ..storage import absolute_path, check_target, path_key
-from ..torch_io import TorchCheckpointIO
 
 
 def path_key_of(path: PathLike) -> str:

@@ -204,7 +204,6 @@ def reset_after_fork() -> None:
     _in_progress = weakref.WeakSet()
 
 
-os.register_at_fork(after_in_child=reset_after_fork)
 
 
 def finish_all() -> None:

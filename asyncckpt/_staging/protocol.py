@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -86,8 +85,6 @@ def reset_after_fork() -> None:
             gc.enable()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=reset_after_fork)
 
 
 @dataclass

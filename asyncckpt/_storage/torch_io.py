@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from .._pickling import describe_unpicklable
+from .._diagnose import describe_unpicklable
 from ..checkpoint_io import CheckpointIO, PathLike
 from ..errors import InvalidPathError, NotSerializableError
 from ..redaction import describe_options, shown

@@ -35,10 +35,9 @@ import weakref
 from multiprocessing import reduction
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from .. import _exit
+from .._staging.protocol import collection_paused
 from ..errors import NotSerializableError, WriterDiedError
 from ..redaction import shown
-from ..staging import collection_paused
 from .base import Operation, WriterGoneError, failed_save_before, perform, skipped_removal
 from .messages import (
     AbortMsg,
@@ -102,7 +101,7 @@ def reset_after_fork() -> None:
 
     The child inherits ``multiprocessing``'s list of children; at its exit, ``multiprocessing``
     would then terminate the daemonic writer process (seen: the parent's pending save failed as
-    lost, its writer killed by SIGTERM). Registered below with ``os.register_at_fork``."""
+    lost, its writer killed by SIGTERM). Called by the engine's one fork hook (``asyncckpt._engine.lifecycle``)."""
     # ``multiprocessing.process._children`` is the stdlib's private set of this process's
     # children, which its exit handler terminates; there is no public way to drop one from it.
     # This is the only place that reads it.
@@ -113,9 +112,6 @@ def reset_after_fork() -> None:
     _started.clear()
 
 
-# Until the engine's one lifecycle registers every fork hook, this one is registered here.
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=reset_after_fork)
 
 
 def _has_exited(process: Any) -> bool:
@@ -181,7 +177,6 @@ class ProcessWriter:
         return self._process.exitcode is not None
 
     def start(self) -> None:
-        _exit.stop_writers_before_multiprocessing_exit()
         ctx = multiprocessing.get_context("spawn")
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(
@@ -468,8 +463,8 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool, main_name: s
             log.warning("asyncckpt: the writer process keeps its priority (writer_nice not applied: %s)", err)
     import torch
 
-    from .._arena import build_views, storages_in
-    from .._pickling import restore
+    from .._staging.arena import build_views, storages_in
+    from .._staging.skeleton import restore
 
     torch.set_num_threads(1)
     if not crc32:

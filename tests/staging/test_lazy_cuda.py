@@ -63,7 +63,7 @@ def test_cuda_training_stream_does_not_wait_for_the_lazy_copy(tmp_path):
     io = AsyncCheckpointIO(staging="lazy", handle_sigterm=False)
     try:
         io.save_checkpoint({"big": big}, tmp_path / "a.ckpt")
-        (job,) = io._lazy.unfinished()
+        (job,) = io.stager.unfinished()
         assert job.cuda_event is not None
         y = torch.ones(16, device="cuda") * 2  # queued on the training stream after the call
         done = torch.cuda.Event()

@@ -120,10 +120,10 @@ def test_share_cores_among_ranks_keeps_a_count_the_user_gave(monkeypatch):
     default = AsyncCheckpointIO()
     assert default.staging_threads == 4
     default.share_cores_among(4)  # 4 ranks on 8 cores (as the Lightning integration says)
-    assert default.staging_threads == 2 and default._stager.copier.threads == 2
+    assert default.staging_threads == 2 and default.stager.copier.threads == 2
     chosen = AsyncCheckpointIO(staging_threads=3)
     chosen.share_cores_among(4)
-    assert chosen.staging_threads == 3 and chosen._stager.copier.threads == 3
+    assert chosen.staging_threads == 3 and chosen.stager.copier.threads == 3
     default.teardown()
     chosen.teardown()
 

@@ -17,8 +17,8 @@ import re
 import uuid
 from typing import Any, Callable, List, Optional
 
+from ..._storage.local import fsync_folder
 from ...errors import AsyncCheckpointError
-from ...storage import fsync_folder
 
 METADATA_FILE = ".metadata"
 _SHARD_FILE = re.compile(r"^__\d+_.*\.distcp$")

@@ -21,10 +21,10 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..._storage.paths import local_path_of
 from ...checkpoint_io import CheckpointIO, PathLike
 from ...errors import CheckpointLoadError, InvalidPathError
 from ...redaction import describe_options
-from ...storage import local_path_of
 from .commit import METADATA_FILE, BeforeCommit, RanksOutOfStepError, make_storage_writer
 
 _instances = itertools.count()

@@ -14,7 +14,7 @@ import logging
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional
 
-from ...async_io import AsyncCheckpointIO as CoreAsyncCheckpointIO
+from ..._engine.engine import AsyncCheckpointIO as CoreAsyncCheckpointIO
 from ...stats import SaveStats
 from .family import find_async_io
 from .plugin import add_note

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional
 
-from ...async_io import AsyncCheckpointIO as CoreAsyncCheckpointIO
+from ..._engine.engine import AsyncCheckpointIO as CoreAsyncCheckpointIO
 from ...errors import AsyncCheckpointError
 from .stage import in_stage_finder
 

@@ -14,8 +14,9 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional
 
-from ...async_io import AsyncCheckpointIO as CoreAsyncCheckpointIO
-from ...storage import local_path_of
+from ..._engine.engine import AsyncCheckpointIO as CoreAsyncCheckpointIO
+from ..._engine.ops import SaveHandle
+from ..._storage.paths import local_path_of
 from .sharded import warn_if_bypassed
 
 if TYPE_CHECKING:
@@ -81,7 +82,9 @@ class PluginMixin(CoreAsyncCheckpointIO):
         """How many times ``save_checkpoint`` was called (lets the callback spot a bypassing strategy)."""
         return self._saves_requested
 
-    def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None
+    ) -> SaveHandle:
         """In a running stage: stage, queue and return; elsewhere: write before returning.
 
         In a stage the local folder is created now, as a synchronous save would:
@@ -91,11 +94,11 @@ class PluginMixin(CoreAsyncCheckpointIO):
         self._saves_requested += 1
         if not self.lightning_family.in_stage():
             self._now().save_checkpoint(checkpoint, path, storage_options=storage_options)
-            return
+            return SaveHandle.completed(path, None)  # written before returning, as Lightning's own IO does
         local = local_path_of(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else None
         if local:
             os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def remove_checkpoint(self, path: Any) -> None:
         """In a running stage: queue the removal behind earlier operations; elsewhere: remove now."""

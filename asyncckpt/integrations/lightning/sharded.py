@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..._storage.local import fsync_folder
 from ...errors import CheckpointLoadError
-from ...storage import fsync_folder
 from ..dcp import BeforeCommit, DistributedCheckpointIO, committed_token, local_folder, remove_folder
 from .stage import calling_strategy, sharded_model_key
 
