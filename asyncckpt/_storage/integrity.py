@@ -38,6 +38,7 @@ from ..redaction import shown
 from .backend import RECORD_SUFFIX, Backend, backend_for
 from .hashing import CHUNK_BYTES, sha256_stream
 from .local import AtomicFile
+from .paths import is_url
 from .retry import RetryPolicy, call_with_retries
 
 log = logging.getLogger("asyncckpt.torch_io")  # its prune warning was the IO's: same logger
@@ -281,7 +282,7 @@ def _check_zip(path: str, size: int, opener: Callable[[], IO[bytes]]) -> VerifyR
                     path,
                 )
     with opener() as f:
-        _check_with_torch_reader(path, f if "://" in path else path, infos)
+        _check_with_torch_reader(path, f if is_url(path) else path, infos)
     return VerifyResult(path, size, "crc32", records=len(infos), unchecked_records=unchecked)
 
 
