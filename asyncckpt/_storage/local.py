@@ -140,9 +140,7 @@ class AtomicFile:
         self.committed = False
 
     @classmethod
-    def adopt(
-        cls, tmp: str, target: str, *, durable: bool = True, keep_on_failed_commit: bool = False
-    ) -> "AtomicFile":
+    def adopt(cls, tmp: str, target: str, *, durable: bool = True, keep_on_failed_commit: bool = False) -> "AtomicFile":
         """The complete, already fsynced temp file ``tmp`` (left by an interrupted commit), ready
         to :meth:`commit` over ``target`` (``tmp`` must be in ``target``'s folder)."""
         atomic = cls(
