@@ -136,7 +136,9 @@ class AtomicFile:
         self.durable = durable
         self.keep_on_failed_commit = keep_on_failed_commit
         self.tmp = os.path.join(self.folder, temp_name) if temp_name else temp_path_for(os.path.abspath(target))
-        self._synced = False
+        #: True once the temp file is fsynced (:meth:`open` on close, :meth:`sync`, :meth:`adopt`):
+        #: :meth:`commit` then does not fsync it again.
+        self.synced = False
         self.committed = False
 
     @classmethod
@@ -147,7 +149,7 @@ class AtomicFile:
             target, durable=durable, temp_name=os.path.basename(tmp), keep_on_failed_commit=keep_on_failed_commit
         )
         atomic.tmp = tmp
-        atomic._synced = True
+        atomic.synced = True
         return atomic
 
     def __enter__(self) -> "AtomicFile":
@@ -167,13 +169,13 @@ class AtomicFile:
             f.flush()
             if self.durable:
                 os.fsync(f.fileno())
-                self._synced = True
+                self.synced = True
 
     def sync(self) -> None:
         """fsync the temp file now, for a caller that wrote :attr:`tmp` itself (an async write);
         :meth:`commit` then does not fsync it again."""
         fsync_file(self.tmp)
-        self._synced = True
+        self.synced = True
 
     def commit(self, before: Optional[Callable[[str], None]] = None) -> int:
         """Move the complete temp file over the target; returns its size in bytes.
@@ -184,7 +186,7 @@ class AtomicFile:
         and leaves the target as it was.
         """
         try:
-            if self.durable and not self._synced:
+            if self.durable and not self.synced:
                 fsync_file(self.tmp)
             size = os.path.getsize(self.tmp)
             if before is not None:
