@@ -36,8 +36,16 @@ from typing import Any, Dict, List
 
 import torch
 
-from .._storage.integrity import digests_to_commit, read_record, record_path, sha256_file, write_record
-from .._storage.local import fsync_folder, sweep_stale_temp_files_once, temp_path_for
+from .._storage.integrity import (
+    COMMIT_LOCK,
+    commit_with_record,
+    digests_to_commit,
+    put_local_record,
+    read_record,
+    record_path,
+    sha256_file,
+)
+from .._storage.local import AtomicFile
 from .._storage.paths import absolute_path, local_path_of
 from .._storage.torch_io import load_on_cpu
 from ..checkpoint_io import PathLike, load_options
@@ -241,29 +249,23 @@ class AsyncFace:
         if os.path.isdir(src_local):
             raise InvalidPathError(f"checkpoint path {os.fspath(src)!r} is a folder, not a checkpoint file", src_key)
         target = os.path.abspath(dst_local)
-        folder = os.path.dirname(target)
-
-        def prepare() -> None:
-            os.makedirs(folder, exist_ok=True)
-            sweep_stale_temp_files_once(folder)
-
-        await anyio.to_thread.run_sync(prepare)
-        tmp = temp_path_for(target)
+        atomic = AtomicFile(target)
+        await anyio.to_thread.run_sync(atomic.__enter__)  # makes the folder, sweeps crashed runs' temp files
         try:
             try:
                 source = await anyio.open_file(src_local, "rb")
             except FileNotFoundError:
                 raise FileNotFoundError(f"checkpoint file not found: {os.fspath(src)}") from None
-            async with source, await anyio.open_file(tmp, "wb") as sink:
+            async with source, await anyio.open_file(atomic.tmp, "wb") as sink:
                 while chunk := await source.read(_COPY_CHUNK):
                     await sink.write(chunk)
                 await sink.flush()
-                await anyio.to_thread.run_sync(os.fsync, sink.wrapped.fileno())
+            await anyio.to_thread.run_sync(atomic.sync)
             # One worker-thread call (not cancellable half-way): record, rename, fsync, prune.
-            await anyio.to_thread.run_sync(_commit_copy, src_local, tmp, target)
+            await anyio.to_thread.run_sync(_commit_copy, src_local, atomic)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_unlink_quietly, tmp)
+                await anyio.to_thread.run_sync(atomic.discard)
             raise
 
     async def __aenter__(self) -> "AsyncFace":
@@ -301,60 +303,43 @@ async def _read_checkpoint_bytes(local: str, shown: str) -> bytes:
         raise FileNotFoundError(f"checkpoint file not found: {shown}") from None
 
 
-#: Held while a copy commits its record and renames: two copies to one ``dst`` (not ordered by
-#: the engine) must not interleave, or the record of one could be left beside the other's file.
-_commit_lock = threading.Lock()
+def _commit_copy(src: str, atomic: AtomicFile) -> None:
+    """Move the complete copy ``atomic.tmp`` over ``atomic.target`` durably, keeping checksum
+    records consistent (the record protocol, :func:`commit_with_record`).
 
-
-def _commit_copy(src: str, tmp: str, target: str) -> None:
-    """Move the complete copy ``tmp`` over ``target`` durably, keeping checksum records
-    consistent (see :func:`_record_before_rename`)."""
-    new = sha256_file(tmp) if os.path.exists(record_path(src)) or os.path.exists(record_path(target)) else None
-    with _commit_lock:
-        digests = _record_before_rename(src, tmp, target, new)
-        os.replace(tmp, target)
-        fsync_folder(os.path.dirname(target))
-        if len(digests) > 1:
-            _prune_record(target, digests[0])
-
-
-def _record_before_rename(src: str, tmp: str, target: str, new: "str | None") -> List[str]:
-    """With the copy complete in ``tmp`` (digest ``new``) and ``target`` not yet replaced: check
-    the copy against ``src``'s checksum record, and commit ``target``'s record listing the copy's
-    digest and the digests the file still at ``target`` matches. Returns those digests ([] where
-    neither file has a record: then none is written).
-
-    The record is committed before the rename, as a save commits it: a crash before the rename
-    leaves the old file, after it the copy, and the record lists both. A stale record (the old
-    file's alone) would make the good copy fail verification.
+    Under :data:`COMMIT_LOCK`: two copies to one ``dst`` (not ordered by the engine) must not
+    interleave, or the record of one could be left beside the other's file.
     """
-    src_accepted = read_record(src)
-    if src_accepted is None and not os.path.exists(record_path(target)):
-        return []
-    if new is None:  # a record appeared since the look before the lock
-        new = sha256_file(tmp)
-    if src_accepted is not None and new not in src_accepted:
-        raise IntegrityError(
-            f"checkpoint {src!r} does not match its checksum record {record_path(src)!r}: sha256 {new} is not "
-            f"among the {len(src_accepted)} accepted (damaged, or replaced while it was copied); nothing was "
-            f"copied to {target!r}. Check it with 'asyncckpt verify', or copy a good checkpoint",
-            src,
+    target = atomic.target
+    # hashed before the lock where a record is already known to be needed: the lock stays short
+    new = sha256_file(atomic.tmp) if os.path.exists(record_path(src)) or os.path.exists(record_path(target)) else None
+
+    def digests_before() -> List[str]:
+        """With the copy complete and ``target`` not yet replaced: check the copy against
+        ``src``'s checksum record; the digests ``target``'s record lists during the rename (the
+        copy's, then those the file still at ``target`` matches), or [] where neither file has a
+        record (then none is written).
+
+        The record is committed before the rename, as a save commits it: a crash before the
+        rename leaves the old file, after it the copy, and the record lists both. A stale record
+        (the old file's alone) would make the good copy fail verification.
+        """
+        nonlocal new
+        src_accepted = read_record(src)
+        if src_accepted is None and not os.path.exists(record_path(target)):
+            return []
+        if new is None:  # a record appeared since the look before the lock
+            new = sha256_file(atomic.tmp)
+        if src_accepted is not None and new not in src_accepted:
+            raise IntegrityError(
+                f"checkpoint {src!r} does not match its checksum record {record_path(src)!r}: sha256 {new} is not "
+                f"among the {len(src_accepted)} accepted (damaged, or replaced while it was copied); nothing was "
+                f"copied to {target!r}. Check it with 'asyncckpt verify', or copy a good checkpoint",
+                src,
+            )
+        return digests_to_commit(target, new)
+
+    with COMMIT_LOCK:
+        commit_with_record(
+            atomic.commit, digests_before, lambda digests: put_local_record(target, digests), shown_target=target
         )
-    digests = digests_to_commit(target, new)
-    write_record(target, digests)
-    return digests
-
-
-def _prune_record(target: str, digest: str) -> None:
-    """After the rename: the record lists only the copy's digest (a failure leaves it valid)."""
-    try:
-        write_record(target, [digest])
-    except OSError as err:
-        log.warning("asyncckpt: could not prune the checksum record of %s: %s", target, err)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -117,23 +117,39 @@ class AtomicFile:
     a crash (:meth:`adopt`). ``temp_name`` gives the temp file a caller's own name in the target's
     folder (for callers whose sweeps or crash recovery read their names); the default is
     :func:`temp_path_for`, which :func:`cleanup_temp_files` recognises.
+
+    ``keep_on_failed_commit`` keeps the temp file when :meth:`commit` fails (a failed write in
+    the ``with`` block still discards it): for a deferred rename whose temp file already belongs
+    to a committed save, which crash recovery must still find (Lightning's pending ``meta.pt``).
     """
 
-    def __init__(self, target: str, *, durable: bool = True, temp_name: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        durable: bool = True,
+        temp_name: Optional[str] = None,
+        keep_on_failed_commit: bool = False,
+    ) -> None:
         self.target = target
         self.folder = os.path.dirname(os.path.abspath(target))
         self.durable = durable
+        self.keep_on_failed_commit = keep_on_failed_commit
         self.tmp = os.path.join(self.folder, temp_name) if temp_name else temp_path_for(os.path.abspath(target))
-        self._synced = False
+        #: True once the temp file is fsynced (:meth:`open` on close, :meth:`sync`, :meth:`adopt`):
+        #: :meth:`commit` then does not fsync it again.
+        self.synced = False
         self.committed = False
 
     @classmethod
-    def adopt(cls, tmp: str, target: str, *, durable: bool = True) -> "AtomicFile":
+    def adopt(cls, tmp: str, target: str, *, durable: bool = True, keep_on_failed_commit: bool = False) -> "AtomicFile":
         """The complete, already fsynced temp file ``tmp`` (left by an interrupted commit), ready
         to :meth:`commit` over ``target`` (``tmp`` must be in ``target``'s folder)."""
-        atomic = cls(target, durable=durable, temp_name=os.path.basename(tmp))
+        atomic = cls(
+            target, durable=durable, temp_name=os.path.basename(tmp), keep_on_failed_commit=keep_on_failed_commit
+        )
         atomic.tmp = tmp
-        atomic._synced = True
+        atomic.synced = True
         return atomic
 
     def __enter__(self) -> "AtomicFile":
@@ -153,24 +169,32 @@ class AtomicFile:
             f.flush()
             if self.durable:
                 os.fsync(f.fileno())
-                self._synced = True
+                self.synced = True
+
+    def sync(self) -> None:
+        """fsync the temp file now, for a caller that wrote :attr:`tmp` itself (an async write);
+        :meth:`commit` then does not fsync it again."""
+        fsync_file(self.tmp)
+        self.synced = True
 
     def commit(self, before: Optional[Callable[[str], None]] = None) -> int:
         """Move the complete temp file over the target; returns its size in bytes.
 
         ``before(tmp)``, if given, runs once the temp file is complete (and fsynced) and before
         the rename, with the previous file still at the target (a checksum record is committed
-        there). A failure up to the rename discards the temp file and leaves the target as it was.
+        there). A failure up to the rename discards the temp file (unless ``keep_on_failed_commit``)
+        and leaves the target as it was.
         """
         try:
-            if self.durable and not self._synced:
+            if self.durable and not self.synced:
                 fsync_file(self.tmp)
             size = os.path.getsize(self.tmp)
             if before is not None:
                 before(self.tmp)
             os.replace(self.tmp, self.target)
         except BaseException:
-            self.discard()
+            if not self.keep_on_failed_commit:
+                self.discard()
             raise
         self.committed = True
         if self.durable:

@@ -259,6 +259,45 @@ def test_atomic_file_keeps_a_callers_temp_name_and_adopt_commits_it_later(tmp_pa
     assert os.listdir(tmp_path) == ["meta.pt"]
 
 
+def test_atomic_file_sync_fsyncs_a_temp_file_written_by_the_caller_once(tmp_path, monkeypatch):
+    from asyncckpt._storage.local import AtomicFile
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    target = tmp_path / "ckpt.pt"
+    with AtomicFile(str(target)) as atomic:
+        with open(atomic.tmp, "wb") as f:  # an async writer's own file
+            f.write(b"new")
+        atomic.sync()
+        assert synced == [atomic.tmp]
+        atomic.commit()
+    assert synced == [atomic.tmp, str(tmp_path)]  # the temp file once, then the folder
+    assert target.read_bytes() == b"new"
+
+
+def test_atomic_file_keep_on_failed_commit_keeps_the_temp_file_for_recovery(tmp_path, monkeypatch):
+    from asyncckpt._storage.local import AtomicFile
+
+    target = tmp_path / "meta.pt"
+    with AtomicFile(str(target), temp_name="meta.pt.abc.pending", keep_on_failed_commit=True) as atomic:
+        with atomic.open() as f:
+            f.write(b"meta")
+
+    def failing_replace(src, dst):
+        raise PermissionError(src)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(PermissionError):
+        atomic.commit()
+    with pytest.raises(PermissionError):
+        AtomicFile.adopt(atomic.tmp, str(target), keep_on_failed_commit=True).commit()
+    assert os.listdir(tmp_path) == ["meta.pt.abc.pending"]  # still there for crash recovery
+    with pytest.raises(PermissionError):
+        AtomicFile.adopt(atomic.tmp, str(target)).commit()
+    assert os.listdir(tmp_path) == []  # the default discards it
+
+
 def test_atomic_write_is_an_atomic_file(tmp_path):
     from asyncckpt.storage import atomic_write
 

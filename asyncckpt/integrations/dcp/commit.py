@@ -17,7 +17,7 @@ import re
 import uuid
 from typing import Any, Callable, List, Optional
 
-from ..._storage.local import fsync_folder
+from ..._storage.local import AtomicFile
 from ...errors import AsyncCheckpointError
 
 METADATA_FILE = ".metadata"
@@ -65,7 +65,7 @@ def make_storage_writer(
     """DCP's ``FileSystemWriter`` for one save into ``path``, committing the way this package
     promises: shard files under names no earlier save used (``__<rank>_<token><hex8>_``), checked
     to belong to this save (``token``), then ``.metadata`` replaced atomically (temp file
-    ``.metadata.<hex8>.tmp``, fsync, ``os.replace``, folder fsync) -- the commit -- and only then
+    ``.metadata.<hex8>.tmp``, fsync, rename, folder fsync: an :class:`AtomicFile`) -- the commit -- and only then
     the replaced checkpoint's shard files and stale temp files removed. ``before_commit`` runs on
     the coordinator just before the commit; ``fail_with`` fails the save on every rank (a rank
     that cannot take part). ``options`` go to ``FileSystemWriter``.
@@ -111,19 +111,14 @@ def make_storage_writer(
             metadata.storage_data = storage
             metadata.storage_meta = self.storage_meta()
             after_commit = before_commit(folder, token) if before_commit is not None else None
-            final = os.path.join(folder, METADATA_FILE)
-            tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                with open(tmp, "wb") as f:
+            # the temp name keeps its own pattern: the stale sweep below matches older runs' leftovers
+            metadata_file = AtomicFile(
+                os.path.join(folder, METADATA_FILE), temp_name=f"{METADATA_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+            )
+            with metadata_file:
+                with metadata_file.open() as f:
                     pickle.dump(metadata, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)  # the commit
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-            fsync_folder(folder)
+                metadata_file.commit()  # the commit
             if after_commit is not None:
                 after_commit()
             keep = {info.relative_path for info in storage.values()}

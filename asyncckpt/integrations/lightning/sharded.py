@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..._storage.local import fsync_folder
+from ..._storage.local import AtomicFile
 from ...errors import CheckpointLoadError
 from ..dcp import BeforeCommit, DistributedCheckpointIO, committed_token, local_folder, remove_folder
 from .stage import calling_strategy, sharded_model_key
@@ -113,8 +113,8 @@ def settle_meta(folder: str) -> None:
         path = os.path.join(folder, name)
         try:
             if token is not None and name == pending_meta_name(token):
-                os.replace(path, os.path.join(folder, META_FILE))
-                fsync_folder(folder)
+                # kept if the rename fails: it belongs to the committed save, a later settle retries
+                AtomicFile.adopt(path, os.path.join(folder, META_FILE), keep_on_failed_commit=True).commit()
             else:
                 os.unlink(path)
         except FileNotFoundError:
@@ -126,22 +126,15 @@ def meta_writer(meta: Dict[str, Any]) -> BeforeCommit:
 
     def write(folder: str, token: str) -> Callable[[], None]:
         settle_meta(folder)  # an earlier save's crash: put the folder right before adding to it
-        pending = os.path.join(folder, pending_meta_name(token))
-        try:
-            with open(pending, "wb") as f:
+        # Renamed after the .metadata commit (after_commit); a failed rename keeps the pending file,
+        # which then belongs to the committed save and is settled later.
+        meta_file = AtomicFile(
+            os.path.join(folder, META_FILE), temp_name=pending_meta_name(token), keep_on_failed_commit=True
+        )
+        with meta_file:
+            with meta_file.open() as f:
                 torch.save(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            if os.path.exists(pending):
-                os.unlink(pending)
-            raise
-
-        def after_commit() -> None:
-            os.replace(pending, os.path.join(folder, META_FILE))
-            fsync_folder(folder)
-
-        return after_commit
+        return meta_file.commit
 
     return write
 
