@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import threading
 import time
 from typing import Any, Dict, List
 
@@ -48,6 +47,7 @@ from .._storage.integrity import (
 from .._storage.local import AtomicFile
 from .._storage.paths import absolute_path, local_path_of
 from .._storage.torch_io import load_on_cpu
+from .._threads import start_thread
 from ..checkpoint_io import PathLike, load_options
 from ..errors import FlushTimeoutError, IntegrityError, InvalidPathError
 from .ops import SaveHandle
@@ -133,8 +133,7 @@ class AsyncFace:
             except BaseException as err:  # noqa: BLE001 - raised on the loop below
                 outcome["raised"] = err
 
-        thread = threading.Thread(target=agreement, name="asyncckpt-agreement", daemon=True)
-        thread.start()
+        thread = start_thread(agreement, name="asyncckpt-agreement")
         try:
             if cancelled is None:
                 await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
@@ -181,9 +180,7 @@ class AsyncFace:
             )
         data = await _read_checkpoint_bytes(local, path)
         kwargs.setdefault("map_location", load_on_cpu)  # TorchCheckpointIO's default
-        return await anyio.to_thread.run_sync(
-            lambda: torch.load(io.BytesIO(data), **kwargs), abandon_on_cancel=True
-        )
+        return await anyio.to_thread.run_sync(lambda: torch.load(io.BytesIO(data), **kwargs), abandon_on_cancel=True)
 
     async def aremove_checkpoint(self, path: PathLike) -> None:
         """Queue the removal of ``path`` after every earlier operation on it; never waits.

@@ -40,10 +40,10 @@ from typing import Any, Optional, Protocol, Tuple
 
 from .._staging import lazy as staging_lazy
 from .._staging import protocol as staging_protocol
+from .._threads import start_timer
 from .._writers import process as writer_process
 
 log = logging.getLogger("asyncckpt")
-
 
 
 class ExitView(Protocol):
@@ -167,7 +167,7 @@ def uninstall_sigterm_handler() -> None:
 
 # A SIGTERM waiting for the main thread to finish handing a save over:
 # (deadline, the frame it interrupted, the timer that re-sends it at the deadline).
-_deferred: Optional[Tuple[float, Any, threading.Timer]] = None
+_deferred: Optional[Tuple[float, Any, Optional[threading.Timer]]] = None
 
 
 def _saves_in_progress_here() -> Tuple[list, float]:
@@ -199,9 +199,7 @@ def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
         if _retry_until is None:
             _retry_until = now + max((engine.exit_timeout for engine in engines), default=0.0)
         if now < _retry_until:
-            retry = threading.Timer(0.01, signal.pthread_kill, (threading.get_ident(), signum))
-            retry.daemon = True
-            retry.start()
+            start_timer(0.01, signal.pthread_kill, (threading.get_ident(), signum))
             return
     _retry_until = None
     paths, timeout = _saves_in_progress_here()
@@ -210,13 +208,12 @@ def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
             deadline = time.monotonic() + timeout
             # At the deadline the signal comes again, and is handled whatever this thread does
             # (with no time limit, ``exit_timeout=float("inf")``, there is no deadline).
-            timer = threading.Timer(
-                min(timeout, threading.TIMEOUT_MAX), signal.pthread_kill, (threading.get_ident(), signum)
+            timer = (
+                start_timer(timeout, signal.pthread_kill, (threading.get_ident(), signum))
+                if timeout < threading.TIMEOUT_MAX
+                else None
             )
-            timer.daemon = True
             _deferred = (deadline, frame, timer)
-            if timeout < threading.TIMEOUT_MAX:
-                timer.start()
             log.warning(
                 "asyncckpt: SIGTERM during the save of %s; handling it once that save is handed to the writer",
                 ", ".join(paths),
@@ -225,7 +222,8 @@ def _on_sigterm(signum: int, frame: Optional[Any]) -> None:
         if time.monotonic() < _deferred[0]:
             return  # already waiting for this save
         deadline = _deferred[0]
-        _deferred[2].cancel()
+        if _deferred[2] is not None:
+            _deferred[2].cancel()
         _deferred = None
         _handle_sigterm(signum, frame, deadline)  # the drain logs the save in progress as not written
         return
@@ -267,7 +265,8 @@ def after_handover() -> None:
         return  # still inside a save of another engine
     _deferred = None
     deadline, frame, timer = deferred
-    timer.cancel()
+    if timer is not None:
+        timer.cancel()
     _handle_sigterm(signal.SIGTERM, frame, deadline)
 
 

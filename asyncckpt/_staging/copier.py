@@ -10,11 +10,13 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
+
+from .._threads import ThreadPool
 
 _PARALLEL_MIN_BYTES = 8 * 1024 * 1024
 
@@ -92,7 +94,7 @@ class ParallelCopier:
 
     def __init__(self, threads: int) -> None:
         self.threads = max(1, threads)
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool: Optional[ThreadPool] = None
         self._lock = threading.Lock()  # ``close`` may run on another thread (a teardown) mid-copy
 
     def copy(self, dst: List[torch.Tensor], src: List[torch.Tensor], plan: Optional["CopyPlan"] = None) -> "CopyPlan":
@@ -112,7 +114,7 @@ class ParallelCopier:
         with self._lock:
             if self._pool is None:
                 # sized by the plan: ``threads`` may have been changed by another thread since
-                self._pool = ThreadPoolExecutor(len(plan.shares) - 1, thread_name_prefix="asyncckpt-stage")
+                self._pool = ThreadPool(len(plan.shares) - 1, thread_name_prefix="asyncckpt-stage")
             pool = self._pool
         # Only contiguous CPU pairs are shared out, and the helper threads copy them with a
         # plain memmove: a torch copy on a new thread would start an OpenMP team of its own,

@@ -35,7 +35,6 @@ to avoid, or ``staging="eager"``.
 
 from __future__ import annotations
 
-import _thread
 import os
 import threading
 import time
@@ -45,6 +44,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .._threads import start_raw_thread
 from ..errors import TensorModifiedError
 from . import copier, layout
 from .arena import byte_view
@@ -108,7 +108,7 @@ class LazyCopy:
         # costs milliseconds of the caller's time; this start returns at once. The thread
         # needs no join: finish() waits for ``_copied``, and the exit drain calls finish().
         try:
-            _thread.start_new_thread(self._run, ())
+            start_raw_thread(self._run)
         except BaseException as err:  # no thread (resource limits): no guard may wait for it
             self._copy_error = err
             self._cpu_dst = self._cpu_src = []
@@ -204,8 +204,6 @@ def reset_after_fork() -> None:
     _in_progress = weakref.WeakSet()
 
 
-
-
 def finish_all() -> None:
     """Wait for every lazy copy in progress, in every engine, and verify it."""
     with _registry_lock:
@@ -291,7 +289,11 @@ class LazyStager:
                     self._unfinished.pop(id(job), None)
 
     def stage(
-        self, checkpoint: Any, slot: StagingSlot, path: str, version_owner: Optional[VersionOwner] = None,
+        self,
+        checkpoint: Any,
+        slot: StagingSlot,
+        path: str,
+        version_owner: Optional[VersionOwner] = None,
     ) -> StagedCheckpoint:
         """Copy the small tensors now, start the lazy copy of the rest, record version counters.
 
@@ -390,4 +392,3 @@ def check_staging(value: Any, writer: str) -> str:
             "writer='process', or writer='thread'"
         )
     return value
-

@@ -36,6 +36,7 @@ from multiprocessing import reduction
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from .._staging.protocol import collection_paused
+from .._threads import start_thread
 from ..errors import NotSerializableError, WriterDiedError
 from ..redaction import shown
 from .base import Operation, WriterGoneError, failed_save_before, perform, skipped_removal
@@ -110,8 +111,6 @@ def reset_after_fork() -> None:
         if children is not None:
             children.discard(process)
     _started.clear()
-
-
 
 
 def _has_exited(process: Any) -> bool:
@@ -190,8 +189,7 @@ class ProcessWriter:
         _started.add(self._process)
         child_conn.close()
         self._conn = parent_conn
-        self._reader = threading.Thread(target=self._read_replies, name="asyncckpt-writer-replies", daemon=True)
-        self._reader.start()
+        self._reader = start_thread(self._read_replies, name="asyncckpt-writer-replies")
 
     @property
     def alive(self) -> bool:

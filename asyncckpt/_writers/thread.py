@@ -7,6 +7,7 @@ import logging
 import threading
 from typing import Any, Deque, Optional
 
+from .._threads import start_thread
 from ..errors import WriterDiedError
 from .base import (
     Operation,
@@ -48,8 +49,7 @@ class ThreadWriter:
         with self._cv:
             if self._thread is not None:
                 return
-            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-            self._thread.start()
+            self._thread = start_thread(self._loop, name=self._name)
 
     @property
     def alive(self) -> bool:
