@@ -48,6 +48,7 @@ from .local import AtomicFile
 from .paths import check_target
 from .retry import RetryPolicy, call_with_retries
 from .s3 import S3Upload, pending_aborts, retry_pending_aborts
+from .torch_zip import crc_threads, save_to_file
 
 log = logging.getLogger("asyncckpt.torch_io")  # the name users configure; kept from before the move
 
@@ -80,13 +81,18 @@ class _WriteErrorRecorder:
     def flush(self) -> None:
         self._file.flush()
 
+    def fileno(self) -> int:
+        return self._file.fileno()
+
 
 def torch_save_to_file(checkpoint: Any, path: str) -> None:
-    """``torch.save`` into ``path``; a failed write raises its real ``OSError`` (errno kept)."""
-    with open(path, "wb") as f:
+    """``torch.save`` into ``path`` (the same bytes, with the CRC32 of the records computed on
+    helper threads: :mod:`asyncckpt._storage.torch_zip`); a failed write raises its real
+    ``OSError`` (errno kept)."""
+    with open(path, "w+b") as f:
         recorder = _WriteErrorRecorder(f)
         try:
-            torch.save(checkpoint, recorder)
+            save_to_file(checkpoint, recorder, crc_threads())
         except Exception:
             if recorder.error is not None:
                 raise recorder.error  # noqa: B904 - torch's RuntimeError stays as __context__
