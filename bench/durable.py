@@ -1,0 +1,180 @@
+"""Time to durable: from the save call until the checkpoint is safe, against the write floor.
+
+``python -m bench.durable [--mb 1024] [--rounds 3] [--folders DIR ...] [--impls ...]``; also a
+table of ``python -m bench`` (``--durable-mb``, ``--durable-rounds``; 0 rounds leaves it out).
+
+For each folder (default: the benchmark's folder on the real disk, and tmpfs at /dev/shm), each
+round measures, side by side:
+
+- the **write floor**: the same tensor bytes written raw with ``write`` and ``fsync``ed, one file;
+- ``torch.save`` into a file, then ``fsync`` (the plain way, on the caller);
+- asyncckpt's ``TorchCheckpointIO`` (sync) and ``AsyncCheckpointIO`` (thread and process writers),
+  Lightning's ``AsyncCheckpointIO`` and DCP's ``async_save``: from the call until each says the
+  save is done (``flush()``, ``teardown()``, the future's result).
+
+Each implementation saves twice per round and the second save is timed (the first pays for
+staging memory; issue 23 measures that apart). Lightning's ``TorchCheckpointIO`` does not fsync:
+its figure is to written, not to durable. Figures are medians over rounds; ``x floor`` divides
+by the same round's write floor in the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ._impls import LABELS, Unavailable, make_saver
+
+DEFAULT_IMPLS = ("torch.save", "sync", "thread", "process", "lightning", "dcp")
+
+
+def _state(mb: float) -> Dict[str, torch.Tensor]:
+    """``mb`` MB of float32 in eight tensors, as a model's largest layers."""
+    per = max(1, int(mb * (1 << 20) / 4 / 8))
+    g = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(8)}
+
+
+def write_floor(state: Dict[str, torch.Tensor], folder: str) -> float:
+    """The tensor bytes written raw into one file and fsynced: no serializer can beat it."""
+    path = os.path.join(folder, "floor.bin")
+    started = time.perf_counter()
+    with open(path, "wb") as f:
+        for t in state.values():
+            f.write(memoryview(t.numpy()).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    elapsed = time.perf_counter() - started
+    os.remove(path)
+    return elapsed
+
+
+def _torch_save(state: Dict[str, torch.Tensor], path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def to_durable(name: str, state: Dict[str, torch.Tensor], folder: str) -> float:
+    """Seconds from the second save's call until ``name`` reports it done."""
+    if name == "torch.save":
+        _torch_save(state, os.path.join(folder, "warm.pt"))
+        started = time.perf_counter()
+        _torch_save(state, os.path.join(folder, "timed.pt"))
+        return time.perf_counter() - started
+    saver = make_saver(name)
+    try:
+        saver.save(state, saver.path_for(folder, "warm"))
+        saver.wait()
+        started = time.perf_counter()
+        saver.save(state, saver.path_for(folder, "timed"))
+        saver.wait()
+        return time.perf_counter() - started
+    finally:
+        saver.close()
+
+
+def _clear(folder: str) -> None:
+    for entry in os.listdir(folder):
+        path = os.path.join(folder, entry)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def run(mb: float, rounds: int, folders: Sequence[str], impls: Sequence[str]) -> List[Dict[str, Any]]:
+    state = _state(mb)
+    rows: List[Dict[str, Any]] = []
+    for folder in folders:
+        work = tempfile.mkdtemp(prefix="asyncckpt-durable-", dir=folder)
+        try:
+            floors: List[float] = []
+            times: Dict[str, List[float]] = {name: [] for name in impls}
+            ratios: Dict[str, List[float]] = {name: [] for name in impls}
+            skipped: Dict[str, str] = {}
+            for r in range(rounds):
+                floor = write_floor(state, work)
+                floors.append(floor)
+                for name in impls:
+                    if name in skipped:
+                        continue
+                    try:
+                        seconds = to_durable(name, state, work)
+                    except Unavailable as err:
+                        skipped[name] = str(err)
+                        continue
+                    finally:
+                        _clear(work)
+                    times[name].append(seconds)
+                    ratios[name].append(seconds / floor)
+                print(f"  {folder}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+            rows.append({"folder": folder, "impl": "write floor", "seconds": statistics.median(floors), "x_floor": 1.0})
+            for name in impls:
+                if name in skipped:
+                    rows.append({"folder": folder, "impl": name, "skipped": skipped[name]})
+                    continue
+                rows.append({
+                    "folder": folder,
+                    "impl": name,
+                    "seconds": statistics.median(times[name]),
+                    "x_floor": statistics.median(ratios[name]),
+                    "all_x_floor": ratios[name],
+                })
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _label(name: str) -> str:
+    if name == "torch.save":
+        return "torch.save + fsync (on the caller)"
+    if name == "lightning":
+        return LABELS[name] + " (no fsync)"
+    return LABELS.get(name, name)
+
+
+def format_table(rows: List[Dict[str, Any]], mb: float) -> str:
+    lines = [
+        f"{mb:.0f} MB of float32 tensors; second save of each, medians over rounds",
+        "",
+        "| folder | implementation | to durable s | x write floor |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['folder']} | {_label(row['impl'])} | skipped: {row['skipped']} | |")
+            continue
+        lines.append(f"| {row['folder']} | {_label(row['impl'])} | {row['seconds']:.3f} | {row['x_floor']:.2f} |")
+    return "\n".join(lines)
+
+
+def default_folders(disk_folder: Optional[str] = None) -> List[str]:
+    folders = [disk_folder or tempfile.gettempdir()]
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        folders.append("/dev/shm")
+    return folders
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.durable", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mb", type=float, default=1024.0, help="checkpoint tensor bytes in MB (default 1024)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--folders", nargs="+", help="folders to write into (default: system temp and /dev/shm)")
+    p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=list(DEFAULT_IMPLS) + ["lazy"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = run(args.mb, args.rounds, args.folders or default_folders(), args.impls)
+    print("\n## Time to durable")
+    print(format_table(rows, args.mb))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
