@@ -32,6 +32,7 @@ PRIVATE_READS_ALLOWED: Dict[Tuple[str, str], str] = {
     ("asyncckpt._storage.fsspec", "_call_s3"): "s3fs: tells an S3 filesystem apart",
     ("asyncckpt._staging.layout", "_untyped_storage"): "torch TypedStorage: its untyped storage",
     ("asyncckpt._staging.layout", "_cdata"): "torch storage: identity of the underlying storage",
+    ("asyncckpt._staging.locations", "_cdata"): "torch storage: the identity torch.save keys storages on",
     ("asyncckpt._staging.lazy", "_version"): "torch tensor version counter: the documented in-place-change check",
     ("asyncckpt._staging.copier", "_foreach_copy_"): "torch: the batched copy kernel",
     ("asyncckpt._staging.devices", "_XLAC"): "torch_xla: the batched device-to-host transfer",

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import NotSerializableError
 from .arena import HostArena, build_views, byte_view, plan_groups, storages_in
+from .locations import is_device_location, locations_of
 from .protocol import Layout, StagingSlot
 from .skeleton import key_paths
 
@@ -52,7 +53,11 @@ def prepare(
         if group is None:
             group = storage_keys[key] = len(storages)
             storages.append(st)
-            device = ("cuda" if t.is_cuda else "cpu") if is_tensor else st.device.type
+            # the location torch.save records (``"cuda:1"``): the file loads it back there
+            if is_tensor:
+                device = f"cuda:{t.get_device()}" if t.is_cuda else "cpu"
+            else:
+                device = "cpu" if st.device.type == "cpu" else str(st.device)
             storage_sizes.append((device, st.nbytes()))
         if is_tensor:
             # tuple(t.shape), not the torch.Size: a writer process gets these specs pickled,
@@ -73,7 +78,7 @@ def plan(slot: StagingSlot, layout: Layout, whole_copy: Sequence[bool]) -> None:
     storage_sizes, per_tensor = layout
     groups, total = plan_groups([nbytes for _, nbytes in storage_sizes])
     kind = slot.arena_kind
-    if kind == "plain" and any(device == "cuda" for device, _ in storage_sizes):
+    if kind == "plain" and any(is_device_location(device) for device, _ in storage_sizes):
         kind = "pinned"
     arena = slot.arena
     slot.release_memory()
@@ -87,6 +92,8 @@ def plan(slot: StagingSlot, layout: Layout, whole_copy: Sequence[bool]) -> None:
     slot.groups = groups
     host_storages = storages_in(arena.tensor, groups, arena)
     slot.views = build_views(host_storages, per_tensor)
+    slot.locations = locations_of(host_storages, [device for device, _ in storage_sizes])
+    slot.group_locations = tuple(device for device, _ in storage_sizes) if slot.locations else None
     slot.byte_views = [byte_view(st) for st in host_storages]
     members: List[List[int]] = [[] for _ in groups]
     for i, spec in enumerate(per_tensor):
@@ -158,4 +165,4 @@ def copy_pairs(slot: StagingSlot) -> Tuple[List[Tuple[int, int]], List[torch.Ten
         elif nbytes:
             sources.append((group, -1))
             targets.append(slot.byte_views[group])
-    return sources, targets, any(device == "cuda" for device, _ in storage_sizes)
+    return sources, targets, any(is_device_location(device) for device, _ in storage_sizes)

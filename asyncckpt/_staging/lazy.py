@@ -51,6 +51,7 @@ from .arena import byte_view
 from .copier import ParallelCopier
 from .devices import SideStreamCopy, move_xla_to_cpu
 from .eager import EagerStager
+from .locations import is_device_location
 from .protocol import StagedCheckpoint, StagingSlot, VersionOwner
 from .skeleton import key_paths, split
 
@@ -375,7 +376,7 @@ class LazyStager:
         large = {
             group
             for group, (device, nbytes) in enumerate(slot.layout[0])
-            if nbytes > EAGER_MAX_BYTES and device in ("cpu", "cuda")
+            if nbytes > EAGER_MAX_BYTES and (device == "cpu" or is_device_location(device))
         }
         self._large[slot.index] = (slot.layout, large)
         return large

@@ -15,7 +15,7 @@ import gc
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -99,6 +99,10 @@ class StagedCheckpoint:
     specs: Tuple[tuple, ...] = ()
     staging_seconds: float = 0.0
     wait_for_copies: Optional[Callable[[], None]] = None
+    # Host storage handle -> the device location torch.save records for it (empty: all CPU),
+    # and the same per storage group for the writer process (None: all CPU).
+    locations: Dict[int, str] = field(default_factory=dict)
+    group_locations: Optional[Tuple[str, ...]] = None
 
     @classmethod
     def from_slot(
@@ -115,6 +119,8 @@ class StagedCheckpoint:
             specs=slot.layout[1] if slot.layout else (),
             staging_seconds=time.perf_counter() - started,
             wait_for_copies=wait_for_copies,
+            locations=slot.locations,
+            group_locations=slot.group_locations,
         )
 
     def materialize(self) -> Any:
@@ -146,6 +152,8 @@ class StagingSlot:
     # Per layout, reused with it: what ``EagerStager.copy_into_slot`` copies, and the copier's split of it.
     copy_pairs: Optional[Tuple[List[Tuple[int, int]], List[torch.Tensor], bool]] = None
     copy_plan: Optional[CopyPlan] = None
+    locations: Dict[int, str] = field(default_factory=dict)  # see StagedCheckpoint.locations
+    group_locations: Optional[Tuple[str, ...]] = None
 
     @property
     def nbytes(self) -> int:
@@ -161,6 +169,8 @@ class StagingSlot:
         self.members = []
         self.copy_pairs = None
         self.copy_plan = None
+        self.locations = {}
+        self.group_locations = None
 
 
 class Stager(Protocol):

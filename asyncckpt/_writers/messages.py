@@ -22,7 +22,9 @@ from typing import Any, Optional, Tuple
 class SaveMsg:
     """Write the checkpoint rebuilt from ``skeleton`` and arena ``arena_id`` to ``target``.
 
-    ``layout`` is ``(groups, specs)``, or None for the same layout as this arena's last save.
+    ``layout`` is ``(groups, specs, group_locations)``, or None for the same layout as this
+    arena's last save; ``group_locations`` names each group's original device (``"cuda:0"``),
+    or is None when every storage came from the CPU.
     """
 
     seq: int
@@ -30,7 +32,7 @@ class SaveMsg:
     storage_options: Any
     skeleton: bytes
     arena_id: int
-    layout: Optional[Tuple[Any, Any]]
+    layout: Optional[Tuple[Any, Any, Any]]
 
 
 @dataclass(frozen=True, slots=True)

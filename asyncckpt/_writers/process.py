@@ -141,7 +141,7 @@ class ProcessWriter:
         self._table_lock = threading.Lock()
         self._inflight: Dict[int, Operation] = {}
         self._arenas: Dict[int, "weakref.ref[Any]"] = {}
-        self._sent_layouts: Dict[int, Tuple[Any, Any]] = {}  # arena id: (groups, specs) last sent
+        self._sent_layouts: Dict[int, Tuple[Any, Any, Any]] = {}  # arena id: layout last sent
         self._process: Optional[multiprocessing.process.BaseProcess] = None
         self._conn: Any = None
         self._reader: Optional[threading.Thread] = None
@@ -208,19 +208,19 @@ class ProcessWriter:
                 return
         # What a save sends is read here, before the op is registered as in flight: from then on
         # the reply reader may complete it (the writer died) and drop ``op.staged``.
-        layout: Optional[Tuple[Any, Any]] = None
+        layout: Optional[Tuple[Any, Any, Any]] = None
         arena: Any = None
         arena_id = 0
         if op.kind == "save":
             staged = op.staged
             arena = staged.arena
             arena_id = arena.id
-            layout = (staged.groups, staged.specs)
+            layout = (staged.groups, staged.specs, staged.group_locations)
             # A slot whose layout repeats hands over the same groups and specs objects: the
             # writer keeps the last layout per arena, so only a changed one crosses the pipe
             # (pickling 20,000 tensor specs costs about 20 ms of the call).
             sent = self._sent_layouts.get(arena_id)
-            same = sent is not None and sent[0] is layout[0] and sent[1] is layout[1]
+            same = sent is not None and all(a is b for a, b in zip(sent, layout, strict=True))
             message: Any = SaveMsg(
                 op.seq, op.target, op.storage_options, staged.skeleton, arena_id, None if same else layout
             )
@@ -462,6 +462,7 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool, main_name: s
     import torch
 
     from .._staging.arena import build_views, storages_in
+    from .._staging.locations import locations_of, recorded_as
     from .._staging.skeleton import restore
 
     torch.set_num_threads(1)
@@ -471,7 +472,7 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool, main_name: s
     checkpoint_io = pickle.loads(io_bytes)
     arenas: Dict[int, Tuple[mmap.mmap, Any]] = {}
     failed_saves: Set[int] = set()  # sequence numbers of this process's saves that failed
-    layouts: Dict[int, Tuple[Any, Any]] = {}  # arena id: the (groups, specs) of its last save
+    layouts: Dict[int, Tuple[Any, Any, Any]] = {}  # arena id: the layout of its last save
     while True:
         try:
             message = conn.recv()
@@ -501,20 +502,27 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool, main_name: s
                 error: Optional[BaseException] = None
                 try:
                     checkpoint = None
+                    located: Optional[Dict[int, str]] = None
                     if isinstance(message, SaveMsg):
                         op.storage_options = message.storage_options
                         arena_id = message.arena_id
                         # None: the same layout as this arena's last save
-                        groups, specs = message.layout if message.layout is not None else layouts[arena_id]
-                        layouts[arena_id] = (groups, specs)
-                        views = build_views(storages_in(arenas[arena_id][1], groups, arenas[arena_id]), specs)
+                        layout = message.layout if message.layout is not None else layouts[arena_id]
+                        layouts[arena_id] = layout
+                        groups, specs, group_locations = layout
+                        storages = storages_in(arenas[arena_id][1], groups, arenas[arena_id])
+                        views = build_views(storages, specs)
+                        if group_locations is not None:
+                            located = locations_of(storages, group_locations)
                         checkpoint = restore(message.skeleton, views)
-                    perform(checkpoint_io, op, checkpoint)
+                    # the file records each staged storage's original device, as torch.save would
+                    with recorded_as(located):
+                        perform(checkpoint_io, op, checkpoint)
                 except BaseException as err:  # noqa: BLE001 - reported to the parent, never fatal here
                     error = _portable(err)
                     if isinstance(message, SaveMsg):
                         failed_saves.add(op.seq)
-                checkpoint = None
+                checkpoint = located = None
                 conn.send(DoneMsg(op.seq, error, op.write_seconds))
             case _:
                 raise UnknownMessageError(message, "writer process")

@@ -7,6 +7,7 @@ import logging
 import threading
 from typing import Any, Deque, Optional
 
+from .._staging.locations import recorded_as
 from .._threads import start_thread
 from ..errors import WriterDiedError
 from .base import (
@@ -113,7 +114,9 @@ class ThreadWriter:
                         except Exception as err:
                             abort_collective_save(self._io, op, err)
                             raise
-                    perform(self._io, op, checkpoint)
+                    # the file records each staged storage's original device, as torch.save would
+                    with recorded_as(op.staged.locations if op.kind == "save" else None):
+                        perform(self._io, op, checkpoint)
                 except Exception as err:  # noqa: BLE001 - reported through the operation
                     error = err
                 checkpoint = None  # the staged views: not kept past their operation

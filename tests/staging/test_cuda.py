@@ -100,3 +100,35 @@ def test_cuda_sharded_save_metadata_loads_into_fsdp1_style_allocations(tmp_path)
             torch.empty(md.size, dtype=properties.dtype, pin_memory=properties.pin_memory, device="cuda")
     whole = DistributedCheckpointIO().load_checkpoint(tmp_path / "ck")
     assert torch.equal(whole["w"], state["w"].cpu()) and torch.equal(whole["opt"]["m"], torch.ones(4096))
+
+
+@pytest.mark.parametrize(
+    "writer, staging", [("thread", "eager"), ("process", "eager"), ("thread", "lazy")]
+)
+def test_cuda_files_are_torch_saves_and_load_onto_the_same_devices(tmp_path, writer, staging):
+    """Issue 23: the file records each storage's device ("cuda:0"), as torch.save's does, and
+    has torch.save's bytes (to a file object: torch.save to a path names its records after the
+    file, a temp file's name here)."""
+    import io as _io
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.LayerNorm(256)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    model(torch.randn(8, 256, device="cuda")).sum().backward()
+    opt.step()
+    checkpoint = {"model": model.state_dict(), "opt": opt.state_dict(), "tied": [model[0].weight],
+                  "cpu": torch.arange(10.0), "epoch": 1}
+    if torch.cuda.device_count() > 1:
+        checkpoint["other"] = torch.arange(5.0, device="cuda:1")
+    reference = _io.BytesIO()
+    torch.save(checkpoint, reference)
+    io = AsyncCheckpointIO(writer=writer, staging=staging)
+    try:
+        io.save_checkpoint(checkpoint, tmp_path / "a.ckpt")
+        io.flush()
+    finally:
+        io.teardown()
+    assert (tmp_path / "a.ckpt").read_bytes() == reference.getvalue()
+    ours = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    theirs = torch.load(_io.BytesIO(reference.getvalue()), weights_only=True)
+    assert {k: v.device for k, v in ours["model"].items()} == {k: v.device for k, v in theirs["model"].items()}
+    assert ours["model"]["0.weight"].device == torch.device("cuda:0") and ours["cpu"].device.type == "cpu"
