@@ -53,7 +53,7 @@ class EagerStager:
             storages, tensor_bytes = self.prepare(slot, tensors, skeleton, path)
             with torch.no_grad():
                 waiter = self.copy_into_slot(slot, tensors, storages)
-        return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter)
+        return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter, self.torch_save_rules)
 
     def prepare(
         self, slot: StagingSlot, tensors: List[torch.Tensor], skeleton: bytes, path: str

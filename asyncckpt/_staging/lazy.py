@@ -310,7 +310,7 @@ class LazyStager:
         if not large:  # every storage is small: exactly the eager copy, at the eager cost
             with torch.no_grad():
                 waiter = self._eager.copy_into_slot(slot, tensors, storages)
-            return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter)
+            return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter, self.torch_save_rules)
         eager_dst: List[torch.Tensor] = []
         eager_src: List[torch.Tensor] = []
         lazy_cpu: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
@@ -366,7 +366,9 @@ class LazyStager:
                 eager_waiter()
             job.wait_for_writer()
 
-        return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, wait_for_copies)
+        return StagedCheckpoint.from_slot(
+            skeleton, slot, tensor_bytes, started, wait_for_copies, self.torch_save_rules
+        )
 
     def _large_groups(self, slot: StagingSlot) -> Set[int]:
         """The slot's storages copied lazily: above EAGER_MAX_BYTES, on CPU or CUDA (cached per layout)."""

@@ -107,9 +107,14 @@ class StagedCheckpoint:
     @classmethod
     def from_slot(
         cls, skeleton: bytes, slot: "StagingSlot", tensor_bytes: int, started: float,
-        wait_for_copies: Optional[Callable[[], None]] = None,
+        wait_for_copies: Optional[Callable[[], None]] = None, original_locations: bool = False,
     ) -> "StagedCheckpoint":
-        """What a stager hands the writer once ``slot`` holds (or is receiving) the tensors."""
+        """What a stager hands the writer once ``slot`` holds (or is receiving) the tensors.
+
+        ``original_locations``: the wrapped IO writes with ``torch.save``, which records each
+        storage's device, so the writer declares the staged storages' original devices. Other
+        IOs (DCP's, which moves tensors to the CPU itself and records "cpu") get host tensors.
+        """
         return cls(
             skeleton=skeleton,
             tensors=list(slot.views),
@@ -119,8 +124,8 @@ class StagedCheckpoint:
             specs=slot.layout[1] if slot.layout else (),
             staging_seconds=time.perf_counter() - started,
             wait_for_copies=wait_for_copies,
-            locations=slot.locations,
-            group_locations=slot.group_locations,
+            locations=slot.locations if original_locations else {},
+            group_locations=slot.group_locations if original_locations else None,
         )
 
     def materialize(self) -> Any:

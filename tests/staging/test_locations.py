@@ -76,7 +76,7 @@ def test_a_layout_naming_a_device_declares_it_for_its_host_storage(tmp_path):
     plan_layout = ((("cuda:1", 16), ("cpu", 16)), per_tensor)
     layout.plan(slot, plan_layout, [True, True])
     assert slot.group_locations == ("cuda:1", "cpu")
-    staged = StagedCheckpoint.from_slot(b"", slot, 32, 0.0)
+    staged = StagedCheckpoint.from_slot(b"", slot, 32, 0.0, original_locations=True)
     staged.tensors[0].copy_(torch.arange(4.0))
     staged.tensors[1].copy_(torch.tensor([5, 6]))
     with recorded_as(staged.locations):
@@ -91,3 +91,12 @@ def test_cpu_layouts_declare_nothing(tmp_path):
     slot = StagingSlot(index=0)
     layout.plan(slot, ((("cpu", 16),), ((0, torch.float32, (4,), (1,), 0, False),)), [True])
     assert slot.locations == {} and slot.group_locations is None
+
+
+def test_only_ios_that_write_with_torch_save_get_the_declaration():
+    """DCP moves tensors to the CPU and records "cpu" itself; an IO not known to write with
+    torch.save is handed host tensors, as before."""
+    slot = StagingSlot(index=0, arena_kind="shared")
+    layout.plan(slot, ((("cuda:0", 16),), ((0, torch.float32, (4,), (1,), 0, False),)), [True])
+    staged = StagedCheckpoint.from_slot(b"", slot, 16, 0.0)
+    assert staged.locations == {} and staged.group_locations is None
