@@ -29,14 +29,13 @@ import re
 import struct
 import threading
 import zipfile
-import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Callable, List, Mapping, Optional, Tuple, Type, TypeVar
 
 from ..errors import IntegrityError
 from ..redaction import shown
 from .backend import RECORD_SUFFIX, Backend, backend_for
-from .hashing import CHUNK_BYTES, sha256_stream
+from .hashing import CHUNK_BYTES, crc32, sha256_stream
 from .local import AtomicFile
 from .paths import is_url
 from .retry import RetryPolicy, call_with_retries
@@ -340,6 +339,6 @@ def _stored_entry_crc(f, info: zipfile.ZipInfo, path: str, size: int) -> int:
                 f"({size} bytes)",
                 path,
             )
-        crc = zlib.crc32(chunk, crc)
+        crc = crc32(chunk, crc)
         remaining -= len(chunk)
     return crc

@@ -30,11 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from .._threads import ThreadPool
-
-try:  # zlib-ng's CRC32 (SIMD, about 20 GB/s here) where installed; the standard zlib's otherwise
-    from zlib_ng.zlib_ng import crc32
-except ImportError:  # pragma: no cover - depends on the install
-    from zlib import crc32
+from .hashing import crc32
 
 __all__ = ["crc32_combine", "crc_threads", "fast_path_available", "save_to_file"]
 
@@ -97,9 +93,10 @@ def _writer_api() -> Optional[Tuple[Callable[..., Any], Callable[..., Any], Call
     if save is None or alignment is None or writer is None:
         return None
     try:
-        writer(io.BytesIO(), False, alignment())
+        probe = writer(io.BytesIO(), False, alignment())
     except TypeError:
         return None
+    probe.write_end_of_file()  # finished, as every writer must be before it is dropped
     return writer, save, alignment
 
 
