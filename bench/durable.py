@@ -100,11 +100,13 @@ def run(mb: float, rounds: int, folders: Sequence[str], impls: Sequence[str]) ->
             ratios: Dict[str, List[float]] = {name: [] for name in impls}
             skipped: Dict[str, str] = {}
             for r in range(rounds):
+                os.sync()  # each measurement starts with no one else's dirty pages to write back
                 floor = write_floor(state, work)
                 floors.append(floor)
                 for name in impls:
                     if name in skipped:
                         continue
+                    os.sync()
                     try:
                         seconds = to_durable(name, state, work)
                     except Unavailable as err:

@@ -82,6 +82,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--s3-only", action="store_true", help="only the object-storage row")
     p.add_argument("--s3-rounds", type=int, default=3, help="rounds of the object-storage row (default 3)")
     p.add_argument("--s3-ckpt-mb", type=float, default=64.0, help="checkpoint size of the object-storage row (MB)")
+    p.add_argument("--durable-rounds", type=int, default=2,
+                   help="rounds of the time-to-durable table (bench/durable.py); 0 skips it")
+    p.add_argument("--durable-mb", type=float, default=256.0,
+                   help="checkpoint size of the time-to-durable table in MB (issue 23 measured 1024 on tmpfs)")
+    p.add_argument("--durable-only", action="store_true", help="only the time-to-durable table")
     args = p.parse_args(argv)
     full = args.full
     args.rounds = args.rounds or (5 if full else 3)
@@ -460,7 +465,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     configurations = []
     if args.s3_only:
-        args.workload, args.lightning_rounds, args.s3 = [], 0, True
+        args.workload, args.lightning_rounds, args.s3, args.durable_rounds = [], 0, True, 0
+    if args.durable_only:
+        args.workload, args.lightning_rounds, args.s3 = [], 0, False
+        args.durable_rounds = args.durable_rounds or 2
     for workload in args.workload:
         for threads in args.threads:
             configurations.append(run_configuration(args, workload, threads))
@@ -478,6 +486,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n## Object storage: saves to a local S3 server")
         object_storage = s3_bench.run(rounds=args.s3_rounds, ckpt_mb=args.s3_ckpt_mb)
         print(s3_bench.format_table(object_storage))
+    durable = None
+    if args.durable_rounds > 0:
+        from . import durable as durable_bench
+
+        print("\n## Time to durable: from the call until the checkpoint is safe, against the write floor")
+        durable = durable_bench.run(args.durable_mb, args.durable_rounds, durable_bench.default_folders(args.tmp),
+                                    durable_bench.DEFAULT_IMPLS)
+        print(durable_bench.format_table(durable, args.durable_mb))
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else list(argv),
@@ -487,6 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "configurations": configurations,
         "lightning_fit": lightning,
         "object_storage": object_storage,
+        "time_to_durable": durable,
         "wall_seconds": time.perf_counter() - started,
     }
     os.makedirs(args.out, exist_ok=True)
