@@ -133,10 +133,9 @@ class ProcessWriter:
     kind = "process"
     arena_kind = "shared"
 
-    def __init__(self, checkpoint_io: Any, *, nice: int = 0, crc32: bool = True) -> None:
+    def __init__(self, checkpoint_io: Any, *, nice: int = 0) -> None:
         self._io_bytes = check_picklable(checkpoint_io)
         self._nice = nice
-        self._crc32 = crc32
         self._send_lock = threading.Lock()
         self._table_lock = threading.Lock()
         self._inflight: Dict[int, Operation] = {}
@@ -180,7 +179,7 @@ class ProcessWriter:
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(
             target=writer_main,
-            args=(child_conn, self._io_bytes, self._nice, self._crc32, _main_module_name()),
+            args=(child_conn, self._io_bytes, self._nice, _main_module_name()),
             name="asyncckpt-writer",
             daemon=True,
         )
@@ -448,7 +447,7 @@ def _main_objects_pickle_as(main_name: str) -> None:
 _KIND = {SaveMsg: "save", RemoveMsg: "remove", AbortMsg: "abort"}  # the Operation each message runs
 
 
-def writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool, main_name: str = "__main__") -> None:
+def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main__") -> None:
     """The writer process's loop: map arenas, rebuild checkpoints from them, write in order."""
     # Preemption sends SIGTERM to every process of the job; the parent drains this process
     # before it exits, so the writer must not die first. SIGINT likewise belongs to the parent.
@@ -466,8 +465,6 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, crc32: bool, main_name: s
     from .._staging.skeleton import restore
 
     torch.set_num_threads(1)
-    if not crc32:
-        torch.utils.serialization.config.save.compute_crc32 = False
     _main_objects_pickle_as(main_name)
     checkpoint_io = pickle.loads(io_bytes)
     arenas: Dict[int, Tuple[mmap.mmap, Any]] = {}
