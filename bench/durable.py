@@ -7,6 +7,8 @@ For each folder (default: the benchmark's folder on the real disk, and tmpfs at 
 round measures, side by side:
 
 - the **write floor**: the same tensor bytes written raw with ``write`` and ``fsync``ed, one file;
+- the **copy floor**: one ``torch._foreach_copy_`` of the tensors into buffers made beforehand
+  (what a call that snapshots them must spend before the write can have its bytes);
 - ``torch.save`` into a file, then ``fsync`` (the plain way, on the caller);
 - asyncckpt's ``TorchCheckpointIO`` (sync) and ``AsyncCheckpointIO`` (thread and process writers),
   Lightning's ``AsyncCheckpointIO`` and DCP's ``async_save``: from the call until each says the
@@ -15,7 +17,8 @@ round measures, side by side:
 Each implementation saves twice per round and the second save is timed (the first pays for
 staging memory; issue 23 measures that apart). Lightning's ``TorchCheckpointIO`` does not fsync:
 its figure is to written, not to durable. Figures are medians over rounds; ``x floor`` divides
-by the same round's write floor in the same folder.
+by the same round's write floor in the same folder, ``x (copy + write floor)`` by the sum of both
+floors (for a snapshot-then-write engine, the least it can take unless the two overlap).
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ def write_floor(state: Dict[str, torch.Tensor], folder: str) -> float:
     return elapsed
 
 
+def copy_floor(state: Dict[str, torch.Tensor], buffers: List[torch.Tensor]) -> float:
+    """One ``torch._foreach_copy_`` of the tensors into buffers allocated and touched before: the
+    least a call that snapshots them can cost."""
+    started = time.perf_counter()
+    torch._foreach_copy_(buffers, list(state.values()))
+    return time.perf_counter() - started
+
+
 def _torch_save(state: Dict[str, torch.Tensor], path: str) -> None:
     with open(path, "wb") as f:
         torch.save(state, f)
@@ -91,18 +102,23 @@ def _clear(folder: str) -> None:
 
 def run(mb: float, rounds: int, folders: Sequence[str], impls: Sequence[str]) -> List[Dict[str, Any]]:
     state = _state(mb)
+    buffers = [torch.empty_like(t).fill_(0) for t in state.values()]
     rows: List[Dict[str, Any]] = []
     for folder in folders:
         work = tempfile.mkdtemp(prefix="asyncckpt-durable-", dir=folder)
         try:
             floors: List[float] = []
+            copies: List[float] = []
             times: Dict[str, List[float]] = {name: [] for name in impls}
             ratios: Dict[str, List[float]] = {name: [] for name in impls}
+            both: Dict[str, List[float]] = {name: [] for name in impls}
             skipped: Dict[str, str] = {}
             for r in range(rounds):
                 os.sync()  # each measurement starts with no one else's dirty pages to write back
                 floor = write_floor(state, work)
                 floors.append(floor)
+                copy = copy_floor(state, buffers)
+                copies.append(copy)
                 for name in impls:
                     if name in skipped:
                         continue
@@ -116,8 +132,13 @@ def run(mb: float, rounds: int, folders: Sequence[str], impls: Sequence[str]) ->
                         _clear(work)
                     times[name].append(seconds)
                     ratios[name].append(seconds / floor)
+                    both[name].append(seconds / (floor + copy))
                 print(f"  {folder}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-            rows.append({"folder": folder, "impl": "write floor", "seconds": statistics.median(floors), "x_floor": 1.0})
+            rows.append({"folder": folder, "impl": "write floor", "seconds": statistics.median(floors), "x_floor": 1.0,
+                         "x_both": statistics.median(f / (f + c) for f, c in zip(floors, copies, strict=True))})
+            rows.append({"folder": folder, "impl": "copy floor", "seconds": statistics.median(copies),
+                         "x_floor": statistics.median(c / f for f, c in zip(floors, copies, strict=True)),
+                         "x_both": statistics.median(c / (f + c) for f, c in zip(floors, copies, strict=True))})
             for name in impls:
                 if name in skipped:
                     rows.append({"folder": folder, "impl": name, "skipped": skipped[name]})
@@ -127,6 +148,7 @@ def run(mb: float, rounds: int, folders: Sequence[str], impls: Sequence[str]) ->
                     "impl": name,
                     "seconds": statistics.median(times[name]),
                     "x_floor": statistics.median(ratios[name]),
+                    "x_both": statistics.median(both[name]),
                     "all_x_floor": ratios[name],
                 })
         finally:
@@ -146,14 +168,17 @@ def format_table(rows: List[Dict[str, Any]], mb: float) -> str:
     lines = [
         f"{mb:.0f} MB of float32 tensors; second save of each, medians over rounds",
         "",
-        "| folder | implementation | to durable s | x write floor |",
-        "| --- | --- | ---: | ---: |",
+        "| folder | implementation | to durable s | x write floor | x (copy + write floor) |",
+        "| --- | --- | ---: | ---: | ---: |",
     ]
     for row in rows:
         if "skipped" in row:
             lines.append(f"| {row['folder']} | {_label(row['impl'])} | skipped: {row['skipped']} | |")
             continue
-        lines.append(f"| {row['folder']} | {_label(row['impl'])} | {row['seconds']:.3f} | {row['x_floor']:.2f} |")
+        lines.append(
+            f"| {row['folder']} | {_label(row['impl'])} | {row['seconds']:.3f} | {row['x_floor']:.2f} "
+            f"| {row['x_both']:.2f} |"
+        )
     return "\n".join(lines)
 
 
