@@ -100,3 +100,24 @@ def test_only_ios_that_write_with_torch_save_get_the_declaration():
     layout.plan(slot, ((("cuda:0", 16),), ((0, torch.float32, (4,), (1,), 0, False),)), [True])
     staged = StagedCheckpoint.from_slot(b"", slot, 16, 0.0)
     assert staged.locations == {} and staged.group_locations is None
+
+
+def test_another_tagger_at_our_priority_registers_and_runs_after_ours():
+    """torch sorts (priority, tagger, ...) tuples; equal priorities compare the taggers."""
+    from torch import serialization
+
+    calls = []
+
+    def tagger(storage):
+        calls.append(1)
+        return None
+
+    serialization.register_package(1, tagger, lambda storage, location: None)
+    try:
+        a = torch.arange(2.0)
+        with recorded_as({a.untyped_storage()._cdata: "cuda:0"}):
+            assert _locations_in(_saved({"a": a})) == ["cuda:0"]
+        assert not calls  # ours answered first
+        assert _locations_in(_saved({"a": a})) == ["cpu"] and calls
+    finally:
+        serialization._package_registry[:] = [e for e in serialization._package_registry if e[1] is not tagger]
