@@ -146,6 +146,10 @@ class StagingSlot:
     # Per layout, reused with it: what ``EagerStager.copy_into_slot`` copies, and the copier's split of it.
     copy_pairs: Optional[Tuple[List[Tuple[int, int]], List[torch.Tensor], bool]] = None
     copy_plan: Optional[CopyPlan] = None
+    # What the last save's structure was, to check the next one against (asyncckpt._staging.warm),
+    # and how many saves in a row differed from it.
+    warm: Optional[Any] = None
+    warm_misses: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -161,6 +165,7 @@ class StagingSlot:
         self.members = []
         self.copy_pairs = None
         self.copy_plan = None
+        self.warm = None
 
 
 class Stager(Protocol):
