@@ -40,6 +40,7 @@ class State:
         self.zz = torch.randn(64, dtype=torch.complex64, generator=gen)  # saved as its imaginary part
         self.a = torch.randn(32, generator=gen)
         self.b = torch.randn(32, generator=gen)
+        self.tied = torch.randn(32, generator=gen)  # saved twice, as two tensors over one storage
         self.buf = torch.randn(16, 16, generator=gen)  # the same object in every checkpoint
         self.step = torch.tensor(3.0)
         self.large = torch.randn(40_000, generator=gen) if large else None  # > EAGER_MAX_BYTES
@@ -57,6 +58,8 @@ class State:
             "z_imag": self.zz.imag,
             "a": self.a,
             "b": self.b,
+            "tied1": self.tied[:],
+            "tied2": self.tied[:],
             "buf": self.buf,
             "step": self.step,
             "hparams": {"lr": 0.1, "betas": [0.9, 0.999], "name": "adam"},
@@ -67,11 +70,15 @@ class State:
 
 
 def _tie(c: Dict[str, Any], s: State) -> None:
+    c["b"] = s.a[:]  # the same dtype, shape, stride, offset and storage size as before: only sharing differs
+
+
+def _untie(c: Dict[str, Any], s: State) -> None:
+    c["tied2"] = s.tied.clone()
+
+
+def _same_object_twice(c: Dict[str, Any], s: State) -> None:
     c["b"] = c["a"]
-
-
-def _untie_views(c: Dict[str, Any], s: State) -> None:
-    c["other_half"] = s.big.view(2, 256)[1].clone()
 
 
 def _set_attribute(c: Dict[str, Any], s: State) -> None:
@@ -115,12 +122,14 @@ CHANGES: Dict[str, Callable[[Dict[str, Any], State], None]] = {
     "a key added": _add_key,
     "a key removed": _remove_key,
     "a dtype (same memory)": _set("a", lambda s: s.a.view(torch.int32)),
-    "a shape (same memory)": _set("half", lambda s: s.big[:256].view(16, 16)),
+    "a shape (same memory)": _set("half", lambda s: s.big[:128]),
+    "a shape and stride (same memory)": _set("half", lambda s: s.big[:256].view(16, 16)),
     "a stride (same shape, same memory)": _set("square", lambda s: s.square.detach().t()),
     "an offset (same shape, same memory)": _set("half", lambda s: s.big[256:]),
     "a tensor replaced by a copy": _set("a", lambda s: s.a.clone()),
     "two tensors now one storage": _tie,
-    "two views now two storages": _untie_views,
+    "two tensors now one object": _same_object_twice,
+    "two views now two storages": _untie,
     "the negative bit": _set("z_imag", lambda s: s.zz.conj().imag),
     "the conjugate bit": _set("z", lambda s: s.z.conj()),
     "requires_grad": _set("a", lambda s: s.a.detach().requires_grad_()),
