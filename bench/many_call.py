@@ -103,7 +103,8 @@ def measure(
             if index >= warmup:
                 times["floor"].append(floor)
             for staging, io in ios.items():
-                io.flush()
+                for other in ios.values():  # no write of either runs beside the timed call
+                    other.flush()
                 state = checkpoint(index)
                 path = os.path.join(folder, f"{staging}.ckpt")
                 started = time.perf_counter()
@@ -153,7 +154,13 @@ def _child(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
-    build = small_tensor_checkpoint(args.tensors, args.bytes)
+    if args.workload:  # a step-time workload's own checkpoint (bench/_workloads.py)
+        sys.path.insert(0, REPO_ROOT)
+        from bench import _workloads
+
+        build = _workloads.build(args.workload, args.ckpt_mb, 8).checkpoint
+    else:
+        build = small_tensor_checkpoint(args.tensors, args.bytes)
     result = measure(build, args.saves, staging_threads=args.staging_threads)
     print(json.dumps(result))
     return 0
@@ -172,6 +179,24 @@ def _run_child(engine: str, args: argparse.Namespace) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def workload_table(workload: str, ckpt_mb: float, saves: int = 5) -> str:
+    """The table for a step-time workload's checkpoint (``python -m bench --workload many``), in
+    a fresh process of this tree."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--workload", workload,
+           "--ckpt-mb", str(ckpt_mb), "--saves", str(saves)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT},
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return f"(the save-call table failed: {proc.stderr[-2000:]})"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    row = {"engine": result["engine"], "tensors": result["tensors"], "summary": summarise(result["times"])}
+    return (
+        f"warm save call beside one torch._foreach_copy_ of the same {result['tensors']} tensors into "
+        f"preallocated buffers (medians of {saves} saves, one process; python -m bench.many_call for the "
+        "1 KB-tensor case)\n" + format_table([row])
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.many_call", description=__doc__.split("\n\n")[0])
     p.add_argument("--tensors", type=int, default=20000, help="tensors in the checkpoint (default 20000)")
@@ -181,6 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--staging-threads", type=int, default=None, help="AsyncCheckpointIO staging_threads")
     p.add_argument("--compare", nargs="*", default=[], help="other source trees whose asyncckpt to run too")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # python -m bench --workload many
+    p.add_argument("--ckpt-mb", type=float, default=256.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return _child(args)
