@@ -1,8 +1,8 @@
 """The save call for many small tensors, side by side with one ``torch._foreach_copy_`` of them.
 
-    python -m bench.many_call                      # 20,000 tensors of 1 KB, 3 rounds: < 1 minute
+    python -m bench.many_call                      # 20,000 tensors of 1 KB, 2 rounds: < 1 minute
     python -m bench.many_call --compare /work/main # also the asyncckpt of another tree, same run
-    python -m bench.many_call --tensors 20000 --bytes 1024 --saves 9 --rounds 3
+    python -m bench.many_call --tensors 20000 --bytes 1024 --saves 7 --rounds 2
 
 The checkpoint is a training loop's: ``{"epoch", "global_step", "state_dict":
 model.state_dict(), "optimizer_states": [optimizer.state_dict()]}`` built anew for every save
@@ -77,7 +77,7 @@ def _tensors_of(state: Any) -> List[Any]:
 
 
 def measure(
-    checkpoint: Callable[[int], Dict[str, Any]], saves: int, warmup: int = 3, staging_threads: Optional[int] = None
+    checkpoint: Callable[[int], Dict[str, Any]], saves: int, warmup: int = 2, staging_threads: Optional[int] = None
 ) -> Dict[str, Any]:
     """Time the warm eager call, the warm lazy call and the copy floor, interleaved, in this process."""
     import torch
@@ -201,8 +201,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.many_call", description=__doc__.split("\n\n")[0])
     p.add_argument("--tensors", type=int, default=20000, help="tensors in the checkpoint (default 20000)")
     p.add_argument("--bytes", type=int, default=1024, help="bytes per parameter tensor (default 1024)")
-    p.add_argument("--saves", type=int, default=9, help="measured saves per round (default 9)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds, each in a fresh process per tree (default 3)")
+    p.add_argument("--saves", type=int, default=7, help="measured saves per round (default 7)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, each in a fresh process per tree (default 2)")
     p.add_argument("--staging-threads", type=int, default=None, help="AsyncCheckpointIO staging_threads")
     p.add_argument("--compare", nargs="*", default=[], help="other source trees whose asyncckpt to run too")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

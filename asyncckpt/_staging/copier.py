@@ -37,6 +37,13 @@ def memmove_pairs(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
             ctypes.memmove(d.data_ptr(), s.data_ptr(), nbytes)
 
 
+def _copy_without_grad(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    """Grad mode is per thread: a helper's copy into a staged view that requires grad (a saved
+    leaf tensor's) must run under no_grad as the caller's does."""
+    with torch.no_grad():
+        torch._foreach_copy_(dst, src)
+
+
 def _wait_all(futures: List[Future]) -> None:
     """Wait for every helper's share, whatever interrupts the wait, then raise.
 
@@ -151,7 +158,7 @@ class ParallelCopier:
                 self._pool = ThreadPool(self.threads - 1, thread_name_prefix="asyncckpt-stage")
             pool = self._pool
         try:
-            return pool.submit(torch._foreach_copy_, dst, src)
+            return pool.submit(_copy_without_grad, dst, src)
         except RuntimeError:  # closed by a concurrent teardown
             return None
 

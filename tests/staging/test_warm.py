@@ -261,3 +261,24 @@ def test_a_structure_that_changes_at_every_save_stops_being_recorded(tmp_path):
         assert load(os.path.join(tmp_path, "x.ckpt"))["step"] == 2 * warm.MAX_MISSES + 3
     finally:
         io.teardown()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tensors_that_require_grad_are_reused_too(tmp_path, engines, mode):
+    io = _engine(engines, mode)
+    state = State(MODES[mode]["large"])
+    leaf = torch.randn(16, requires_grad=True)  # a plain tensor that requires grad: staged as one
+    for step in range(3):
+        io.save_checkpoint({**state.checkpoint(step), "leaf": leaf}, os.path.join(tmp_path, "x.ckpt"))
+        io.flush()
+    slot = _only_slot(io)
+    cache = slot.warm
+    assert isinstance(cache, warm.WarmCache)
+    for step in range(3, 5):
+        with torch.no_grad():
+            leaf.add_(1.0)
+        io.save_checkpoint({**state.checkpoint(step), "leaf": leaf}, os.path.join(tmp_path, "x.ckpt"))
+        io.flush()
+        assert slot.warm is cache, "the warm save missed"
+        saved = load(os.path.join(tmp_path, "x.ckpt"))
+        assert saved["leaf"].requires_grad and torch.equal(saved["leaf"], leaf.detach())
