@@ -3,6 +3,7 @@
     python -m bench.many_call                      # 20,000 tensors of 1 KB, 2 rounds: < 1 minute
     python -m bench.many_call --compare /work/main # also the asyncckpt of another tree, same run
     python -m bench.many_call --tensors 20000 --bytes 1024 --saves 7 --rounds 2
+    python -m bench.many_call --parts              # where a warm eager call's time goes (this tree)
 
 The checkpoint is a training loop's: ``{"epoch", "global_step", "state_dict":
 model.state_dict(), "optimizer_states": [optimizer.state_dict()]}`` built anew for every save
@@ -197,6 +198,54 @@ def workload_table(workload: str, ckpt_mb: float, saves: int = 5) -> str:
     )
 
 
+def parts(tensors: int, nbytes: int, repeats: int = 15) -> str:
+    """Where a warm eager call of this tree goes, step by step, beside the copy floor (medians)."""
+    import torch
+
+    from asyncckpt._staging import skeleton, warm
+    from asyncckpt._staging.eager import EagerStager
+    from asyncckpt._staging.protocol import StagingSlot
+
+    torch.set_num_threads(1)
+    build = small_tensor_checkpoint(tensors, nbytes)
+    stager, slot = EagerStager(2), StagingSlot(0)
+    for step in range(3):
+        stager.stage(build(step), slot, "parts")
+    cache = slot.warm
+    if cache is None or cache.small_items is not None:
+        return "this tree keeps no warm cache, or not one of small tensors only"
+    found = _tensors_of(build(0))
+    buffers = [torch.empty_like(t) for t in found]
+    times: Dict[str, List[float]] = {}
+
+    def note(name: str, started: float) -> float:
+        now = time.perf_counter()
+        times.setdefault(name, []).append(now - started)
+        return now
+
+    for step in range(repeats):
+        state = build(step)
+        with torch.no_grad():
+            t = time.perf_counter()
+            torch._foreach_copy_(buffers, found)
+            t = note("one _foreach_copy_ (the floor)", t)
+            skeleton_bytes, staged = skeleton.split_lean(state)
+            t = note("pickling pass (split_lean)", t)
+            storages = list(map(warm._storage_of, staged))
+            list(map(warm._storage_id, storages))
+            t = note("storages and their ids", t)
+            warm._same(cache, staged, storages)
+            t = note("the other checks (_same)", t)
+            torch._foreach_copy_(cache.small_dst, staged)
+            t = note("the copy alone", t)
+        del skeleton_bytes, staged, storages
+        t = time.perf_counter()
+        stager.stage(state, slot, "parts")
+        note("the whole warm stage()", t)
+    stager.copier.close()
+    return "\n".join(f"{name:32s} {statistics.median(v) * 1e3:7.1f} ms" for name, v in times.items())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.many_call", description=__doc__.split("\n\n")[0])
     p.add_argument("--tensors", type=int, default=20000, help="tensors in the checkpoint (default 20000)")
@@ -205,12 +254,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds, each in a fresh process per tree (default 2)")
     p.add_argument("--staging-threads", type=int, default=None, help="AsyncCheckpointIO staging_threads")
     p.add_argument("--compare", nargs="*", default=[], help="other source trees whose asyncckpt to run too")
+    p.add_argument("--parts", action="store_true", help="only: where a warm eager call's time goes (this tree)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # python -m bench --workload many
     p.add_argument("--ckpt-mb", type=float, default=256.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return _child(args)
+    if args.parts:
+        print(parts(args.tensors, args.bytes))
+        return 0
     engines = [REPO_ROOT, *[os.path.abspath(e) for e in args.compare]]
     runs: Dict[str, List[Dict[str, Any]]] = {e: [] for e in engines}
     for rnd in range(args.rounds):
