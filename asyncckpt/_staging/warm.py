@@ -2,7 +2,7 @@
 
 The structure of a state dict rarely changes between saves. For a checkpoint of many small
 tensors (20,000 of 1 KB: a transformer's per-layer weights and optimizer state), the call used
-to spend 3-4x the copy itself in per-tensor Python: a pickling pass that asked
+to spend 3-4x as long as the copy itself in per-tensor Python: a pickling pass that asked
 :func:`~asyncckpt._staging.skeleton.is_stageable` of every tensor, and a loop that read each
 tensor's storage, dtype, shape, stride and offset into the layout tuple.
 
@@ -15,9 +15,15 @@ with ``map`` (C loops, no Python frame per tensor) and compares the lists whole.
 mean the layout is the one the slot holds, storage for storage: the same tensors share the same
 storages as before, so the slot's views and copy plan stand. Anything else (a key added or
 removed, a dtype, shape, stride or offset changed, a tensor replaced by one on another storage,
-a storage resized, a tensor that :func:`split` would pickle by value) falls back to the full
-path, which rebuilds the layout. The non-tensor state (epoch, step, ...) is pickled anew at
-every save either way.
+a storage resized, the conjugate or negative bit, attributes set on a tensor: anything
+:func:`split` would pickle by value) falls back to the full path, which rebuilds the layout. The
+non-tensor state (epoch, step, ...) is pickled anew at every save either way.
+
+A storage id may be taken by a new storage once the old one is freed; that is harmless: within
+one call every storage compared is alive, so equal id lists mean the same partition into
+storages, and the sizes are compared too. Small whole tensors are copied on the copier's helper
+thread while the checks run; a copy whose check then fails only wrote the slot's own views,
+and the full path copies everything again.
 """
 
 from __future__ import annotations
