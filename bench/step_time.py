@@ -430,6 +430,10 @@ def run_configuration(args: argparse.Namespace, workload: str, threads: int) -> 
     extra = position_lines(results, args.impls) + engine_lines(results) + ratio_lines(summary)
     for line in extra + target_lines(summary, workload, args.max_pending):
         print(line)
+    if workload == "many":  # the call itself, beside one batched copy of the same tensors
+        from .many_call import workload_table
+
+        print(workload_table(workload, args.ckpt_mb))
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, f"step_time_{workload}_{threads}t.png")
     plot(results, args.impls, title, png)

@@ -37,6 +37,13 @@ def memmove_pairs(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
             ctypes.memmove(d.data_ptr(), s.data_ptr(), nbytes)
 
 
+def _copy_without_grad(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    """Grad mode is per thread: a helper's copy into a staged view that requires grad (a saved
+    leaf tensor's) must run under no_grad as the caller's does."""
+    with torch.no_grad():
+        torch._foreach_copy_(dst, src)
+
+
 def _wait_all(futures: List[Future]) -> None:
     """Wait for every helper's share, whatever interrupts the wait, then raise.
 
@@ -135,6 +142,30 @@ class ParallelCopier:
         finally:
             _wait_all(futures)
         return plan
+
+    def start(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> Optional[Future]:
+        """Start ``torch._foreach_copy_(dst, src)`` on a helper thread, so that the caller's
+        thread can do other work meanwhile (the copy releases the GIL); None when this copier
+        has one thread, or is closed (the caller then copies itself). :meth:`wait` for it.
+
+        For pairs below torch's parallel grain only: a copy that large would start an OpenMP team
+        on the helper thread (see :meth:`copy`).
+        """
+        if self.threads < 2 or not dst:
+            return None
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPool(self.threads - 1, thread_name_prefix="asyncckpt-stage")
+            pool = self._pool
+        try:
+            return pool.submit(_copy_without_grad, dst, src)
+        except RuntimeError:  # closed by a concurrent teardown
+            return None
+
+    @staticmethod
+    def wait(future: Future) -> None:
+        """Wait for a copy :meth:`start` started, whatever interrupts the wait; raises its error."""
+        _wait_all([future])
 
     def plan(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> "CopyPlan":
         """Which pairs each thread copies, and the byte ranges of the tensors cut between them.

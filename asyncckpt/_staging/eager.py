@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from . import layout
+from . import layout, warm
 from .arena import byte_view
 from .copier import ParallelCopier
 from .devices import SideStreamCopy, move_xla_to_cpu
@@ -44,16 +44,33 @@ class EagerStager:
         """Copy every tensor of ``checkpoint`` into ``slot`` now (``version_owner``: unused, as
         nothing is left to verify)."""
         started = time.perf_counter()
+        skeleton, tensors, storages, tensor_bytes, copied = self.split_and_prepare(checkpoint, slot, path, copy=True)
+        waiter = None
+        if not copied:
+            with torch.inference_mode(False), torch.no_grad():
+                waiter = self.copy_into_slot(slot, tensors, storages)
+        return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter, self.torch_save_rules)
+
+    def split_and_prepare(self, checkpoint: Any, slot: StagingSlot, path: str, copy: bool = False) -> warm.Reused:
+        """The skeleton, the tensors, their storages (in the slot's group order) and their
+        bytes, with ``slot`` laid out for them: from what the slot's last save learned when the
+        structure is unchanged (:mod:`asyncckpt._staging.warm`, which with ``copy`` also copies
+        CPU tensors into the slot: see ``copied``), else by the full pass."""
+        with torch.inference_mode(False):
+            reused = warm.reuse(slot, checkpoint, self.copier if copy else None)
+        if reused is not None:
+            return reused
         skeleton, tensors = split(checkpoint, path)
-        move_xla_to_cpu(tensors)
+        moved = move_xla_to_cpu(tensors)
         # Staging memory and its views are made outside inference mode, so that a first save
         # under torch.inference_mode() (validation, an eval loop) leaves ordinary tensors for
         # the saves after it; reading inference tensors there is allowed.
         with torch.inference_mode(False):
+            before = slot.layout
             storages, tensor_bytes = self.prepare(slot, tensors, skeleton, path)
-            with torch.no_grad():
-                waiter = self.copy_into_slot(slot, tensors, storages)
-        return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, waiter, self.torch_save_rules)
+        if not moved and slot.layout is before:  # the layout repeated: worth remembering
+            warm.record(slot, tensors, tensor_bytes)
+        return warm.Reused(skeleton, tensors, storages, tensor_bytes, False)
 
     def prepare(
         self, slot: StagingSlot, tensors: List[torch.Tensor], skeleton: bytes, path: str

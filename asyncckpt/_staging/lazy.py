@@ -46,14 +46,14 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .._threads import start_raw_thread
 from ..errors import TensorModifiedError
-from . import copier, layout
+from . import copier
 from .arena import byte_view
 from .copier import ParallelCopier
-from .devices import SideStreamCopy, move_xla_to_cpu
+from .devices import SideStreamCopy
 from .eager import EagerStager
 from .locations import is_device_location
 from .protocol import StagedCheckpoint, StagingSlot, VersionOwner
-from .skeleton import key_paths, split
+from .skeleton import key_paths
 
 #: Storages of at most this many bytes are copied at the call, not lazily. Forward passes mutate
 #: small buffers in place (BatchNorm running statistics, ``num_batches_tracked``), and the
@@ -303,9 +303,13 @@ class LazyStager:
         """
         started = time.perf_counter()
         self.finish()
-        skeleton, tensors = split(checkpoint, path)
-        move_xla_to_cpu(tensors)
-        storages, tensor_bytes = layout.prepare(slot, tensors, skeleton, path, torch_save_rules=self.torch_save_rules)
+        # Every storage small (as last time): exactly the eager copy, at the eager cost.
+        all_small = slot.layout is not None and not self._large_groups(slot)
+        skeleton, tensors, storages, tensor_bytes, copied = self._eager.split_and_prepare(
+            checkpoint, slot, path, copy=all_small
+        )
+        if copied:
+            return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, None, self.torch_save_rules)
         large = self._large_groups(slot)
         if not large:  # every storage is small: exactly the eager copy, at the eager cost
             with torch.no_grad():

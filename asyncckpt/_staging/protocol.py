@@ -159,6 +159,10 @@ class StagingSlot:
     copy_plan: Optional[CopyPlan] = None
     locations: Dict[int, str] = field(default_factory=dict)  # see StagedCheckpoint.locations
     group_locations: Optional[Tuple[str, ...]] = None
+    # What the last save's structure was, to check the next one against (asyncckpt._staging.warm),
+    # and how many saves in a row differed from it.
+    warm: Optional[Any] = None
+    warm_misses: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -176,6 +180,7 @@ class StagingSlot:
         self.copy_plan = None
         self.locations = {}
         self.group_locations = None
+        self.warm = None
 
 
 class Stager(Protocol):

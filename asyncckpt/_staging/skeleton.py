@@ -27,6 +27,7 @@ __all__ = [
     "restore",
     "restore_with_placeholders",
     "split",
+    "split_lean",
 ]
 
 
@@ -150,6 +151,52 @@ def split(checkpoint: Any, path: str) -> Tuple[bytes, List[Any]]:
         collector.dump(checkpoint)
     except Exception as err:
         raise NotSerializableError(describe_unpicklable(checkpoint, path, err), path) from err
+    return buffer.getvalue(), collector.tensors
+
+
+class _NotLean(Exception):
+    """A bare storage, or a tensor pickled by value: the lean pass cannot stand in for :func:`split`."""
+
+
+class _LeanCollector(TensorCollector):
+    """:class:`TensorCollector` that sets aside every plain ``torch.Tensor`` without asking
+    :func:`is_stageable` (a dozen attribute reads each), and gives up at a bare storage.
+
+    ``persistent_id`` runs for every object pickled (55,000 of them for 20,000 tensors), so it
+    does one type test; whether the tensors it took are stageable is checked afterwards, in bulk,
+    by the caller (:mod:`asyncckpt._staging.warm`).
+    """
+
+    def persistent_id(self, obj: Any) -> Optional[int]:
+        kind = type(obj)
+        if kind is _TENSOR:
+            index = self._index.get(id(obj))
+            if index is None:
+                index = self._index[id(obj)] = len(self.tensors)
+                self.tensors.append(obj)
+            return index
+        if kind in _STORAGE_TYPES:
+            raise _NotLean
+        return None
+
+
+_TENSOR = torch.Tensor
+
+
+def split_lean(checkpoint: Any) -> Optional[Tuple[bytes, List[torch.Tensor]]]:
+    """:func:`split` for a checkpoint whose tensors are all stageable, in a fifth of its time.
+
+    Returns None where the result could differ from :func:`split`'s (a bare storage, or any
+    error: :func:`split` then raises it with its key). Where every tensor returned passes
+    :func:`is_stageable`, the skeleton and the tensors are exactly :func:`split`'s: both pickle
+    the same objects in the same order; the caller must check that.
+    """
+    buffer = io.BytesIO()
+    collector = _LeanCollector(buffer)
+    try:
+        collector.dump(checkpoint)
+    except Exception:  # noqa: BLE001 - split() runs next and raises it with the key
+        return None
     return buffer.getvalue(), collector.tensors
 
 

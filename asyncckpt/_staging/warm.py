@@ -1,0 +1,257 @@
+"""What a slot's last save learned about the checkpoint's structure, checked cheaply and reused.
+
+The structure of a state dict rarely changes between saves. For a checkpoint of many small
+tensors (20,000 of 1 KB: a transformer's per-layer weights and optimizer state), the call used
+to spend 3-4x as long as the copy itself in per-tensor Python: a pickling pass that asked
+:func:`~asyncckpt._staging.skeleton.is_stageable` of every tensor, and a loop that read each
+tensor's storage, dtype, shape, stride and offset into the layout tuple.
+
+Once a slot's layout has repeated, :func:`record` keeps, per staged tensor, what that layout was
+built from: its storage's identity (``_cdata``, an integer: no reference that would keep the
+user's memory alive) and size, dtype, shape, stride, offset and ``requires_grad``. A later save
+(:func:`reuse`) pickles the skeleton with the lean pass
+(:func:`~asyncckpt._staging.skeleton.split_lean`), reads those same attributes of every tensor
+with ``map`` (C loops, no Python frame per tensor) and compares the lists whole. Equal lists
+mean the layout is the one the slot holds, storage for storage: the same tensors share the same
+storages as before, so the slot's views and copy plan stand. Anything else (a key added or
+removed, a dtype, shape, stride or offset changed, a tensor replaced by one on another storage,
+a storage resized, the conjugate or negative bit, attributes set on a tensor: anything
+:func:`split` would pickle by value) falls back to the full path, which rebuilds the layout. The
+non-tensor state (epoch, step, ...) is pickled anew at every save either way.
+
+A storage id may be taken by a new storage once the old one is freed; that is harmless: within
+one call every storage compared is alive, so equal id lists mean the same partition into
+storages, and the sizes are compared too. Small whole tensors are copied on the copier's helper
+thread while the checks run; a copy whose check then fails only wrote the slot's own views,
+and the full path copies everything again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from . import layout as layouts
+from .arena import byte_view
+from .copier import CopyPlan, ParallelCopier
+from .protocol import Layout, StagingSlot
+from .skeleton import split_lean
+
+__all__ = ["MAX_MISSES", "Reused", "WarmCache", "record", "reuse"]
+
+#: After this many saves in a row whose structure differed from the recorded one, a slot stops
+#: recording: a checkpoint whose storages change at every save (fresh clones) would only pay
+#: the lean pass on top of the full one.
+MAX_MISSES = 3
+
+#: Whole tensors of fewer elements are copied on a helper thread while the caller checks the
+#: structure: below torch's parallel grain (``at::internal::GRAIN_SIZE``), a copy starts no
+#: OpenMP team on that thread.
+SMALL_NUMEL = 32768
+
+_storage_of = torch.Tensor.untyped_storage
+_storage_id = attrgetter("_cdata")  # torch's handle of the storage: what torch.save keys on
+_storage_bytes = torch.UntypedStorage.nbytes
+_dtype = torch.Tensor.dtype.__get__  # a getset descriptor's own getter: faster than attrgetter
+_size = torch.Tensor.size
+_stride = torch.Tensor.stride
+_offset = torch.Tensor.storage_offset
+_requires_grad = torch.Tensor.requires_grad.__get__
+_is_neg = torch.Tensor.is_neg
+_is_conj = torch.Tensor.is_conj
+_attributes = attrgetter("__dict__")
+
+
+@dataclass
+class WarmCache:
+    """Per staged tensor, the attributes the slot's layout was built from (no tensor references
+    of the user's), and the slot's copy split into what a helper thread copies and the rest."""
+
+    layout: Layout  # the slot's layout these belong to (compared by identity)
+    storage_ids: List[int]
+    storage_bytes: List[int]
+    dtypes: List[torch.dtype]
+    sizes: List[torch.Size]
+    strides: List[Tuple[int, ...]]
+    offsets: List[int]
+    requires_grad: List[bool]
+    complex_items: List[int]  # the only tensors that can carry the conjugate bit
+    first_members: List[int]  # per storage group, its first tensor
+    tensor_bytes: int
+    on_cpu: bool  # every storage is on the CPU: reuse() copies (else the stager's device copy)
+    small_items: Optional[List[int]]  # tensors copied whole and small; None: all, in order
+    small_dst: List[torch.Tensor]
+    rest_sources: List[Tuple[int, int]]  # as layout.copy_pairs: (group, tensor or -1)
+    rest_dst: List[torch.Tensor]
+    rest_plan: Optional[CopyPlan] = None
+    small_plan: Optional[CopyPlan] = None  # where no helper thread copies them
+
+
+class Reused(NamedTuple):
+    """What :func:`reuse` hands the stager: as ``split`` + ``layout.prepare`` would, and
+    whether the tensors are already in the slot."""
+
+    skeleton: bytes
+    tensors: List[torch.Tensor]
+    storages: List[torch.UntypedStorage]
+    tensor_bytes: int
+    copied: bool
+
+
+def _read(tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]) -> Tuple[List[Any], ...]:
+    """The attributes of every tensor, each read by a C loop; raises where a tensor has none
+    (nested tensors have no strides)."""
+    return (
+        list(map(_storage_bytes, storages)),
+        list(map(_dtype, tensors)),
+        list(map(_size, tensors)),
+        list(map(_stride, tensors)),
+        list(map(_offset, tensors)),
+        list(map(_requires_grad, tensors)),
+    )
+
+
+def record(slot: StagingSlot, tensors: List[Any], tensor_bytes: int) -> None:
+    """Keep what the full path learned for the next save into ``slot``.
+
+    Only once its layout has repeated (a structure that changes at every save gains nothing
+    from it), and only when every staged item is a plain tensor: bare storages, tensors moved
+    from XLA (new storages at every save) and the like always take the full path.
+    """
+    layout = slot.layout
+    if layout is None or slot.warm_misses >= MAX_MISSES or len(layout[1]) != len(tensors):
+        return
+    if set(map(type, tensors)) != {torch.Tensor}:
+        return
+    try:
+        storages = list(map(_storage_of, tensors))
+        ids = list(map(_storage_id, storages))
+        nbytes, dtypes, sizes, strides, offsets, grads = _read(tensors, storages)
+    except Exception:  # noqa: BLE001 - no cache; the full path keeps working
+        return
+    first: dict = {}
+    for i, spec in enumerate(layout[1]):
+        first.setdefault(spec[0], i)
+    if slot.copy_pairs is None:
+        slot.copy_pairs = layouts.copy_pairs(slot)
+    sources, targets, on_cuda = slot.copy_pairs
+    small_items: List[int] = []
+    small_dst: List[torch.Tensor] = []
+    rest_sources: List[Tuple[int, int]] = []
+    rest_dst: List[torch.Tensor] = []
+    for (group, i), dst in zip(sources, targets, strict=True):
+        if i >= 0 and dst.numel() < SMALL_NUMEL:
+            small_items.append(i)
+            small_dst.append(dst)
+        else:
+            rest_sources.append((group, i))
+            rest_dst.append(dst)
+    slot.warm = WarmCache(
+        layout=layout,
+        storage_ids=ids,
+        storage_bytes=nbytes,
+        dtypes=dtypes,
+        sizes=sizes,
+        strides=strides,
+        offsets=offsets,
+        requires_grad=grads,
+        complex_items=[i for i, dtype in enumerate(dtypes) if dtype.is_complex],
+        first_members=[first[group] for group in range(len(layout[0]))],
+        tensor_bytes=tensor_bytes,
+        on_cpu=not on_cuda,
+        small_items=None if small_items == list(range(len(tensors))) else small_items,
+        small_dst=small_dst,
+        rest_sources=rest_sources,
+        rest_dst=rest_dst,
+    )
+
+
+def reuse(slot: StagingSlot, checkpoint: Any, copier: Optional[ParallelCopier] = None) -> Optional[Reused]:
+    """``checkpoint`` split and laid out as the full path would, when its structure is the one
+    recorded for ``slot``; None otherwise (the cache is then dropped, and the full path runs).
+
+    With a ``copier`` and CPU storages the tensors are copied into the slot too: the small
+    whole tensors on the copier's helper thread while this thread checks the structure (a copy
+    whose check then fails is overwritten by the full path's), the rest once it passed.
+    """
+    cache = slot.warm
+    if cache is None:
+        return None
+    if cache.layout is not slot.layout:  # re-planned since (a save into it failed midway, say)
+        slot.warm = None
+        return None
+    lean = split_lean(checkpoint)
+    found = None if lean is None else _check_and_copy(cache, lean[1], copier if cache.on_cpu else None)
+    if found is None:
+        slot.warm = None
+        slot.warm_misses += 1
+        return None
+    slot.warm_misses = 0
+    storages, copied = found
+    return Reused(lean[0], lean[1], [storages[i] for i in cache.first_members], cache.tensor_bytes, copied)  # type: ignore[index]
+
+
+def _check_and_copy(
+    cache: WarmCache, tensors: List[torch.Tensor], copier: Optional[ParallelCopier]
+) -> Optional[Tuple[List[torch.UntypedStorage], bool]]:
+    """The tensors' storages and whether they were copied, if every tensor matches the cache
+    and is stageable; else None.
+
+    Given equal storage, dtype, shape, stride and offset, :func:`is_stageable` can only differ
+    by the negative and conjugate bits (views of the same memory) and by attributes set on the
+    tensor: device and layout come with the storage (sparse and MKL-DNN tensors have none, and
+    raise), a nested tensor has no strides (raises), and a quantized tensor has a dtype of its own.
+    """
+    if len(tensors) != len(cache.storage_ids):
+        return None
+    try:
+        storages = list(map(_storage_of, tensors))
+        if list(map(_storage_id, storages)) != cache.storage_ids:
+            return None
+    except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
+        return None
+    # The same storages as the slot's layout was built from (so on the same devices): the
+    # small copies can start while the rest is checked; they only ever write the slot's views.
+    small_src = tensors if cache.small_items is None else [tensors[i] for i in cache.small_items]
+    running = copier.start(cache.small_dst, small_src) if copier is not None else None
+    try:
+        same = _same(cache, tensors, storages)
+    finally:
+        if running is not None:
+            try:
+                ParallelCopier.wait(running)
+            except Exception:  # noqa: BLE001 - a changed tensor that cannot be copied: the check fails
+                same = False
+    if not same:
+        return None
+    if copier is None:
+        return storages, False
+    with torch.no_grad():
+        if running is None and cache.small_dst:
+            cache.small_plan = copier.copy(cache.small_dst, small_src, cache.small_plan)
+        if cache.rest_dst:
+            firsts = cache.first_members
+            rest_src = [tensors[i] if i >= 0 else byte_view(storages[firsts[g]]) for g, i in cache.rest_sources]
+            cache.rest_plan = copier.copy(cache.rest_dst, rest_src, cache.rest_plan)
+    return storages, True
+
+
+def _same(cache: WarmCache, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]) -> bool:
+    try:
+        nbytes, dtypes, sizes, strides, offsets, grads = _read(tensors, storages)
+    except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
+        return False
+    return not (
+        nbytes != cache.storage_bytes
+        or dtypes != cache.dtypes
+        or sizes != cache.sizes
+        or strides != cache.strides
+        or offsets != cache.offsets
+        or grads != cache.requires_grad
+        or any(map(_is_neg, tensors))
+        or any(map(_attributes, tensors))
+        or any(_is_conj(tensors[i]) for i in cache.complex_items)
+    )

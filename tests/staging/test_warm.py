@@ -1,0 +1,284 @@
+"""A warm save reuses what its slot's last save learned; any change of structure is still seen.
+
+Each test saves the same structure three times (the slot records it on the second save and
+reuses it on the third), then changes the checkpoint in one way and saves again. The file must
+be what ``torch.save`` writes for the checkpoint at the call: the same bytes, and on loading, the
+same values, dtypes, shapes, strides, offsets, bits and storage sharing. Through both writers
+and both staging modes (lazy with and without tensors large enough to be copied lazily).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List
+
+import pytest
+import torch
+from torch import nn
+
+from asyncckpt import AsyncCheckpointIO
+from asyncckpt._staging import warm
+from conftest import load
+
+MODES = {
+    "thread-eager": dict(writer="thread", staging="eager", large=True),
+    "process-eager": dict(writer="process", staging="eager", large=True),
+    "thread-lazy": dict(writer="thread", staging="lazy", large=True),
+    "thread-lazy-small": dict(writer="thread", staging="lazy", large=False),
+}
+
+
+class State:
+    """The live tensors a training loop keeps between saves."""
+
+    def __init__(self, large: bool) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.model = nn.Linear(16, 8)
+        self.square = nn.Parameter(torch.randn(16, 16, generator=gen))
+        self.big = torch.randn(512, generator=gen)  # two views of it are saved: shared storage
+        self.z = torch.randn(64, dtype=torch.complex64, generator=gen)
+        self.zz = torch.randn(64, dtype=torch.complex64, generator=gen)  # saved as its imaginary part
+        self.a = torch.randn(32, generator=gen)
+        self.b = torch.randn(32, generator=gen)
+        self.tied = torch.randn(32, generator=gen)  # saved twice, as two tensors over one storage
+        self.buf = torch.randn(16, 16, generator=gen)  # the same object in every checkpoint
+        self.step = torch.tensor(3.0)
+        self.large = torch.randn(40_000, generator=gen) if large else None  # > EAGER_MAX_BYTES
+
+    def checkpoint(self, step: int) -> Dict[str, Any]:
+        """Built anew at every save, as a training loop does (``state_dict()``: new tensors)."""
+        ckpt: Dict[str, Any] = {
+            "epoch": 1,
+            "global_step": step,
+            "state_dict": self.model.state_dict(),
+            "square": self.square.detach(),
+            "half": self.big[:256],
+            "other_half": self.big.view(2, 256)[1],
+            "z": self.z,
+            "z_imag": self.zz.imag,
+            "a": self.a,
+            "b": self.b,
+            "tied1": self.tied[:],
+            "tied2": self.tied[:],
+            "buf": self.buf,
+            "step": self.step,
+            "hparams": {"lr": 0.1, "betas": [0.9, 0.999], "name": "adam"},
+        }
+        if self.large is not None:
+            ckpt["large"] = self.large
+        return ckpt
+
+
+def _tie(c: Dict[str, Any], s: State) -> None:
+    c["b"] = s.a[:]  # the same dtype, shape, stride, offset and storage size as before: only sharing differs
+
+
+def _untie(c: Dict[str, Any], s: State) -> None:
+    c["tied2"] = s.tied.clone()
+
+
+def _same_object_twice(c: Dict[str, Any], s: State) -> None:
+    c["b"] = c["a"]
+
+
+def _set_attribute(c: Dict[str, Any], s: State) -> None:
+    c["state_dict"]["bias"].note = "an attribute makes torch.save pickle the tensor by value"
+
+
+def _resize_storage(c: Dict[str, Any], s: State) -> None:
+    s.big.untyped_storage().resize_(4096)  # same storage object, more bytes: all of it is saved
+
+
+def _restride_in_place(c: Dict[str, Any], s: State) -> None:
+    s.buf.t_()  # the same tensor object: a new stride, nothing else
+
+
+def _reshape_in_place(c: Dict[str, Any], s: State) -> None:
+    s.buf.resize_(8, 32)
+
+
+def _nested_value(c: Dict[str, Any], s: State) -> None:
+    c["hparams"]["betas"][1] = 0.95
+
+
+def _add_key(c: Dict[str, Any], s: State) -> None:
+    c["extra"] = torch.arange(7)
+
+
+def _remove_key(c: Dict[str, Any], s: State) -> None:
+    del c["a"]
+
+
+def _set(key: str, make: Callable[[State], Any]) -> Callable[[Dict[str, Any], State], None]:
+    def change(c: Dict[str, Any], s: State) -> None:
+        c[key] = make(s)
+
+    return change
+
+
+CHANGES: Dict[str, Callable[[Dict[str, Any], State], None]] = {
+    "nothing but the step": lambda c, s: None,
+    "a non-tensor value deep inside": _nested_value,
+    "a key added": _add_key,
+    "a key removed": _remove_key,
+    "a dtype (same memory)": _set("a", lambda s: s.a.view(torch.int32)),
+    "a shape (same memory)": _set("half", lambda s: s.big[:128]),
+    "a shape and stride (same memory)": _set("half", lambda s: s.big[:256].view(16, 16)),
+    "a stride (same shape, same memory)": _set("square", lambda s: s.square.detach().t()),
+    "an offset (same shape, same memory)": _set("half", lambda s: s.big[256:]),
+    "a tensor replaced by a copy": _set("a", lambda s: s.a.clone()),
+    "two tensors now one storage": _tie,
+    "two tensors now one object": _same_object_twice,
+    "two views now two storages": _untie,
+    "the negative bit": _set("z_imag", lambda s: s.zz.conj().imag),
+    "the conjugate bit": _set("z", lambda s: s.z.conj()),
+    "requires_grad": _set("a", lambda s: s.a.detach().requires_grad_()),
+    "an attribute set on a tensor": _set_attribute,
+    "a storage resized in place": _resize_storage,
+    "a stride changed in place": _restride_in_place,
+    "a shape changed in place": _reshape_in_place,
+    "a plain tensor now a parameter": _set("a", lambda s: nn.Parameter(s.a)),
+}
+
+
+@pytest.fixture(scope="module")
+def engines():
+    made: Dict[str, AsyncCheckpointIO] = {}
+    yield made
+    for io in made.values():
+        io.teardown()
+
+
+def _engine(engines: Dict[str, AsyncCheckpointIO], mode: str) -> AsyncCheckpointIO:
+    if mode not in engines:
+        options = MODES[mode]
+        engines[mode] = AsyncCheckpointIO(writer=options["writer"], staging=options["staging"], max_pending=1)
+    return engines[mode]
+
+
+def _only_slot(io: AsyncCheckpointIO) -> Any:
+    slots = io.slot_pool.free_slots()
+    assert len(slots) == 1
+    return slots[0]
+
+
+def _tensors(obj: Any, out: List[torch.Tensor]) -> List[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _tensors(value, out)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _tensors(value, out)
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    """The loaded checkpoint with each tensor as everything torch.save keeps of it."""
+    if isinstance(obj, torch.Tensor):
+        return (
+            type(obj), obj.dtype, tuple(obj.shape), obj.stride(), obj.storage_offset(), obj.requires_grad,
+            obj.is_neg(), obj.is_conj(), obj.untyped_storage().nbytes(), dict(vars(obj)),
+            obj.resolve_conj().resolve_neg().tolist(),
+        )
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _sharing(obj: Any) -> List[int]:
+    """Per tensor, the index of the first tensor on the same storage."""
+    ids = [t.untyped_storage()._cdata for t in _tensors(obj, [])]
+    return [ids.index(i) for i in ids]
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_changed_structure_is_saved_as_torch_save_writes_it(tmp_path, engines, mode, change):
+    io = _engine(engines, mode)
+    state = State(MODES[mode]["large"])
+    for step in range(3):
+        io.save_checkpoint(state.checkpoint(step), os.path.join(tmp_path, f"warm{step}.ckpt"))
+        io.flush()
+    # The structure repeated: the slot holds what it learned, and the next save checks against it.
+    slot = _only_slot(io)
+    assert isinstance(slot.warm, warm.WarmCache)
+    ckpt = state.checkpoint(10)
+    CHANGES[change](ckpt, state)
+    expected_path = os.path.join(tmp_path, "expected.ckpt")
+    with open(expected_path, "wb") as f:  # to a stream, as the writer does: records named "archive/..."
+        torch.save(ckpt, f)
+    path = os.path.join(tmp_path, "saved.ckpt")
+    io.save_checkpoint(ckpt, path)
+    io.flush()
+    expected, saved = load(expected_path), load(path)
+    assert _plain(saved) == _plain(expected)
+    assert _sharing(saved) == _sharing(expected)
+    with open(path, "rb") as f, open(expected_path, "rb") as g:
+        assert f.read() == g.read(), "not the bytes torch.save writes"
+    # And the save after it, with the same (changed) structure, is right too.
+    io.save_checkpoint(ckpt, path)
+    io.flush()
+    assert _plain(load(path)) == _plain(expected)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_warm_save_reuses_the_slot_and_holds_no_tensor_of_the_user(tmp_path, engines, mode):
+    io = _engine(engines, mode)
+    state = State(MODES[mode]["large"])
+    for step in range(3):
+        io.save_checkpoint(state.checkpoint(step), os.path.join(tmp_path, "x.ckpt"))
+        io.flush()
+    slot = _only_slot(io)
+    cache, layout = slot.warm, slot.layout
+    assert isinstance(cache, warm.WarmCache)
+    for step in range(3, 6):
+        io.save_checkpoint(state.checkpoint(step), os.path.join(tmp_path, "x.ckpt"))
+        io.flush()
+        assert slot.warm is cache and slot.layout is layout  # reused, not rebuilt
+        assert load(os.path.join(tmp_path, "x.ckpt"))["global_step"] == step
+    # Only integers, dtypes and sizes are kept: no reference keeps a user's memory alive.
+    user = {t.untyped_storage()._cdata for t in _tensors(state.checkpoint(0), [])}
+    kept = [v for values in vars(cache).values() if isinstance(values, list) for v in values]
+    assert not [v for v in kept if isinstance(v, torch.Tensor) and v.untyped_storage()._cdata in user]
+    assert not [v for v in kept if isinstance(v, torch.UntypedStorage)]
+
+
+def test_a_structure_that_changes_at_every_save_stops_being_recorded(tmp_path):
+    io = AsyncCheckpointIO(writer="thread", max_pending=1)
+    try:
+        w = torch.randn(8)
+        clones = []  # kept alive, so that no clone's storage takes the place of an earlier one
+        for step in range(2 * warm.MAX_MISSES + 4):
+            clones.append(w.clone())
+            io.save_checkpoint({"w": clones[-1], "step": step}, os.path.join(tmp_path, "x.ckpt"))
+            io.flush()
+        slot = _only_slot(io)
+        assert slot.warm is None and slot.warm_misses == warm.MAX_MISSES
+        assert load(os.path.join(tmp_path, "x.ckpt"))["step"] == 2 * warm.MAX_MISSES + 3
+    finally:
+        io.teardown()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tensors_that_require_grad_are_reused_too(tmp_path, engines, mode):
+    io = _engine(engines, mode)
+    state = State(MODES[mode]["large"])
+    leaf = torch.randn(16, requires_grad=True)  # a plain tensor that requires grad: staged as one
+    for step in range(3):
+        io.save_checkpoint({**state.checkpoint(step), "leaf": leaf}, os.path.join(tmp_path, "x.ckpt"))
+        io.flush()
+    slot = _only_slot(io)
+    cache = slot.warm
+    assert isinstance(cache, warm.WarmCache)
+    for step in range(3, 5):
+        with torch.no_grad():
+            leaf.add_(1.0)
+        io.save_checkpoint({**state.checkpoint(step), "leaf": leaf}, os.path.join(tmp_path, "x.ckpt"))
+        io.flush()
+        assert slot.warm is cache, "the warm save missed"
+        saved = load(os.path.join(tmp_path, "x.ckpt"))
+        assert saved["leaf"].requires_grad and torch.equal(saved["leaf"], leaf.detach())
