@@ -33,6 +33,7 @@ PRIVATE_READS_ALLOWED: Dict[Tuple[str, str], str] = {
     ("asyncckpt._staging.layout", "_untyped_storage"): "torch TypedStorage: its untyped storage",
     ("asyncckpt._staging.layout", "_cdata"): "torch storage: identity of the underlying storage",
     ("asyncckpt._staging.locations", "_cdata"): "torch storage: the identity torch.save keys storages on",
+    ("asyncckpt._staging.warm", "_cdata"): "torch storage: the identity torch.save keys storages on",
     ("asyncckpt._staging.lazy", "_version"): "torch tensor version counter: the documented in-place-change check",
     ("asyncckpt._staging.copier", "_foreach_copy_"): "torch: the batched copy kernel",
     ("asyncckpt._staging.devices", "_XLAC"): "torch_xla: the batched device-to-host transfer",
@@ -257,6 +258,14 @@ def private_reads() -> List[PrivateRead]:
                 and not (isinstance(node.args[0], ast.Name) and node.args[0].id in ("self", "cls"))
             ):
                 name = node.args[1].value
+            elif (
+                isinstance(node, ast.Call)
+                and (getattr(node.func, "id", None) == "attrgetter" or getattr(node.func, "attr", None) == "attrgetter")
+                and any(isinstance(a, ast.Constant) and isinstance(a.value, str) and _is_private(a.value)
+                        for a in node.args)
+            ):
+                # operator.attrgetter("_x") reads ``_x`` as surely as ``obj._x`` does
+                name = next(a.value for a in node.args if isinstance(a, ast.Constant) and _is_private(a.value))
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve_from(module, is_package, node)
                 for alias in node.names:
