@@ -99,6 +99,7 @@ class StagedCheckpoint:
     specs: Tuple[tuple, ...] = ()
     staging_seconds: float = 0.0
     wait_for_copies: Optional[Callable[[], None]] = None
+    allocated_bytes: int = 0  # staging memory allocated by this save's call (0: reused)
 
     @classmethod
     def from_slot(
@@ -115,6 +116,7 @@ class StagedCheckpoint:
             specs=slot.layout[1] if slot.layout else (),
             staging_seconds=time.perf_counter() - started,
             wait_for_copies=wait_for_copies,
+            allocated_bytes=slot.allocated_bytes,
         )
 
     def materialize(self) -> Any:
@@ -146,6 +148,7 @@ class StagingSlot:
     # Per layout, reused with it: what ``EagerStager.copy_into_slot`` copies, and the copier's split of it.
     copy_pairs: Optional[Tuple[List[Tuple[int, int]], List[torch.Tensor], bool]] = None
     copy_plan: Optional[CopyPlan] = None
+    allocated_bytes: int = 0  # arena bytes the last save's layout allocated in its call (0: reused)
 
     @property
     def nbytes(self) -> int:
