@@ -23,21 +23,22 @@ FAULT_IN_STEP = 64 * 1024 * 1024
 
 
 def headroom(nbytes: int) -> int:
-    """Room a reservation of ``nbytes`` adds, and the most a save may leave unused of a reserved
-    arena it adopts (:func:`adoptable`): 1/64 of it plus 1 MiB.
+    """Room a reservation of ``nbytes`` adds: 1/64 of it plus 1 MiB.
 
     A reservation is made before the exact checkpoint exists (a byte count; or, in a framework,
     the model and optimizer state without the few small tensors its checkpoint adds): the room
-    covers 64-byte alignment of up to 16,384 storages plus small additions, so the first save
-    fits into it, and keeps a slot within about 1.6% of what its save needs.
+    covers 64-byte alignment of up to 16,384 storages plus small additions, so that the first
+    save fits into it.
     """
     return nbytes // 64 + (1 << 20)
 
 
 def adoptable(arena_nbytes: int, needed: int) -> bool:
     """Whether a save needing ``needed`` bytes keeps a reserved arena of ``arena_nbytes``: big
-    enough, and at most :func:`headroom` bigger (so the memory bound stays one checkpoint a slot)."""
-    return needed <= arena_nbytes <= needed + headroom(needed)
+    enough, and at most twice :func:`headroom` bigger. A reservation of ``n`` bytes then serves
+    a checkpoint from about ``n - headroom(n)`` to ``n + headroom(n)``, and a slot never holds
+    more than ``needed * 33/32 + 2 MiB``: the memory bound stays one checkpoint a slot."""
+    return needed <= arena_nbytes <= needed + 2 * headroom(needed)
 
 
 class HostArena:
