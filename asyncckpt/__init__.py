@@ -2,6 +2,7 @@
 
 Public API: :class:`AsyncCheckpointIO` (the engine), :class:`CheckpointIO` (the interface),
 :class:`TorchCheckpointIO` (durable ``torch.save``), :class:`SaveHandle` (what a save returns),
+:class:`Reservation` (what ``reserve()`` returns),
 the error types, and
 :func:`cleanup_temp_files`. Lightning and torch_xla integrations live in their own modules and
 are imported only when used.
@@ -9,6 +10,7 @@ are imported only when used.
 
 from ._engine.engine import AsyncCheckpointIO
 from ._engine.ops import SaveHandle
+from ._engine.reserve import Reservation
 from ._storage.local import cleanup_temp_files
 from ._storage.retry import RetryPolicy
 from ._storage.torch_io import TorchCheckpointIO
@@ -59,6 +61,7 @@ __all__ = [
     "QueueFullError",
     "RemoteStorageError",
     "RemoveSkippedError",
+    "Reservation",
     "RetryPolicy",
     "SaveHandle",
     "SaveStats",

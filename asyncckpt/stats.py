@@ -16,6 +16,9 @@ class SaveStats:
         staging_seconds: the part spent copying the checkpoint into host memory.
         write_seconds: time the writer spent serializing and committing the file.
         tensor_bytes: bytes of tensor data staged (the size of the copy).
+        allocated_bytes: staging memory allocated (and first touched) inside the call, part of
+            ``staging_seconds``; 0 when the slot's memory was reused, from an earlier save or
+            from :meth:`asyncckpt.AsyncCheckpointIO.reserve`.
     """
 
     path: str
@@ -24,6 +27,7 @@ class SaveStats:
     staging_seconds: float
     write_seconds: float
     tensor_bytes: int
+    allocated_bytes: int = 0
 
     @property
     def tensor_megabytes(self) -> float:

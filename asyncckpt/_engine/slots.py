@@ -32,6 +32,7 @@ class StagingBuffer:
     nbytes: int
     pinned: bool
     data_ptrs: Tuple[int, ...]  # of the views the last save staged into
+    reserved: bool = False  # made by ``reserve()`` (a save may adopt it; see asyncckpt._staging.arena.adoptable)
 
 
 _ERRORS_PENDING = object()
@@ -60,6 +61,8 @@ class SlotPool:
         self._errors = errors
         self._finish_lazy = finish_lazy or (lambda: None)
         self._copies_started = 0  # lazy copies started; under the lock
+        self._slots = list(self._free)  # every slot, free or not, in index order
+        self._reserving = 0  # slots a reservation holds; under the lock
 
     # -- the rule -------------------------------------------------------------------------
 
@@ -70,7 +73,8 @@ class SlotPool:
             return _ERRORS_PENDING
         if self._free:
             return self._take(key)
-        if self._when_full == "raise":
+        if self._when_full == "raise" and not self._reserving:
+            # (a slot a reservation holds is not full of a checkpoint: it comes back soon, ready)
             raise QueueFullError(
                 f"cannot save {key!r}: all {self._count} staging slots hold checkpoints "
                 f"still being written; {hint}, raise max_pending, or use when_full='wait'",
@@ -120,6 +124,25 @@ class SlotPool:
                 return self._free.pop(i)
         return self._free.pop()
 
+    # -- reservations ---------------------------------------------------------------------
+
+    def take_for_reservation(self) -> List[StagingSlot]:
+        """Take every free slot for a reservation (slots holding a checkpoint being written keep
+        their memory). A save arriving meanwhile waits for the first one given back, whatever
+        ``when_full``: it then finds its memory ready, and no slot is ever filled twice at once."""
+        with self._cond:
+            taken = sorted(self._free, key=lambda s: s.index)
+            self._free.clear()
+            self._reserving += len(taken)
+            return taken
+
+    def give_back_reserved(self, slot: StagingSlot) -> None:
+        """A reservation is done with ``slot``: free again, and the waiters woken."""
+        with self._cond:
+            self._reserving -= 1
+            self._free.append(slot)
+            self._cond.notify_all()
+
     # -- giving back, and read-outs -------------------------------------------------------
 
     def release(self, slot: StagingSlot) -> None:
@@ -152,7 +175,12 @@ class SlotPool:
         """A read-out of the free slots' host memory, in slot order (lock taken)."""
         with self._cond:
             slots = sorted(self._free, key=lambda s: s.index)
-            return [_buffer_of(s) for s in slots]
+            return [buffer_of(s) for s in slots]
+
+    def held_bytes(self) -> int:
+        """Staging memory every slot holds now, free, busy or being reserved (lock taken)."""
+        with self._cond:
+            return sum(slot.nbytes for slot in self._slots)
 
     def release_memory(self) -> None:
         """Free the host memory of every free slot (teardown)."""
@@ -161,7 +189,8 @@ class SlotPool:
                 slot.release_memory()
 
 
-def _buffer_of(slot: StagingSlot) -> StagingBuffer:
+def buffer_of(slot: StagingSlot) -> StagingBuffer:
+    """A read-out of ``slot``'s host memory (the caller holds the slot, or the lock)."""
     arena = slot.arena
     tensor = getattr(arena, "tensor", None)
     return StagingBuffer(
@@ -171,4 +200,5 @@ def _buffer_of(slot: StagingSlot) -> StagingBuffer:
         nbytes=slot.nbytes,
         pinned=bool(tensor is not None and tensor.is_pinned()),
         data_ptrs=tuple(v.data_ptr() for v in (slot.views or ())),
+        reserved=bool(arena is not None and arena.reserved),
     )

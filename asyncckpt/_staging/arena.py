@@ -12,11 +12,33 @@ import ctypes
 import itertools
 import mmap
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 ALIGN = 64
+
+#: Pages first touched per step of :meth:`HostArena.fault_in`, between looks at its ``stop``.
+FAULT_IN_STEP = 64 * 1024 * 1024
+
+
+def headroom(nbytes: int) -> int:
+    """Room a reservation of ``nbytes`` adds: 1/64 of it plus 1 MiB.
+
+    A reservation is made before the exact checkpoint exists (a byte count; or, in a framework,
+    the model and optimizer state without the few small tensors its checkpoint adds): the room
+    covers 64-byte alignment of up to 16,384 storages plus small additions, so that the first
+    save fits into it.
+    """
+    return nbytes // 64 + (1 << 20)
+
+
+def adoptable(arena_nbytes: int, needed: int) -> bool:
+    """Whether a save needing ``needed`` bytes keeps a reserved arena of ``arena_nbytes``: big
+    enough, and at most twice :func:`headroom` bigger. A reservation of ``n`` bytes then serves
+    a checkpoint from about ``n - headroom(n)`` to ``n + headroom(n)``, and a slot never holds
+    more than ``needed * 33/32 + 2 MiB``: the memory bound stays one checkpoint a slot."""
+    return needed <= arena_nbytes <= needed + 2 * headroom(needed)
 
 
 class HostArena:
@@ -33,6 +55,9 @@ class HostArena:
         self.id = next(HostArena._ids)
         self.nbytes = nbytes
         self.kind = kind
+        #: Made by a reservation and not yet planned by a save: a save may adopt it when it is
+        #: big enough, within :func:`adoptable` (an arena a save made is kept at its exact size).
+        self.reserved = False
         self.fd: Optional[int] = None
         if kind == "shared":
             self.fd = os.memfd_create(f"asyncckpt-arena-{self.id}", os.MFD_CLOEXEC)
@@ -53,6 +78,23 @@ class HostArena:
             self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         else:
             self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+
+    def fault_in(self, stop: Optional[Callable[[], bool]] = None) -> bool:
+        """Touch every page now, so that the first copy into the arena finds them mapped.
+
+        Fresh memory is mapped page by page on first write (a memfd's costs more), inside the
+        save call that first copies into it. Written with ``memset`` through ctypes, which
+        releases the GIL and starts no torch thread pool. Pinned memory is resident already.
+        Returns False if ``stop()`` said to stop between two steps of :data:`FAULT_IN_STEP`.
+        """
+        if self.kind == "pinned" or not self.nbytes:
+            return True
+        address = self.tensor.data_ptr()
+        for start in range(0, self.nbytes, FAULT_IN_STEP):
+            if stop is not None and stop():
+                return False
+            ctypes.memset(address + start, 0, min(FAULT_IN_STEP, self.nbytes - start))
+        return True
 
     def close_fd(self) -> None:
         """The writer process has its own mapping; the descriptor is no longer needed here."""

@@ -8,28 +8,37 @@ the slot pairs up, fixed by the layout.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import NotSerializableError
-from .arena import HostArena, build_views, byte_view, plan_groups, storages_in
+from .arena import HostArena, adoptable, build_views, byte_view, headroom, plan_groups, storages_in
 from .locations import is_device_location, locations_of
 from .protocol import Layout, StagingSlot
 from .skeleton import key_paths
 
-__all__ = ["copy_pairs", "plan", "prepare"]
+__all__ = ["copy_pairs", "plan", "prepare", "reserve_bytes"]
 
 
 def prepare(
-    slot: StagingSlot, tensors: List[torch.Tensor], skeleton: bytes, path: str, *, torch_save_rules: bool
+    slot: StagingSlot,
+    tensors: List[torch.Tensor],
+    skeleton: bytes,
+    path: str,
+    *,
+    torch_save_rules: bool,
+    reserving: bool = False,
+    stop: Optional[Callable[[], bool]] = None,
 ) -> Tuple[List[torch.UntypedStorage], int]:
     """Lay ``tensors`` out in ``slot`` (reusing its buffers when the layout repeats).
 
     Returns the distinct source storages, in the slot's group order, and their total bytes.
     ``skeleton`` and ``path`` name the tensors in an error; ``torch_save_rules`` (the wrapped IO
-    writes with torch.save) raises torch.save's refusals at the call.
+    writes with torch.save) raises torch.save's refusals at the call. ``reserving``: a
+    reservation lays the slot out ahead of its first save (see :func:`plan`).
     """
+    slot.allocated_bytes = 0
     storages: List[torch.UntypedStorage] = []
     storage_sizes: List[Tuple[str, int]] = []
     storage_keys: Dict[Any, int] = {}
@@ -69,12 +78,23 @@ def prepare(
     if slot.layout != layout:
         if torch_save_rules:
             _refuse_dtype_conflict(layout, skeleton, path)
-        plan(slot, layout, _whole_copy_flags(layout, tensors))
+        plan(slot, layout, _whole_copy_flags(layout, tensors), reserving=reserving, stop=stop)
     return storages, sum(nbytes for _, nbytes in layout[0])
 
 
-def plan(slot: StagingSlot, layout: Layout, whole_copy: Sequence[bool]) -> None:
-    """Lay the storages out in the slot's arena (reused when big enough) and build views."""
+def plan(
+    slot: StagingSlot,
+    layout: Layout,
+    whole_copy: Sequence[bool],
+    *,
+    reserving: bool = False,
+    stop: Optional[Callable[[], bool]] = None,
+) -> None:
+    """Lay the storages out in the slot's arena (reused when it fits) and build views.
+
+    ``reserving``: a new arena gets :func:`~asyncckpt._staging.arena.headroom` and every page
+    touched now (``stop`` may cut that short), off the save call that would otherwise pay both.
+    """
     storage_sizes, per_tensor = layout
     groups, total = plan_groups([nbytes for _, nbytes in storage_sizes])
     kind = slot.arena_kind
@@ -82,12 +102,19 @@ def plan(slot: StagingSlot, layout: Layout, whole_copy: Sequence[bool]) -> None:
         kind = "pinned"
     arena = slot.arena
     slot.release_memory()
-    # Keep the arena only when it is exactly the size needed: staging memory then stays
-    # within max_pending times the checkpoint's tensor bytes (plus alignment) whatever the
+    # Keep the arena when it is exactly the size needed, or a reserved one that fits with at
+    # most ``headroom`` to spare: staging memory then stays within max_pending times the
+    # checkpoint's tensor bytes (plus alignment, plus a reservation's headroom) whatever the
     # sizes saved before.
-    if arena is None or arena.kind != kind or arena.nbytes != total:
+    fits = arena is not None and arena.kind == kind and (
+        arena.nbytes == total or (arena.reserved and adoptable(arena.nbytes, total))
+    )
+    if not fits:
         arena = None  # drop the old block before allocating the new one
-        arena = HostArena(total, kind)
+        arena = _new_arena(total + headroom(total) if reserving else total, kind, reserving, stop)
+        if not reserving:
+            slot.allocated_bytes = arena.nbytes
+    assert arena is not None
     slot.arena = arena
     slot.groups = groups
     host_storages = storages_in(arena.tensor, groups, arena)
@@ -101,6 +128,26 @@ def plan(slot: StagingSlot, layout: Layout, whole_copy: Sequence[bool]) -> None:
     slot.layout = layout
     slot.whole_copy = list(whole_copy)
     slot.members = members
+
+
+def reserve_bytes(slot: StagingSlot, nbytes: int, kind: str, stop: Optional[Callable[[], bool]] = None) -> None:
+    """Give ``slot`` an arena for a checkpoint of about ``nbytes`` tensor bytes, plus
+    :func:`~asyncckpt._staging.arena.headroom`, every page touched, and no layout (its first
+    save plans into it). An arena the slot holds already is kept if it fits that need."""
+    arena = slot.arena
+    if arena is not None and arena.kind == kind and adoptable(arena.nbytes, nbytes):
+        return
+    slot.release_memory()
+    arena = None  # drop the old block before allocating the new one
+    slot.arena = _new_arena(nbytes + headroom(nbytes), kind, True, stop)
+
+
+def _new_arena(nbytes: int, kind: str, reserving: bool, stop: Optional[Callable[[], bool]]) -> HostArena:
+    arena = HostArena(nbytes, kind)
+    if reserving:
+        arena.reserved = True
+        arena.fault_in(stop)
+    return arena
 
 
 def _whole_copy_flags(layout: Layout, tensors: Sequence[torch.Tensor]) -> List[bool]:

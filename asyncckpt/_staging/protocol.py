@@ -103,6 +103,7 @@ class StagedCheckpoint:
     # and the same per storage group for the writer process (None: all CPU).
     locations: Dict[int, str] = field(default_factory=dict)
     group_locations: Optional[Tuple[str, ...]] = None
+    allocated_bytes: int = 0  # staging memory allocated by this save's call (0: reused)
 
     @classmethod
     def from_slot(
@@ -126,6 +127,7 @@ class StagedCheckpoint:
             wait_for_copies=wait_for_copies,
             locations=slot.locations if original_locations else {},
             group_locations=slot.group_locations if original_locations else None,
+            allocated_bytes=slot.allocated_bytes,
         )
 
     def materialize(self) -> Any:
@@ -163,6 +165,7 @@ class StagingSlot:
     # and how many saves in a row differed from it.
     warm: Optional[Any] = None
     warm_misses: int = 0
+    allocated_bytes: int = 0  # arena bytes the last save's layout allocated in its call (0: reused)
 
     @property
     def nbytes(self) -> int:

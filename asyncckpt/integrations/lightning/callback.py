@@ -40,6 +40,11 @@ class CallbackMixin:
       the ``save_last="link"`` path is waited for (so the link is not replaced by that file).
     - Warns once if a checkpoint was dumped but never reached the plugin (a strategy that
       saves on its own).
+    - ``reserve``: once the first optimizer step has made the optimizer's state (Adam's moments
+      exist only from then), asks the plugin to allocate and touch the staging memory of the
+      first saves on a background thread (:meth:`asyncckpt.AsyncCheckpointIO.reserve`), so that
+      the first checkpoint costs the training step what a later one does. On the saving rank,
+      for strategies that save one full checkpoint (not the sharded ones).
     - ``on_exception``: writes pending saves before Lightning tears down; a save failure is
       logged and noted on the training exception rather than replacing it.
     - ``teardown``: tears the engine down (covers a wrapping IO around ours that does not
@@ -51,14 +56,17 @@ class CallbackMixin:
 
     Args:
         log_stats: send per-save measurements to the trainer's loggers.
+        reserve: reserve the first saves' staging memory after the first optimizer step.
     """
 
     #: The package family whose ``Callback`` base the concrete class adds (set by that class).
     lightning_family: ClassVar["Family"]
 
-    def __init__(self, log_stats: bool = True) -> None:
+    def __init__(self, log_stats: bool = True, reserve: bool = True) -> None:
         super().__init__()
         self.log_stats = log_stats
+        self.reserve = reserve
+        self._reserved = False  # asked for this stage (or not wanted); a bool: the callback pickles
         self._io: Optional[CoreAsyncCheckpointIO] = None
         self._last_logged: Optional[SaveStats] = None
         self._expected_saves: Optional[int] = None
@@ -81,7 +89,9 @@ class CallbackMixin:
             )
             return
         self._io.flush()
-        connect(trainer.strategy, self._io)
+        sharded = connect(trainer.strategy, self._io)
+        # every rank saves its own shards there, restructured at the save: nothing to reserve from
+        self._reserved = sharded
         stats = self._io.stats
         self._last_logged = stats[-1] if stats else None
         self._expected_saves = None
@@ -123,7 +133,28 @@ class CallbackMixin:
             if last and self._io.will_exist(last) is not None:
                 self._io.wait_for(last)
 
+    def _reserve_staging(self, trainer: Any, pl_module: Any) -> None:
+        """After the first optimizer step, reserve staging memory for what a checkpoint holds
+        most of: the model's state and the optimizers' (the rest of Lightning's checkpoint is
+        small, within the reservation's headroom). Building the two state dicts is the only
+        work done here, on the training thread; the allocation runs on a thread of its own and
+        runs before ``ModelCheckpoint``'s hook (Lightning runs checkpoint callbacks last)."""
+        if not getattr(self, "reserve", False) or self._io is None or getattr(self, "_reserved", True):
+            return
+        if trainer.global_step < 1 or not trainer.is_global_zero:
+            return
+        state = {
+            "state_dict": pl_module.state_dict(),
+            "optimizer_states": [opt.state_dict() for opt in trainer.optimizers],
+        }
+        self._reserved = True
+        try:
+            self._io.reserve(state)
+        except Exception as err:  # noqa: BLE001 - an optimization: the first save allocates instead
+            log.warning("asyncckpt: could not reserve staging memory (the first save allocates it): %s", err)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._reserve_staging(trainer, pl_module)
         self._check_bypass(trainer)
         self._before_model_checkpoint(trainer)
         self._log_new_stats(trainer)
