@@ -15,10 +15,11 @@ round measures, side by side:
   save is done (``flush()``, ``teardown()``, the future's result).
 
 Each implementation saves twice per round to one path and the second save is timed (the first
-pays for staging memory; ``python -m bench.first_save`` measures that apart). Lightning's ``TorchCheckpointIO`` does not fsync:
-its figure is to written, not to durable. Figures are medians over rounds; ``x floor`` divides
-by the same round's write floor in the same folder, ``x (copy + write floor)`` by the sum of both
-floors (for a snapshot-then-write engine, the least it can take unless the two overlap).
+pays for staging memory; ``python -m bench.first_save`` measures that apart). Lightning's
+``TorchCheckpointIO`` does not fsync: its figure is to written, not to durable. Figures are
+medians over rounds; ``x floor`` divides by the same round's write floor in the same folder,
+``x (copy + write floor)`` by the sum of both floors (for a snapshot-then-write engine, the
+least it can take unless the two overlap).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 CODE = r'''
-import sys, time, json, tempfile, torch
+import sys, time, json, shutil, tempfile, torch
 torch.set_num_threads(1)
 from asyncckpt import AsyncCheckpointIO
 writer, staging, workload = sys.argv[1:4]
@@ -39,6 +39,7 @@ for i in range(6):
     io.flush()
     durable.append(time.perf_counter() - t)
 io.teardown()
+shutil.rmtree(folder)  # each round leaves nothing behind (on tmpfs, that is memory)
 print(json.dumps({"blocking": blocking, "durable": durable}))
 '''
 

@@ -309,5 +309,5 @@ def _hash_combine(seed: int, value: int) -> int:
     return (seed ^ ((value + 0x9E3779B9 + ((seed << 6) & _MASK64) + (seed >> 2)) & _MASK64)) & _MASK64
 
 
-if sys.byteorder != "little":  # the id and the struct formats above assume it, as torch does
-    _API = None
+if sys.byteorder != "little" or not hasattr(os, "pwrite"):
+    _API = None  # the id and the struct formats assume little-endian, as torch does; Windows has no pwrite
