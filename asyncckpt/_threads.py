@@ -8,11 +8,18 @@ the handler (our SIGTERM drain, a user's own) runs late or never. Every thread a
 therefore starts with the asynchronous signals blocked, and the kernel delivers them to a thread
 that can act on them. Signals raised by a fault in the thread itself (SIGSEGV, SIGBUS, SIGFPE,
 SIGILL, SIGTRAP, SIGSYS, SIGABRT) and SIGPIPE stay unblocked: blocking those hides the fault.
+
+A blocked mask is inherited by whatever a thread starts: a subprocess (across ``exec``) or a
+forked child. So user code that runs on one of our threads (the wrapped IO's save, on the thread
+writer) runs with the process's signals allowed (:func:`signals_as_the_process`), and a child
+forked from one of our threads gets them back (an at-fork hook): a child process must answer
+SIGTERM as usual.
 """
 
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,9 +57,49 @@ def signals_kept_for_main() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+_ours = threading.local()  # ``blocked`` is True on the threads started here
+
+
+def _mark() -> None:
+    _ours.blocked = True
+
+
+def _marked(target: Callable[..., object]) -> Callable[..., object]:
+    def run(*args: Any) -> object:
+        _ours.blocked = True
+        return target(*args)
+
+    return run
+
+
+@contextmanager
+def signals_as_the_process() -> Iterator[None]:
+    """On one of our threads, allow the asynchronous signals while the body runs user code, so
+    that what it starts (a subprocess, a process pool) does not inherit our block."""
+    if not CAN_BLOCK or not getattr(_ours, "blocked", False):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, KEPT_FOR_MAIN)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _after_fork_in_child() -> None:
+    # The forking thread is the child's only thread: its main thread, which must take signals.
+    if CAN_BLOCK and getattr(_ours, "blocked", False):
+        _ours.blocked = False
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, KEPT_FOR_MAIN)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def start_thread(target: Callable[[], object], name: str, daemon: bool = True) -> threading.Thread:
     """Start a ``threading.Thread`` that leaves the process's signals to the main thread."""
-    thread = threading.Thread(target=target, name=name, daemon=daemon)
+    thread = threading.Thread(target=_marked(target), name=name, daemon=daemon)
     with signals_kept_for_main():
         thread.start()
     return thread
@@ -62,12 +109,12 @@ def start_raw_thread(target: Callable[[], object]) -> None:
     """Start a bare ``_thread`` thread (no ``threading`` bookkeeping; returns without waiting for
     it to run) that leaves the process's signals to the main thread."""
     with signals_kept_for_main():
-        _thread.start_new_thread(target, ())
+        _thread.start_new_thread(_marked(target), ())
 
 
 def start_timer(interval: float, function: Callable[..., object], args: tuple = ()) -> threading.Timer:
     """Start a daemon ``threading.Timer`` that leaves the process's signals to the main thread."""
-    timer = threading.Timer(interval, function, args)
+    timer = threading.Timer(interval, _marked(function), args)
     timer.daemon = True
     with signals_kept_for_main():
         timer.start()
@@ -82,7 +129,7 @@ class ThreadPool(ThreadPoolExecutor):
     """
 
     def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
-        super().__init__(max_workers, thread_name_prefix=thread_name_prefix)
+        super().__init__(max_workers, thread_name_prefix=thread_name_prefix, initializer=_mark)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> "Future[Any]":
         with signals_kept_for_main():

@@ -8,7 +8,7 @@ import threading
 from typing import Any, Deque, Optional
 
 from .._staging.locations import recorded_as
-from .._threads import start_thread
+from .._threads import signals_as_the_process, start_thread
 from ..errors import WriterDiedError
 from .base import (
     Operation,
@@ -114,8 +114,9 @@ class ThreadWriter:
                         except Exception as err:
                             abort_collective_save(self._io, op, err)
                             raise
-                    # the file records each staged storage's original device, as torch.save would
-                    with recorded_as(op.staged.locations if op.kind == "save" else None):
+                    # the file records each staged storage's original device, as torch.save would;
+                    # the wrapped IO is user code: what it starts must answer signals as usual
+                    with recorded_as(op.staged.locations if op.kind == "save" else None), signals_as_the_process():
                         perform(self._io, op, checkpoint)
                 except Exception as err:  # noqa: BLE001 - reported through the operation
                     error = err

@@ -125,3 +125,47 @@ def test_no_module_starts_a_thread_but_through_the_helpers():
                     if called in _THREAD_STARTERS:
                         found.append(f"{os.path.relpath(path, package)}:{node.lineno} {called}")
     assert not found, "start threads through asyncckpt._threads: " + ", ".join(found)
+
+
+def test_a_subprocess_started_by_the_wrapped_io_answers_signals(tmp_path):
+    """The block is inherited across exec: the wrapped IO (user code, on the thread writer) runs
+    with the process's signals allowed, so a subprocess it starts can be stopped by SIGTERM."""
+    import subprocess
+
+    from asyncckpt import TorchCheckpointIO
+
+    seen = {}
+
+    class SpawningIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            out = subprocess.run(["grep", "SigBlk", "/proc/self/status"], capture_output=True, text=True)
+            seen["mask"] = int(out.stdout.split()[1], 16)
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    io = AsyncCheckpointIO(SpawningIO(), handle_sigterm=False)
+    try:
+        io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "a.ckpt")
+        io.flush()
+    finally:
+        io.teardown()
+    assert not seen["mask"] & (1 << (int(signal.SIGTERM) - 1)), hex(seen["mask"])
+
+
+def test_a_child_forked_from_one_of_our_threads_answers_signals():
+    from asyncckpt import _threads
+
+    result = {}
+
+    def fork_and_report():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            os.write(w, b"1" if signal.SIGTERM in blocked else b"0")
+            os._exit(0)
+        os.close(w)
+        result["child_blocks_sigterm"] = os.read(r, 1) == b"1"
+        os.waitpid(pid, 0)
+
+    _threads.start_thread(fork_and_report, name="asyncckpt-probe").join()
+    assert result == {"child_blocks_sigterm": False}
