@@ -19,6 +19,7 @@ SIGTERM as usual.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import signal
 import threading
@@ -40,21 +41,27 @@ KEPT_FOR_MAIN: frozenset = frozenset(signal.valid_signals() - _SYNCHRONOUS) if C
 
 
 @contextmanager
-def signals_kept_for_main() -> Iterator[None]:
+def _mask(how: int, when: bool = True) -> Iterator[None]:
+    """``pthread_sigmask(how, KEPT_FOR_MAIN)`` on this thread while the body runs, then the mask
+    as it was (nothing where masks do not exist, or ``when`` is false)."""
+    if not CAN_BLOCK or not when:
+        yield
+        return
+    old = signal.pthread_sigmask(how, KEPT_FOR_MAIN)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def signals_kept_for_main() -> "contextlib.AbstractContextManager[None]":
     """Block the asynchronous signals on this thread while the body runs.
 
     Threads inherit the mask of the thread that starts them, so a thread started inside this
     block runs with them blocked from its first instruction. A signal that arrives meanwhile
     stays pending and is delivered when the block ends (or to another thread at once).
     """
-    if not CAN_BLOCK:
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, KEPT_FOR_MAIN)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return _mask(getattr(signal, "SIG_BLOCK", 0))
 
 
 _ours = threading.local()  # ``blocked`` is True on the threads started here
@@ -72,18 +79,10 @@ def _marked(target: Callable[..., object]) -> Callable[..., object]:
     return run
 
 
-@contextmanager
-def signals_as_the_process() -> Iterator[None]:
+def signals_as_the_process() -> "contextlib.AbstractContextManager[None]":
     """On one of our threads, allow the asynchronous signals while the body runs user code, so
     that what it starts (a subprocess, a process pool) does not inherit our block."""
-    if not CAN_BLOCK or not getattr(_ours, "blocked", False):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, KEPT_FOR_MAIN)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return _mask(getattr(signal, "SIG_UNBLOCK", 0), when=getattr(_ours, "blocked", False))
 
 
 def _after_fork_in_child() -> None:
