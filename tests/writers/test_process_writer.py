@@ -422,6 +422,9 @@ def test_a_hand_over_interrupted_by_an_exception_from_a_signal_handler_keeps_the
             io.save_checkpoint({{"v": 0}}, os.path.join(folder, "first.ckpt"))
             if {how!r} == "sigint":
                 sig = signal.SIGINT
+                # Python's own Ctrl-C handler: a background job (a CI runner started with '&')
+                # inherits SIGINT ignored, and Python then installs none, so Ctrl-C did nothing.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             else:
                 sig = signal.SIGTERM
                 signal.signal(signal.SIGTERM, users_handler)  # replaces asyncckpt's
