@@ -18,6 +18,7 @@ Where torch's writer is not the one this was built against (another signature), 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -197,9 +198,14 @@ def save_to_file(obj: Any, file: Any, threads: int) -> None:
         inner = make_writer(file, False, alignment())
         try:
             save(obj, _CrcWriter(inner, crcs), pickle, 2, False)  # torch.save's defaults
-        finally:
-            # Always, as torch.save does: a writer dropped unfinished aborts the process.
-            inner.write_end_of_file()
+        except BaseException:
+            # Finished whatever happened (a writer dropped unfinished aborts the process), and
+            # the error raised is the save's (a refused object, the disk's errno), not a second
+            # failure of the writer on the same broken file.
+            with contextlib.suppress(Exception):
+                inner.write_end_of_file()
+            raise
+        inner.write_end_of_file()
         del inner
         file.flush()
         _fill_crcs(file, crcs)
