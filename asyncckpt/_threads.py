@@ -73,7 +73,7 @@ def _mark() -> None:
 
 def _marked(target: Callable[..., object]) -> Callable[..., object]:
     def run(*args: Any) -> object:
-        _ours.blocked = True
+        _mark()
         return target(*args)
 
     return run

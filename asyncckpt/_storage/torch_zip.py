@@ -131,7 +131,6 @@ class _Crcs:
 
     def __init__(self, pool: Optional[ThreadPool]) -> None:
         self.pool = pool
-        self.order: List[str] = []
         self.pieces: Dict[str, List[Tuple[Any, int]]] = {}  # name -> [(crc or Future, length)]
 
     def add(self, name: str, data: Any, nbytes: int) -> None:
@@ -142,7 +141,6 @@ class _Crcs:
         else:
             buffer = memoryview(data).cast("B")
         buffer = buffer[:nbytes]
-        self.order.append(name)
         if self.pool is None or nbytes < CHUNK:
             if self.pool is None or nbytes < (1 << 20):
                 self.pieces[name] = [(crc32(buffer), nbytes)]
