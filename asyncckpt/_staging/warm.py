@@ -11,7 +11,10 @@ built from: its storage's identity (``_cdata``, an integer: no reference that wo
 user's memory alive) and size, dtype, shape, stride, offset and ``requires_grad``. A later save
 (:func:`reuse`) pickles the skeleton with the lean pass
 (:func:`~asyncckpt._staging.skeleton.split_lean`), reads those same attributes of every tensor
-with ``map`` (C loops, no Python frame per tensor) and compares the lists whole. Equal lists
+with ``map`` (C loops, no Python frame per tensor) and compares the lists whole; where torch
+has the C check its compiler guards tensors with (``TensorGuards``: type, dispatch keys, dtype,
+device, ``requires_grad``, shape and stride of every tensor in one call, five times faster than
+reading them), that check stands in for most of the reads (:func:`tensor_guards`). Equal lists
 mean the layout is the one the slot holds, storage for storage: the same tensors share the same
 storages as before, so the slot's views and copy plan stand. Anything else (a key added or
 removed, a dtype, shape, stride or offset changed, a tensor replaced by one on another storage,
@@ -22,15 +25,16 @@ non-tensor state (epoch, step, ...) is pickled anew at every save either way.
 A storage id may be taken by a new storage once the old one is freed; that is harmless: within
 one call every storage compared is alive, so equal id lists mean the same partition into
 storages, and the sizes are compared too. Small whole tensors are copied on the copier's helper
-thread while the checks run; a copy whose check then fails only wrote the slot's own views,
-and the full path copies everything again.
+thread while the checks run (with the guards, three quarters of them there and the rest on the
+caller's thread once its checks are done); a copy whose check then fails only wrote the slot's
+own views, and the full path copies everything again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,7 +44,7 @@ from .copier import CopyPlan, ParallelCopier
 from .protocol import Layout, StagingSlot
 from .skeleton import split_lean
 
-__all__ = ["MAX_MISSES", "Reused", "WarmCache", "record", "reuse"]
+__all__ = ["MAX_MISSES", "Reused", "WarmCache", "record", "reuse", "tensor_guards"]
 
 #: After this many saves in a row whose structure differed from the recorded one, a slot stops
 #: recording: a checkpoint whose storages change at every save (fresh clones) would only pay
@@ -65,6 +69,61 @@ _is_conj = torch.Tensor.is_conj
 _attributes = attrgetter("__dict__")
 
 
+def _works(check_class: Callable[..., Any]) -> bool:
+    """Whether ``check_class`` is the check meant: it passes an equal tensor and fails one that
+    differs in each thing it must see."""
+    def guards_of(t: torch.Tensor) -> Any:
+        return check_class(t, dynamic_dims_sizes=[list(t.size())], dynamic_dims_strides=[list(t.stride())])
+
+    base = torch.zeros(2, 3)
+    guards = guards_of(base)
+    z = torch.zeros(2, 3, dtype=torch.complex64)
+    return (
+        guards.check(torch.ones(2, 3)) is True
+        and guards.check(torch.zeros(3, 2)) is False  # shape
+        and guards.check(torch.zeros(3, 2).t()) is False  # stride
+        and guards.check(torch.zeros(2, 3, dtype=torch.int32)) is False  # dtype
+        and guards.check(torch.zeros(2, 3, requires_grad=True)) is False
+        and guards.check(torch.zeros(2, 3)._neg_view()) is False  # the negative bit
+        and guards.check(torch.nn.Parameter(torch.zeros(2, 3), requires_grad=False)) is False  # type
+        and guards_of(z).check(z.conj()) is False  # the conjugate bit
+    )
+
+
+def _guards_class() -> Optional[Callable[..., Any]]:
+    try:  # private to torch's compiler: present since torch 2.0, with no promise of its shape
+        from torch._C._dynamo.guards import TensorGuards
+
+        return TensorGuards if _works(TensorGuards) else None
+    except Exception:  # noqa: BLE001 - absent, or another shape: the attribute reads stand
+        return None
+
+
+#: The class of :func:`tensor_guards`; None (no such check in this torch, or a test switching it
+#: off) leaves every attribute to be read.
+GUARDS_CLASS: Optional[Callable[..., Any]] = _guards_class()
+
+
+def tensor_guards(tensors: Sequence[torch.Tensor]) -> Optional[Any]:
+    """One C check of ``tensors``' types, dispatch keys (device, layout, the negative and
+    conjugate bits), dtypes, devices, ``requires_grad``, shapes and strides, or None.
+
+    It is torch's compiler's own tensor check, built with every size and stride fixed; it keeps
+    no reference to the tensors. :func:`_works` tried it once on tensors made for the purpose.
+    """
+    if GUARDS_CLASS is None or not tensors:
+        return None
+    try:
+        guards = GUARDS_CLASS(
+            *tensors,
+            dynamic_dims_sizes=[list(t.size()) for t in tensors],
+            dynamic_dims_strides=[list(t.stride()) for t in tensors],
+        )
+        return guards if guards.check(*tensors) is True else None
+    except Exception:  # noqa: BLE001 - the attribute reads work for any tensor
+        return None
+
+
 @dataclass
 class WarmCache:
     """Per staged tensor, the attributes the slot's layout was built from (no tensor references
@@ -79,6 +138,7 @@ class WarmCache:
     offsets: List[int]
     requires_grad: List[bool]
     complex_items: List[int]  # the only tensors that can carry the conjugate bit
+    guards: Optional[Any]  # tensor_guards() of the tensors recorded; None: every attribute is read
     first_members: List[int]  # per storage group, its first tensor
     tensor_bytes: int
     on_cpu: bool  # every storage is on the CPU: reuse() copies (else the stager's device copy)
@@ -159,6 +219,7 @@ def record(slot: StagingSlot, tensors: List[Any], tensor_bytes: int) -> None:
         offsets=offsets,
         requires_grad=grads,
         complex_items=[i for i, dtype in enumerate(dtypes) if dtype.is_complex],
+        guards=tensor_guards(tensors),
         first_members=[first[group] for group in range(len(layout[0]))],
         tensor_bytes=tensor_bytes,
         on_cpu=not on_cuda,
@@ -194,6 +255,12 @@ def reuse(slot: StagingSlot, checkpoint: Any, copier: Optional[ParallelCopier] =
     return Reused(lean[0], lean[1], [storages[i] for i in cache.first_members], cache.tensor_bytes, copied)  # type: ignore[index]
 
 
+#: Where the guards check the tensors (:func:`tensor_guards`), this share of the small copies
+#: goes to the helper thread and the rest is copied here once the remaining checks are done,
+#: which take about a third as long as the copy.
+HELPER_SHARE = 0.75
+
+
 def _check_and_copy(
     cache: WarmCache, tensors: List[torch.Tensor], copier: Optional[ParallelCopier]
 ) -> Optional[Tuple[List[torch.UntypedStorage], bool]]:
@@ -204,34 +271,54 @@ def _check_and_copy(
     by the negative and conjugate bits (views of the same memory) and by attributes set on the
     tensor: device and layout come with the storage (sparse and MKL-DNN tensors have none, and
     raise), a nested tensor has no strides (raises), and a quantized tensor has a dtype of its own.
+
+    The small copies start as soon as the tensors are known to be on the slot's devices with
+    its dtypes and shapes (the guards, or the same storages), while the rest is checked: they
+    only ever write the slot's views, and a failed check has the full path copy again.
     """
     if len(tensors) != len(cache.storage_ids):
         return None
+    guards = cache.guards
+    storages: Optional[List[torch.UntypedStorage]] = None
     try:
-        storages = list(map(_storage_of, tensors))
-        if list(map(_storage_id, storages)) != cache.storage_ids:
-            return None
+        if guards is not None:
+            if guards.check(*tensors) is not True:
+                return None
+        else:
+            storages = list(map(_storage_of, tensors))
+            if list(map(_storage_id, storages)) != cache.storage_ids:
+                return None
     except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
         return None
-    # The same storages as the slot's layout was built from (so on the same devices): the
-    # small copies can start while the rest is checked; they only ever write the slot's views.
     small_src = tensors if cache.small_items is None else [tensors[i] for i in cache.small_items]
-    running = copier.start(cache.small_dst, small_src) if copier is not None else None
+    small_dst = cache.small_dst
+    shared = len(small_dst) if guards is None else int(len(small_dst) * HELPER_SHARE)
+    running = copier.start(small_dst[:shared], small_src[:shared]) if copier is not None else None
     try:
-        same = _same(cache, tensors, storages)
+        if storages is None:
+            try:
+                storages = list(map(_storage_of, tensors))
+                same = list(map(_storage_id, storages)) == cache.storage_ids and _same_rest(cache, tensors, storages)
+            except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
+                same = False
+        else:
+            same = _same(cache, tensors, storages)
+        if same and running is not None and shared < len(small_dst):
+            with torch.no_grad():
+                torch._foreach_copy_(small_dst[shared:], small_src[shared:])
     finally:
         if running is not None:
             try:
                 ParallelCopier.wait(running)
             except Exception:  # noqa: BLE001 - a changed tensor that cannot be copied: the check fails
                 same = False
-    if not same:
+    if not same or storages is None:
         return None
     if copier is None:
         return storages, False
     with torch.no_grad():
-        if running is None and cache.small_dst:
-            cache.small_plan = copier.copy(cache.small_dst, small_src, cache.small_plan)
+        if running is None and small_dst:
+            cache.small_plan = copier.copy(small_dst, small_src, cache.small_plan)
         if cache.rest_dst:
             firsts = cache.first_members
             rest_src = [tensors[i] if i >= 0 else byte_view(storages[firsts[g]]) for g, i in cache.rest_sources]
@@ -239,7 +326,18 @@ def _check_and_copy(
     return storages, True
 
 
+def _same_rest(cache: WarmCache, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]) -> bool:
+    """What the guards do not see: how much storage there is, where in it each tensor starts,
+    and attributes set on a tensor."""
+    return (
+        list(map(_storage_bytes, storages)) == cache.storage_bytes
+        and list(map(_offset, tensors)) == cache.offsets
+        and not any(map(_attributes, tensors))
+    )
+
+
 def _same(cache: WarmCache, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]) -> bool:
+    """Every attribute read and compared: where there are no guards."""
     try:
         nbytes, dtypes, sizes, strides, offsets, grads = _read(tensors, storages)
     except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides

@@ -9,7 +9,9 @@ and both staging modes (lazy with and without tensors large enough to be copied 
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -141,6 +143,23 @@ CHANGES: Dict[str, Callable[[Dict[str, Any], State], None]] = {
 }
 
 
+@pytest.fixture(params=["guards", "reads"])
+def checks(request, monkeypatch) -> str:
+    """Both ways a warm save checks the structure: torch's C tensor guards where this torch has
+    them, and every attribute read and compared."""
+    if request.param == "guards":
+        if warm.GUARDS_CLASS is None:
+            pytest.skip("this torch has no tensor guards that work as warm.py expects")
+    else:
+        monkeypatch.setattr(warm, "GUARDS_CLASS", None)
+    return request.param
+
+
+def _checked_as(cache: Any, checks: str) -> None:
+    assert isinstance(cache, warm.WarmCache)
+    assert (cache.guards is not None) == (checks == "guards")
+
+
 @pytest.fixture(scope="module")
 def engines():
     made: Dict[str, AsyncCheckpointIO] = {}
@@ -197,7 +216,7 @@ def _sharing(obj: Any) -> List[int]:
 
 @pytest.mark.parametrize("change", list(CHANGES))
 @pytest.mark.parametrize("mode", list(MODES))
-def test_a_changed_structure_is_saved_as_torch_save_writes_it(tmp_path, engines, mode, change):
+def test_a_changed_structure_is_saved_as_torch_save_writes_it(tmp_path, engines, mode, change, checks):
     io = _engine(engines, mode)
     state = State(MODES[mode]["large"])
     for step in range(3):
@@ -205,7 +224,7 @@ def test_a_changed_structure_is_saved_as_torch_save_writes_it(tmp_path, engines,
         io.flush()
     # The structure repeated: the slot holds what it learned, and the next save checks against it.
     slot = _only_slot(io)
-    assert isinstance(slot.warm, warm.WarmCache)
+    _checked_as(slot.warm, checks)
     ckpt = state.checkpoint(10)
     CHANGES[change](ckpt, state)
     expected_path = os.path.join(tmp_path, "expected.ckpt")
@@ -226,7 +245,7 @@ def test_a_changed_structure_is_saved_as_torch_save_writes_it(tmp_path, engines,
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_a_warm_save_reuses_the_slot_and_holds_no_tensor_of_the_user(tmp_path, engines, mode):
+def test_a_warm_save_reuses_the_slot_and_holds_no_tensor_of_the_user(tmp_path, engines, mode, checks):
     io = _engine(engines, mode)
     state = State(MODES[mode]["large"])
     for step in range(3):
@@ -234,7 +253,7 @@ def test_a_warm_save_reuses_the_slot_and_holds_no_tensor_of_the_user(tmp_path, e
         io.flush()
     slot = _only_slot(io)
     cache, layout = slot.warm, slot.layout
-    assert isinstance(cache, warm.WarmCache)
+    _checked_as(cache, checks)
     for step in range(3, 6):
         io.save_checkpoint(state.checkpoint(step), os.path.join(tmp_path, "x.ckpt"))
         io.flush()
@@ -264,7 +283,7 @@ def test_a_structure_that_changes_at_every_save_stops_being_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_tensors_that_require_grad_are_reused_too(tmp_path, engines, mode):
+def test_tensors_that_require_grad_are_reused_too(tmp_path, engines, mode, checks):
     io = _engine(engines, mode)
     state = State(MODES[mode]["large"])
     leaf = torch.randn(16, requires_grad=True)  # a plain tensor that requires grad: staged as one
@@ -273,7 +292,7 @@ def test_tensors_that_require_grad_are_reused_too(tmp_path, engines, mode):
         io.flush()
     slot = _only_slot(io)
     cache = slot.warm
-    assert isinstance(cache, warm.WarmCache)
+    _checked_as(cache, checks)
     for step in range(3, 5):
         with torch.no_grad():
             leaf.add_(1.0)
@@ -282,3 +301,58 @@ def test_tensors_that_require_grad_are_reused_too(tmp_path, engines, mode):
         assert slot.warm is cache, "the warm save missed"
         saved = load(os.path.join(tmp_path, "x.ckpt"))
         assert saved["leaf"].requires_grad and torch.equal(saved["leaf"], leaf.detach())
+
+
+def test_the_guards_keep_no_tensor_of_the_user_alive():
+    if warm.GUARDS_CLASS is None:
+        pytest.skip("this torch has no tensor guards that work as warm.py expects")
+    base = torch.randn(64)
+    views = [base[:32].view(4, 8), base[32:]]
+    guards = warm.tensor_guards(views)
+    assert guards is not None
+    assert guards.check(base[:32].view(4, 8), base[32:]) is True
+    assert guards.check(base[:32].view(8, 4), base[32:]) is False
+    alive = weakref.ref(base)
+    watched = [weakref.ref(v) for v in views]
+    del base, views
+    gc.collect()
+    assert alive() is None and all(w() is None for w in watched)
+
+
+class _PassesEverything:
+    """A stand-in for a torch whose ``TensorGuards`` has another meaning (fault injection: no
+    torch release we can install has one)."""
+
+    def __init__(self, *tensors: Any, **options: Any) -> None:
+        pass
+
+    def check(self, *tensors: Any) -> bool:
+        return True
+
+
+def test_a_check_that_does_not_see_changes_is_not_used(monkeypatch):
+    assert warm._works(_PassesEverything) is False
+    monkeypatch.setattr(warm, "GUARDS_CLASS", None)
+    assert warm.tensor_guards([torch.randn(3)]) is None
+
+
+def test_a_warm_save_of_many_small_tensors_splits_its_copy_and_saves_every_value(tmp_path, checks):
+    """Thousands of small tensors: the copy is shared between the helper thread and the caller
+    (guards) or left to the helper (reads); every value reaches the file, at every save."""
+    io = AsyncCheckpointIO(writer="thread", staging="eager", max_pending=1)
+    try:
+        params = [torch.full((4,), float(i)) for i in range(2000)]
+        path = os.path.join(tmp_path, "many.ckpt")
+        for step in range(5):
+            for i, p in enumerate(params):
+                p.fill_(float(i * 10 + step))
+            io.save_checkpoint({"step": step, "params": {str(i): p.view(2, 2) for i, p in enumerate(params)}}, path)
+            for p in params:  # after the call: the file must hold the values at the call
+                p.fill_(-1.0)
+            io.flush()
+            saved = load(path)
+            assert saved["step"] == step
+            assert [int(saved["params"][str(i)][0, 0]) for i in range(2000)] == [i * 10 + step for i in range(2000)]
+        _checked_as(_only_slot(io).warm, checks)
+    finally:
+        io.teardown()
