@@ -304,8 +304,11 @@ def _check_and_copy(
         else:
             same = _same(cache, tensors, storages)
         if same and running is not None and shared < len(small_dst):
-            with torch.no_grad():
-                torch._foreach_copy_(small_dst[shared:], small_src[shared:])
+            try:
+                with torch.no_grad():
+                    torch._foreach_copy_(small_dst[shared:], small_src[shared:])
+            except Exception:  # noqa: BLE001 - the full path copies again, and raises what is real
+                same = False
     finally:
         if running is not None:
             try:
