@@ -25,6 +25,13 @@ that it does not swamp the loop's figure); next step ms (median time of the step
 a copy the training stream waited for shows here); write ms (the engine's own write time per
 save, asyncckpt rows); GPU MB (peak GPU memory above the baseline's); host MB (peak RSS).
 Writes ``cuda_step.json`` and ``cuda_step.png`` (step times around a save) into ``--out``.
+
+``--first-save``: what the first saves cost a loop, with and without ``reserve()``. Each of
+``thread`` (eager) and ``thread + reserve()`` gets one engine that runs the loop twice: the first
+loop holds its first saves (each slot's memory made inside the call, or reserved with
+``io.reserve(checkpoint)`` just before the loop, as the Lightning callback does after the first
+optimizer step), the second is warm. Columns: lost % of each loop against the baseline's, their
+difference in percentage points, and the first save's blocking ms. Writes ``cuda_first_save.json``.
 """
 
 from __future__ import annotations
@@ -46,14 +53,32 @@ from ._measure import RssSampler, state_tensors, tensor_bytes
 
 IMPLS = ("none", "sync", "lightning", "dcp", "thread", "lazy")
 
+#: "cpu" for ``--cpu-dry-run``: the same code on the CPU, to try the script before device time
+#: is spent on it (its figures mean nothing).
+DEVICE = "cuda"
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (a dry run: no figure means anything)"
+
+
+def _empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
 
 def build(ckpt_gb: float, width: int, batch: int) -> Dict[str, Any]:
     """Model, optimizer and one training step, sized so that params + Adam state ~ ckpt_gb."""
     params = ckpt_gb * 2**30 / 4 / 3  # fp32, parameter + exp_avg + exp_avg_sq
     layers = max(1, round(params / (width * width)))
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).cuda()
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).to(DEVICE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-6, fused=True)
-    x = torch.randn(batch, width, device="cuda")
+    x = torch.randn(batch, width, device=DEVICE)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=False)
@@ -61,7 +86,7 @@ def build(ckpt_gb: float, width: int, batch: int) -> Dict[str, Any]:
         optimizer.step()
 
     step()  # Adam's state exists from here on
-    torch.cuda.synchronize()
+    _sync()
     return {"model": model, "optimizer": optimizer, "step": step, "layers": layers}
 
 
@@ -71,34 +96,41 @@ def checkpoint(run: Dict[str, Any], step: int) -> Dict[str, Any]:
 
 def copy_floor_seconds(tensors: List[torch.Tensor], repeats: int = 3) -> float:
     """Median time of one device-to-host copy of ``tensors`` into warm pinned buffers."""
-    buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=DEVICE == "cuda") for t in tensors]
     times = []
     for _ in range(repeats + 1):
-        torch.cuda.synchronize()
+        _sync()
         started = time.perf_counter()
         for dst, src in zip(buffers, tensors, strict=True):
             dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - started)
     del buffers
     return statistics.median(times[1:])
 
 
-def run_once(run: Dict[str, Any], impl: str, args: argparse.Namespace, folder: str) -> Dict[str, Any]:
-    saver = None if impl == "none" else make_saver(impl, max_pending=2)
+def run_once(
+    run: Dict[str, Any], impl: str, args: argparse.Namespace, folder: str, saver: Any = None
+) -> Dict[str, Any]:
+    """One loop of ``args.steps`` steps with a save every ``args.every``; a ``saver`` given is
+    used and left open (``--first-save`` runs two loops on one engine), else one is made."""
+    owned = saver is None
+    if owned:
+        saver = None if impl == "none" else make_saver(impl, max_pending=2)
     step = run["step"]
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
+    _sync()
     gc.collect()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     step_seconds, blocking, saved_at = [], [], []
     with RssSampler() as rss:
         started = time.perf_counter()
         for i in range(1, args.steps + 1):
             t0 = time.perf_counter()
             step()
-            torch.cuda.synchronize()  # the loop reads its loss: the step ends when the GPU is done
+            _sync()  # the loop reads its loss: the step ends when the GPU is done
             if saver is not None and i % args.every == 0:
                 s0 = time.perf_counter()
                 saver.save(checkpoint(run, i), saver.path_for(folder, str((i // args.every) % 2)))
@@ -109,9 +141,9 @@ def run_once(run: Dict[str, Any], impl: str, args: argparse.Namespace, folder: s
         if saver is not None:
             saver.wait()
         total = time.perf_counter() - started
-    peak_gpu = torch.cuda.max_memory_allocated()
+    peak_gpu = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
     stats = saver.engine_stats() if saver is not None else []
-    if saver is not None:
+    if saver is not None and owned:
         saver.close()
     return {
         "loop_seconds": loop,
@@ -140,10 +172,18 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--tmp", default=None, help="folder for checkpoint files (default: system temp)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--first-save", action="store_true",
+                        help="the first saves' cost, with and without reserve() (see the module docstring)")
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="run the same code on the CPU (try the script before a GPU session; no figures)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = "cpu" if args.cpu_dry_run else "cuda"
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench.cuda_step needs a CUDA device; none is visible here", file=sys.stderr)
         return 2
+    if args.first_save:
+        return first_save(args)
     impls = ["none", *[i for i in args.impls if i != "none"]]
     torch.backends.cuda.matmul.allow_tf32 = False
     run = build(args.ckpt_gb, args.width, args.batch)
@@ -152,7 +192,7 @@ def main(argv: List[str] | None = None) -> int:
     floor = copy_floor_seconds(tensors)
     del tensors
     print(
-        f"{torch.cuda.get_device_name()}: {run['layers']} x Linear({args.width}), checkpoint "
+        f"{_device_name()}: {run['layers']} x Linear({args.width}), checkpoint "
         f"{nbytes / 2**20:.0f} MB, copy floor (device to pinned host) {floor * 1e3:.1f} ms "
         f"= {nbytes / floor / 1e9:.1f} GB/s; {args.steps} steps, a save every {args.every}, {args.rounds} rounds",
         flush=True,
@@ -172,7 +212,7 @@ def main(argv: List[str] | None = None) -> int:
                 last = results[impl][-1]
                 print(f"  round {r + 1} {impl:10s} total {last['total_seconds']:.2f} s", flush=True)
                 gc.collect()
-                torch.cuda.empty_cache()
+                _empty_cache()
     base = results["none"]
     base_loop = statistics.median(x["loop_seconds"] for x in base)
     base_gpu = min(x["peak_gpu_bytes"] for x in base)
@@ -219,7 +259,7 @@ def main(argv: List[str] | None = None) -> int:
         print()
     os.makedirs(args.out, exist_ok=True)
     summary = {
-        "device": torch.cuda.get_device_name(),
+        "device": _device_name(),
         "torch": torch.__version__,
         "checkpoint_bytes": nbytes,
         "copy_floor_seconds": floor,
@@ -232,6 +272,49 @@ def main(argv: List[str] | None = None) -> int:
     with open(os.path.join(args.out, "cuda_step.json"), "w") as f:
         json.dump(summary, f, indent=1)
     _plot(results, args, os.path.join(args.out, "cuda_step.png"))
+    return 0
+
+
+def first_save(args: argparse.Namespace) -> int:
+    """``--first-save``: per engine, a loop holding its first saves, then a warm one (docstring)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    run = build(args.ckpt_gb, args.width, args.batch)
+    nbytes = tensor_bytes(state_tensors(checkpoint(run, 0)))
+    print(f"{_device_name()}: checkpoint {nbytes / 2**20:.0f} MB; {args.steps} steps, "
+          f"a save every {args.every}; first loop, then a warm loop, per engine", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="asyncckpt-cuda-first-") as folder:
+        base = statistics.median(run_once(run, "none", args, folder)["loop_seconds"] for _ in range(2))
+        for reserved in (False, True):
+            saver = make_saver("thread", max_pending=2)
+            try:
+                if reserved:
+                    saver.io.reserve(checkpoint(run, 0))  # on a background thread, as the callback does
+                first = run_once(run, "thread", args, folder, saver)
+                warm = run_once(run, "thread", args, folder, saver)
+                stats = saver.engine_stats()
+            finally:
+                saver.close()
+            lost = [(x["loop_seconds"] - base) / base * 100 for x in (first, warm)]
+            row = {
+                "engine": "thread + reserve()" if reserved else "thread",
+                "first_loop_lost_pct": lost[0],
+                "warm_loop_lost_pct": lost[1],
+                "difference_points": lost[0] - lost[1],
+                "first_blocking_ms": first["blocking_seconds"][0] * 1e3,
+                "warm_blocking_ms": statistics.median(warm["blocking_seconds"]) * 1e3,
+                "stats": stats,
+            }
+            rows.append(row)
+            print(f"  {row['engine']:20s} first loop lost {lost[0]:6.2f} %, warm loop {lost[1]:6.2f} % "
+                  f"(difference {row['difference_points']:+.2f} points); first call "
+                  f"{row['first_blocking_ms']:.1f} ms, warm calls {row['warm_blocking_ms']:.1f} ms", flush=True)
+            gc.collect()
+            _empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "cuda_first_save.json"), "w") as f:
+        json.dump({"device": _device_name(), "torch": torch.__version__, "checkpoint_bytes": nbytes,
+                   "base_loop_seconds": base, "args": vars(args), "rows": rows}, f, indent=1)
     return 0
 
 

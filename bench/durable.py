@@ -1,7 +1,11 @@
 """Time to durable: from the save call until the checkpoint is safe, against the write floor.
 
-``python -m bench.durable [--mb 1024] [--rounds 3] [--folders DIR ...] [--impls ...]``; also a
-table of ``python -m bench`` (``--durable-mb``, ``--durable-rounds``; 0 rounds leaves it out).
+``python -m bench.durable [--mb 1024] [--rounds 3] [--folders DIR ...] [--impls ...] [--device cuda]``;
+also a table of ``python -m bench`` (``--durable-mb``, ``--durable-rounds``; 0 rounds leaves it out).
+
+With ``--device cuda`` the tensors live on the GPU: the copy floor is then one device-to-host
+copy into pinned buffers made beforehand, and the write floor writes a host copy of the same
+bytes (made before the clock starts).
 
 For each folder (default: the benchmark's folder on the real disk, and tmpfs at /dev/shm), each
 round measures, side by side:
@@ -40,11 +44,16 @@ from ._impls import LABELS, Unavailable, make_saver
 DEFAULT_IMPLS = ("torch.save", "sync", "thread", "process", "lightning", "dcp")
 
 
-def _state(mb: float) -> Dict[str, torch.Tensor]:
+def _state(mb: float, device: str = "cpu") -> Dict[str, torch.Tensor]:
     """``mb`` MB of float32 in eight tensors, as a model's largest layers."""
     per = max(1, int(mb * (1 << 20) / 4 / 8))
     g = torch.Generator().manual_seed(0)
-    return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(8)}
+    return {f"layer{i}.weight": torch.randn(per, generator=g).to(device) for i in range(8)}
+
+
+def _sync(state: Dict[str, torch.Tensor]) -> None:
+    if any(t.is_cuda for t in state.values()):
+        torch.cuda.synchronize()
 
 
 def write_floor(state: Dict[str, torch.Tensor], folder: str) -> float:
@@ -62,10 +71,12 @@ def write_floor(state: Dict[str, torch.Tensor], folder: str) -> float:
 
 
 def copy_floor(state: Dict[str, torch.Tensor], buffers: List[torch.Tensor]) -> float:
-    """One ``torch._foreach_copy_`` of the tensors into buffers allocated and touched before: the
-    least a call that snapshots them can cost."""
+    """One ``torch._foreach_copy_`` of the tensors into host buffers allocated and touched before
+    (pinned, for CUDA tensors): the least a call that snapshots them can cost."""
+    _sync(state)
     started = time.perf_counter()
     torch._foreach_copy_(buffers, list(state.values()))
+    _sync(state)
     return time.perf_counter() - started
 
 
@@ -107,9 +118,14 @@ def _clear(folder: str) -> None:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def run(mb: float, rounds: int, folders: Sequence[str], impls: Sequence[str]) -> List[Dict[str, Any]]:
-    state = _state(mb)
-    buffers = [torch.empty_like(t).fill_(0) for t in state.values()]
+def run(
+    mb: float, rounds: int, folders: Sequence[str], impls: Sequence[str], device: str = "cpu"
+) -> List[Dict[str, Any]]:
+    state = _state(mb, device)
+    pinned = device != "cpu"
+    buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned).fill_(0) for t in state.values()]
+    # The write floor writes host bytes: the tensors themselves, or a host copy of them.
+    host = state if device == "cpu" else {k: t.cpu() for k, t in state.items()}
     rows: List[Dict[str, Any]] = []
     for folder in folders:
         work = tempfile.mkdtemp(prefix="asyncckpt-durable-", dir=folder)
@@ -122,7 +138,7 @@ def run(mb: float, rounds: int, folders: Sequence[str], impls: Sequence[str]) ->
             skipped: Dict[str, str] = {}
             for r in range(rounds):
                 os.sync()  # each measurement starts with no one else's dirty pages to write back
-                floor = write_floor(state, work)
+                floor = write_floor(host, work)
                 floors.append(floor)
                 copy = copy_floor(state, buffers)
                 copies.append(copy)
@@ -202,9 +218,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--folders", nargs="+", help="folders to write into (default: system temp and /dev/shm)")
     p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=list(DEFAULT_IMPLS) + ["lazy"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the tensors live (default cpu)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda needs a CUDA device; none is visible here", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
-    rows = run(args.mb, args.rounds, args.folders or default_folders(), args.impls)
+    rows = run(args.mb, args.rounds, args.folders or default_folders(), args.impls, args.device)
     print("\n## Time to durable")
     print(format_table(rows, args.mb))
     return 0
