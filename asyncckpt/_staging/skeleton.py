@@ -12,6 +12,7 @@ skeleton when a save fails.
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -180,6 +181,30 @@ class _LeanCollector(TensorCollector):
         return None
 
 
+class _FastCollector(_LeanCollector):
+    """:class:`_LeanCollector` without the lookup by identity: each tensor pickled gets the next
+    id, so a tensor object pickled twice gets two (:func:`split_lean` checks for that afterwards,
+    in one pass over the ids). Half the Python per tensor; bare storages are caught where
+    ``persistent_id`` passes them on, in ``reducer_override``, which atoms never reach.
+    """
+
+    def __init__(self, buffer: io.BytesIO) -> None:
+        super().__init__(buffer)
+        self._append = self.tensors.append
+        self._next_id = itertools.count().__next__
+
+    def persistent_id(self, obj: Any) -> Optional[int]:
+        if type(obj) is _TENSOR:
+            self._append(obj)
+            return self._next_id()
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) in _STORAGE_TYPES:
+            raise _NotLean
+        return super().reducer_override(obj)
+
+
 _TENSOR = torch.Tensor
 
 
@@ -190,14 +215,22 @@ def split_lean(checkpoint: Any) -> Optional[Tuple[bytes, List[torch.Tensor]]]:
     error: :func:`split` then raises it with its key). Where every tensor returned passes
     :func:`is_stageable`, the skeleton and the tensors are exactly :func:`split`'s: both pickle
     the same objects in the same order; the caller must check that.
+
+    The first pass (:class:`_FastCollector`) does not look tensors up by identity; where one
+    tensor object turned out to be pickled twice, its ids would differ from :func:`split`'s, and
+    the pass that looks them up (:class:`_LeanCollector`) runs instead.
     """
-    buffer = io.BytesIO()
-    collector = _LeanCollector(buffer)
-    try:
-        collector.dump(checkpoint)
-    except Exception:  # noqa: BLE001 - split() runs next and raises it with the key
-        return None
-    return buffer.getvalue(), collector.tensors
+    for collector_class in (_FastCollector, _LeanCollector):
+        buffer = io.BytesIO()
+        collector = collector_class(buffer)
+        try:
+            collector.dump(checkpoint)
+        except Exception:  # noqa: BLE001 - split() runs next and raises it with the key
+            return None
+        tensors = collector.tensors
+        if collector_class is _LeanCollector or len(set(map(id, tensors))) == len(tensors):
+            return buffer.getvalue(), tensors
+    return None  # not reached: the second pass always returns
 
 
 def restore(skeleton: bytes, tensors: Sequence[Any]) -> Any:

@@ -356,3 +356,42 @@ def test_a_warm_save_of_many_small_tensors_splits_its_copy_and_saves_every_value
         _checked_as(_only_slot(io).warm, checks)
     finally:
         io.teardown()
+
+
+def _lean_cases() -> Dict[str, Any]:
+    w = torch.randn(6)
+    p = nn.Parameter(torch.randn(3))
+    return {
+        "plain": {"a": w, "b": torch.randn(2, 2), "n": 3, "s": "x"},
+        "one tensor object twice": {"a": w, "b": w, "c": [w, torch.randn(1)]},
+        "two views of one storage": {"a": w[:3], "b": w[3:]},
+        "a parameter, and its tensor": {"p": p, "d": p.detach()},
+        "nested containers": {"l": [(w, {"k": w[:2]}), torch.randn(3)], "t": (1, 2.0, None)},
+    }
+
+
+@pytest.mark.parametrize("case", list(_lean_cases()))
+def test_the_lean_pass_gives_what_the_full_pass_gives(case):
+    from asyncckpt._staging.skeleton import split, split_lean
+
+    checkpoint = _lean_cases()[case]
+    skeleton, tensors = split(checkpoint, "x.ckpt")
+    lean = split_lean(checkpoint)
+    assert lean is not None
+    assert lean[0] == skeleton
+    # The same tensors (a parameter's is a fresh ``detach()`` in each pass: the same view).
+    def seen(t: torch.Tensor) -> Any:
+        return type(t), t.untyped_storage()._cdata, t.shape, t.stride(), t.storage_offset()
+
+    assert [seen(t) for t in lean[1]] == [seen(t) for t in tensors]
+    assert len({id(t) for t in lean[1]}) == len(lean[1])
+
+
+@pytest.mark.parametrize("storage", ["untyped", "typed"])
+def test_the_lean_pass_leaves_bare_storages_to_the_full_pass(storage):
+    from asyncckpt._staging.skeleton import split_lean
+
+    w = torch.randn(4)
+    bare = w.untyped_storage() if storage == "untyped" else torch.TypedStorage(4)
+    assert split_lean({"w": w, "storage": bare}) is None
+    assert split_lean({"w": w, "nested": [{"storage": bare}]}) is None
