@@ -32,6 +32,7 @@ own views, and the full path copies everything again.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -140,6 +141,7 @@ class WarmCache:
     complex_items: List[int]  # the only tensors that can carry the conjugate bit
     guards: Optional[Any]  # tensor_guards() of the tensors recorded; None: every attribute is read
     first_members: List[int]  # per storage group, its first tensor
+    one_group_each: bool  # first_members is 0, 1, 2, ...: each tensor is its group's only member
     tensor_bytes: int
     on_cpu: bool  # every storage is on the CPU: reuse() copies (else the stager's device copy)
     small_items: Optional[List[int]]  # tensors copied whole and small; None: all, in order
@@ -195,6 +197,7 @@ def record(slot: StagingSlot, tensors: List[Any], tensor_bytes: int) -> None:
     first: dict = {}
     for i, spec in enumerate(layout[1]):
         first.setdefault(spec[0], i)
+    firsts = [first[group] for group in range(len(layout[0]))]
     if slot.copy_pairs is None:
         slot.copy_pairs = layouts.copy_pairs(slot)
     sources, targets, on_cuda = slot.copy_pairs
@@ -220,7 +223,8 @@ def record(slot: StagingSlot, tensors: List[Any], tensor_bytes: int) -> None:
         requires_grad=grads,
         complex_items=[i for i, dtype in enumerate(dtypes) if dtype.is_complex],
         guards=tensor_guards(tensors),
-        first_members=[first[group] for group in range(len(layout[0]))],
+        first_members=firsts,
+        one_group_each=firsts == list(range(len(tensors))),
         tensor_bytes=tensor_bytes,
         on_cpu=not on_cuda,
         small_items=None if small_items == list(range(len(tensors))) else small_items,
@@ -252,7 +256,9 @@ def reuse(slot: StagingSlot, checkpoint: Any, copier: Optional[ParallelCopier] =
         return None
     slot.warm_misses = 0
     storages, copied = found
-    return Reused(lean[0], lean[1], [storages[i] for i in cache.first_members], cache.tensor_bytes, copied)  # type: ignore[index]
+    # Each tensor on a storage of its own (the common case) needs no picking.
+    group_storages = storages if cache.one_group_each else list(map(storages.__getitem__, cache.first_members))
+    return Reused(lean[0], lean[1], group_storages, cache.tensor_bytes, copied)
 
 
 #: Where the guards check the tensors (:func:`tensor_guards`), this share of the small copies
@@ -272,37 +278,44 @@ def _check_and_copy(
     tensor: device and layout come with the storage (sparse and MKL-DNN tensors have none, and
     raise), a nested tensor has no strides (raises), and a quantized tensor has a dtype of its own.
 
-    The small copies start as soon as the tensors are known to be on the slot's devices with
-    its dtypes and shapes (the guards, or the same storages), while the rest is checked: they
-    only ever write the slot's views, and a failed check has the full path copy again.
+    The small copies start at once (with the guards: each tensor is then a plain
+    ``torch.Tensor``, and a copy of a changed one either fails or writes the slot's own views,
+    which the full path copies again) or once the same storages are seen (without them), while
+    the rest is checked.
     """
     if len(tensors) != len(cache.storage_ids):
         return None
     guards = cache.guards
     storages: Optional[List[torch.UntypedStorage]] = None
-    try:
-        if guards is not None:
-            if guards.check(*tensors) is not True:
-                return None
-        else:
+    if guards is None:
+        try:
             storages = list(map(_storage_of, tensors))
             if list(map(_storage_id, storages)) != cache.storage_ids:
                 return None
-    except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
-        return None
+        except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
+            return None
     small_src = tensors if cache.small_items is None else [tensors[i] for i in cache.small_items]
     small_dst = cache.small_dst
     shared = len(small_dst) if guards is None else int(len(small_dst) * HELPER_SHARE)
     running = copier.start(small_dst[:shared], small_src[:shared]) if copier is not None else None
+    if running is not None:
+        # Let the helper take the GIL now, to read its arguments: the checks below are long C
+        # calls that would keep it waiting for the interpreter's switch interval.
+        time.sleep(0)
+    same = False
     try:
-        if storages is None:
-            try:
-                storages = list(map(_storage_of, tensors))
-                same = list(map(_storage_id, storages)) == cache.storage_ids and _same_rest(cache, tensors, storages)
-            except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
-                same = False
-        else:
-            same = _same(cache, tensors, storages)
+        try:
+            if guards is not None:
+                storages = list(map(_storage_of, tensors)) if guards.check(*tensors) is True else None
+                same = (
+                    storages is not None
+                    and list(map(_storage_id, storages)) == cache.storage_ids
+                    and _same_rest(cache, tensors, storages)
+                )
+            else:
+                same = _same(cache, tensors, storages)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
+            same = False
         if same and running is not None and shared < len(small_dst):
             try:
                 with torch.no_grad():
