@@ -1,7 +1,7 @@
 """The async face of :class:`~asyncckpt.AsyncCheckpointIO`, for code that runs on an event loop.
 
 ``await io.asave_checkpoint(...)``, ``aload_checkpoint``, ``aremove_checkpoint``,
-``acopy_checkpoint``, ``aflush`` and ``async with io:`` drive the same engine as the blocking
+``acopy_checkpoint``, ``areserve``, ``aflush`` and ``async with io:`` drive the same engine as the blocking
 methods (same slots, same FIFO writer, same order and error contract), built on anyio so they run
 under asyncio and trio alike. anyio is imported inside the methods: the core imports without it
 (``pip install asyncckpt[async]``).
@@ -197,6 +197,21 @@ class AsyncFace:
             await anyio.to_thread.run_sync(self.remove_checkpoint, path)
             return
         self.remove_checkpoint(path)
+
+    async def areserve(self, state_or_nbytes: Any, *, pinned: bool | None = None) -> List[Any]:
+        """:meth:`reserve`, awaited: returns the reserved slots' ``StagingBuffer`` read-outs once
+        the memory is ready, or raises why it could not be made (the first save then allocates
+        in its call, as without a reservation).
+
+        The memory is made on the reservation's own thread; the loop only waits, in a worker
+        thread. A state's containers must not change until this returns (its tensors may change
+        in place). Cancelling the await leaves the reservation running, as with a
+        :class:`Reservation` nobody waits for; ``teardown()`` stops it.
+        """
+        import anyio
+
+        reservation = self.reserve(state_or_nbytes, pinned=pinned)
+        return await anyio.to_thread.run_sync(reservation.result, abandon_on_cancel=True)
 
     async def aflush(self, timeout: float | None = None) -> None:
         """Await every operation submitted before this call, then raise background failures.

@@ -586,3 +586,43 @@ async def test_asave_refuses_two_dtypes_on_one_storage_at_the_call_as_save_does(
     await io.asave_checkpoint({"ints": ints}, tmp_path / "b.ckpt")
     await io.aflush()
     assert not (tmp_path / "a.ckpt").exists() and torch.equal(load(tmp_path / "b.ckpt")["ints"], ints)
+
+
+# -- reserve ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_areserve_returns_once_the_memory_is_ready_and_the_first_save_allocates_nothing(tmp_path, make_io):
+    io = make_io(max_pending=2)
+    state = {"w": torch.randn(64, 1024), "b": torch.randn(1024)}
+    buffers = await io.areserve(state)
+    assert len(buffers) == 2 and all(b.reserved and b.nbytes > 0 for b in buffers)
+    handle = await io.asave_checkpoint(dict(state, step=1), tmp_path / "a.ckpt")
+    await io.aflush()
+    assert handle.result().allocated_bytes == 0
+    got = load(tmp_path / "a.ckpt")
+    assert got["step"] == 1 and torch.equal(got["w"], state["w"])
+
+
+@pytest.mark.anyio
+async def test_areserve_raises_a_bad_request_at_the_await(make_io):
+    io = make_io()
+    with pytest.raises(TypeError, match="reserve"):
+        await io.areserve("not a state")
+    with pytest.raises(ValueError, match="reserve"):
+        await io.areserve(-1)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_areserve_leaves_the_reservation_running_and_the_loop_free(tmp_path, make_io):
+    io = make_io(max_pending=1)
+    nbytes = 256 << 20  # long enough to be cancelled midway on this machine
+    with anyio.move_on_after(0.001) as scope:
+        await io.areserve(nbytes)
+    assert scope.cancelled_caught
+    # The reservation goes on in its thread: the next save waits for its slot, allocates nothing.
+    state = {"w": torch.ones(nbytes // 4)}  # the size reserved: its slot adopts the arena
+    handle = await io.asave_checkpoint(state, tmp_path / "a.ckpt")
+    await io.aflush()
+    assert handle.result().allocated_bytes == 0
+    assert torch.equal(load(tmp_path / "a.ckpt")["w"], state["w"])
