@@ -34,6 +34,7 @@ PRIVATE_READS_ALLOWED: Dict[Tuple[str, str], str] = {
     ("asyncckpt._staging.layout", "_cdata"): "torch storage: identity of the underlying storage",
     ("asyncckpt._staging.locations", "_cdata"): "torch storage: the identity torch.save keys storages on",
     ("asyncckpt._staging.warm", "_cdata"): "torch storage: the identity torch.save keys storages on",
+    ("asyncckpt._staging.warm", "_C"): "torch._C._dynamo.guards.TensorGuards: the compiler's C tensor check",
     ("asyncckpt._staging.lazy", "_version"): "torch tensor version counter: the documented in-place-change check",
     ("asyncckpt._staging.copier", "_foreach_copy_"): "torch: the batched copy kernel",
     ("asyncckpt._staging.devices", "_XLAC"): "torch_xla: the batched device-to-host transfer",
@@ -272,6 +273,13 @@ def private_reads() -> List[PrivateRead]:
                     # Importing a private *module* of the package is how the package is built.
                     if _is_private(alias.name) and f"{base}.{alias.name}" not in modules:
                         found.append(PrivateRead(module, alias.name, node.lineno, f"from {base} import {alias.name}"))
+                # ``from torch._C._dynamo.guards import X`` reads another package's private
+                # module as surely as ``torch._C._dynamo`` does.
+                if not (base == "asyncckpt" or base.startswith("asyncckpt.")):
+                    for part in base.split("."):
+                        if _is_private(part):
+                            found.append(PrivateRead(module, part, node.lineno, f"from {base} import ..."))
+                            break
             if name is not None:
                 found.append(PrivateRead(module, name, node.lineno, ast.get_source_segment(source, node) or name))
     return found

@@ -37,9 +37,10 @@ def memmove_pairs(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
             ctypes.memmove(d.data_ptr(), s.data_ptr(), nbytes)
 
 
-def _copy_without_grad(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
-    """Grad mode is per thread: a helper's copy into a staged view that requires grad (a saved
-    leaf tensor's) must run under no_grad as the caller's does."""
+def copy_without_grad(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    """One ``torch._foreach_copy_`` under ``no_grad``: grad mode is per thread, and a copy into a
+    staged view that requires grad (a saved leaf tensor's) must not be recorded, on a helper
+    thread as on the caller's."""
     with torch.no_grad():
         torch._foreach_copy_(dst, src)
 
@@ -158,7 +159,7 @@ class ParallelCopier:
                 self._pool = ThreadPool(self.threads - 1, thread_name_prefix="asyncckpt-stage")
             pool = self._pool
         try:
-            return pool.submit(_copy_without_grad, dst, src)
+            return pool.submit(copy_without_grad, dst, src)
         except RuntimeError:  # closed by a concurrent teardown
             return None
 
