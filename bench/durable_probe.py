@@ -1,17 +1,19 @@
-"""Would allocating the checkpoint file while the call copies shorten the time to durable?
+"""Two ways a snapshot-then-write engine might get closer to the write floor, probed without it.
 
-``python -m bench.prealloc_probe [--mb 1024] [--rounds 15] [--folder /dev/shm]``
+``python -m bench.durable_probe [--mb 1024] [--rounds 15] [--folder /dev/shm]``
 
-A probe of the filesystem, not of asyncckpt: on tmpfs most of a write's time is the kernel
-allocating pages for the file, and a snapshot-then-write engine pays the call's copy on top of
-it. Per round, interleaved, each into a fresh file, fsynced:
+A probe of the machine, not of asyncckpt: the engines copy the tensors (the call), then write
+the copy; on tmpfs most of a write's time is the kernel allocating the file's pages. Per round,
+interleaved, each into a fresh file, fsynced:
 
 - ``floor``: the bytes written raw (``bench.durable``'s write floor);
 - ``copy, then write``: one copy into a warm buffer, then the write (what the engines do);
 - ``copy || fallocate, then write``: ``fallocate`` of the whole file on a second thread while
-  the copy runs, then the write into the allocated file.
+  the copy runs, then the write into the allocated file;
+- ``copy || write``: the copy in 8 chunks, each written by a second thread as soon as it is
+  copied (what the unmerged ``r23-overlap`` branch did inside the engine).
 
-It was measured for issue 23 (``docs/benchmarks.md``) and not adopted.
+Both were measured for issue 23 (``docs/benchmarks.md``) and not adopted.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _fallocate(fd: int, nbytes: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.prealloc_probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.durable_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--folder", default="/dev/shm")
@@ -47,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     source = torch.randn(nbytes // 4)
     buffer = torch.empty_like(source).fill_(0)
     data = memoryview(buffer.numpy()).cast("B")
-    path = os.path.join(args.folder, f"asyncckpt-prealloc-probe-{os.getpid()}.bin")
+    path = os.path.join(args.folder, f"asyncckpt-durable-probe-{os.getpid()}.bin")
 
     def write(fd: int) -> None:
         os.write(fd, data)
@@ -72,10 +74,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         allocating.join()
         write(fd)
 
+    def copy_beside_write(chunks: int = 8) -> None:
+        fd = fresh()
+        size = -(-nbytes // chunks)
+        copied = [threading.Event() for _ in range(chunks)]
+        source_bytes, buffer_bytes = source.view(torch.uint8), buffer.view(torch.uint8)
+
+        def write_chunks() -> None:
+            for k in range(chunks):
+                copied[k].wait()
+                os.write(fd, data[k * size : (k + 1) * size])
+
+        writing = threading.Thread(target=write_chunks)
+        writing.start()
+        for k in range(chunks):
+            buffer_bytes[k * size : (k + 1) * size].copy_(source_bytes[k * size : (k + 1) * size])
+            copied[k].set()
+        writing.join()
+        os.fsync(fd)
+        os.close(fd)
+
     ways: Dict[str, Callable[[], None]] = {
         "floor": floor,
         "copy, then write": copy_then_write,
         "copy || fallocate, then write": copy_beside_fallocate,
+        "copy || write (8 chunks)": copy_beside_write,
     }
     times: Dict[str, List[float]] = {name: [] for name in ways}
     try:
