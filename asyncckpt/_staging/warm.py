@@ -298,12 +298,12 @@ def _check_and_copy(
     small_dst = cache.small_dst
     shared = len(small_dst) if guards is None else int(len(small_dst) * HELPER_SHARE)
     running = copier.start(small_dst[:shared], small_src[:shared]) if copier is not None else None
-    if running is not None:
-        # Let the helper take the GIL now, to read its arguments: the checks below are long C
-        # calls that would keep it waiting for the interpreter's switch interval.
-        time.sleep(0)
     same = False
-    try:
+    try:  # from here on the helper's copy is waited for, whatever is raised (a Ctrl-C included)
+        if running is not None:
+            # Let the helper take the GIL now, to read its arguments: the checks below are long
+            # C calls that would keep it waiting for the interpreter's switch interval.
+            time.sleep(0)
         try:
             if guards is not None:
                 storages = list(map(_storage_of, tensors)) if guards.check(*tensors) is True else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
+import time
 import weakref
 from typing import Any, Callable, Dict, List
 
@@ -395,3 +397,51 @@ def test_the_lean_pass_leaves_bare_storages_to_the_full_pass(storage):
     bare = w.untyped_storage() if storage == "untyped" else torch.TypedStorage(4)
     assert split_lean({"w": w, "storage": bare}) is None
     assert split_lean({"w": w, "nested": [{"storage": bare}]}) is None
+
+
+def test_an_interrupt_right_after_the_helper_starts_waits_for_its_copy(tmp_path, monkeypatch):
+    """A Ctrl-C that lands just after the helper thread started copying into the slot must not
+    leave that copy running: the slot goes back to the pool, and the next save would stage into
+    it while the stale copy still writes. Fault injection: the interrupt is raised from the
+    GIL hand-over (``time.sleep(0)``) and the helper's copy is slowed, since a real signal
+    cannot be aimed at that instant."""
+    from asyncckpt._staging import copier as copier_module
+
+    if warm.GUARDS_CLASS is None:
+        pytest.skip("the hand-over follows the guard check's start")
+    io = AsyncCheckpointIO(writer="thread", staging="eager", max_pending=1)
+    try:
+        params = [torch.full((4,), float(i)) for i in range(64)]
+        path = os.path.join(tmp_path, "x.ckpt")
+        for step in range(3):
+            io.save_checkpoint({"p": [p.view(2, 2) for p in params], "step": step}, path)
+            io.flush()
+        assert _only_slot(io).warm is not None
+        copy_done = threading.Event()
+        real_copy = copier_module.copy_without_grad
+        real_sleep = time.sleep  # warm.py's ``time`` is the time module: patched for all
+
+        def slow_copy(dst: Any, src: Any) -> None:
+            real_sleep(0.3)
+            real_copy(dst, src)
+            copy_done.set()
+
+        def interrupt(seconds: float) -> None:
+            if threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt
+            real_sleep(seconds)
+
+        monkeypatch.setattr(copier_module, "copy_without_grad", slow_copy)
+        monkeypatch.setattr(warm.time, "sleep", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            io.save_checkpoint({"p": [p.view(2, 2) for p in params], "step": 3}, path)
+        assert copy_done.is_set(), "the call returned while the helper still copied into the slot"
+        monkeypatch.undo()
+        for p in params:
+            p.fill_(-7.0)
+        io.save_checkpoint({"p": [p.view(2, 2) for p in params], "step": 4}, path)
+        io.flush()
+        saved = load(path)
+        assert saved["step"] == 4 and all(torch.equal(t, torch.full((2, 2), -7.0)) for t in saved["p"])
+    finally:
+        io.teardown()
