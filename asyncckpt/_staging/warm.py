@@ -105,20 +105,23 @@ def _guards_class() -> Optional[Callable[..., Any]]:
 GUARDS_CLASS: Optional[Callable[..., Any]] = _guards_class()
 
 
-def tensor_guards(tensors: Sequence[torch.Tensor]) -> Optional[Any]:
+def tensor_guards(
+    tensors: Sequence[torch.Tensor], sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]]
+) -> Optional[Any]:
     """One C check of ``tensors``' types, dispatch keys (device, layout, the negative and
     conjugate bits), dtypes, devices, ``requires_grad``, shapes and strides, or None.
 
-    It is torch's compiler's own tensor check, built with every size and stride fixed; it keeps
-    no reference to the tensors. :func:`_works` tried it once on tensors made for the purpose.
+    It is torch's compiler's own tensor check, built with every size and stride fixed (the
+    ``sizes`` and ``strides`` already read of ``tensors``); it keeps no reference to the
+    tensors. :func:`_works` tried it once on tensors made for the purpose.
     """
     if GUARDS_CLASS is None or not tensors:
         return None
     try:
         guards = GUARDS_CLASS(
             *tensors,
-            dynamic_dims_sizes=[list(t.size()) for t in tensors],
-            dynamic_dims_strides=[list(t.stride()) for t in tensors],
+            dynamic_dims_sizes=list(map(list, sizes)),
+            dynamic_dims_strides=list(map(list, strides)),
         )
         return guards if guards.check(*tensors) is True else None
     except Exception:  # noqa: BLE001 - the attribute reads work for any tensor
@@ -222,7 +225,7 @@ def record(slot: StagingSlot, tensors: List[Any], tensor_bytes: int) -> None:
         offsets=offsets,
         requires_grad=grads,
         complex_items=[i for i, dtype in enumerate(dtypes) if dtype.is_complex],
-        guards=tensor_guards(tensors),
+        guards=tensor_guards(tensors, sizes, strides),
         first_members=firsts,
         one_group_each=firsts == list(range(len(tensors))),
         tensor_bytes=tensor_bytes,
@@ -289,10 +292,10 @@ def _check_and_copy(
     storages: Optional[List[torch.UntypedStorage]] = None
     if guards is None:
         try:
-            storages = list(map(_storage_of, tensors))
-            if list(map(_storage_id, storages)) != cache.storage_ids:
-                return None
+            storages = _same_storages(cache, tensors)
         except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
+            return None
+        if storages is None:
             return None
     small_src = tensors if cache.small_items is None else [tensors[i] for i in cache.small_items]
     small_dst = cache.small_dst
@@ -306,12 +309,8 @@ def _check_and_copy(
             time.sleep(0)
         try:
             if guards is not None:
-                storages = list(map(_storage_of, tensors)) if guards.check(*tensors) is True else None
-                same = (
-                    storages is not None
-                    and list(map(_storage_id, storages)) == cache.storage_ids
-                    and _same_rest(cache, tensors, storages)
-                )
+                storages = _same_storages(cache, tensors) if guards.check(*tensors) is True else None
+                same = storages is not None and _same_rest(cache, tensors, storages)
             else:
                 same = _same(cache, tensors, storages)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
@@ -339,6 +338,12 @@ def _check_and_copy(
             rest_src = [tensors[i] if i >= 0 else byte_view(storages[firsts[g]]) for g, i in cache.rest_sources]
             cache.rest_plan = copier.copy(cache.rest_dst, rest_src, cache.rest_plan)
     return storages, True
+
+
+def _same_storages(cache: WarmCache, tensors: List[torch.Tensor]) -> Optional[List[torch.UntypedStorage]]:
+    """The tensors' storages, if they are the ones recorded, tensor for tensor; else None."""
+    storages = list(map(_storage_of, tensors))
+    return storages if list(map(_storage_id, storages)) == cache.storage_ids else None
 
 
 def _same_rest(cache: WarmCache, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]) -> bool:

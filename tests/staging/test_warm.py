@@ -310,7 +310,7 @@ def test_the_guards_keep_no_tensor_of_the_user_alive():
         pytest.skip("this torch has no tensor guards that work as warm.py expects")
     base = torch.randn(64)
     views = [base[:32].view(4, 8), base[32:]]
-    guards = warm.tensor_guards(views)
+    guards = warm.tensor_guards(views, [v.size() for v in views], [v.stride() for v in views])
     assert guards is not None
     assert guards.check(base[:32].view(4, 8), base[32:]) is True
     assert guards.check(base[:32].view(8, 4), base[32:]) is False
@@ -335,7 +335,7 @@ class _PassesEverything:
 def test_a_check_that_does_not_see_changes_is_not_used(monkeypatch):
     assert warm._works(_PassesEverything) is False
     monkeypatch.setattr(warm, "GUARDS_CLASS", None)
-    assert warm.tensor_guards([torch.randn(3)]) is None
+    assert warm.tensor_guards([torch.randn(3)], [(3,)], [(1,)]) is None
 
 
 def test_a_warm_save_of_many_small_tensors_splits_its_copy_and_saves_every_value(tmp_path, checks):
