@@ -30,6 +30,20 @@ def _fail(message: str) -> NoReturn:
     pytest.fail(message)
 
 
+def idle(seconds: float = 120.0) -> None:
+    """What a child does while it waits for the test's signal: sleep, in slices.
+
+    A process-directed signal may go to one of torch's own threads (its OpenMP pool and others,
+    started with the main thread's mask, which asyncckpt cannot change). CPython then runs the
+    Python handler once the main thread executes bytecode again: a training loop does so every
+    step, one ``time.sleep(120)`` only after 120 s (a SIGTERM test hung so about once in 150
+    runs under load). Short slices keep the main thread as responsive as a training loop's.
+    """
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
+
+
 def child_env(**extra: str) -> Dict[str, str]:
     """The environment for a child: this checkout, the tests and the child scripts importable
     (in that order, replacing any ``PYTHONPATH``), ``PYTHONFAULTHANDLER=1``, plus ``extra``."""

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import asyncckpt
+from _subproc import idle
 from asyncckpt.distributed import DistributedCheckpointIO
 from conftest import same
 
@@ -563,7 +564,7 @@ def main() -> None:
         record_expected("two", s2)
         open(os.path.join(OUT, f"returned-{RANK}"), "w").close()
         if SCENARIO == "sigterm":
-            time.sleep(120)  # the test sends SIGTERM; the handler writes the pending save, then exits
+            idle(120)  # the test sends SIGTERM; the handler writes the pending save, then exits
             return
         if RANK == 1:
             time.sleep(120)  # the test SIGKILLs this rank while its write sleeps

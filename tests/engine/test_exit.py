@@ -19,6 +19,7 @@ PRELUDE = textwrap.dedent(
     import torch
     from asyncckpt import AsyncCheckpointIO
     from _slow_disk import SlowDiskIO as SlowIO  # fault injection: a slow disk, so saves are pending
+    from _subproc import idle  # sleeps in slices, so the signal's handler runs at once
     """
 )
 
@@ -66,7 +67,7 @@ def test_pending_saves_are_written_on_sigterm_and_the_exit_status_is_kept(tmp_pa
         for i in range(2):
             io.save_checkpoint({"i": i}, os.path.join(sys.argv[1], f"{i}.ckpt"))
         print("ready", flush=True)
-        time.sleep(120)
+        idle(120)
         """,
         tmp_path,
     )
@@ -91,7 +92,7 @@ def test_the_users_own_sigterm_handler_still_runs(tmp_path):
         io = AsyncCheckpointIO(SlowIO(0.5))
         io.save_checkpoint({"v": 1}, os.path.join(sys.argv[1], "a.ckpt"))
         print("ready", flush=True)
-        time.sleep(120)
+        idle(120)
         """,
         tmp_path,
     )
@@ -374,7 +375,7 @@ def test_a_save_being_handed_over_when_sigterm_lands_is_written(tmp_path, writer
                 save()
             else:
                 threading.Thread(target=save).start()
-            time.sleep(120)
+            idle(120)
         """,
         tmp_path,
     )
@@ -405,7 +406,7 @@ def test_a_save_still_being_handed_over_at_exit_timeout_is_logged_as_not_written
             # machine building it took longer than the timer, and the signal came before the save
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
             io.save_checkpoint({"big": big}, os.path.join(folder, "second.ckpt"))
-            time.sleep(120)
+            idle(120)
         """
     ))
     with open(tmp_path / "stderr", "w") as stderr:
@@ -464,7 +465,7 @@ def test_an_unlimited_exit_timeout_waits_for_pending_saves(tmp_path, exit_timeou
         io.save_checkpoint({{"v": 1}}, os.path.join(sys.argv[1], "a.ckpt"))
         print("ready", flush=True)
         if {how!r} == "sigterm":
-            time.sleep(120)
+            idle(120)
         """.replace("inf", 'float("inf")'),
         tmp_path,
     )
@@ -588,7 +589,7 @@ def test_a_child_forked_while_a_sigterm_waits_for_a_hand_over_does_not_act_on_th
             threading.Timer(1.5, fork_a_child, (folder,)).start()
             # about 3 MB to pickle: the send waits for the writer, busy with first.ckpt
             io.save_checkpoint({"big": [f"s{i}" for i in range(300_000)]}, os.path.join(folder, "second.ckpt"))
-            time.sleep(120)
+            idle(120)
         """,
         tmp_path,
     )
@@ -622,7 +623,7 @@ def test_sigterm_landing_inside_an_engine_call_holding_its_lock_still_drains_at_
             with io._cv:  # as inside io.pending
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.2)
-            time.sleep(120)
+            idle(120)
         """,
         tmp_path,
     )
@@ -653,7 +654,7 @@ def test_sigterm_landing_inside_the_lazy_copy_registry_does_not_hang(tmp_path):
         with asyncckpt._staging.lazy._registry_lock:  # as inside an optimizer step's guard
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)
-        time.sleep(120)
+        idle(120)
         """,
         tmp_path,
     )

@@ -169,3 +169,48 @@ def test_a_child_forked_from_one_of_our_threads_answers_signals():
 
     _threads.start_thread(fork_and_report, name="asyncckpt-probe").join()
     assert result == {"child_blocks_sigterm": False}
+
+
+_IDLE_CHILD = """
+import os, sys, time
+import torch
+from asyncckpt import AsyncCheckpointIO
+from _slow_disk import SlowDiskIO  # fault injection: a slow disk, so the save is pending
+from _subproc import idle
+torch.full((100_000,), 1.0)  # starts torch's intra-op threads, as any training step does
+io = AsyncCheckpointIO(SlowDiskIO(0.3), staging="lazy")
+io.save_checkpoint({"w": torch.ones(100_000)}, os.path.join(sys.argv[1], "a.ckpt"))
+print("ready", flush=True)
+idle(120) if sys.argv[2] == "idle" else time.sleep(120)
+"""
+
+
+def _foreign_thread_taking(pid: int, sig: int) -> int:
+    """A thread of ``pid`` neither the main thread nor one of asyncckpt's that does not block ``sig``."""
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        if tid == pid:
+            continue
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            bits = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+        if not bits & (1 << (sig - 1)):
+            return tid
+    raise AssertionError("the child has no thread besides the main one that takes SIGTERM")
+
+
+@pytest.mark.parametrize("waits", ["idle"])
+def test_a_sigterm_taken_by_one_of_torchs_threads_is_drained_once_the_main_thread_runs(tmp_path, waits):
+    """torch starts threads of its own with the main thread's mask, and the kernel may hand a
+    process-directed SIGTERM to one of them (under load it did, about once in 150 runs): the
+    handler then waits for the main thread to run bytecode. ``kill`` with that thread's id
+    makes it the kernel's first choice, as it was then. A main thread that comes back to
+    Python (``_subproc.idle``, as a training loop does every step) drains and exits; one in
+    ``time.sleep(120)`` does not for 120 s, the hang the children's old idle line had."""
+    from _subproc import finish, start_python
+
+    proc = start_python(_IDLE_CHILD, tmp_path, waits)
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(_foreign_thread_taking(proc.pid, signal.SIGTERM), signal.SIGTERM)
+    _, err = finish(proc, 30)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["w"], torch.ones(100_000))
+    assert "pending" in err

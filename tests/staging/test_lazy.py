@@ -522,12 +522,13 @@ import os, sys, time, signal
 import torch
 from asyncckpt import AsyncCheckpointIO
 from _slow_disk import SlowDiskIO  # fault injection: a slow disk, so saves are pending
+from _subproc import idle  # sleeps in slices, so the signal's handler runs at once
 io = AsyncCheckpointIO(SlowDiskIO(0.3), max_pending=2, staging="lazy")
 for i in range(2):
     io.save_checkpoint({"i": i, "w": torch.full((100_000,), float(i))}, os.path.join(sys.argv[1], f"{i}.ckpt"))
 print("ready", flush=True)
 if sys.argv[2] == "sleep":
-    time.sleep(120)
+    idle(120)
 """
 
 
