@@ -447,12 +447,32 @@ def _main_objects_pickle_as(main_name: str) -> None:
 _KIND = {SaveMsg: "save", RemoveMsg: "remove", AbortMsg: "abort"}  # the Operation each message runs
 
 
+def _reply(conn: Any, message: Any) -> bool:
+    """Send ``message`` to the parent; False when the parent is gone (the pipe is closed)."""
+    try:
+        conn.send(message)
+    except OSError:  # BrokenPipeError, ConnectionResetError: nobody reads replies any more
+        return False
+    return True
+
+
+def _log_orphaned() -> None:
+    log.warning(
+        "asyncckpt: the process that started this writer is gone; the writer process exits "
+        "without carrying out the operations queued behind its last one"
+    )
+
+
 def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main__") -> None:
     """The writer process's loop: map arenas, rebuild checkpoints from them, write in order."""
     # Preemption sends SIGTERM to every process of the job; the parent drains this process
     # before it exits, so the writer must not die first. SIGINT likewise belongs to the parent.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Once the parent is gone (killed), the operation in progress ends (its commit is atomic)
+    # and no other starts: a restarted job may be writing the same paths by then, and a late
+    # write from this orphan would put an older checkpoint back.
+    parent = os.getppid()
     if nice:
         try:
             os.nice(nice)
@@ -489,12 +509,17 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main_
                     checkpoint_io.teardown()
                 except Exception:  # noqa: BLE001 - the parent tears down its own copy and reports
                     log.exception("asyncckpt: teardown of the wrapped IO in the writer process failed")
-                conn.send(StoppedMsg())
+                _reply(conn, StoppedMsg())
                 break
             case RemoveMsg(seq=seq, depends_on=depends_on) if any(s in failed_saves for s in depends_on):
                 # Not carried out: a save it depends on failed here (the parent words the error).
-                conn.send(SkippedMsg(seq, next(s for s in depends_on if s in failed_saves)))
+                if not _reply(conn, SkippedMsg(seq, next(s for s in depends_on if s in failed_saves))):
+                    _log_orphaned()
+                    break
             case SaveMsg() | RemoveMsg() | AbortMsg():
+                if os.getppid() != parent:
+                    _log_orphaned()
+                    break
                 op = Operation(_KIND[type(message)], str(message.target), message.target, seq=message.seq)
                 error: Optional[BaseException] = None
                 try:
@@ -520,6 +545,8 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main_
                     if isinstance(message, SaveMsg):
                         failed_saves.add(op.seq)
                 checkpoint = located = None
-                conn.send(DoneMsg(op.seq, error, op.write_seconds))
+                if not _reply(conn, DoneMsg(op.seq, error, op.write_seconds)):
+                    _log_orphaned()
+                    break
             case _:
                 raise UnknownMessageError(message, "writer process")

@@ -520,3 +520,48 @@ def test_an_unknown_message_ends_the_writer_process_loudly(message, capfd):
             process.join(5)
         parent_conn.close()
     assert "UnknownMessageError" in capfd.readouterr().err
+
+
+_KILLED_PARENT = """
+import multiprocessing, os, signal, sys
+import torch
+from asyncckpt import AsyncCheckpointIO
+from _slow_disk import SlowDiskIO  # fault injection: a slow disk, so saves queue behind the first
+
+if __name__ == "__main__":  # spawn re-imports this file in the writer process
+    folder = sys.argv[1]
+    io = AsyncCheckpointIO(SlowDiskIO(1.5), writer="process", max_pending=3)
+    for i in range(3):
+        io.save_checkpoint({"i": i}, os.path.join(folder, f"{i}.ckpt"))
+    print(*(p.pid for p in multiprocessing.active_children()), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the training process dies (the OOM killer, say)
+"""
+
+
+def test_a_writer_process_whose_parent_died_ends_its_write_and_exits_quietly(tmp_path):
+    """The training process is SIGKILLed with saves queued behind the one being written. The
+    writer process, orphaned, finishes that write (atomic, as ever), then exits without starting
+    the saves queued behind it (a restarted job may be writing the same paths by then, and an
+    orphan's late write would put an older checkpoint back) and without a traceback: it used to
+    die of a BrokenPipeError when it reported the first write to the dead parent."""
+    psutil = pytest.importorskip("psutil")
+    from _subproc import finish, start_python
+
+    script = tmp_path / "script.py"
+    script.write_text(_KILLED_PARENT)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with open(tmp_path / "stderr", "w") as stderr:  # the orphan inherits it; a pipe would stay open
+        proc = start_python(script, folder, stderr=stderr)
+        out, _ = finish(proc, 60)
+    assert proc.returncode == -signal.SIGKILL
+    (writer_pid,) = map(int, out.split())
+    try:
+        psutil.Process(writer_pid).wait(30)
+    except psutil.NoSuchProcess:
+        pass
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err, err
+    assert "is gone" in err, err
+    assert load(folder / "0.ckpt") == {"i": 0}
+    assert sorted(os.listdir(folder)) == ["0.ckpt"], err
