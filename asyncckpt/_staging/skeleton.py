@@ -208,7 +208,7 @@ class _FastCollector(_LeanCollector):
 _TENSOR = torch.Tensor
 
 
-def split_lean(checkpoint: Any) -> Optional[Tuple[bytes, List[torch.Tensor]]]:
+def split_lean(checkpoint: Any, distinct_storages_required: bool = False) -> Optional[Tuple[bytes, List[torch.Tensor]]]:
     """:func:`split` for a checkpoint whose tensors are all stageable, in a fifth of its time.
 
     Returns None where the result could differ from :func:`split`'s (a bare storage, or any
@@ -219,6 +219,10 @@ def split_lean(checkpoint: Any) -> Optional[Tuple[bytes, List[torch.Tensor]]]:
     The first pass (:class:`_FastCollector`) does not look tensors up by identity; where one
     tensor object turned out to be pickled twice, its ids would differ from :func:`split`'s, and
     the pass that looks them up (:class:`_LeanCollector`) runs instead.
+
+    ``distinct_storages_required``: the caller uses the result only if the tensors' storages
+    are all distinct, which no tensor object met twice passes (both meetings have one storage);
+    the check for one is then the caller's, and is not made here.
     """
     for collector_class in (_FastCollector, _LeanCollector):
         buffer = io.BytesIO()
@@ -228,7 +232,11 @@ def split_lean(checkpoint: Any) -> Optional[Tuple[bytes, List[torch.Tensor]]]:
         except Exception:  # noqa: BLE001 - split() runs next and raises it with the key
             return None
         tensors = collector.tensors
-        if collector_class is _LeanCollector or len(set(map(id, tensors))) == len(tensors):
+        if (
+            collector_class is _LeanCollector
+            or distinct_storages_required
+            or len(set(map(id, tensors))) == len(tensors)
+        ):
             return buffer.getvalue(), tensors
     return None  # not reached: the second pass always returns
 

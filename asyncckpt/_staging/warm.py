@@ -251,7 +251,9 @@ def reuse(slot: StagingSlot, checkpoint: Any, copier: Optional[ParallelCopier] =
     if cache.layout is not slot.layout:  # re-planned since (a save into it failed midway, say)
         slot.warm = None
         return None
-    lean = split_lean(checkpoint)
+    # With every tensor on a storage of its own, the storage check below also rules out a
+    # tensor object met twice (its two meetings would share a storage).
+    lean = split_lean(checkpoint, distinct_storages_required=cache.one_group_each)
     found = None if lean is None else _check_and_copy(cache, lean[1], copier if cache.on_cpu else None)
     if found is None:
         slot.warm = None

@@ -246,6 +246,32 @@ def test_a_changed_structure_is_saved_as_torch_save_writes_it(tmp_path, engines,
     assert _plain(load(path)) == _plain(expected)
 
 
+@pytest.mark.parametrize("mode", ["thread-eager", "process-eager"])
+def test_one_tensor_object_twice_where_every_tensor_had_a_storage_of_its_own(tmp_path, engines, mode, checks):
+    """Where every tensor was on a storage of its own (the common case), the warm pass skips its
+    own check for a tensor object met twice: the storage check rules it out (both meetings share
+    a storage). The file must still be torch.save's: the object once, referenced twice."""
+    io = _engine(engines, mode)
+    weights = {k: torch.randn(8) for k in "abcd"}  # alike: only the storage check tells them apart
+    for step in range(3):
+        io.save_checkpoint({"step": step, **weights}, os.path.join(tmp_path, f"warm{step}.ckpt"))
+        io.flush()
+    slot = _only_slot(io)
+    _checked_as(slot.warm, checks)
+    assert slot.warm.one_group_each
+    ckpt = {"step": 3, **weights, "c": weights["a"]}  # as many tensors as before, "a" twice
+    expected_path = os.path.join(tmp_path, "expected.ckpt")
+    with open(expected_path, "wb") as f:
+        torch.save(ckpt, f)
+    path = os.path.join(tmp_path, "saved.ckpt")
+    io.save_checkpoint(ckpt, path)
+    io.flush()
+    saved = load(path)
+    assert saved["c"] is saved["a"]
+    with open(path, "rb") as f, open(expected_path, "rb") as g:
+        assert f.read() == g.read(), "not the bytes torch.save writes"
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_a_warm_save_reuses_the_slot_and_holds_no_tensor_of_the_user(tmp_path, engines, mode, checks):
     io = _engine(engines, mode)
