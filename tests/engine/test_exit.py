@@ -15,7 +15,7 @@ from _subproc import finish, start_python
 
 PRELUDE = textwrap.dedent(
     """
-    import os, sys, time, signal
+    import os, sys, time, signal, threading
     import torch
     from asyncckpt import AsyncCheckpointIO
     from _slow_disk import SlowDiskIO as SlowIO  # fault injection: a slow disk, so saves are pending
@@ -621,7 +621,7 @@ def test_sigterm_landing_inside_an_engine_call_holding_its_lock_still_drains_at_
             print("ready", flush=True)
             # White-box on purpose: a signal cannot be timed to land inside the lock for real.
             with io._cv:  # as inside io.pending
-                os.kill(os.getpid(), signal.SIGTERM)
+                signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # to this thread, inside the lock
                 time.sleep(0.2)
             idle(120)
         """,
@@ -652,7 +652,7 @@ def test_sigterm_landing_inside_the_lazy_copy_registry_does_not_hang(tmp_path):
         print("ready", flush=True)
         # White-box on purpose: a signal cannot be timed to land inside the guard for real.
         with asyncckpt._staging.lazy._registry_lock:  # as inside an optimizer step's guard
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # to this thread, inside the lock
             time.sleep(0.2)
         idle(120)
         """,
