@@ -26,7 +26,7 @@ from .._staging.protocol import Stager, StagingSlot, collection_paused
 from .._staging.reserve import fill_slot, fill_slot_bytes, tensors_of
 from .._storage.secrets import redact, safe_cause, secret_values
 from .._storage.torch_io import TorchCheckpointIO
-from .._writers.base import Operation, Writer, WriterGoneError
+from .._writers.base import Operation, Writer, WriterGoneError, perform_save
 from .._writers.process import ProcessWriter, check_picklable
 from .._writers.thread import ThreadWriter
 from ..checkpoint_io import CheckpointIO, PathLike, load_options
@@ -111,9 +111,9 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
 
     Args:
         checkpoint_io: the IO that does the actual writing: ours, a subclass of yours, or
-            a framework's. Defaults to :class:`asyncckpt.TorchCheckpointIO`. It must not keep
-            references to the tensors it is given after ``save_checkpoint`` returns: they live
-            in reused staging buffers.
+            a framework's. Defaults to :class:`asyncckpt.TorchCheckpointIO`. The tensors it is
+            given live in staging memory; one that keeps them after ``save_checkpoint`` returns
+            is given that memory (the next save into the slot allocates anew, with a warning).
         max_pending: how many staged checkpoints may exist at once (staging memory is at most
             this times the checkpoint's tensor bytes). One more save waits for a slot.
         when_full: ``"wait"`` (block until a slot frees) or ``"raise"`` (raise
@@ -180,6 +180,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         self._holder = _WriterHolder()
         weakref.finalize(self, self._holder.stop)  # the holder, not the engine, knows the writer
         self._handover_tokens = 0
+        self._said_kept = False  # the warning that the wrapped IO keeps staged tensors, given once
         if writer == "process" and (checkpoint_io is not None or not self.base_io_comes_later):
             check_picklable(self.wrapped_io())
             self._writer = self._new_writer()  # its interpreter starts while training runs
@@ -198,6 +199,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         self._submit_lock = threading.RLock()
         self._local = threading.local()  # ``holding``: this thread holds a slot in stage_and_submit
         eager = EagerStager(self.staging_threads)
+        self._eager_stager = eager  # the lazy stager's own, shared; for save_here's copy
         self._stager: Stager = LazyStager(eager) if self.staging == "lazy" else eager
         finish_lazy = self._stager.finish if self._stager.defers_copies else None
         self._errors = ErrorInbox(self._cond)  # failures not yet raised to the caller
@@ -577,6 +579,47 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         # Written at the call: nothing staged, the whole time was the caller's and the write's.
         return SaveHandle.completed(key, SaveStats(shown(key), took, 0.0, 0.0, took, 0))
 
+    def save_here(self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
+        """Write ``checkpoint`` to ``path`` on the calling thread, through the wrapped IO, once
+        every operation queued before is done; its errors are raised here, as the IO raised them.
+
+        For a framework plugin called where there is no training to overlap with. An IO known
+        to write with ``torch.save`` (the file is then the point in time), or a collective one,
+        gets ``checkpoint`` itself. Any other IO gets a point-in-time copy in staging memory, as
+        a queued save would: one that keeps what it is given, to write it later, then keeps the
+        checkpoint as it was at the call, and a later save never writes into what it kept.
+        """
+        self.flush()
+        io = self.wrapped_io()
+        hooks = WrappedIO(io)
+        if (
+            hooks.writes_with_torch_save
+            or hooks.is_sharded
+            or hooks.agree_to_save is not None
+            or getattr(self._local, "holding", False)  # a signal handler's save inside a save: no slot
+        ):
+            io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        key = path_key_of(path)
+        with self._holding(key):
+            slot = self._slots.acquire(key)
+            op: Optional[Operation] = None
+            written = False
+            try:
+                slot.last_key = key
+                self._eager_stager.torch_save_rules = False
+                with collection_paused():
+                    staged = self._eager_stager.stage(hooks.stageable_form(checkpoint), slot, key)
+                op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
+                perform_save(io, op)
+                written = True
+            finally:
+                if op is not None and op.kept_staged:
+                    if written:
+                        self._say_kept(op)
+                    slot.release_memory()
+                self._slots.release(slot)
+
     def wait_staged(self) -> None:
         """Wait until the last save's tensors are copied (``staging="lazy"``), and check them.
 
@@ -809,8 +852,12 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         if error is not None:
             wrapped_error = self._background_error(op, error)
             log.error("asyncckpt: %s", wrapped_error, exc_info=wrapped_error.__cause__ or wrapped_error)
+        if op.kind == "save" and op.kept_staged and error is None:
+            self._say_kept(op)
         with self._cv:
             if op.kind == "save":
+                if op.kept_staged:  # that memory is the IO's now: the slot's next save gets new memory
+                    op.slot.release_memory()
                 self._slots.release_locked(op.slot)
                 if error is None:
                     stats = SaveStats(
@@ -831,6 +878,20 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             self._cv.notify_all()
         if handle is not None:
             handle.settle(stats, wrapped_error)
+
+    def _say_kept(self, op: Operation) -> None:
+        """Say once per engine that the wrapped IO keeps what it was given (see :meth:`_on_done`)."""
+        if self._said_kept:
+            return
+        self._said_kept = True
+        log.warning(
+            "asyncckpt: %s.save_checkpoint kept tensors of the checkpoint %r after it returned; they "
+            "live in staging memory, so that memory is now the IO's and the next save into it gets "
+            "new memory (allocated in its call: slower). An IO that keeps the data should copy it "
+            "(tensor.clone()). Said once.",
+            type(self.wrapped_io()).__name__,
+            shown(op.path),
+        )
 
     @staticmethod
     def _background_error(op: Operation, error: BaseException) -> AsyncCheckpointError:

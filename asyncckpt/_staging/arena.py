@@ -11,7 +11,9 @@ import contextlib
 import ctypes
 import itertools
 import mmap
+import operator
 import os
+import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -155,6 +157,31 @@ def build_views(storages: Sequence[torch.UntypedStorage], specs: Sequence[tuple]
             view.requires_grad_(True)
         views.append(view)
     return views
+
+
+#: torch's count of the references to a storage (tensors and storage objects viewing it); a
+#: private function of torch's, present since before 2.4 (None: Python references alone are counted).
+_storage_use_count: Optional[Callable[[int], int]] = getattr(torch._C, "_storage_Use_Count", None)
+_handle = operator.attrgetter("_cdata")
+
+
+def reference_counts(items: Sequence[Any], storages: Sequence[torch.UntypedStorage]) -> List[int]:
+    """The references to each staged item and each staging storage now.
+
+    Taken before and after a wrapped IO's ``save_checkpoint``, once the checkpoint it was given
+    is dropped: a count that grew (:func:`grew`) means the IO kept something that views the
+    staging memory (the checkpoint, a tensor of it, a ``detach()`` or a slice of one, a
+    storage), which the next save into the slot would overwrite.
+    """
+    counts = [*map(sys.getrefcount, items), *map(sys.getrefcount, storages)]
+    if _storage_use_count is not None:
+        counts.extend(map(_storage_use_count, map(_handle, storages)))
+    return counts
+
+
+def grew(before: Sequence[int], after: Sequence[int]) -> bool:
+    """Whether any count of :func:`reference_counts` is higher ``after`` than ``before``."""
+    return any(map(operator.lt, before, after))
 
 
 def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:

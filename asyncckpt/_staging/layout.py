@@ -118,6 +118,7 @@ def plan(
     slot.arena = arena
     slot.groups = groups
     host_storages = storages_in(arena.tensor, groups, arena)
+    slot.storages = host_storages
     slot.views = build_views(host_storages, per_tensor)
     slot.locations = locations_of(host_storages, [device for device, _ in storage_sizes])
     slot.group_locations = tuple(device for device, _ in storage_sizes) if slot.locations else None

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tupl
 
 import torch
 
-from .arena import HostArena
+from .arena import HostArena, reference_counts
 from .copier import CopyPlan, ParallelCopier
 from .skeleton import restore
 
@@ -95,6 +95,7 @@ class StagedCheckpoint:
     tensors: List[torch.Tensor]
     tensor_bytes: int
     arena: Optional[HostArena] = None
+    storages: List[torch.UntypedStorage] = field(default_factory=list)  # one per group, viewing the arena
     groups: Tuple[Tuple[int, int], ...] = ()
     specs: Tuple[tuple, ...] = ()
     staging_seconds: float = 0.0
@@ -121,6 +122,7 @@ class StagedCheckpoint:
             tensors=list(slot.views),
             tensor_bytes=tensor_bytes,
             arena=slot.arena,
+            storages=slot.storages,
             groups=slot.groups,
             specs=slot.layout[1] if slot.layout else (),
             staging_seconds=time.perf_counter() - started,
@@ -134,6 +136,11 @@ class StagedCheckpoint:
         """Rebuild the checkpoint object with host tensors, ready for ``torch.save``."""
         self.wait()
         return restore(self.skeleton, self.tensors)
+
+    def references(self) -> List[int]:
+        """The references to the staged tensors and their storages now (see
+        :func:`~asyncckpt._staging.arena.reference_counts`); call it after :meth:`wait`."""
+        return reference_counts(self.tensors, self.storages)
 
     def wait(self) -> None:
         """Wait for asynchronous device-to-host copies (CUDA) to land in the host buffers."""
@@ -153,6 +160,7 @@ class StagingSlot:
     arena: Optional[HostArena] = None
     groups: Tuple[Tuple[int, int], ...] = ()
     byte_views: List[torch.Tensor] = field(default_factory=list)
+    storages: List[torch.UntypedStorage] = field(default_factory=list)  # per group: its window of the arena
     views: List[torch.Tensor] = field(default_factory=list)
     whole_copy: List[bool] = field(default_factory=list)
     members: List[List[int]] = field(default_factory=list)
@@ -176,6 +184,7 @@ class StagingSlot:
         self.arena = None
         self.groups = ()
         self.byte_views = []
+        self.storages = []
         self.views = []
         self.whole_copy = []
         self.members = []

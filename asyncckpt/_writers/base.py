@@ -19,12 +19,15 @@ separate process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Iterable, List, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Iterable, List, Optional, Protocol, Sequence
 
+from .._staging.arena import grew
+from .._staging.locations import recorded_as
 from ..errors import RemoveSkippedError
 from ..redaction import shown
 
@@ -67,6 +70,9 @@ class Operation:
         self.wait_seconds = 0.0
         self.blocking_seconds = 0.0
         self.write_seconds = 0.0
+        #: The wrapped IO kept references into the staging memory of this save after it returned
+        #: (or its failure's traceback does): the slot must not write into that memory again.
+        self.kept_staged = False
         self.error: Optional[BaseException] = None
         self.after: Sequence["Operation"] = ()
         self._lock = threading.Lock()
@@ -160,6 +166,32 @@ def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
         abort_collective_save(checkpoint_io, op, op.staged)
     else:
         raise ValueError(f"unknown operation kind {op.kind!r}")
+
+
+def perform_save(
+    checkpoint_io: Any, op: Operation, around_io: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+) -> None:
+    """Write the staged save ``op`` through ``checkpoint_io`` on this thread.
+
+    The checkpoint is rebuilt from staging memory and handed over with each storage's original
+    device recorded (the file loads onto the devices ``torch.save``'s would); ``around_io`` wraps
+    the wrapped IO's call. Sets ``op.kept_staged`` when the IO kept anything viewing the staging
+    memory once it returned (or its failure's traceback does): that memory must not be reused.
+    """
+    staged = op.staged
+    try:
+        staged.wait()
+        before = staged.references()
+        checkpoint = staged.materialize()
+    except Exception as err:
+        abort_collective_save(checkpoint_io, op, err)
+        raise
+    try:
+        with recorded_as(staged.locations), around_io():
+            perform(checkpoint_io, op, checkpoint)
+    finally:
+        checkpoint = None  # the staged views: not kept past their operation
+        op.kept_staged = grew(before, staged.references())
 
 
 def failed_save_before(saves: Iterable[Operation]) -> Optional[Operation]:

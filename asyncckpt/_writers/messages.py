@@ -77,11 +77,13 @@ class StopMsg:
 
 @dataclass(frozen=True, slots=True)
 class DoneMsg:
-    """Operation ``seq`` finished; ``error`` is its exception (made portable), or None."""
+    """Operation ``seq`` finished; ``error`` is its exception (made portable), or None;
+    ``kept_staged``: the wrapped IO kept references into the save's staging memory."""
 
     seq: int
     error: Optional[BaseException]
     write_seconds: float
+    kept_staged: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -325,12 +325,13 @@ class ProcessWriter:
                 except (EOFError, OSError):
                     break
                 match reply:
-                    case DoneMsg(seq=seq, error=error, write_seconds=write_seconds):
+                    case DoneMsg(seq=seq, error=error, write_seconds=write_seconds, kept_staged=kept):
                         with self._table_lock:
                             op = self._inflight.pop(seq, None)
                         if op is None:
                             continue
                         op.write_seconds = write_seconds or 0.0
+                        op.kept_staged = kept
                         op.complete(error)
                     case SkippedMsg(seq=seq, failed_seq=failed_seq):  # a remove not carried out: its save failed
                         with self._table_lock:
@@ -480,7 +481,7 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main_
             log.warning("asyncckpt: the writer process keeps its priority (writer_nice not applied: %s)", err)
     import torch
 
-    from .._staging.arena import build_views, storages_in
+    from .._staging.arena import build_views, grew, reference_counts, storages_in
     from .._staging.locations import locations_of, recorded_as
     from .._staging.skeleton import restore
 
@@ -522,6 +523,8 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main_
                     break
                 op = Operation(_KIND[type(message)], str(message.target), message.target, seq=message.seq)
                 error: Optional[BaseException] = None
+                before: Optional[List[int]] = None
+                views: Any = None
                 try:
                     checkpoint = None
                     located: Optional[Dict[int, str]] = None
@@ -536,6 +539,7 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main_
                         views = build_views(storages, specs)
                         if group_locations is not None:
                             located = locations_of(storages, group_locations)
+                        before = reference_counts(views, storages)
                         checkpoint = restore(message.skeleton, views)
                     # the file records each staged storage's original device, as torch.save would
                     with recorded_as(located):
@@ -545,7 +549,11 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main_
                     if isinstance(message, SaveMsg):
                         failed_saves.add(op.seq)
                 checkpoint = located = None
-                if not _reply(conn, DoneMsg(op.seq, error, op.write_seconds)):
+                # Did the wrapped IO keep any of the views? (Their memory is the slot's, which the
+                # next save into it overwrites: the parent then gives the slot new memory.)
+                kept = before is not None and grew(before, reference_counts(views, storages))
+                views = storages = None
+                if not _reply(conn, DoneMsg(op.seq, error, op.write_seconds, kept)):
                     _log_orphaned()
                     break
             case _:

@@ -7,16 +7,15 @@ import logging
 import threading
 from typing import Any, Deque, Optional
 
-from .._staging.locations import recorded_as
 from .._threads import signals_as_the_process, start_thread
 from ..errors import WriterDiedError
 from .base import (
     Operation,
     WriterGoneError,
-    abort_collective_save,
     failed_save_before,
     lower_this_threads_priority,
     perform,
+    perform_save,
     skipped_removal,
 )
 
@@ -103,24 +102,18 @@ class ThreadWriter:
                     op = self._queue.popleft()
                 error: Optional[BaseException] = None
                 try:
-                    checkpoint = None
                     if op.kind == "remove":
                         failed = failed_save_before(op.after)
                         if failed is not None:
                             raise skipped_removal(op, failed)
-                    if op.kind == "save":
-                        try:
-                            checkpoint = op.staged.materialize()
-                        except Exception as err:
-                            abort_collective_save(self._io, op, err)
-                            raise
-                    # the file records each staged storage's original device, as torch.save would;
                     # the wrapped IO is user code: what it starts must answer signals as usual
-                    with recorded_as(op.staged.locations if op.kind == "save" else None), signals_as_the_process():
-                        perform(self._io, op, checkpoint)
+                    if op.kind == "save":
+                        perform_save(self._io, op, signals_as_the_process)
+                    else:
+                        with signals_as_the_process():
+                            perform(self._io, op)
                 except Exception as err:  # noqa: BLE001 - reported through the operation
                     error = err
-                checkpoint = None  # the staged views: not kept past their operation
                 op.complete(error)
                 op = None
         except BaseException as err:  # noqa: BLE001 - the thread ends; the cause goes with each failure

@@ -21,6 +21,10 @@ from asyncckpt import (
 from asyncckpt.lazy import TensorModifiedError
 from conftest import FailingIO, FileEvent, GatedIO, load, temp_files
 
+#: The writer and staging pairs that exist (lazy staging needs the thread writer).
+WRITER_STAGING = [("thread", "eager"), ("thread", "lazy"), ("process", "eager")]
+
+
 # -- 1. Point in time ------------------------------------------------------------------------
 
 
@@ -102,6 +106,47 @@ def test_staging_buffers_are_reused_from_save_to_save(tmp_path, writer):
     io.teardown()
 
 
+class KeepingIO(TorchCheckpointIO):
+    """Keeps what each save hands it and writes it all at teardown, as an IO that batches its
+    writes would: it breaks the documented rule that an IO must not keep the staged tensors."""
+
+    def __init__(self, keeps: str) -> None:
+        super().__init__()
+        self.keeps = keeps
+        self.kept: list = []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        if self.keeps == "detached tensors":  # new tensor objects on the staged memory
+            checkpoint = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in checkpoint.items()}
+        self.kept.append((path, checkpoint))
+
+    def teardown(self):
+        for path, checkpoint in self.kept:
+            super().save_checkpoint(checkpoint, path)
+        self.kept = []
+        super().teardown()
+
+
+@pytest.mark.parametrize("keeps", ["the checkpoint", "detached tensors"])
+@pytest.mark.parametrize("writer,staging", WRITER_STAGING)
+def test_an_io_that_keeps_what_it_was_given_keeps_each_save_as_it_was(tmp_path, writer, staging, keeps, caplog):
+    # NeMo RL #3312: a reused staging buffer made every kept checkpoint repeat the latest one.
+    io = AsyncCheckpointIO(KeepingIO(keeps), max_pending=1, writer=writer, staging=staging)
+    weight = torch.zeros(64, 64)
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        for step in range(4):
+            weight.fill_(float(step))
+            io.save_checkpoint({"w": weight, "step": step}, tmp_path / f"step{step}.ckpt")
+        io.flush()
+        assert io.staging_bytes <= weight.nbytes + 64  # the kept memory is the IO's, not staging's
+        io.teardown()
+    for step in range(4):
+        out = load(tmp_path / f"step{step}.ckpt")
+        assert out["step"] == step and torch.equal(out["w"], torch.full((64, 64), float(step))), step
+    said = [r.getMessage() for r in caplog.records if "kept" in r.getMessage()]
+    assert len(said) == 1 and "KeepingIO" in said[0], said
+
+
 # -- 2. Order --------------------------------------------------------------------------------
 
 
@@ -133,7 +178,6 @@ def test_save_after_remove_recreates_the_file(tmp_path, writer):
 # would have deleted (keep-last-N rotation, ModelCheckpoint(save_top_k=1)), so a run is never left
 # with no checkpoint. The failure is ENOSPC from GatedIO (fault injection: a full disk cannot be
 # produced here) or, with lazy staging, a real in-place change caught by the version counters.
-WRITER_STAGING = [("thread", "eager"), ("thread", "lazy"), ("process", "eager")]
 
 
 @pytest.mark.parametrize("writer,staging", WRITER_STAGING)

@@ -9,6 +9,7 @@ left once ``fit``/``validate``/``test`` has returned.
 from __future__ import annotations
 
 import io as _io
+import logging
 import os
 import pickle
 import textwrap
@@ -375,7 +376,7 @@ KEEPING_SCRIPT = textwrap.dedent(
     kept = []
 
     class KeepingIO(fam.TorchIO):
-        # Breaks the documented rule on purpose, as Lightning's own async-plugin test does.
+        # Keeps what it gets, as Lightning's own async-plugin test does.
         def save_checkpoint(self, checkpoint, path, storage_options=None):
             kept.append(checkpoint["state_dict"]["big"])
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
@@ -395,3 +396,28 @@ KEEPING_SCRIPT = textwrap.dedent(
 def test_a_wrapped_io_may_keep_the_tensors_it_was_given(fam, tmp_path):
     proc = run_python(KEEPING_SCRIPT, fam.name, TESTS, tmp_path, timeout=180)
     assert proc.returncode == 0 and "ok" in proc.stdout, f"rc={proc.returncode} {proc.stderr[-2000:]}"
+
+
+def test_outside_a_stage_an_io_that_keeps_the_checkpoint_keeps_it_as_it_was_at_the_call(fam, caplog):
+    # Lightning's own test of its AsyncCheckpointIO (tests_pytorch/plugins/test_async_checkpoint.py),
+    # with ours: no Trainer, an IO that keeps the object it is given, a change right after the call;
+    # and a second save, which must not write into what the IO kept.
+    class CapturingIO(fam.TorchIO):
+        def __init__(self):
+            super().__init__()
+            self.saved = []
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            time.sleep(0.05)
+            self.saved.append(checkpoint)
+
+    base = CapturingIO()
+    io = fam.ours.AsyncCheckpointIO(checkpoint_io=base, max_pending=1)
+    t = torch.tensor([0.0])
+    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+        for path in ("unused", "unused-too"):
+            io.save_checkpoint({"w": t}, path=path)
+            t.add_(1.0)
+        io.teardown()
+    assert [c["w"].item() for c in base.saved] == [0.0, 1.0]
+    assert sum("kept" in r.getMessage() for r in caplog.records) == 1

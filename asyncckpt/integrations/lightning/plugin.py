@@ -54,7 +54,9 @@ class PluginMixin(CoreAsyncCheckpointIO):
     Anywhere else (after ``fit`` returns, in ``on_fit_end``, in the ``ddp_spawn``/``ddp_fork``
     launchers, from another thread, without a Trainer) there is no training to overlap with:
     the call does its IO before it returns, through the wrapped IO, exactly as Lightning's
-    default plugin would (errors included), and starts no thread.
+    default plugin would (errors included), and starts no thread; an IO that does not write
+    with ``torch.save`` is handed a point-in-time copy (see ``save_here``), as Lightning's own
+    ``AsyncCheckpointIO`` hands it a clone.
 
     Args: as :class:`asyncckpt.AsyncCheckpointIO`.
     """
@@ -93,7 +95,7 @@ class PluginMixin(CoreAsyncCheckpointIO):
         """
         self._saves_requested += 1
         if not self.lightning_family.in_stage():
-            self._now().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            self.save_here(checkpoint, path, storage_options=storage_options)
             return SaveHandle.completed(path, None)  # written before returning, as Lightning's own IO does
         local = local_path_of(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else None
         if local:
