@@ -602,7 +602,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             return
         key = path_key_of(path)
         with self._holding(key):
-            slot = self._slots.acquire(key)
+            slot = self._slots.acquire(key, when_full="wait")  # a synchronous save never refuses
             op: Optional[Operation] = None
             written = False
             try:

@@ -66,14 +66,15 @@ class SlotPool:
 
     # -- the rule -------------------------------------------------------------------------
 
-    def poll(self, key: str, hint: str) -> Union[StagingSlot, object, int]:
+    def poll(self, key: str, hint: str, when_full: Optional[str] = None) -> Union[StagingSlot, object, int]:
         """(lock held) One look at the rule: a slot taken, ``_ERRORS_PENDING``, or (to wait)
-        the count of lazy copies started so far. Raises :class:`QueueFullError` in ``raise`` mode."""
+        the count of lazy copies started so far. Raises :class:`QueueFullError` in ``raise`` mode
+        (``when_full``, or the pool's own)."""
         if self._errors.pending:
             return _ERRORS_PENDING
         if self._free:
             return self._take(key)
-        if self._when_full == "raise" and not self._reserving:
+        if (when_full or self._when_full) == "raise" and not self._reserving:
             # (a slot a reservation holds is not full of a checkpoint: it comes back soon, ready)
             raise QueueFullError(
                 f"cannot save {key!r}: all {self._count} staging slots hold checkpoints "
@@ -87,12 +88,13 @@ class SlotPool:
         started since ``started``."""
         return bool(self._free) or bool(self._errors.pending) or self._copies_started != started
 
-    def acquire(self, key: str, hint: str = "call flush()") -> StagingSlot:
+    def acquire(self, key: str, hint: str = "call flush()", when_full: Optional[str] = None) -> StagingSlot:
         """Take a free slot, waiting while all are busy (every slot is held by an operation that
-        frees it when it completes, and a writer's death completes its operations too)."""
+        frees it when it completes, and a writer's death completes its operations too);
+        ``when_full`` overrides the pool's policy for this call."""
         while True:
             with self._cond:
-                got = self.poll(key, hint)
+                got = self.poll(key, hint, when_full)
             if isinstance(got, StagingSlot):
                 return got
             if got is _ERRORS_PENDING:

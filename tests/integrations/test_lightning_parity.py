@@ -421,3 +421,30 @@ def test_outside_a_stage_an_io_that_keeps_the_checkpoint_keeps_it_as_it_was_at_t
         io.teardown()
     assert [c["w"].item() for c in base.saved] == [0.0, 1.0]
     assert sum("kept" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_outside_a_stage_saves_from_two_threads_both_write_even_with_when_full_raise(fam, tmp_path):
+    # A synchronous save needs a slot only for its copy; it waits for one rather than refusing.
+    class SlowCustomIO(fam.TorchIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            time.sleep(0.2)
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    io = fam.ours.AsyncCheckpointIO(SlowCustomIO(), max_pending=1, when_full="raise")
+    errors = []
+
+    def save(name):
+        try:
+            io.save_checkpoint({"w": torch.full((8,), float(len(name)))}, tmp_path / name)
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=(name,)) for name in ("a", "bb")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    io.teardown()
+    assert not errors, errors
+    for name in ("a", "bb"):
+        assert torch.equal(torch.load(tmp_path / name)["w"], torch.full((8,), float(len(name))))
