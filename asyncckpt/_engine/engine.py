@@ -594,6 +594,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         hooks = WrappedIO(io)
         if (
             hooks.writes_with_torch_save
+            or not isinstance(path, (str, os.PathLike))  # an IO's own kind of target (a buffer?): as given
             or hooks.is_sharded
             or hooks.agree_to_save is not None
             or getattr(self._local, "holding", False)  # a signal handler's save inside a save: no slot

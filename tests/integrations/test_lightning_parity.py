@@ -448,3 +448,17 @@ def test_outside_a_stage_saves_from_two_threads_both_write_even_with_when_full_r
     assert not errors, errors
     for name in ("a", "bb"):
         assert torch.equal(torch.load(tmp_path / name)["w"], torch.full((8,), float(len(name))))
+
+
+def test_outside_a_stage_a_target_that_is_not_a_path_reaches_the_io_as_given(fam):
+    # Outside a stage the wrapped IO decides what a target is (here a buffer), as with Lightning's own.
+    class BufferIO(fam.TorchIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            torch.save(checkpoint, path)
+
+    buffer = _io.BytesIO()
+    io = fam.ours.AsyncCheckpointIO(BufferIO())
+    io.save_checkpoint({"w": torch.ones(2)}, buffer)
+    io.teardown()
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer)["w"], torch.ones(2))
