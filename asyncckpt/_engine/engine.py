@@ -82,6 +82,11 @@ class _ExitView:
         engine = self._engine()
         return engine.exit_timeout if engine is not None else 0.0
 
+    @property
+    def collective(self) -> bool:
+        engine = self._engine()
+        return engine is not None and engine._is_collective()
+
     def drain_before_exit(self, reason: str, deadline: Optional[float] = None) -> None:
         engine = self._engine()
         if engine is not None:
@@ -373,6 +378,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         call, after everything that may refuse the save and before staging, whether they all
         make it; a save refused on one rank is refused on every rank (see
         :meth:`asyncckpt.DistributedCheckpointIO.agree_to_save`)."""
+        lifecycle.drain_collective_saves_before_groups_are_destroyed()
         started = time.perf_counter()
         slot: Optional[StagingSlot] = None
         key, target, checkpoint, refusal, background = self.before_agreement(checkpoint, path, storage_options)
@@ -543,6 +549,14 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                 del self._handovers[token]
             ended.set()
             lifecycle.after_handover()
+
+    def _is_collective(self) -> bool:
+        """Whether the wrapped IO's saves run collectives (a sharded IO's, on its process group)."""
+        io = self._checkpoint_io
+        if io is None:
+            return False
+        hooks = WrappedIO(io)
+        return hooks.is_sharded or hooks.agree_to_save is not None
 
     def _locked_here(self) -> bool:
         """Whether the calling thread is inside a call holding this engine's lock."""

@@ -29,6 +29,7 @@ child's exit drains only the child's own saves.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing.util
 import os
@@ -51,6 +52,10 @@ class ExitView(Protocol):
     the engine does)."""
 
     exit_timeout: float
+
+    @property
+    def collective(self) -> bool:
+        """Whether the engine's saves run collectives on a process group (sharded saves)."""
 
     def drain_before_exit(self, reason: str, deadline: Optional[float] = None) -> None:
         """Write what is pending, within the exit time (and by ``deadline``), and log it."""
@@ -80,8 +85,10 @@ def register(view: ExitView) -> None:
         _engines.add(view)
 
 
-def drain_all(reason: str, deadline: Optional[float] = None) -> None:
+def drain_all(reason: str, deadline: Optional[float] = None, collective_only: bool = False) -> None:
     for engine in list(_engines):
+        if collective_only and not engine.collective:
+            continue
         try:
             engine.drain_before_exit(reason, deadline)
         except Exception:  # noqa: BLE001 - keep draining the other engines
@@ -112,6 +119,42 @@ threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
 # ``_after_fork_in_child``), so its exit drains only the child's own saves.
 
 _multiprocessing_hook_pid: Optional[int] = None
+
+_DRAINS_FIRST = "_asyncckpt_drains_collective_saves_first"
+
+
+def drain_collective_saves_before_groups_are_destroyed() -> None:
+    """Make ``torch.distributed.destroy_process_group`` write pending sharded saves first
+    (installed once, by the first sharded save).
+
+    A training script's usual last lines are a save and ``dist.destroy_process_group()``. The
+    sharded save is then still being written in the background, and its collectives run on a
+    process group that ``destroy_process_group()`` destroys too: it failed, and the last
+    checkpoint was lost. No hook of torch's runs before a group is destroyed, so the function is
+    wrapped: it drains every engine whose saves are collective (within ``exit_timeout``, and
+    logged), then destroys as asked. Code that imported the function by name before the first
+    sharded save keeps the original (``dist.destroy_process_group()`` finds the wrapper).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return
+    from torch.distributed import distributed_c10d
+
+    with _lock:
+        original = distributed_c10d.destroy_process_group
+        if getattr(original, _DRAINS_FIRST, False):
+            return
+
+        @functools.wraps(original)
+        def destroy_process_group(*args: Any, **kwargs: Any) -> Any:
+            drain_all("torch.distributed.destroy_process_group()", collective_only=True)
+            return original(*args, **kwargs)
+
+        setattr(destroy_process_group, _DRAINS_FIRST, True)
+        distributed_c10d.destroy_process_group = destroy_process_group
+        if getattr(dist, "destroy_process_group", None) is original:
+            dist.destroy_process_group = destroy_process_group
 
 
 def _before_multiprocessing_joins_its_children() -> None:

@@ -549,6 +549,24 @@ def main() -> None:
             result[f"{staging}_committed"] = os.path.exists(os.path.join(path, ".metadata"))
             torch.save(expected, os.path.join(OUT, f"expected-{staging}-{RANK}.pt"))
 
+    elif SCENARIO == "destroyed_group":
+        # A training script's usual last lines: a final save, then destroy_process_group() and
+        # the end of the script, with no flush or teardown; the write is still in progress.
+        io_impl = SlowWriteIO()
+        io = asyncckpt.AsyncCheckpointIO(io_impl, exit_timeout=60)
+        s1 = state_of(model, opt, 1)
+        io.save_checkpoint(s1, ck)
+        record_expected("one", s1)
+        io.flush()
+        train_step(model, opt)
+        io_impl.delay = 1.0
+        s2 = state_of(model, opt, 2)
+        io.save_checkpoint(s2, ck)
+        record_expected("two", s2)
+        write_result()
+        dist.destroy_process_group()
+        return
+
     elif SCENARIO in ("sigkill", "sigterm"):
         io_impl = SlowWriteIO()
         io = asyncckpt.AsyncCheckpointIO(io_impl, exit_timeout=60)

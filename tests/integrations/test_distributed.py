@@ -284,6 +284,22 @@ def test_sigterm_on_every_rank_writes_the_pending_save_first(tmp_path):
     assert same(load_whole(os.path.join(out, "ck")), expected)
 
 
+@pytest.mark.slow
+def test_a_save_then_destroy_process_group_at_the_end_of_a_script_writes_the_save_first(tmp_path):
+    # The sharded save's collectives run on a group destroy_process_group() destroys too: the
+    # last checkpoint was lost ("Group ... is not registered"), its stray shards left behind.
+    out = str(tmp_path)
+    procs = start_ranks("destroyed_group", 2, out)
+    outputs = finish(procs)
+    for p, text in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, text[-4000:]
+        assert "destroy_process_group() with 1 checkpoint operation(s) pending" in text, text[-4000:]
+        assert "not registered" not in text and "failed" not in text, text[-4000:]
+    expected = torch.load(os.path.join(out, "expected-two.pt"))
+    assert same(load_whole(os.path.join(out, "ck")), expected)
+    assert len([n for n in os.listdir(os.path.join(out, "ck")) if n.endswith(".distcp")]) == 2  # one save's shards
+
+
 def test_metadata_records_no_pinned_memory_for_pinned_staging_buffers(tmp_path, monkeypatch):
     """Where CUDA is present the engine stages into pinned buffers, and DCP records each written
     tensor's ``is_pinned()`` in ``.metadata``; FSDP1's optimizer loader (Lightning's FSDPStrategy
