@@ -300,6 +300,21 @@ def test_a_save_then_destroy_process_group_at_the_end_of_a_script_writes_the_sav
     assert len([n for n in os.listdir(os.path.join(out, "ck")) if n.endswith(".distcp")]) == 2  # one save's shards
 
 
+@pytest.mark.slow
+def test_a_sharded_save_whose_group_was_destroyed_fails_on_every_rank_and_keeps_the_last_checkpoint(tmp_path):
+    # destroy_process_group as imported before the first sharded save (no drain): the queued
+    # save found no process group and ran as a single process on each rank; one rank's .metadata
+    # of its own shards replaced the committed checkpoint, and the folder no longer loaded.
+    out = str(tmp_path)
+    procs = start_ranks("destroyed_group", 2, out, "by_name")
+    outputs = finish(procs)
+    for p, text in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, text[-4000:]
+        assert "2 failed" in text and "process group was destroyed" in text, text[-4000:]
+    expected = torch.load(os.path.join(out, "expected-one.pt"))
+    assert same(load_whole(os.path.join(out, "ck")), expected)
+
+
 def test_metadata_records_no_pinned_memory_for_pinned_staging_buffers(tmp_path, monkeypatch):
     """Where CUDA is present the engine stages into pinned buffers, and DCP records each written
     tensor's ``is_pinned()`` in ``.metadata``; FSDP1's optimizer loader (Lightning's FSDPStrategy

@@ -96,6 +96,20 @@ class LocalShard:
         return (LocalShard, (self.local, self.spec))
 
 
+def group_alive(group: Any) -> bool:
+    """Whether ``group`` can still run collectives: torch.distributed is initialized and the
+    group was not destroyed (``destroy_process_group()`` destroys every group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    try:
+        dist.get_process_group_ranks(group)
+    except (KeyError, ValueError, RuntimeError):
+        return False
+    return True
+
+
 def _save_token(nonce: str, folder: str, count: int) -> str:
     """Equal on every rank for the same save (the run's shared nonce, the folder, the save's
     number in this IO's sequence), and unlike any save of another run into the same folder."""
@@ -393,16 +407,24 @@ class DistributedCheckpointIO(CheckpointIO):
         """Collective: write ``state`` into ``folder`` with DCP and commit it (see
         :mod:`.commit`). ``before_commit`` runs on the coordinator just before the commit;
         ``fail_with`` takes part without data and fails the save on every rank."""
-        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
         number = self._next_number()
+        if self._pg is not None and not group_alive(self._pg):
+            raise ShardedSaveError(
+                f"the sharded save of {folder!r} was not written: its process group was destroyed "
+                "(torch.distributed.destroy_process_group()) before its turn came; nothing was "
+                "committed, the previous checkpoint stands. Call flush() or teardown() on the "
+                "AsyncCheckpointIO before destroying the process group"
+            )
         planner = _unpinned_planner()(enable_plan_caching=self.cache_plans and fail_with is None)
         if fail_with is None:
             planner._cached_plans_key = self._plan_key  # DCP's private planner field: per IO, not per planner class
         token = _save_token(self._nonce or "", folder, number)
         writer = self.storage_writer(folder, before_commit, token, fail_with)
-        no_dist = not (dist.is_available() and dist.is_initialized())
+        # Distributed exactly when the save has a group (made at a call while torch.distributed
+        # was initialized): never a single-process save of one rank's shards into a shared folder.
+        no_dist = self._pg is None
         try:
             dcp.save(state, storage_writer=writer, planner=planner, process_group=self._pg, no_dist=no_dist)
         except CheckpointException as err:
