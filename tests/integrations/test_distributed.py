@@ -368,6 +368,29 @@ def test_single_process_save_is_a_plain_dcp_checkpoint(tmp_path):
     io.teardown()
 
 
+REINIT_SCRIPT = """
+import os, sys, torch, torch.distributed as dist, asyncckpt
+from asyncckpt.distributed import DistributedCheckpointIO
+folder = sys.argv[1]
+io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO())
+for run in range(3):  # a sweep of runs in one process, one IO
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store{run}", rank=0, world_size=1)
+    io.save_checkpoint({"w": torch.full((4,), float(run))}, os.path.join(folder, f"ck{run}"))
+    if run == 1:
+        io.flush()  # else destroy_process_group() writes it first
+    dist.destroy_process_group()
+    assert torch.equal(io.load_checkpoint(os.path.join(folder, f"ck{run}"))["w"], torch.full((4,), float(run)))
+io.teardown()
+print("ok")
+"""
+
+
+def test_one_io_saves_across_process_groups_destroyed_and_made_again(tmp_path):
+    # Its own groups died with the first destroy_process_group(); the next run's saves failed.
+    proc = run_python(REINIT_SCRIPT, str(tmp_path), timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_import_asyncckpt_does_not_import_dcp_until_used():
     code = (
         "import sys, asyncckpt\n"

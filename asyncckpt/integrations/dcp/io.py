@@ -203,6 +203,21 @@ class DistributedCheckpointIO(CheckpointIO):
                 dist.broadcast_object_list(nonce, src=dist.get_global_rank(self._pg, 0), group=self._pg)
             self._nonce = nonce[0]
 
+    def _renew_destroyed_groups(self) -> None:
+        """At a call (the training thread, where every rank is in step): forget this IO's own
+        groups if ``destroy_process_group()`` destroyed them, so that :meth:`_ensure_group`
+        makes new ones in the new run (a sweep of runs in one process, one IO). Not while a
+        save agreed on the old groups is still to run: it fails on them, loudly, first."""
+        if self._pg is None or self._agreed or group_alive(self._pg):
+            return
+        if not self._own_group:
+            raise ValueError(
+                "the process group given to DistributedCheckpointIO(process_group=...) was destroyed; "
+                "make a new DistributedCheckpointIO with a live group (or none: it makes its own)"
+            )
+        self._pg = self._call_pg = None
+        self._nonce = None
+
     def _is_coordinator(self) -> bool:
         import torch.distributed as dist
 
@@ -220,6 +235,7 @@ class DistributedCheckpointIO(CheckpointIO):
         and the mesh and placements stay out of the pickled skeleton. Creates the process group
         on first use, on this (the training) thread, where every rank reaches it in step.
         """
+        self._renew_destroyed_groups()
         self._ensure_group()
         self._owners = {}
         try:
@@ -304,6 +320,7 @@ class DistributedCheckpointIO(CheckpointIO):
         mine = (self._calls + 1, None if refusal is None else f"{type(refusal).__name__}: {refusal}",
                 reports_background_failure, kind, folder)
         try:
+            self._renew_destroyed_groups()
             self._ensure_group()
             if self._call_pg is not None:
                 gathered: List[Any] = [None] * dist.get_world_size(self._call_pg)
