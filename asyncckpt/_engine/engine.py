@@ -553,10 +553,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
     def _is_collective(self) -> bool:
         """Whether the wrapped IO's saves run collectives (a sharded IO's, on its process group)."""
         io = self._checkpoint_io
-        if io is None:
-            return False
-        hooks = WrappedIO(io)
-        return hooks.is_sharded or hooks.agree_to_save is not None
+        return io is not None and WrappedIO(io).is_collective
 
     def _locked_here(self) -> bool:
         """Whether the calling thread is inside a call holding this engine's lock."""
@@ -609,8 +606,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         if (
             hooks.writes_with_torch_save
             or not isinstance(path, (str, os.PathLike))  # an IO's own kind of target (a buffer?): as given
-            or hooks.is_sharded
-            or hooks.agree_to_save is not None
+            or hooks.is_collective
             or getattr(self._local, "holding", False)  # a signal handler's save inside a save: no slot
         ):
             io.save_checkpoint(checkpoint, path, storage_options=storage_options)

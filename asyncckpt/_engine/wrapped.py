@@ -78,6 +78,11 @@ class WrappedIO:
         """Whether the IO restructures state before staging (a sharded, collective save)."""
         return hasattr(self.io, "prepare_for_staging")
 
+    @property
+    def is_collective(self) -> bool:
+        """Whether its saves run collectives on a process group (a sharded IO's)."""
+        return self.is_sharded or self.agree_to_save is not None
+
     def stageable_form(self, checkpoint: Any) -> Any:
         """The hook for wrapped IOs whose state is not all plain tensors: an IO with a
         ``prepare_for_staging(checkpoint)`` method returns a form the stager can copy (for

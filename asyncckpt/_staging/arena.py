@@ -160,7 +160,8 @@ def build_views(storages: Sequence[torch.UntypedStorage], specs: Sequence[tuple]
 
 
 #: torch's count of the references to a storage (tensors and storage objects viewing it); a
-#: private function of torch's, present since before 2.4 (None: Python references alone are counted).
+#: private function of torch's, registered in CPU-only builds only since pytorch#131881 (None:
+#: the staged tensors' Python references alone are counted).
 _storage_use_count: Optional[Callable[[int], int]] = getattr(torch._C, "_storage_Use_Count", None)
 _handle = operator.attrgetter("_cdata")
 

@@ -149,6 +149,23 @@ class SlowWriteIO(DistributedCheckpointIO):
         return writer
 
 
+def saved_once_then_slow(model: Any, opt: Any, ck: str, delay: float) -> Any:
+    """An engine on :class:`SlowWriteIO` that committed save "one" into ``ck`` and then made save
+    "two", whose shard writes on this rank start ``delay`` s late."""
+    io_impl = SlowWriteIO()
+    io = asyncckpt.AsyncCheckpointIO(io_impl, exit_timeout=60)
+    s1 = state_of(model, opt, 1)
+    io.save_checkpoint(s1, ck)
+    record_expected("one", s1)
+    io.flush()
+    train_step(model, opt)
+    io_impl.delay = delay
+    s2 = state_of(model, opt, 2)
+    io.save_checkpoint(s2, ck)
+    record_expected("two", s2)
+    return io
+
+
 class NoCallAgreementIO(DistributedCheckpointIO):
     """Without the agreement at the call (the engine makes none), to test what stands behind it."""
 
@@ -554,17 +571,7 @@ def main() -> None:
     elif SCENARIO == "destroyed_group":
         # A training script's usual last lines: a final save, then destroy_process_group() and
         # the end of the script, with no flush or teardown; the write is still in progress.
-        io_impl = SlowWriteIO()
-        io = asyncckpt.AsyncCheckpointIO(io_impl, exit_timeout=60)
-        s1 = state_of(model, opt, 1)
-        io.save_checkpoint(s1, ck)
-        record_expected("one", s1)
-        io.flush()
-        train_step(model, opt)
-        io_impl.delay = 1.0
-        s2 = state_of(model, opt, 2)
-        io.save_checkpoint(s2, ck)
-        record_expected("two", s2)
+        io = saved_once_then_slow(model, opt, ck, 1.0)
         if ARG == "by_name":  # the function as imported before the first save: no drain first
             train_step(model, opt)
             s3 = state_of(model, opt, 3)
@@ -577,18 +584,7 @@ def main() -> None:
         return
 
     elif SCENARIO in ("sigkill", "sigterm"):
-        io_impl = SlowWriteIO()
-        io = asyncckpt.AsyncCheckpointIO(io_impl, exit_timeout=60)
-        s1 = state_of(model, opt, 1)
-        io.save_checkpoint(s1, ck)
-        record_expected("one", s1)
-        io.flush()
-        train_step(model, opt)
-        if SCENARIO == "sigterm" or RANK == 1:
-            io_impl.delay = 3.0 if SCENARIO == "sigterm" else 120.0
-        s2 = state_of(model, opt, 2)
-        io.save_checkpoint(s2, ck)
-        record_expected("two", s2)
+        io = saved_once_then_slow(model, opt, ck, 3.0 if SCENARIO == "sigterm" else 120.0 if RANK == 1 else 0.0)
         open(os.path.join(OUT, f"returned-{RANK}"), "w").close()
         if SCENARIO == "sigterm":
             idle(120)  # the test sends SIGTERM; the handler writes the pending save, then exits
