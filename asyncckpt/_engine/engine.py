@@ -195,6 +195,14 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         if handle_sigterm:
             lifecycle.install_sigterm_handler()
 
+    def start_handling_sigterm(self) -> bool:
+        """Install the draining SIGTERM handler now, as ``handle_sigterm=True`` does at
+        construction (for a framework plugin that learns only at its first save that no
+        framework handler will stop the process gracefully). False where it could not be
+        installed: off the main thread."""
+        self.handle_sigterm = True
+        return lifecycle.install_sigterm_handler()
+
     def _fresh_state(self) -> None:
         """The engine's state, new: at construction, and in a forked child (see :meth:`_adopt_after_fork`)."""
         self._cond = EngineCondition()  # the one lock and condition; see _locked_here

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from ..._engine.engine import AsyncCheckpointIO as CoreAsyncCheckpointIO
 from ...errors import AsyncCheckpointError
-from .stage import in_stage_finder
+from .stage import call_site_finder
 
 
 class UnsupportedStrategyError(AsyncCheckpointError, ValueError):
@@ -52,8 +52,12 @@ class Family:
         self.wrapping_io_base: type = importlib.import_module(f"{package}.plugins.io.wrapper")._WrappingCheckpointIO
         self.strategies = importlib.import_module(f"{package}.strategies")
         self.model_checkpoint: type = importlib.import_module(f"{package}.callbacks").ModelCheckpoint
-        #: Whether the calling thread runs inside a stage of this family's Trainer.
-        self.in_stage: Callable[[], bool] = in_stage_finder(self.trainer)
+        # The family's Fabric: lightning.fabric beside lightning.pytorch, lightning_fabric beside
+        # pytorch_lightning (a dependency of each, so always there).
+        fabric = importlib.import_module("lightning.fabric" if package.startswith("lightning.") else "lightning_fabric")
+        #: Where the calling thread is: in a stage of this family's Trainer, in its ``Fabric.save``
+        #: (:data:`.stage.TRAINER_STAGE`, :data:`.stage.FABRIC_SAVE`), or neither (None).
+        self.call_site: Callable[[], Optional[str]] = call_site_finder(self.trainer, fabric.Fabric)
 
     def bypass_reason(self, strategy: Any) -> Optional[str]:
         """Why ``strategy`` will never hand checkpoints to its ``checkpoint_io``; None when it will.

@@ -18,6 +18,7 @@ from ..._engine.engine import AsyncCheckpointIO as CoreAsyncCheckpointIO
 from ..._engine.ops import SaveHandle
 from ..._storage.paths import local_path_of
 from .sharded import warn_if_bypassed
+from .stage import FABRIC_SAVE
 
 if TYPE_CHECKING:
     from .family import Family
@@ -51,8 +52,13 @@ class PluginMixin(CoreAsyncCheckpointIO):
     Saves and removes made while a Trainer stage runs (``ModelCheckpoint``, or
     ``trainer.save_checkpoint`` from a hook) are queued and written in the background; the
     strategy's ``teardown()`` at the end of the stage writes them all and stops the writer.
-    Anywhere else (after ``fit`` returns, in ``on_fit_end``, in the ``ddp_spawn``/``ddp_fork``
-    launchers, from another thread, without a Trainer) there is no training to overlap with:
+    In a Fabric loop (``Fabric(plugins=[AsyncCheckpointIO()])``) every ``fabric.save`` is
+    queued; Fabric never tears its strategy down, so ``fabric.load`` waits for the path's
+    saves, ``flush()`` waits for all, and the queue is written at interpreter exit or on SIGTERM
+    (Fabric has no SIGTERM handler of its own: unless ``handle_sigterm=False`` was given, the
+    first ``fabric.save`` installs asyncckpt's). Anywhere else (after ``fit`` returns, in
+    ``on_fit_end``, in the ``ddp_spawn``/``ddp_fork`` launchers, from another thread, a direct
+    call without a Trainer or Fabric) there is no training to overlap with:
     the call does its IO before it returns, through the wrapped IO, exactly as Lightning's
     default plugin would (errors included), and starts no thread; an IO that does not write
     with ``torch.save`` is handed a point-in-time copy (see ``save_here``), as Lightning's own
@@ -73,7 +79,9 @@ class PluginMixin(CoreAsyncCheckpointIO):
         ``handle_sigterm`` defaults to False here: during a stage Lightning's own SIGTERM
         handler stops training at the end of the batch and raises ``SIGTERMException``, and
         the teardown that follows writes every queued save. asyncckpt's handler, chained
-        behind Lightning's, would end the process before that graceful stop."""
+        behind Lightning's, would end the process before that graceful stop. Fabric has no
+        such handler: unless given, it is installed at the first ``fabric.save``."""
+        self._sigterm_chosen = "handle_sigterm" in options
         options.setdefault("handle_sigterm", False)
         self.lightning_family.wrapping_io_base.__init__(self, checkpoint_io)  # sets Lightning's base flag
         CoreAsyncCheckpointIO.__init__(self, checkpoint_io, **options)
@@ -87,16 +95,20 @@ class PluginMixin(CoreAsyncCheckpointIO):
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None
     ) -> SaveHandle:
-        """In a running stage: stage, queue and return; elsewhere: write before returning.
+        """In a running stage or ``fabric.save``: stage, queue and return; elsewhere: write
+        before returning.
 
         In a stage the local folder is created now, as a synchronous save would:
         ``ModelCheckpoint(save_last="link")`` puts its ``last.ckpt`` symlink into that folder
         right after this call returns, before the writer has run.
         """
         self._saves_requested += 1
-        if not self.lightning_family.in_stage():
+        site = self.lightning_family.call_site()
+        if site is None:
             self.save_here(checkpoint, path, storage_options=storage_options)
             return SaveHandle.completed(path, None)  # written before returning, as Lightning's own IO does
+        if site == FABRIC_SAVE and not self.handle_sigterm and not self._sigterm_chosen:
+            self.start_handling_sigterm()  # nothing else would write the queue before a SIGTERM ends the loop
         local = local_path_of(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else None
         if local:
             os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
@@ -105,7 +117,7 @@ class PluginMixin(CoreAsyncCheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         """In a running stage: queue the removal behind earlier operations; elsewhere: remove now."""
         warn_if_bypassed(self)
-        if not self.lightning_family.in_stage():
+        if self.lightning_family.call_site() is None:
             self._now().remove_checkpoint(path)
             return
         super().remove_checkpoint(path)
@@ -185,5 +197,5 @@ class PluginMixin(CoreAsyncCheckpointIO):
         }
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        type(self).__init__(self, state["checkpoint_io"], **state["options"])
+        type(self).__init__(self, state["checkpoint_io"], **state["options"])  # handle_sigterm as it was
         self._base_checkpoint_io_configured = state["base_configured"]  # Lightning's flag, as pickled

@@ -1,14 +1,15 @@
-"""Where a call into the plugin comes from: inside a running Trainer stage, or which strategy.
+"""Where a call into the plugin comes from: a running Trainer stage, ``Fabric.save``, which strategy.
 
 Why this module exists: Lightning gives a ``CheckpointIO`` no hook for "a stage (fit, validate,
 test, predict) started" or "this call comes from that strategy". The plugin must still tell a
-save made while training runs (queue it: there is training to overlap with) from one made after
-``fit`` returns, in ``on_fit_end`` or in a launcher's result hand-over (write it before returning,
-as Lightning's own plugin would). And a sharded strategy that never calls its ``CheckpointIO`` can
-only be spotted from the frames calling the plugin. Both answers come from the calling thread's
-stack, and this is the one place that reads it, together with the Lightning privates the
-answers rest on (``Trainer._run_stage``, ``ModelParallelStrategy._save_distributed_checkpoint``,
-``FSDPStrategy._state_dict_type``). Nothing here imports Lightning.
+save made while training runs (queue it: there is training to overlap with; in a Fabric loop,
+every ``fabric.save``) from one made after ``fit`` returns, in ``on_fit_end`` or in a
+launcher's result hand-over (write it before returning, as Lightning's own plugin would). And a
+sharded strategy that never calls its ``CheckpointIO`` can only be spotted from the frames
+calling the plugin. Both answers come from the calling thread's stack, and this is the one
+place that reads it, together with the Lightning privates the answers rest on
+(``Trainer._run_stage``, ``ModelParallelStrategy._save_distributed_checkpoint``,
+``FSDPStrategy._state_dict_type``; ``Fabric.save`` is public). Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -21,35 +22,43 @@ from typing import Any, Callable, Optional
 log = logging.getLogger("asyncckpt")
 
 
-def in_stage_finder(trainer_cls: type) -> Callable[[], bool]:
-    """A function that says whether the calling thread is inside a running stage of a Trainer.
+#: What :func:`call_site_finder`'s function answers: a save that overlaps with training.
+TRAINER_STAGE = "trainer stage"
+FABRIC_SAVE = "fabric save"
+
+
+def call_site_finder(trainer_cls: type, fabric_cls: Optional[type] = None) -> Callable[[], Optional[str]]:
+    """A function that says whether the calling thread is inside a running stage of a Trainer
+    (:data:`TRAINER_STAGE`), inside ``Fabric.save`` (:data:`FABRIC_SAVE`), or neither (None).
 
     Lightning runs every stage (fit, validate, test, predict) in ``Trainer._run_stage``, on the
     thread that called ``fit``/``validate``/...; the strategy's teardown, ``on_fit_end``, the
     ``ddp_spawn``/``ddp_fork`` launchers' result hand-over and any call after ``fit`` returns run
-    outside it. Lightning gives a ``CheckpointIO`` no hook for the start of a stage, so the
-    plugin looks for that method's frame on the calling thread's stack (a few microseconds,
-    once per operation). Should a Lightning version rename the method, every operation is
-    treated as outside a stage: saves become synchronous, never unsafe.
+    outside it. A Fabric loop is the user's own; its saves come through ``Fabric.save``, called
+    from inside it. Lightning gives a ``CheckpointIO`` no hook for either, so the plugin looks
+    for those methods' frames on the calling thread's stack (a few microseconds, once per
+    operation). Should a Lightning version rename them, every operation is treated as outside:
+    saves become synchronous, never unsafe.
     """
     # Lightning's private method: the frame every stage runs under.
-    code = getattr(getattr(trainer_cls, "_run_stage", None), "__code__", None)
-    if code is None:
+    stage = getattr(getattr(trainer_cls, "_run_stage", None), "__code__", None)
+    if stage is None:
         log.warning(
             "asyncckpt: this Lightning version has no Trainer._run_stage; checkpoints are written synchronously"
         )
+    fabric_save = getattr(getattr(fabric_cls, "save", None), "__code__", None)
+    sites = {code: name for code, name in ((stage, TRAINER_STAGE), (fabric_save, FABRIC_SAVE)) if code is not None}
 
-    def in_stage() -> bool:
-        if code is None:
-            return False
+    def call_site() -> Optional[str]:
         frame: Optional[types.FrameType] = sys._getframe(1)
         while frame is not None:
-            if frame.f_code is code:
-                return True
+            site = sites.get(frame.f_code)
+            if site is not None:
+                return site
             frame = frame.f_back
-        return False
+        return None
 
-    return in_stage
+    return call_site
 
 
 def has_class(obj: Any, name: str) -> bool:
