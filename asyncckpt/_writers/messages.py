@@ -68,6 +68,14 @@ class DropArenaMsg:
 
 
 @dataclass(frozen=True, slots=True)
+class ImportMainMsg:
+    """Import the training program's main module (``("name", "pkg.mod")`` or ``("path",
+    "/abs/train.py")``) before the next save: that save's checkpoint holds its classes."""
+
+    source: Tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class StopMsg:
     """Tear down the wrapped IO, answer :class:`StoppedMsg`, and exit."""
 

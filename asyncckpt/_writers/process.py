@@ -44,6 +44,7 @@ from .messages import (
     AbortMsg,
     DoneMsg,
     DropArenaMsg,
+    ImportMainMsg,
     RemoveMsg,
     SaveMsg,
     ShareArenaMsg,
@@ -53,7 +54,7 @@ from .messages import (
     UnknownMessageError,
     encode,
 )
-from .spawn_check import check_main_references, hide_main_file
+from .spawn_check import check_main_references, import_main, main_source, start_without_main
 
 log = logging.getLogger("asyncckpt.process_writer")  # the logger's name from before the move: users may configure it
 
@@ -147,6 +148,10 @@ class ProcessWriter:
         self._dead = False
         self._stopping = False
         self._sent_sizes: Deque[int] = collections.deque(maxlen=64)
+        # The writer starts without the training program's main module, and imports it at the
+        # first save holding one of its classes (see spawn_check): whether it was told to.
+        self._main_source = main_source()
+        self._main_sent = False
 
     def message_sizes(self) -> List[int]:
         """The pickled sizes, in bytes, of the last 64 messages sent to the writer process (a
@@ -175,15 +180,19 @@ class ProcessWriter:
         return self._process.exitcode is not None
 
     def start(self) -> None:
+        # A wrapped IO whose class lives in __main__ needs it before anything else.
+        main_first = check_main_references(self._io_bytes, "", what="through the wrapped checkpoint_io")
+        self._main_sent = main_first
         ctx = multiprocessing.get_context("spawn")
         parent_conn, child_conn = ctx.Pipe(duplex=True)
+        first_import = self._main_source if main_first else None
         self._process = ctx.Process(
             target=writer_main,
-            args=(child_conn, self._io_bytes, self._nice, _main_module_name()),
+            args=(child_conn, self._io_bytes, self._nice, _main_module_name(), first_import),
             name="asyncckpt-writer",
             daemon=True,
         )
-        with hide_main_file():
+        with start_without_main():
             self._process.start()
         _started.add(self._process)
         child_conn.close()
@@ -229,8 +238,7 @@ class ProcessWriter:
             message = AbortMsg(op.seq, op.target)
         else:
             raise ValueError(f"unknown operation kind {op.kind!r}")
-        if op.kind == "save":
-            check_main_references(op.staged.skeleton, op.path)
+        needs_main = op.kind == "save" and check_main_references(op.staged.skeleton, op.path)
         try:
             # Pickling a new layout's 20,000 specs triggered full collections of the training
             # process's objects (0.3 s of the call, measured); the pause covers the pickling,
@@ -254,6 +262,9 @@ class ProcessWriter:
                 self._drop_released_arenas()
                 if arena is not None:
                     self._share_arena(arena)
+                if needs_main and not self._main_sent and self._main_source is not None:
+                    self._send(encode(ImportMainMsg(self._main_source)))
+                    self._main_sent = True
                 self._send(data)
                 if layout is not None:
                     self._sent_layouts[arena_id] = layout
@@ -464,8 +475,13 @@ def _log_orphaned() -> None:
     )
 
 
-def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main__") -> None:
-    """The writer process's loop: map arenas, rebuild checkpoints from them, write in order."""
+def writer_main(
+    conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main__", main_source: Optional[Tuple[str, str]] = None
+) -> None:
+    """The writer process's loop: map arenas, rebuild checkpoints from them, write in order.
+
+    It starts without the training program's main module; ``main_source`` (the wrapped IO's
+    class lives there) or an :class:`ImportMainMsg` (a checkpoint's do) imports it."""
     # Preemption sends SIGTERM to every process of the job; the parent drains this process
     # before it exits, so the writer must not die first. SIGINT likewise belongs to the parent.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -486,7 +502,10 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main_
     from .._staging.skeleton import restore
 
     torch.set_num_threads(1)
-    _main_objects_pickle_as(main_name)
+    main_failed: Optional[BaseException] = None
+    if main_source is not None:
+        import_main(main_source)
+        _main_objects_pickle_as(main_name)
     checkpoint_io = pickle.loads(io_bytes)
     arenas: Dict[int, Tuple[mmap.mmap, Any]] = {}
     failed_saves: Set[int] = set()  # sequence numbers of this process's saves that failed
@@ -505,6 +524,12 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main_
             case DropArenaMsg(arena_id=arena_id):
                 arenas.pop(arena_id, None)
                 layouts.pop(arena_id, None)
+            case ImportMainMsg(source=source):
+                try:
+                    import_main(source)
+                    _main_objects_pickle_as(main_name)
+                except BaseException as err:  # noqa: BLE001 - the save that needed it reports it
+                    main_failed = err
             case StopMsg():
                 try:
                     checkpoint_io.teardown()
@@ -540,6 +565,13 @@ def writer_main(conn: Any, io_bytes: bytes, nice: int, main_name: str = "__main_
                         if group_locations is not None:
                             located = locations_of(storages, group_locations)
                         before = reference_counts(views, storages)
+                        if main_failed is not None and (
+                            b"__main__" in message.skeleton or b"__mp_main__" in message.skeleton
+                        ):
+                            raise RuntimeError(
+                                "the writer process could not import the training program's main module, "
+                                f"whose classes this checkpoint holds: {type(main_failed).__name__}: {main_failed}"
+                            ) from main_failed
                         checkpoint = restore(message.skeleton, views)
                     # the file records each staged storage's original device, as torch.save would
                     with recorded_as(located):

@@ -1,11 +1,15 @@
 """Checks, in the training process, that the spawned writer process can import what it needs.
 
-The writer process is spawned, and spawn re-imports the training program's main file as
-``__mp_main__`` without running its ``if __name__ == "__main__":`` block, and cannot re-import
-``python -c``, a script read from standard input, or a notebook. A checkpoint that holds classes
-of ``__main__`` the writer cannot import is refused at the call (:func:`check_main_references`)
-instead of failing later in the background; :func:`hide_main_file` lets spawn start the writer
-for a main module it could not re-run.
+The writer process is spawned, and spawn would re-import the training program's main file as
+``__mp_main__``: without its ``if __name__ == "__main__":`` block, but with everything else at
+its top level. A training script with no such guard (common on Linux, where nothing else
+spawns) then ran again in the writer: a second training run, a second ``init_process_group``,
+until its own writer start failed and every save with it. So the writer starts without the main
+module (:func:`start_without_main`) and imports it only when a checkpoint, or the wrapped IO,
+holds one of its classes (:func:`main_source`), at the first such save. Such a save is refused
+at the call (:func:`check_main_references`) where that import cannot work or would run the
+training again: ``python -c``, a script read from standard input, a notebook, a name defined
+only under the guard, or a main file that runs code at import (:func:`main_runs_code_at_import`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import pickle
 import sys
 import threading
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import NotSerializableError
 
@@ -46,31 +50,58 @@ def _main_file_exists(path: str) -> bool:
     return os.path.isfile(path)
 
 
+def main_source() -> Optional[Tuple[str, str]]:
+    """How the writer process imports this program's main module, as spawn would have:
+    ``("name", "pkg.mod")`` for ``python -m pkg.mod``, ``("path", "/abs/train.py")`` for a
+    script, None where it cannot (see :func:`main_is_importable`)."""
+    if not main_is_importable():
+        return None
+    main = sys.modules["__main__"]
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name is not None:
+        return ("name", spec_name)
+    path = main.__file__
+    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
+        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
+    return ("path", os.path.normpath(path))
+
+
+def import_main(source: Tuple[str, str]) -> None:
+    """In the writer process: import the training program's main module as spawn would have
+    at start (``__mp_main__``, aliased as ``__main__``)."""
+    from multiprocessing import spawn
+
+    kind, value = source
+    spawn.prepare({"init_main_from_name" if kind == "name" else "init_main_from_path": value})
+
+
 _spawn_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def hide_main_file() -> Iterator[None]:
-    """Start the writer process without re-running a ``__main__`` that spawn cannot re-run.
+def start_without_main() -> Iterator[None]:
+    """Start the writer process without importing the training program's main module.
 
-    Spawn re-runs the main module from ``__main__.__file__`` when it has no module name; for a
-    script read from standard input that path (``'<stdin>'``) does not exist, and the writer
-    died at start. The writer needs nothing from ``__main__`` unless a checkpoint holds its
-    classes, and those saves are refused at the call (:func:`check_main_references`); so while
-    spawn reads what to prepare, ``__main__`` shows no file, as under ``python -c``.
+    While spawn reads what to prepare, ``__main__`` shows neither a module name nor a file, as
+    under ``python -c``; the writer imports it later, and only if needed (:func:`import_main`).
     """
     main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
-    if main is None or path is None or spec_name is not None or _main_file_exists(path):
+    if main is None:
         yield
         return
     with _spawn_lock:
-        del main.__file__
+        had_file = "__file__" in vars(main)
+        path = vars(main).get("__file__")
+        spec = getattr(main, "__spec__", None)
+        if had_file:
+            del main.__file__
+        main.__spec__ = None
         try:
             yield
         finally:
-            main.__file__ = path
+            main.__spec__ = spec
+            if had_file:
+                main.__file__ = path
 
 
 def _stand_in(name: str) -> type:
@@ -81,6 +112,11 @@ def _stand_in(name: str) -> type:
     })
 
 
+#: What pickle calls the main module's objects: ``__main__``, and ``__mp_main__`` in a process
+#: that spawn started (training in a spawned child: its main file was imported under that name).
+_MAIN_NAMES = ("__main__", "__mp_main__")
+
+
 class _MainProbe(pickle.Unpickler):
     """Reads a skeleton only to list the ``__main__`` names it refers to."""
 
@@ -89,7 +125,7 @@ class _MainProbe(pickle.Unpickler):
         self.main_names: List[str] = []
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "__main__":
+        if module in _MAIN_NAMES:
             self.main_names.append(name)
             return _stand_in(name)  # only the name matters here
         return super().find_class(module, name)
@@ -141,6 +177,43 @@ def _top_level_names(body: List[ast.stmt], guarded: bool, out: Dict[str, bool]) 
             out[name] = out.get(name, True) and guarded
 
 
+def _runs_code(body: List[ast.stmt]) -> bool:
+    """Whether module-level ``body`` (outside the ``__main__`` guard) does more than define:
+    a call or other expression on its own, a loop, a ``with``. Imports, definitions and
+    assignments count as definitions (``log = logging.getLogger(__name__)``)."""
+    for node in body:
+        if isinstance(node, ast.Expr) and not isinstance(node.value, ast.Constant):
+            return True  # a call on its own (trainer.fit(model), main()): a docstring is a constant
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith)):
+            return True
+        if isinstance(node, ast.If) and not _is_main_guard(node.test):
+            if _runs_code(node.body) or _runs_code(node.orelse):
+                return True
+        if isinstance(node, ast.Try):
+            parts = [node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)]
+            if any(_runs_code(part) for part in parts):
+                return True
+    return False
+
+
+def main_runs_code_at_import() -> bool:
+    """Whether importing this program's main file would run code beyond definitions (it has no
+    ``if __name__ == "__main__":`` guard around its work), as far as its source tells."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return False
+    try:
+        key = (path, os.stat(path).st_mtime)
+        if key not in _RUNS_CODE:
+            with open(path, "rb") as f:
+                _RUNS_CODE[key] = _runs_code(ast.parse(f.read(), path).body)
+        return _RUNS_CODE[key]
+    except (OSError, SyntaxError, ValueError):
+        return False  # cannot tell: the names check and the import decide
+
+
+_RUNS_CODE: Dict[Tuple[str, float], bool] = {}
 _GUARDED: Dict[Tuple[str, float], Dict[str, bool]] = {}
 
 
@@ -159,38 +232,53 @@ def _names_only_under_main_guard(path: str) -> Dict[str, bool]:
         return {}  # cannot tell: let the writer try
 
 
-def _refuse_main_reference(name: str, path: str, why: str) -> NotSerializableError:
+def _refuse_main_reference(name: str, path: str, why: str, what: str = "checkpoint") -> NotSerializableError:
+    holder = f"checkpoint {path!r}" if what == "checkpoint" else what
     return NotSerializableError(
-        f"cannot save checkpoint {path!r} with writer='process': it holds {name!r}, defined in "
+        f"cannot save {holder} with writer='process': it holds {name!r}, defined in "
         f"__main__ {why}, which the writer process cannot import. Move the definition into a module "
         "(a .py file you import) or to the top level of the main file, or use writer='thread'",
         path,
     )
 
 
-def check_main_references(skeleton: bytes, path: str) -> None:
-    """Refuse, at the call, a checkpoint holding classes or functions of ``__main__`` that the
-    writer process cannot import; it would otherwise fail later, in the background.
+def check_main_references(pickled: bytes, path: str, what: str = "checkpoint") -> bool:
+    """Whether ``pickled`` (a skeleton, or the wrapped IO) refers to classes or functions of
+    ``__main__``, which the writer process must then import; refused, at the call, where it
+    cannot import them or importing them would run the training again.
 
-    The writer is spawned, and spawn re-imports the main file as ``__mp_main__`` without running
-    its ``if __name__ == "__main__":`` block, and cannot re-import ``python -c`` or a notebook.
+    Spawn re-imports the main file as ``__mp_main__`` without running its ``if __name__ ==
+    "__main__":`` block, cannot re-import ``python -c`` or a notebook, and runs every other
+    statement at the file's top level.
     """
-    if b"__main__" not in skeleton:
-        return
-    names = main_names(skeleton)
+    if b"__main__" not in pickled and b"__mp_main__" not in pickled:
+        return False
+    names = main_names(pickled)
     if not names:
-        return
+        return False
     if not main_is_importable():
         raise _refuse_main_reference(
             names[0],
             path,
             "of a program that spawn cannot re-import (python -c, a script read from standard input, "
             "a notebook, an interactive session)",
+            what,
         ) from None
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if main_file is None:
-        return
+        return True
     guarded = _names_only_under_main_guard(main_file)
     for name in names:
         if guarded.get(name.split(".")[0], False):
-            raise _refuse_main_reference(name, path, 'inside its `if __name__ == "__main__":` block') from None
+            raise _refuse_main_reference(name, path, 'inside its `if __name__ == "__main__":` block', what) from None
+    if main_runs_code_at_import():
+        holder = f"checkpoint {path!r}" if what == "checkpoint" else what
+        raise NotSerializableError(
+            f"cannot save {holder} with writer='process': it holds {names[0]!r}, defined in __main__ of a "
+            'script that runs code at import (no `if __name__ == "__main__":` guard around its training); '
+            "the writer process would have to import that script, and so run the training again. Put the "
+            'code that trains under `if __name__ == "__main__":`, move the definition into a module (a .py '
+            "file you import), or use writer='thread'",
+            path,
+        ) from None
+    return True

@@ -270,7 +270,11 @@ print("done")
 _MAIN_CLASS_SCRIPT = """
 import io, os, sys, zipfile
 import torch
-from asyncckpt import AsyncCheckpointIO
+from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO
+
+
+class MainIO(TorchCheckpointIO):  # the wrapped IO's class lives in __main__ too
+    pass
 
 
 class Config:
@@ -294,7 +298,8 @@ def entries(data):
 if __name__ == "__main__":
     folder = sys.argv[1]
     ckpt = {{"w": torch.arange(5.0), "cfg": Config(), "fn": schedule, "cls": Config.Inner}}
-    io_ = AsyncCheckpointIO(writer="process")
+    io_ = AsyncCheckpointIO(MainIO(), writer="process")
+    io_.save_checkpoint({{"w": torch.ones(2)}}, os.path.join(folder, "plain.ckpt"))
     io_.save_checkpoint(ckpt, os.path.join(folder, "a.ckpt"))
     io_.teardown()
     reference = io.BytesIO()
@@ -367,6 +372,109 @@ def test_objects_of_main_saved_by_the_writer_process_load_in_the_program_that_sa
     result = subprocess.run([*argv, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, env=env,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "done"
+
+
+_UNGUARDED_SCRIPT = """
+import os, sys
+import torch
+from asyncckpt import AsyncCheckpointIO
+from asyncckpt.errors import NotSerializableError
+
+# Everything runs at import: no `if __name__ == "__main__":` guard (common on Linux, where
+# nothing else spawns). The writer process must not run this file again.
+folder = sys.argv[1]
+with open(os.path.join(folder, "runs.txt"), "a") as f:
+    f.write(f"{{os.getpid()}}\\n")
+
+
+class Config:
+    lr = 0.1
+
+
+io = AsyncCheckpointIO(writer="process")
+for step in range(2):
+    io.save_checkpoint({{"w": torch.full((3,), float(step))}}, os.path.join(folder, f"s{{step}}.ckpt"))
+try:
+    io.save_checkpoint({{"cfg": Config()}}, os.path.join(folder, "cfg.ckpt"))
+except NotSerializableError as err:
+    print("REFUSED", err)
+io.teardown()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_an_unguarded_training_script_is_not_run_again_by_the_writer_process(tmp_path, how):
+    """Spawn re-imports the main file in the writer process; with no ``__main__`` guard that
+    re-ran the whole training script there (a second training run, a second
+    ``init_process_group``...) until its own writer start failed, and every save failed as
+    ``WriterDiedError``. The writer needs ``__main__`` only for a checkpoint (or wrapped IO)
+    holding its classes; such a save from a script that runs its training at import is refused
+    at the call, saying what to do."""
+    from _subproc import child_env
+
+    (tmp_path / "train_unguarded.py").write_text(_UNGUARDED_SCRIPT.format())
+    argv = [sys.executable, "train_unguarded.py"] if how == "script" else [sys.executable, "-m", "train_unguarded"]
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    result = subprocess.run([*argv, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = (tmp_path / "runs.txt").read_text().split()
+    assert len(runs) == 1, f"the training script ran {len(runs)} times: {runs}"
+    for step in range(2):
+        assert torch.equal(load(tmp_path / f"s{step}.ckpt")["w"], torch.full((3,), float(step)))
+    assert "REFUSED" in result.stdout and "'Config'" in result.stdout, (result.stdout, result.stderr[-2000:])
+    assert '__name__ == "__main__"' in result.stdout
+    assert not (tmp_path / "cfg.ckpt").exists()
+    assert result.stdout.splitlines()[-1] == "done"
+
+
+_MAIN_GONE_SCRIPT = """
+import multiprocessing, os, sys
+import torch
+from asyncckpt import AsyncCheckpointIO
+from asyncckpt.errors import CheckpointSaveError
+
+# A main module that refuses to be imported by any child process: the writer cannot import it.
+assert multiprocessing.parent_process() is None, "run this script directly"
+
+
+class Config:
+    lr = 0.1
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1]
+    io = AsyncCheckpointIO(writer="process")
+    io.save_checkpoint({"w": torch.ones(2)}, os.path.join(folder, "plain.ckpt"))
+    io.save_checkpoint({"cfg": Config()}, os.path.join(folder, "cfg.ckpt"))
+    try:
+        io.flush()
+    except CheckpointSaveError as err:
+        print("FAILED", err)
+    io.save_checkpoint({"w": torch.zeros(2)}, os.path.join(folder, "after.ckpt"))
+    io.teardown()
+    print("done")
+"""
+
+
+def test_a_main_module_the_writer_cannot_import_fails_that_save_saying_why_and_not_the_others(tmp_path):
+    """The writer imports the main module at the first save holding its classes; where that
+    import fails (here the script asserts it is run directly), that save fails naming the cause,
+    and the writer goes on with saves that need nothing from it."""
+    from _subproc import child_env
+
+    (tmp_path / "train_gone.py").write_text(_MAIN_GONE_SCRIPT)
+    result = subprocess.run([sys.executable, "train_gone.py", str(tmp_path)], cwd=tmp_path, capture_output=True,
+                            text=True, env=child_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FAILED" in result.stdout and "could not import the training program's main module" in result.stdout, (
+        result.stdout, result.stderr[-2000:])
+    assert not (tmp_path / "cfg.ckpt").exists()
+    assert torch.equal(load(tmp_path / "plain.ckpt")["w"], torch.ones(2))
+    assert torch.equal(load(tmp_path / "after.ckpt")["w"], torch.zeros(2))
     assert result.stdout.splitlines()[-1] == "done"
 
 
@@ -465,6 +573,7 @@ def _one_of_each_message() -> list:
         m.AbortMsg(10, "/ckpt/shared"),
         m.ShareArenaMsg(2, 1 << 20),
         m.DropArenaMsg(2),
+        m.ImportMainMsg(("path", "/work/train.py")),
         m.StopMsg(),
         m.DoneMsg(7, None, 0.25),
         m.SkippedMsg(9, 7),
