@@ -107,6 +107,9 @@ FABRIC_SCRIPT = """
     family, fabric_pkg, folder, mode = sys.argv[1:5]
     ours = importlib.import_module("asyncckpt." + family)
     io = ours.AsyncCheckpointIO(SlowDiskIO(1.0))
+    if mode == "sigterm-after-pickle":  # as a spawn launcher hands it to each worker
+        import pickle
+        io = pickle.loads(pickle.dumps(io))
     fabric = importlib.import_module(fabric_pkg).Fabric(accelerator="cpu", devices=1, plugins=[io])
     torch.manual_seed(0)
     module = torch.nn.Linear(8, 4)
@@ -120,12 +123,12 @@ FABRIC_SCRIPT = """
         assert time.monotonic() - started < 0.5, "fabric.save waited for the slow write"
     torch.save(model.state_dict(), os.path.join(folder, "expected.pt"))
     print("saved", io.pending, flush=True)
-    if mode == "sigterm":
+    if mode.startswith("sigterm"):
         idle()
 """
 
 
-@pytest.mark.parametrize("mode", ["exit", "sigterm"])
+@pytest.mark.parametrize("mode", ["exit", "sigterm", "sigterm-after-pickle"])
 def test_a_fabric_script_that_ends_or_is_sent_sigterm_writes_its_queued_saves(fam, tmp_path, mode):
     script = textwrap.dedent(FABRIC_SCRIPT)
     args = (fam.name, FABRIC[fam.name], tmp_path, mode)

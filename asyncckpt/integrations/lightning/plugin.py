@@ -194,8 +194,12 @@ class PluginMixin(CoreAsyncCheckpointIO):
             "checkpoint_io": self.checkpoint_io,
             "base_configured": self._base_checkpoint_io_configured,  # Lightning's _WrappingCheckpointIO flag
             "options": self.options(),
+            # Whether handle_sigterm was the user's choice (options() always holds it): in a
+            # spawned Fabric worker the first fabric.save still installs the handler if not.
+            "sigterm_chosen": self._sigterm_chosen,
         }
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         type(self).__init__(self, state["checkpoint_io"], **state["options"])  # handle_sigterm as it was
         self._base_checkpoint_io_configured = state["base_configured"]  # Lightning's flag, as pickled
+        self._sigterm_chosen = state.get("sigterm_chosen", True)  # older pickles: as given
