@@ -139,6 +139,24 @@ def storages_in(base: torch.Tensor, groups: Sequence[Tuple[int, int]], owner: An
     return storages
 
 
+#: Dtypes that torch treats as quantized values: ``torch.empty(0, dtype=torch.qint8)`` is a
+#: quantized tensor without a quantizer, which ``torch.save`` refuses, and a copy into such a
+#: tensor is a quantizing copy. A dense tensor of one of these dtypes (a byte view as
+#: ``torch.qint8``, which ``torch.save`` writes) is staged as bytes and rebuilt as such a view
+#: (the integer dtype of the same size, then ``.view(dtype)``).
+QUANTIZED_DTYPES = {
+    getattr(torch, name): getattr(torch, plain)
+    for name, plain in (
+        ("qint8", "int8"),
+        ("quint8", "uint8"),
+        ("qint32", "int32"),
+        ("quint4x2", "uint8"),
+        ("quint2x4", "uint8"),
+    )
+    if hasattr(torch, name)
+}
+
+
 def build_views(storages: Sequence[torch.UntypedStorage], specs: Sequence[tuple]) -> List[Any]:
     """The staged items: each tensor spec ``(group, dtype, size, stride, offset, requires_grad)`` as
     a view, each storage spec ``(group, dtype or None)`` as a typed (or untyped) storage."""
@@ -152,7 +170,11 @@ def build_views(storages: Sequence[torch.UntypedStorage], specs: Sequence[tuple]
             views.append(storage)
             continue
         group, dtype, size, stride, offset, requires_grad = spec
-        view = torch.empty(0, dtype=dtype).set_(storages[group], offset, size, stride)
+        plain = QUANTIZED_DTYPES.get(dtype)
+        if plain is None:
+            view = torch.empty(0, dtype=dtype).set_(storages[group], offset, size, stride)
+        else:
+            view = torch.empty(0, dtype=plain).set_(storages[group], offset, size, stride).view(dtype)
         if requires_grad:
             view.requires_grad_(True)
         views.append(view)

@@ -151,9 +151,21 @@ def _new_arena(nbytes: int, kind: str, reserving: bool, stop: Optional[Callable[
     return arena
 
 
+#: Dtypes whose tensor-to-tensor copy is a copy of the bytes, which ``torch.save`` writes. Others
+#: are copied as raw bytes: a bool copy turns every nonzero byte into 1 (a byte view as
+#: ``torch.bool`` holds others), a quantized dtype's is a quantizing copy (see
+#: :data:`~asyncckpt._staging.arena.QUANTIZED_DTYPES`), and torch has no copy at all for some
+#: (``float4_e2m1fn_x2`` in torch 2.9).
+_COPIED_AS_TENSORS = frozenset({
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+})
+
+
 def _whole_copy_flags(layout: Layout, tensors: Sequence[torch.Tensor]) -> List[bool]:
     """Per storage: viewed by exactly one contiguous tensor that spans it (copied tensor to
-    tensor); anything else (views, shared storage, gaps) is copied as raw bytes."""
+    tensor); anything else (views, shared storage, gaps, a dtype not in
+    :data:`_COPIED_AS_TENSORS`) is copied as raw bytes."""
     storage_sizes, per_tensor = layout
     users: List[List[int]] = [[] for _ in storage_sizes]
     for i, spec in enumerate(per_tensor):
@@ -168,6 +180,7 @@ def _whole_copy_flags(layout: Layout, tensors: Sequence[torch.Tensor]) -> List[b
             and only.is_contiguous()
             and only.storage_offset() == 0
             and only.numel() * only.element_size() == nbytes
+            and only.dtype in _COPIED_AS_TENSORS
         )
     return flags
 

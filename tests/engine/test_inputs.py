@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import pickle
@@ -277,3 +278,43 @@ def test_a_checkpoint_nested_past_the_recursion_limit_is_refused_at_the_call_say
     assert len(str(err.value)) < 500
     io.teardown()
     assert not (tmp_path / "a.ckpt").exists()
+
+
+def _one_tensor_of_every_dtype_torch_save_takes():
+    """A small tensor of each dtype torch has that ``torch.save`` writes and ``torch.load``
+    reads back, made by viewing raw bytes (so the bit types, float8 and the quantized dtypes
+    without a quantizer are there too)."""
+    found = {}
+    for dtype in sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str):
+        try:
+            raw = torch.arange(24, dtype=torch.uint8)
+            tensor = raw.view(dtype) if dtype.itemsize in (1, 2, 4, 8) else None
+            if tensor is None:
+                continue
+            buffer = io.BytesIO()
+            torch.save(tensor, buffer)
+            buffer.seek(0)
+            torch.load(buffer)
+        except Exception:  # noqa: BLE001 - torch itself does not take this dtype
+            continue
+        found[str(dtype)] = tensor
+    return found
+
+
+@pytest.mark.parametrize("writer,staging", [("thread", "eager"), ("thread", "lazy"), ("process", "eager")])
+def test_a_tensor_of_every_dtype_torch_save_takes_is_saved_as_torch_save_saves_it(tmp_path, writer, staging):
+    """Found by attack: a dense tensor of a quantized dtype without a quantizer (a byte view as
+    ``torch.qint8``; ``is_quantized`` is False) failed the save with "Quantized copy only works
+    with kFloat as source Tensor", where ``torch.save`` writes it."""
+    state = _one_tensor_of_every_dtype_torch_save_takes()
+    assert {"torch.qint8", "torch.float8_e4m3fn", "torch.uint16", "torch.bits8", "torch.complex32"} <= set(state)
+    reference = io.BytesIO()
+    torch.save(state, reference)
+    engine = AsyncCheckpointIO(writer=writer, staging=staging)
+    try:
+        for _ in range(2):  # the second save takes the warm path
+            engine.save_checkpoint(state, tmp_path / "all.ckpt")
+            engine.flush()
+            assert (tmp_path / "all.ckpt").read_bytes() == reference.getvalue()
+    finally:
+        engine.teardown()
