@@ -17,6 +17,7 @@ import pickle
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
+from torch import _utils as torch_utils  # torch's private sparse rebuild and its list
 
 from .._diagnose import describe_unpicklable
 from ..errors import NotSerializableError
@@ -113,6 +114,21 @@ class TensorCollector(pickle.Pickler):
         return NotImplemented
 
 
+def _rebuild_sparse_tensor_unlisted(*args: Any) -> Any:
+    """torch's ``_rebuild_sparse_tensor``, minus its entry in torch's list of sparse tensors to
+    validate: only ``torch.load`` empties that list, so every sparse tensor rebuilt here (views
+    of staging memory) stayed referenced from it, save after save. The values came from the
+    caller's own tensors: nothing to validate."""
+    result = torch_utils._rebuild_sparse_tensor(*args)
+    pending = getattr(torch_utils, "_sparse_tensors_to_validate", None)
+    if isinstance(pending, list):
+        for i in range(len(pending) - 1, -1, -1):  # by identity: == on tensors compares values
+            if pending[i] is result:
+                del pending[i]
+                break
+    return result
+
+
 class _TensorRestorer(pickle.Unpickler):
     def __init__(self, data: bytes, tensors: Sequence[Any]) -> None:
         super().__init__(io.BytesIO(data))
@@ -120,6 +136,11 @@ class _TensorRestorer(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         return self._tensors[pid]
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_sparse_tensor":
+            return _rebuild_sparse_tensor_unlisted
+        return super().find_class(module, name)
 
 
 class _PlaceholderRestorer(_TensorRestorer):

@@ -318,3 +318,31 @@ def test_a_tensor_of_every_dtype_torch_save_takes_is_saved_as_torch_save_saves_i
             assert (tmp_path / "all.ckpt").read_bytes() == reference.getvalue()
     finally:
         engine.teardown()
+
+
+@pytest.mark.parametrize("writer,staging", [("thread", "eager"), ("thread", "lazy"), ("process", "eager")])
+def test_sparse_tensors_are_saved_again_and_again_without_keeping_staging_memory(tmp_path, writer, staging, caplog):
+    """Found by attack: rebuilding a sparse tensor for the write goes through torch's
+    ``_rebuild_sparse_tensor``, which appends it to a module-level list that only ``torch.load``
+    empties. Every save's sparse tensors (views of the slot's staging memory) stayed referenced
+    there: the engine read that as the wrapped IO keeping them (a false warning, and new staging
+    memory allocated at every save) and the old memory was never freed."""
+    import logging
+
+    from torch import _utils as torch_utils  # torch's private list, the one that leaked
+
+    coo = torch.sparse_coo_tensor([[0, 2], [1, 0]], [3.0, 4.0], (3, 3))
+    csr = torch.eye(4).to_sparse_csr()
+    engine = AsyncCheckpointIO(writer=writer, staging=staging)
+    try:
+        with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+            for step in range(3):
+                engine.save_checkpoint({"coo": coo * step, "csr": csr, "step": step}, tmp_path / "s.ckpt")
+                engine.flush()
+                assert not torch_utils._sparse_tensors_to_validate
+        out = load(tmp_path / "s.ckpt")
+        assert torch.equal(out["coo"].to_dense(), (coo * 2).to_dense())
+        assert torch.equal(out["csr"].to_dense(), torch.eye(4))
+        assert not [r.getMessage() for r in caplog.records if "kept" in r.getMessage()]
+    finally:
+        engine.teardown()
