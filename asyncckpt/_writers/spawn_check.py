@@ -22,6 +22,7 @@ import os
 import pickle
 import sys
 import threading
+from multiprocessing import spawn as mp_spawn
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import NotSerializableError
@@ -69,10 +70,8 @@ def main_source() -> Optional[Tuple[str, str]]:
 def import_main(source: Tuple[str, str]) -> None:
     """In the writer process: import the training program's main module as spawn would have
     at start (``__mp_main__``, aliased as ``__main__``)."""
-    from multiprocessing import spawn
-
     kind, value = source
-    spawn.prepare({"init_main_from_name" if kind == "name" else "init_main_from_path": value})
+    mp_spawn.prepare({"init_main_from_name" if kind == "name" else "init_main_from_path": value})
 
 
 _spawn_lock = threading.Lock()
@@ -177,12 +176,29 @@ def _top_level_names(body: List[ast.stmt], guarded: bool, out: Dict[str, bool]) 
             out[name] = out.get(name, True) and guarded
 
 
+#: Calls on their own at a main file's top level that set the process up rather than train
+#: (``logging.basicConfig(...)``, ``torch.manual_seed(0)``, ``sys.path.insert(0, ...)``): running
+#: them again in the writer process is harmless.
+_SETUP_CALLS = frozenset({
+    "basicConfig", "filterwarnings", "simplefilter", "captureWarnings", "setLevel", "manual_seed", "seed",
+    "set_float32_matmul_precision", "setdefault", "insert", "append", "extend", "load_dotenv",
+})
+
+
+def _is_setup_call(value: ast.expr) -> bool:
+    if not isinstance(value, ast.Call):
+        return False
+    func = value.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    return name in _SETUP_CALLS
+
+
 def _runs_code(body: List[ast.stmt]) -> bool:
     """Whether module-level ``body`` (outside the ``__main__`` guard) does more than define:
-    a call or other expression on its own, a loop, a ``with``. Imports, definitions and
-    assignments count as definitions (``log = logging.getLogger(__name__)``)."""
+    a call or other expression on its own (but :data:`_SETUP_CALLS`), a loop, a ``with``.
+    Imports, definitions and assignments count as definitions (``log = logging.getLogger(...)``)."""
     for node in body:
-        if isinstance(node, ast.Expr) and not isinstance(node.value, ast.Constant):
+        if isinstance(node, ast.Expr) and not isinstance(node.value, ast.Constant) and not _is_setup_call(node.value):
             return True  # a call on its own (trainer.fit(model), main()): a docstring is a constant
         if isinstance(node, (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith)):
             return True
@@ -196,18 +212,32 @@ def _runs_code(body: List[ast.stmt]) -> bool:
     return False
 
 
+def runs_code_at_import(source: bytes | str, filename: str = "<main>") -> bool:
+    """Whether a main file of this ``source`` runs code when imported, beyond definitions and
+    setup calls (see :func:`_runs_code`); raises ``SyntaxError`` for a file that does not parse."""
+    return _runs_code(ast.parse(source, filename).body)
+
+
+def _main_file() -> Optional[str]:
+    """The main module's file: resolved against the folder the program started in (whatever
+    ``os.chdir`` did since) for a script, the module's own file for ``python -m``."""
+    source = main_source()
+    if source is not None and source[0] == "path":
+        return source[1]
+    return getattr(sys.modules.get("__main__"), "__file__", None)
+
+
 def main_runs_code_at_import() -> bool:
     """Whether importing this program's main file would run code beyond definitions (it has no
     ``if __name__ == "__main__":`` guard around its work), as far as its source tells."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
+    path = _main_file()
     if path is None:
         return False
     try:
         key = (path, os.stat(path).st_mtime)
         if key not in _RUNS_CODE:
             with open(path, "rb") as f:
-                _RUNS_CODE[key] = _runs_code(ast.parse(f.read(), path).body)
+                _RUNS_CODE[key] = runs_code_at_import(f.read(), path)
         return _RUNS_CODE[key]
     except (OSError, SyntaxError, ValueError):
         return False  # cannot tell: the names check and the import decide
@@ -264,7 +294,7 @@ def check_main_references(pickled: bytes, path: str, what: str = "checkpoint") -
             "a notebook, an interactive session)",
             what,
         ) from None
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    main_file = _main_file()
     if main_file is None:
         return True
     guarded = _names_only_under_main_guard(main_file)

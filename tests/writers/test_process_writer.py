@@ -395,6 +395,7 @@ class Config:
 io = AsyncCheckpointIO(writer="process")
 for step in range(2):
     io.save_checkpoint({{"w": torch.full((3,), float(step))}}, os.path.join(folder, f"s{{step}}.ckpt"))
+os.chdir("/")  # the main file is still found where the program started
 try:
     io.save_checkpoint({{"cfg": Config()}}, os.path.join(folder, "cfg.ckpt"))
 except NotSerializableError as err:
@@ -429,6 +430,30 @@ def test_an_unguarded_training_script_is_not_run_again_by_the_writer_process(tmp
     assert '__name__ == "__main__"' in result.stdout
     assert not (tmp_path / "cfg.ckpt").exists()
     assert result.stdout.splitlines()[-1] == "done"
+
+
+@pytest.mark.parametrize(
+    "source,runs",
+    [
+        ('"""doc"""\nimport os\nX = 1\nlog = make_logger()\ndef f():\n    g()\nclass C:\n    pass\n', False),
+        ('import sys, logging, torch\nsys.path.insert(0, "..")\nlogging.basicConfig()\ntorch.manual_seed(0)\n', False),
+        ('if __name__ == "__main__":\n    train()\n    for i in range(3):\n        step()\n', False),
+        ("try:\n    import apex\nexcept ImportError:\n    apex = None\n", False),
+        ("train()\n", True),
+        ("trainer.fit(model)\n", True),
+        ("for step in range(10):\n    pass\n", True),
+        ("with open('x') as f:\n    pass\n", True),
+        ("if torch.cuda.is_available():\n    main()\n", True),
+        ("try:\n    main()\nfinally:\n    pass\n", True),
+    ],
+    ids=["definitions", "setup-calls", "guarded", "try-import", "call", "method-call", "loop", "with", "if", "try"],
+)
+def test_which_main_files_count_as_running_code_at_import(source, runs):
+    """The rule that decides whether the writer may import the main module for a checkpoint
+    holding its classes: code outside the guard other than definitions and setup calls."""
+    from asyncckpt._writers.spawn_check import runs_code_at_import
+
+    assert runs_code_at_import(source) is runs
 
 
 _MAIN_GONE_SCRIPT = """
