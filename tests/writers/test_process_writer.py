@@ -246,27 +246,6 @@ def test_a_writer_process_that_cannot_lower_its_priority_writes_anyway_and_says_
     assert "writer_nice not applied" in capfd.readouterr().err
 
 
-_STDIN_SCRIPT = """
-import os, sys
-import torch
-from asyncckpt import AsyncCheckpointIO
-from asyncckpt.errors import NotSerializableError
-
-class Config:  # defined in a __main__ the writer process cannot re-run
-    lr = 0.1
-
-folder = {folder!r}
-io = AsyncCheckpointIO(writer="process")
-io.save_checkpoint({{"w": torch.arange(5.0)}}, os.path.join(folder, "a.ckpt"))
-try:
-    io.save_checkpoint({{"cfg": Config()}}, os.path.join(folder, "cfg.ckpt"))
-except NotSerializableError as err:
-    print("REFUSED", err)
-io.teardown()
-print("done")
-"""
-
-
 _MAIN_CLASS_SCRIPT = """
 import io, os, sys, zipfile
 import torch
@@ -358,20 +337,26 @@ def test_objects_of_main_saved_from_a_spawned_child_are_written_as_torch_save_wr
     assert result.stdout.splitlines()[-1] == "done"
 
 
+def _run_main_file(folder, name, source, how):
+    """Write ``source`` to ``folder/name.py`` and run it as the main module (``python name.py``
+    or ``python -m name``, from ``folder``, with ``folder`` as its argument); it must exit 0."""
+    from _subproc import child_env
+
+    (folder / f"{name}.py").write_text(source)
+    argv = [sys.executable, f"{name}.py"] if how == "script" else [sys.executable, "-m", name]
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")]))
+    result = subprocess.run([*argv, str(folder)], cwd=folder, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.parametrize("how", ["script", "module"])
 def test_objects_of_main_saved_by_the_writer_process_load_in_the_program_that_saved_them(tmp_path, how):
     """Spawn re-imports the main module as ``__mp_main__``; the writer's torch.save then wrote
     its classes and functions as ``__mp_main__.Config``, which ``torch.load`` in the training
     program (where they are ``__main__.Config``) cannot find. The file must be torch.save's."""
-    from _subproc import child_env
-
-    (tmp_path / "train_main.py").write_text(_MAIN_CLASS_SCRIPT.format())
-    argv = [sys.executable, "train_main.py"] if how == "script" else [sys.executable, "-m", "train_main"]
-    env = child_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    result = subprocess.run([*argv, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, env=env,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_main_file(tmp_path, "train_main", _MAIN_CLASS_SCRIPT.format(), how)
     assert result.stdout.splitlines()[-1] == "done"
 
 
@@ -382,13 +367,14 @@ from asyncckpt import AsyncCheckpointIO
 from asyncckpt.errors import NotSerializableError
 
 # Everything runs at import: no `if __name__ == "__main__":` guard (common on Linux, where
-# nothing else spawns). The writer process must not run this file again.
-folder = sys.argv[1]
+# nothing else spawns). The writer process must not run this file again. Run from a file, or
+# read from standard input (where spawn could not run it again at all).
+folder = {folder!r}
 with open(os.path.join(folder, "runs.txt"), "a") as f:
     f.write(f"{{os.getpid()}}\\n")
 
 
-class Config:
+class Config:  # the writer process cannot import it: refused at the call
     lr = 0.1
 
 
@@ -413,15 +399,7 @@ def test_an_unguarded_training_script_is_not_run_again_by_the_writer_process(tmp
     ``WriterDiedError``. The writer needs ``__main__`` only for a checkpoint (or wrapped IO)
     holding its classes; such a save from a script that runs its training at import is refused
     at the call, saying what to do."""
-    from _subproc import child_env
-
-    (tmp_path / "train_unguarded.py").write_text(_UNGUARDED_SCRIPT.format())
-    argv = [sys.executable, "train_unguarded.py"] if how == "script" else [sys.executable, "-m", "train_unguarded"]
-    env = child_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    result = subprocess.run([*argv, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, env=env,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_main_file(tmp_path, "train_unguarded", _UNGUARDED_SCRIPT.format(folder=str(tmp_path)), how)
     runs = (tmp_path / "runs.txt").read_text().split()
     assert len(runs) == 1, f"the training script ran {len(runs)} times: {runs}"
     for step in range(2):
@@ -511,7 +489,7 @@ def test_a_script_read_from_standard_input_saves_with_the_writer_process(tmp_pat
     holding one of its classes is refused at the call, saying why."""
     from _subproc import child_env
 
-    source = _STDIN_SCRIPT.format(folder=str(tmp_path))
+    source = _UNGUARDED_SCRIPT.format(folder=str(tmp_path))
     script = tmp_path / "train.py"
     script.write_text(source)
     argv = [sys.executable] + ([] if how == "python < file" else ["-"])
@@ -521,7 +499,7 @@ def test_a_script_read_from_standard_input_saves_with_the_writer_process(tmp_pat
         with open(script) as stdin:
             result = subprocess.run(argv, stdin=stdin, capture_output=True, text=True, env=child_env(), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(load(tmp_path / "a.ckpt")["w"], torch.arange(5.0))
+    assert torch.equal(load(tmp_path / "s1.ckpt")["w"], torch.ones(3))
     assert "REFUSED" in result.stdout and "'Config'" in result.stdout and "standard input" in result.stdout, (
         result.stdout, result.stderr[-2000:])
     assert not (tmp_path / "cfg.ckpt").exists()
