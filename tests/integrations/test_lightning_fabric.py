@@ -150,3 +150,38 @@ def test_a_fabric_script_that_ends_or_is_sent_sigterm_writes_its_queued_saves(fa
     assert all(torch.equal(last["model"][k], expected[k]) for k in expected)
     assert torch.load(tmp_path / "step0.ckpt")["step"] == 0
     assert sorted(os.listdir(tmp_path)) == ["expected.pt", "step0.ckpt", "step1.ckpt"]
+
+
+DDP_SCRIPT = """
+    import os, sys, importlib, torch
+    from _slow_disk import SlowDiskIO
+
+
+    def main():
+        family, fabric_pkg, folder = sys.argv[1:4]
+        io = importlib.import_module("asyncckpt." + family).AsyncCheckpointIO(SlowDiskIO(1.0))
+        fabric = importlib.import_module(fabric_pkg).Fabric(accelerator="cpu", devices=2, strategy="ddp", plugins=[io])
+        fabric.launch()
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 2)
+        model, optimizer = fabric.setup(module, torch.optim.SGD(module.parameters(), lr=0.1))
+        path = os.path.join(folder, "a.ckpt")
+        fabric.save(path, {"model": model, "step": 7})  # rank 0 writes it, slowly
+        print("rank", fabric.global_rank, "loaded step", fabric.load(path)["step"], flush=True)
+
+
+    if __name__ == "__main__":
+        main()
+"""
+
+
+def test_fabric_load_on_every_ddp_rank_reads_the_save_that_rank_zero_is_still_writing(fam, tmp_path):
+    """Under DDP only rank 0 saves, and ``fabric.save``'s barrier comes after the call, not the
+    write: ``fabric.load`` right after it found no file on rank 1 (FileNotFoundError)."""
+    script = tmp_path / "ddp_fabric.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    out = run_python(script, fam.name, FABRIC[fam.name], tmp_path, check=True, timeout=180).stdout
+    assert sorted(line for line in out.splitlines() if line.startswith("rank")) == [
+        "rank 0 loaded step 7",
+        "rank 1 loaded step 7",
+    ], out

@@ -18,7 +18,7 @@ from ..._engine.engine import AsyncCheckpointIO as CoreAsyncCheckpointIO
 from ..._engine.ops import SaveHandle
 from ..._storage.paths import local_path_of
 from .sharded import warn_if_bypassed
-from .stage import FABRIC_SAVE
+from .stage import FABRIC_LOAD, FABRIC_SAVE, calling_strategy
 
 if TYPE_CHECKING:
     from .family import Family
@@ -104,7 +104,7 @@ class PluginMixin(CoreAsyncCheckpointIO):
         """
         self._saves_requested += 1
         site = self.lightning_family.call_site()
-        if site is None:
+        if site is None or site == FABRIC_LOAD:
             self.save_here(checkpoint, path, storage_options=storage_options)
             return SaveHandle.completed(path, None)  # written before returning, as Lightning's own IO does
         if site == FABRIC_SAVE and not self.handle_sigterm and not self._sigterm_chosen:
@@ -127,10 +127,19 @@ class PluginMixin(CoreAsyncCheckpointIO):
     ) -> Dict[str, Any]:
         """Load ``path`` once its queued operations are done.
 
+        From ``fabric.load``, which every rank calls, once they are done on every rank: the
+        strategy's barrier follows this rank's wait (under DDP only rank 0 saves, and
+        ``fabric.save``'s own barrier comes before the write, not after it).
+
         The arguments reach the wrapped IO exactly as given (``weights_only=None`` included);
         those not given are left to its defaults.
         """
         self.wait_for(path)
+        if self.lightning_family.call_site() == FABRIC_LOAD:
+            strategy = calling_strategy(skip=1, depth=4)
+            if strategy is not None and getattr(strategy, "world_size", 1) > 1:
+                # Before raising a failed save: every rank reaches the barrier, none hangs in it.
+                strategy.barrier("asyncckpt: the saves of a path are written before fabric.load reads it")
         self.raise_pending_errors()
         kwargs: Dict[str, Any] = {}
         if map_location is not _NOT_GIVEN:

@@ -25,11 +25,15 @@ log = logging.getLogger("asyncckpt")
 #: What :func:`call_site_finder`'s function answers: a save that overlaps with training.
 TRAINER_STAGE = "trainer stage"
 FABRIC_SAVE = "fabric save"
+#: Also answered: inside ``Fabric.load``, which every rank calls (a load waits for the saves
+#: of that path on every rank, not only its own).
+FABRIC_LOAD = "fabric load"
 
 
 def call_site_finder(trainer_cls: type, fabric_cls: Optional[type] = None) -> Callable[[], Optional[str]]:
     """A function that says whether the calling thread is inside a running stage of a Trainer
-    (:data:`TRAINER_STAGE`), inside ``Fabric.save`` (:data:`FABRIC_SAVE`), or neither (None).
+    (:data:`TRAINER_STAGE`), inside ``Fabric.save`` (:data:`FABRIC_SAVE`) or ``Fabric.load``
+    (:data:`FABRIC_LOAD`), or none of them (None).
 
     Lightning runs every stage (fit, validate, test, predict) in ``Trainer._run_stage``, on the
     thread that called ``fit``/``validate``/...; the strategy's teardown, ``on_fit_end``, the
@@ -47,7 +51,9 @@ def call_site_finder(trainer_cls: type, fabric_cls: Optional[type] = None) -> Ca
             "asyncckpt: this Lightning version has no Trainer._run_stage; checkpoints are written synchronously"
         )
     fabric_save = getattr(getattr(fabric_cls, "save", None), "__code__", None)
-    sites = {code: name for code, name in ((stage, TRAINER_STAGE), (fabric_save, FABRIC_SAVE)) if code is not None}
+    fabric_load = getattr(getattr(fabric_cls, "load", None), "__code__", None)
+    known = ((stage, TRAINER_STAGE), (fabric_save, FABRIC_SAVE), (fabric_load, FABRIC_LOAD))
+    sites = {code: name for code, name in known if code is not None}
 
     def call_site() -> Optional[str]:
         frame: Optional[types.FrameType] = sys._getframe(1)
