@@ -39,7 +39,7 @@ PRIVATE_READS_ALLOWED: Dict[Tuple[str, str], str] = {
     ("asyncckpt._staging.warm", "_cdata"): "torch storage: the identity torch.save keys storages on",
     ("asyncckpt._staging.warm", "_C"): "torch._C._dynamo.guards.TensorGuards: the compiler's C tensor check",
     ("asyncckpt._staging.skeleton", "_utils"): "torch._utils: the sparse tensor rebuild torch.save's files use",
-    ("asyncckpt._staging.skeleton", "_rebuild_sparse_tensor"): "torch._utils: rebuilding a sparse tensor as torch.load does",
+    ("asyncckpt._staging.skeleton", "_rebuild_sparse_tensor"): "torch._utils: the rebuild torch.load uses",
     ("asyncckpt._staging.skeleton", "_sparse_tensors_to_validate"): "torch._utils: the list that rebuild appends to",
     ("asyncckpt._staging.lazy", "_version"): "torch tensor version counter: the documented in-place-change check",
     ("asyncckpt._staging.copier", "_foreach_copy_"): "torch: the batched copy kernel",

@@ -202,8 +202,8 @@ def _runs_code(body: List[ast.stmt]) -> bool:
             return True  # a call on its own (trainer.fit(model), main()): a docstring is a constant
         if isinstance(node, (ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith)):
             return True
-        if isinstance(node, ast.If) and not _is_main_guard(node.test):
-            if _runs_code(node.body) or _runs_code(node.orelse):
+        if isinstance(node, ast.If):  # the guard's body does not run at import; its else does
+            if (not _is_main_guard(node.test) and _runs_code(node.body)) or _runs_code(node.orelse):
                 return True
         if isinstance(node, ast.Try):
             parts = [node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)]

@@ -423,8 +423,10 @@ def test_an_unguarded_training_script_is_not_run_again_by_the_writer_process(tmp
         ("with open('x') as f:\n    pass\n", True),
         ("if torch.cuda.is_available():\n    main()\n", True),
         ("try:\n    main()\nfinally:\n    pass\n", True),
+        ('if __name__ == "__main__":\n    main()\nelse:\n    worker()\n', True),
     ],
-    ids=["definitions", "setup-calls", "guarded", "try-import", "call", "method-call", "loop", "with", "if", "try"],
+    ids=["definitions", "setup-calls", "guarded", "try-import", "call", "method-call", "loop", "with", "if", "try",
+         "guard-else"],
 )
 def test_which_main_files_count_as_running_code_at_import(source, runs):
     """The rule that decides whether the writer may import the main module for a checkpoint
