@@ -177,11 +177,12 @@ def _top_level_names(body: List[ast.stmt], guarded: bool, out: Dict[str, bool]) 
 
 
 #: Calls on their own at a main file's top level that set the process up rather than train
-#: (``logging.basicConfig(...)``, ``torch.manual_seed(0)``, ``sys.path.insert(0, ...)``): running
-#: them again in the writer process is harmless.
+#: (``logging.basicConfig(...)``, ``torch.manual_seed(0)``, Lightning's ``seed_everything(42)``,
+#: ``sys.path.insert(0, ...)``): running them again in the writer process is harmless.
 _SETUP_CALLS = frozenset({
     "basicConfig", "filterwarnings", "simplefilter", "captureWarnings", "setLevel", "manual_seed", "seed",
-    "set_float32_matmul_precision", "setdefault", "insert", "append", "extend", "load_dotenv",
+    "seed_everything", "set_seed", "set_float32_matmul_precision", "setdefault", "insert", "append", "extend",
+    "load_dotenv",
 })
 
 

@@ -414,7 +414,8 @@ def test_an_unguarded_training_script_is_not_run_again_by_the_writer_process(tmp
     "source,runs",
     [
         ('"""doc"""\nimport os\nX = 1\nlog = make_logger()\ndef f():\n    g()\nclass C:\n    pass\n', False),
-        ('import sys, logging, torch\nsys.path.insert(0, "..")\nlogging.basicConfig()\ntorch.manual_seed(0)\n', False),
+        ('import sys, logging, torch\nsys.path.insert(0, "..")\nlogging.basicConfig()\ntorch.manual_seed(0)\n'
+         "L.seed_everything(42)\n", False),
         ('if __name__ == "__main__":\n    train()\n    for i in range(3):\n        step()\n', False),
         ("try:\n    import apex\nexcept ImportError:\n    apex = None\n", False),
         ("train()\n", True),
