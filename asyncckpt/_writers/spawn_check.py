@@ -177,7 +177,7 @@ def _top_level_names(body: List[ast.stmt], guarded: bool, out: Dict[str, bool]) 
 
 
 #: Calls on their own at a main file's top level that set the process up rather than train
-#: (``logging.basicConfig(...)``, ``torch.manual_seed(0)``, Lightning's ``seed_everything(42)``,
+#: (``logging.basicConfig(...)``, ``torch.manual_seed(0)``, ``seed_everything(42)``,
 #: ``sys.path.insert(0, ...)``): running them again in the writer process is harmless.
 _SETUP_CALLS = frozenset({
     "basicConfig", "filterwarnings", "simplefilter", "captureWarnings", "setLevel", "manual_seed", "seed",

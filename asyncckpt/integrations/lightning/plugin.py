@@ -18,7 +18,7 @@ from ..._engine.engine import AsyncCheckpointIO as CoreAsyncCheckpointIO
 from ..._engine.ops import SaveHandle
 from ..._storage.paths import local_path_of
 from .sharded import warn_if_bypassed
-from .stage import FABRIC_LOAD, FABRIC_SAVE, calling_strategy
+from .stage import FABRIC_LOAD, FABRIC_SAVE, TRAINER_STAGE, calling_strategy
 
 if TYPE_CHECKING:
     from .family import Family
@@ -32,6 +32,9 @@ class _NotGiven:
 
 
 _NOT_GIVEN: Any = _NotGiven()
+
+#: Where a save or remove is queued: there is training to overlap with (see :mod:`.stage`).
+_QUEUED_FROM = (TRAINER_STAGE, FABRIC_SAVE)
 
 
 def add_note(err: BaseException, note: str) -> None:
@@ -104,7 +107,7 @@ class PluginMixin(CoreAsyncCheckpointIO):
         """
         self._saves_requested += 1
         site = self.lightning_family.call_site()
-        if site is None or site == FABRIC_LOAD:
+        if site not in _QUEUED_FROM:
             self.save_here(checkpoint, path, storage_options=storage_options)
             return SaveHandle.completed(path, None)  # written before returning, as Lightning's own IO does
         if site == FABRIC_SAVE and not self.handle_sigterm and not self._sigterm_chosen:
@@ -117,7 +120,7 @@ class PluginMixin(CoreAsyncCheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         """In a running stage: queue the removal behind earlier operations; elsewhere: remove now."""
         warn_if_bypassed(self)
-        if self.lightning_family.call_site() is None:
+        if self.lightning_family.call_site() not in _QUEUED_FROM:
             self._now().remove_checkpoint(path)
             return
         super().remove_checkpoint(path)
