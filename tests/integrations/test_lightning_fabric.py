@@ -2,10 +2,11 @@
 
 Fabric takes our Lightning plugin (``Fabric(plugins=[AsyncCheckpointIO()])``), but it has no
 Trainer stage and never tears the strategy down: ``fabric.save`` inside the user's own loop must
-still be queued, ``fabric.load`` must see the last save, and a script that just ends, or is sent
-SIGTERM, must still write what is queued. Writes are held with a ``threading.Event`` in process
-(``HeldIO``) or slowed with a sleep in a child (``SlowDiskIO``): fault injection standing in for
-a slow disk, so the saves really are pending.
+still be queued, ``fabric.load`` must see the last save (under DDP on every rank, though only
+rank 0 writes), and a script that just ends, or is sent SIGTERM, must still write what is
+queued. Writes are held with a ``threading.Event`` in process (``HeldIO``) or slowed with a
+sleep in a child (``SlowDiskIO``): fault injection standing in for a slow disk, so the saves
+really are pending.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ class Family:
         # pytorch_lightning (a dependency of each, so always there).
         fabric = importlib.import_module("lightning.fabric" if package.startswith("lightning.") else "lightning_fabric")
         #: Where the calling thread is: in a stage of this family's Trainer, in its ``Fabric.save``
-        #: (:data:`.stage.TRAINER_STAGE`, :data:`.stage.FABRIC_SAVE`), or neither (None).
+        #: or ``Fabric.load`` (:data:`.stage.TRAINER_STAGE`, :data:`.stage.FABRIC_SAVE`,
+        #: :data:`.stage.FABRIC_LOAD`), or none of them (None).
         self.call_site: Callable[[], Optional[str]] = call_site_finder(self.trainer, fabric.Fabric)
 
     def bypass_reason(self, strategy: Any) -> Optional[str]:
