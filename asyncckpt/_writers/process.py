@@ -54,7 +54,7 @@ from .messages import (
     UnknownMessageError,
     encode,
 )
-from .spawn_check import check_main_references, import_main, main_source, start_without_main
+from .spawn_check import check_main_references, import_main, main_source, mentions_main, start_without_main
 
 log = logging.getLogger("asyncckpt.process_writer")  # the logger's name from before the move: users may configure it
 
@@ -565,9 +565,7 @@ def writer_main(
                         if group_locations is not None:
                             located = locations_of(storages, group_locations)
                         before = reference_counts(views, storages)
-                        if main_failed is not None and (
-                            b"__main__" in message.skeleton or b"__mp_main__" in message.skeleton
-                        ):
+                        if main_failed is not None and mentions_main(message.skeleton):
                             raise RuntimeError(
                                 "the writer process could not import the training program's main module, "
                                 f"whose classes this checkpoint holds: {type(main_failed).__name__}: {main_failed}"

@@ -9,7 +9,7 @@ module (:func:`start_without_main`) and imports it only when a checkpoint, or th
 holds one of its classes (:func:`main_source`), at the first such save. Such a save is refused
 at the call (:func:`check_main_references`) where that import cannot work or would run the
 training again: ``python -c``, a script read from standard input, a notebook, a name defined
-only under the guard, or a main file that runs code at import (:func:`main_runs_code_at_import`).
+only under the guard, or a main file that runs code at import (:func:`runs_code_at_import`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pickle
 import sys
 import threading
 from multiprocessing import spawn as mp_spawn
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from ..errors import NotSerializableError
 
@@ -43,12 +43,18 @@ def main_is_importable() -> bool:
     return path is not None and os.path.splitext(os.path.basename(path))[0] != "ipython" and _main_file_exists(path)
 
 
+def _where_spawn_looks(path: str) -> str:
+    """``path`` (the main module's ``__file__``) resolved as spawn resolves it: against the
+    folder the program started in, whatever ``os.chdir`` did since."""
+    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
+        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
+    return os.path.normpath(path)
+
+
 def _main_file_exists(path: str) -> bool:
     """Whether spawn finds the main file where it looks: a script read from standard input
     (``python - < train.py``, a heredoc) has the ``__file__`` ``'<stdin>'``, which is no file."""
-    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
-        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
-    return os.path.isfile(path)
+    return os.path.isfile(_where_spawn_looks(path))
 
 
 def main_source() -> Optional[Tuple[str, str]]:
@@ -61,10 +67,7 @@ def main_source() -> Optional[Tuple[str, str]]:
     spec_name = getattr(getattr(main, "__spec__", None), "name", None)
     if spec_name is not None:
         return ("name", spec_name)
-    path = main.__file__
-    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
-        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
-    return ("path", os.path.normpath(path))
+    return ("path", _where_spawn_looks(main.__file__))
 
 
 def import_main(source: Tuple[str, str]) -> None:
@@ -228,45 +231,46 @@ def _main_file() -> Optional[str]:
     return getattr(sys.modules.get("__main__"), "__file__", None)
 
 
-def main_runs_code_at_import() -> bool:
-    """Whether importing this program's main file would run code beyond definitions (it has no
-    ``if __name__ == "__main__":`` guard around its work), as far as its source tells."""
-    path = _main_file()
-    if path is None:
-        return False
+class _MainFacts(NamedTuple):
+    """What the main file's source tells, read once per version of the file."""
+
+    guarded: Dict[str, bool]  # module-level names, True where bound only under the guard
+    runs_code: bool  # :func:`_runs_code` of its top level
+
+
+_MAIN_FACTS: Dict[Tuple[str, float], _MainFacts] = {}
+
+
+def _main_facts(path: str) -> Optional[_MainFacts]:
+    """The facts of the main file at ``path``; None where it cannot be read or parsed (cannot
+    tell: the writer's import decides)."""
     try:
         key = (path, os.stat(path).st_mtime)
-        if key not in _RUNS_CODE:
-            with open(path, "rb") as f:
-                _RUNS_CODE[key] = runs_code_at_import(f.read(), path)
-        return _RUNS_CODE[key]
-    except (OSError, SyntaxError, ValueError):
-        return False  # cannot tell: the names check and the import decide
-
-
-_RUNS_CODE: Dict[Tuple[str, float], bool] = {}
-_GUARDED: Dict[Tuple[str, float], Dict[str, bool]] = {}
-
-
-def _names_only_under_main_guard(path: str) -> Dict[str, bool]:
-    """For the main file: which module-level names exist only under the ``__main__`` guard."""
-    try:
-        key = (path, os.stat(path).st_mtime)
-        if key not in _GUARDED:
+        if key not in _MAIN_FACTS:
             with open(path, "rb") as f:
                 tree = ast.parse(f.read(), path)
-            found: Dict[str, bool] = {}
-            _top_level_names(tree.body, False, found)
-            _GUARDED[key] = found
-        return _GUARDED[key]
+            guarded: Dict[str, bool] = {}
+            _top_level_names(tree.body, False, guarded)
+            _MAIN_FACTS[key] = _MainFacts(guarded, _runs_code(tree.body))
+        return _MAIN_FACTS[key]
     except (OSError, SyntaxError, ValueError):
-        return {}  # cannot tell: let the writer try
+        return None
+
+
+def _holder(path: str, what: str) -> str:
+    """What the refused save names: the checkpoint's path, or ``what`` (the wrapped IO)."""
+    return f"checkpoint {path!r}" if what == "checkpoint" else what
+
+
+def mentions_main(pickled: bytes) -> bool:
+    """Whether ``pickled`` may refer to the main module's objects (a quick bytes test; the
+    probe, :func:`main_names`, tells for sure)."""
+    return b"__main__" in pickled or b"__mp_main__" in pickled
 
 
 def _refuse_main_reference(name: str, path: str, why: str, what: str = "checkpoint") -> NotSerializableError:
-    holder = f"checkpoint {path!r}" if what == "checkpoint" else what
     return NotSerializableError(
-        f"cannot save {holder} with writer='process': it holds {name!r}, defined in "
+        f"cannot save {_holder(path, what)} with writer='process': it holds {name!r}, defined in "
         f"__main__ {why}, which the writer process cannot import. Move the definition into a module "
         "(a .py file you import) or to the top level of the main file, or use writer='thread'",
         path,
@@ -282,7 +286,7 @@ def check_main_references(pickled: bytes, path: str, what: str = "checkpoint") -
     "__main__":`` block, cannot re-import ``python -c`` or a notebook, and runs every other
     statement at the file's top level.
     """
-    if b"__main__" not in pickled and b"__mp_main__" not in pickled:
+    if not mentions_main(pickled):
         return False
     names = main_names(pickled)
     if not names:
@@ -296,16 +300,15 @@ def check_main_references(pickled: bytes, path: str, what: str = "checkpoint") -
             what,
         ) from None
     main_file = _main_file()
-    if main_file is None:
+    facts = None if main_file is None else _main_facts(main_file)
+    if facts is None:
         return True
-    guarded = _names_only_under_main_guard(main_file)
     for name in names:
-        if guarded.get(name.split(".")[0], False):
+        if facts.guarded.get(name.split(".")[0], False):
             raise _refuse_main_reference(name, path, 'inside its `if __name__ == "__main__":` block', what) from None
-    if main_runs_code_at_import():
-        holder = f"checkpoint {path!r}" if what == "checkpoint" else what
+    if facts.runs_code:
         raise NotSerializableError(
-            f"cannot save {holder} with writer='process': it holds {names[0]!r}, defined in __main__ of a "
+            f"cannot save {_holder(path, what)} with writer='process': it holds {names[0]!r}, defined in __main__ of a "
             'script that runs code at import (no `if __name__ == "__main__":` guard around its training); '
             "the writer process would have to import that script, and so run the training again. Put the "
             'code that trains under `if __name__ == "__main__":`, move the definition into a module (a .py '
