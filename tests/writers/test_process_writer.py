@@ -328,12 +328,7 @@ if __name__ == "__main__":
 
 def test_objects_of_main_saved_from_a_spawned_child_are_written_as_torch_save_writes_them_there(tmp_path):
     """Training in a spawned child: its main module is ``__mp_main__`` already, and stays so."""
-    from _subproc import child_env
-
-    (tmp_path / "train_child.py").write_text(_MAIN_CLASS_IN_A_SPAWNED_CHILD)
-    result = subprocess.run([sys.executable, "train_child.py", str(tmp_path)], cwd=tmp_path, capture_output=True,
-                            text=True, env=child_env(), timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_main_file(tmp_path, "train_child", _MAIN_CLASS_IN_A_SPAWNED_CHILD, "script")
     assert result.stdout.splitlines()[-1] == "done"
 
 
@@ -470,12 +465,7 @@ def test_a_main_module_the_writer_cannot_import_fails_that_save_saying_why_and_n
     """The writer imports the main module at the first save holding its classes; where that
     import fails (here the script asserts it is run directly), that save fails naming the cause,
     and the writer goes on with saves that need nothing from it."""
-    from _subproc import child_env
-
-    (tmp_path / "train_gone.py").write_text(_MAIN_GONE_SCRIPT)
-    result = subprocess.run([sys.executable, "train_gone.py", str(tmp_path)], cwd=tmp_path, capture_output=True,
-                            text=True, env=child_env(), timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_main_file(tmp_path, "train_gone", _MAIN_GONE_SCRIPT, "script")
     assert "FAILED" in result.stdout and "could not import the training program's main module" in result.stdout, (
         result.stdout, result.stderr[-2000:])
     assert not (tmp_path / "cfg.ckpt").exists()
