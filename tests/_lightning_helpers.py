@@ -39,13 +39,13 @@ def load_family(name: str) -> types.SimpleNamespace:
     """The family's modules, or skip when that package is not installed."""
     if name == "lightning":
         pl = pytest.importorskip("lightning.pytorch")
-        fabric_plugins = importlib.import_module("lightning.fabric.plugins")
+        fabric_package = "lightning.fabric"
         ours = importlib.import_module("asyncckpt.lightning")
         wrapper = importlib.import_module("lightning.pytorch.plugins.io.wrapper")._WrappingCheckpointIO
         family = "lightning.pytorch"
     else:
         pl = pytest.importorskip("pytorch_lightning")
-        fabric_plugins = importlib.import_module("lightning_fabric.plugins")
+        fabric_package = "lightning_fabric"
         ours = importlib.import_module("asyncckpt.pytorch_lightning")
         wrapper = importlib.import_module("pytorch_lightning.plugins.io.wrapper")._WrappingCheckpointIO
         family = "pytorch_lightning"
@@ -54,7 +54,8 @@ def load_family(name: str) -> types.SimpleNamespace:
         family=family,
         pl=pl,
         ours=ours,
-        TorchIO=fabric_plugins.TorchCheckpointIO,
+        TorchIO=importlib.import_module(f"{fabric_package}.plugins").TorchCheckpointIO,
+        fabric_package=fabric_package,  # the family's Fabric (lightning.fabric or lightning_fabric)
         Wrapping=wrapper,
         strategies=importlib.import_module(f"{family}.strategies"),
     )

@@ -32,16 +32,13 @@ from asyncckpt.errors import CheckpointSaveError
 
 pytestmark = pytest.mark.lightning
 
-FABRIC = {"lightning": "lightning.fabric", "pytorch_lightning": "lightning_fabric"}
-
-
 @pytest.fixture(params=FAMILIES)
 def fam(request):
     return load_family(request.param)
 
 
 def _fabric_loop(fam, io):
-    fabric = importlib.import_module(FABRIC[fam.name]).Fabric(accelerator="cpu", devices=1, plugins=[io])
+    fabric = importlib.import_module(fam.fabric_package).Fabric(accelerator="cpu", devices=1, plugins=[io])
     torch.manual_seed(0)
     module = torch.nn.Linear(8, 4)
     model, optimizer = fabric.setup(module, torch.optim.Adam(module.parameters(), lr=0.1))
@@ -132,7 +129,7 @@ FABRIC_SCRIPT = """
 @pytest.mark.parametrize("mode", ["exit", "sigterm", "sigterm-after-pickle"])
 def test_a_fabric_script_that_ends_or_is_sent_sigterm_writes_its_queued_saves(fam, tmp_path, mode):
     script = textwrap.dedent(FABRIC_SCRIPT)
-    args = (fam.name, FABRIC[fam.name], tmp_path, mode)
+    args = (fam.name, fam.fabric_package, tmp_path, mode)
     if mode == "exit":
         result = run_python(script, *args, check=True, timeout=120)
         out = result.stdout
@@ -183,6 +180,6 @@ def test_fabric_load_on_every_ddp_rank_reads_the_save_that_rank_zero_is_still_wr
     write: ``fabric.load`` right after it found no file on rank 1 (FileNotFoundError)."""
     script = tmp_path / "ddp_fabric.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
-    run_python(script, fam.name, FABRIC[fam.name], tmp_path, check=True, timeout=180)
+    run_python(script, fam.name, fam.fabric_package, tmp_path, check=True, timeout=180)
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "loaded step 7"
