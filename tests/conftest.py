@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
+from _lightning_helpers import FAMILIES, load_family  # imports no Lightning: load_family does, when asked
 
 from asyncckpt import TorchCheckpointIO
 from asyncckpt.storage import is_temp_file
@@ -127,6 +128,12 @@ def gated_io(tmp_path) -> GatedIO:
     folder = tmp_path / "gate"
     folder.mkdir()
     return GatedIO(str(folder))
+
+
+@pytest.fixture(params=FAMILIES)
+def fam(request) -> Any:
+    """The test once per Lightning package family (skipped where that package is not installed)."""
+    return load_family(request.param)
 
 
 @pytest.fixture(params=["thread", "process"])

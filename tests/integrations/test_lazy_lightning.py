@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 import pytest
 import torch
-from _lightning_helpers import FAMILIES, load_family, make_trainer
+from _lightning_helpers import make_trainer
 
 from asyncckpt._staging import copier
 from asyncckpt.lazy import EAGER_MAX_BYTES
@@ -23,10 +23,6 @@ from asyncckpt.lazy import EAGER_MAX_BYTES
 pytestmark = pytest.mark.lightning
 WIDTH = 160  # 160x160 fp32 = 100 KiB > EAGER_MAX_BYTES
 
-
-@pytest.fixture(params=FAMILIES)
-def fam(request):
-    return load_family(request.param)
 
 
 def make_module(pl: Any, manual: bool) -> Any:

@@ -17,14 +17,12 @@ import warnings
 import pytest
 import torch
 from _lightning_helpers import (
-    FAMILIES,
     Boom,
     FailingIO,
     FullDiskAtIO,
     HeldIO,
     check_files,
     listing,
-    load_family,
     make_module,
     make_trainer,
     no_writer_thread_left,  # noqa: F401 - autouse fixture
@@ -36,10 +34,6 @@ from asyncckpt.errors import CheckpointSaveError, NotSerializableError
 
 pytestmark = pytest.mark.lightning
 
-
-@pytest.fixture(params=FAMILIES)
-def fam(request):
-    return load_family(request.param)
 
 
 def _release_on_train_end(fam, held, seen):

@@ -19,22 +19,12 @@ import time
 
 import pytest
 import torch
-from _lightning_helpers import (  # noqa: F401 - no_writer_thread_left: autouse fixture
-    FAMILIES,
-    FullDiskAtIO,
-    HeldIO,
-    load_family,
-    no_writer_thread_left,
-)
+from _lightning_helpers import FullDiskAtIO, HeldIO, no_writer_thread_left  # noqa: F401 - autouse fixture
 
 from _subproc import finish, run_python, start_python
 from asyncckpt.errors import CheckpointSaveError
 
 pytestmark = pytest.mark.lightning
-
-@pytest.fixture(params=FAMILIES)
-def fam(request):
-    return load_family(request.param)
 
 
 def _fabric_loop(fam, io):

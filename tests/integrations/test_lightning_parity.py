@@ -32,10 +32,6 @@ from _subproc import TESTS, run_python
 pytestmark = pytest.mark.lightning
 
 
-@pytest.fixture(params=FAMILIES)
-def fam(request):
-    return load_family(request.param)
-
 
 def slow_io(fam, delay=0.3):
     """Lightning's default IO on a slow disk (fault injection: each write starts ``delay`` s late),

@@ -7,15 +7,11 @@ from typing import Any
 
 import pytest
 import torch
-from _lightning_helpers import FAMILIES, load_family, make_trainer
+from _lightning_helpers import make_trainer
 
 pytestmark = pytest.mark.lightning
 WIDTH = 256  # 256x256 fp32 weights: Adam's two moments make the optimizer state twice the model's
 
-
-@pytest.fixture(params=FAMILIES)
-def fam(request):
-    return load_family(request.param)
 
 
 def make_module(pl: Any) -> Any:
