@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import itertools
 import mmap
 import operator
@@ -211,6 +212,25 @@ def reference_counts(items: Sequence[Any], storages: Sequence[torch.UntypedStora
 def grew(before: Sequence[int], after: Sequence[int]) -> bool:
     """Whether any count of :func:`reference_counts` is higher ``after`` than ``before``."""
     return any(map(operator.lt, before, after))
+
+
+def still_referenced(before: Sequence[int], counts: Callable[[], Sequence[int]]) -> bool:
+    """Whether the counts ``counts()`` gives are still higher than ``before`` once the objects
+    only reference cycles hold are gone.
+
+    A checkpoint whose objects form a cycle (a list holding itself, an object pointing back at
+    its owner) is rebuilt with that cycle, and its tensors stay referenced until the cyclic
+    collector runs: that is not the wrapped IO keeping them. The young generations are collected
+    first (the rebuilt objects are new), the whole heap only if that was not enough; neither runs
+    unless the counts grew.
+    """
+    if not grew(before, counts()):
+        return False
+    for generation in (1, 2):
+        gc.collect(generation)
+        if not grew(before, counts()):
+            return False
+    return True
 
 
 def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable, ContextManager, Iterable, List, Optional, Protocol, Sequence
 
-from .._staging.arena import grew
+from .._staging.arena import still_referenced
 from .._staging.locations import recorded_as
 from ..errors import RemoveSkippedError
 from ..redaction import shown
@@ -191,7 +191,7 @@ def perform_save(
             perform(checkpoint_io, op, checkpoint)
     finally:
         checkpoint = None  # the staged views: not kept past their operation
-        op.kept_staged = grew(before, staged.references())
+        op.kept_staged = still_referenced(before, staged.references)
 
 
 def failed_save_before(saves: Iterable[Operation]) -> Optional[Operation]:

@@ -19,6 +19,7 @@ their staging slots are freed; the next operation starts a fresh writer process.
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import logging
 import mmap
@@ -497,7 +498,7 @@ def writer_main(
             log.warning("asyncckpt: the writer process keeps its priority (writer_nice not applied: %s)", err)
     import torch
 
-    from .._staging.arena import build_views, grew, reference_counts, storages_in
+    from .._staging.arena import build_views, reference_counts, still_referenced, storages_in
     from .._staging.locations import locations_of, recorded_as
     from .._staging.skeleton import restore
 
@@ -581,7 +582,9 @@ def writer_main(
                 checkpoint = located = None
                 # Did the wrapped IO keep any of the views? (Their memory is the slot's, which the
                 # next save into it overwrites: the parent then gives the slot new memory.)
-                kept = before is not None and grew(before, reference_counts(views, storages))
+                kept = before is not None and still_referenced(
+                    before, functools.partial(reference_counts, views, storages)
+                )
                 views = storages = None
                 if not _reply(conn, DoneMsg(op.seq, error, op.write_seconds, kept)):
                     _log_orphaned()

@@ -346,3 +346,30 @@ def test_sparse_tensors_are_saved_again_and_again_without_keeping_staging_memory
         assert not [r.getMessage() for r in caplog.records if "kept" in r.getMessage()]
     finally:
         engine.teardown()
+
+
+@pytest.mark.parametrize("writer,staging", [("thread", "eager"), ("thread", "lazy"), ("process", "eager")])
+def test_a_checkpoint_holding_a_reference_cycle_reuses_its_staging_memory(tmp_path, writer, staging, caplog):
+    """Found by attack: a checkpoint whose objects form a reference cycle (a list holding itself,
+    an object pointing back at its owner) is rebuilt for the write with the same cycle, which
+    only the cyclic collector frees. Its tensors were still referenced when the wrapped IO
+    returned: the engine read that as the IO keeping them (a false warning naming
+    ``TorchCheckpointIO``) and gave the slot new staging memory at every save, the old memory
+    living on until a collection."""
+    import logging
+
+    looped = [torch.arange(1000.0)]
+    looped.append(looped)
+    engine = AsyncCheckpointIO(writer=writer, staging=staging)
+    try:
+        with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+            for step in range(3):
+                looped[0].fill_(step)
+                engine.save_checkpoint({"looped": looped, "step": step}, tmp_path / "c.ckpt")
+                engine.flush()
+        assert not [r.getMessage() for r in caplog.records if "kept" in r.getMessage()]
+        assert [s.allocated_bytes for s in engine.stats][1:] == [0, 0]  # the slot's memory, reused
+        out = load(tmp_path / "c.ckpt")
+        assert out["looped"][1] is out["looped"] and torch.equal(out["looped"][0], torch.full((1000,), 2.0))
+    finally:
+        engine.teardown()
