@@ -373,3 +373,22 @@ def test_a_checkpoint_holding_a_reference_cycle_reuses_its_staging_memory(tmp_pa
         assert out["looped"][1] is out["looped"] and torch.equal(out["looped"][0], torch.full((1000,), 2.0))
     finally:
         engine.teardown()
+
+
+def test_a_symlinked_file_is_replaced_and_a_symlinked_folder_is_followed(tmp_path, any_io):
+    """The documented choice (docs/index.md, edge 13): the atomic rename replaces a link named as
+    the path, as Lightning's own IO does, and never writes into another file through it."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    torch.save({"v": 0}, elsewhere / "target.pt")
+    (tmp_path / "link.pt").symlink_to(elsewhere / "target.pt")
+    (tmp_path / "linked_folder").symlink_to(elsewhere, target_is_directory=True)
+    any_io.save_checkpoint({"v": torch.ones(1)}, tmp_path / "link.pt")
+    any_io.save_checkpoint({"v": torch.full((1,), 2.0)}, tmp_path / "linked_folder" / "in_folder.pt")
+    if isinstance(any_io, AsyncCheckpointIO):
+        any_io.flush()
+    assert not (tmp_path / "link.pt").is_symlink()
+    assert torch.equal(load(tmp_path / "link.pt")["v"], torch.ones(1))
+    assert load(elsewhere / "target.pt") == {"v": 0}
+    assert torch.equal(load(elsewhere / "in_folder.pt")["v"], torch.full((1,), 2.0))
+    assert (tmp_path / "linked_folder").is_symlink()
