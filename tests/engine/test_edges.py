@@ -580,6 +580,52 @@ def test_the_main_probe_names_every_main_class_of_a_checkpoint(monkeypatch):
     assert main_names(data) == ["_TakesArgs", "_Plain"]
 
 
+def _tensors_whose_rebuild_the_probe_once_ran():
+    """Tensors a checkpoint may hold before a ``__main__`` class; the skeleton probe used to
+    run their rebuild calls, which fail on the ``None`` it has for their staged parts."""
+    with_attribute = torch.ones(2)
+    with_attribute.note = "kept by torch.save"
+    return {
+        "sparse": torch.eye(3).to_sparse(),
+        "csr": torch.eye(3).to_sparse_csr(),
+        "nested": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+        "quantized": torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8),
+        "with_attribute": with_attribute,
+        "conjugate": torch.ones(2, dtype=torch.cfloat).conj(),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_tensors_whose_rebuild_the_probe_once_ran()))
+def test_the_main_names_of_a_skeleton_are_found_past_any_tensor_before_them(kind, monkeypatch):
+    """Found by attack: the probe that lists a skeleton's ``__main__`` classes unpickled it for
+    real, with ``None`` for each staged tensor; a sparse, nested, quantized or attributed tensor
+    before the class made a rebuild call fail, the probe stopped there, and the class went
+    unseen. The writer process was then never told to import the main module, and the save
+    failed in the background (``Can't get attribute 'Config' on <module '__main__'>``)."""
+    from asyncckpt._staging.skeleton import split
+    from asyncckpt._writers.spawn_check import main_names
+
+    main = sys.modules["__main__"]
+    config = type("Config", (), {"__module__": "__main__"})
+    monkeypatch.setattr(main, "Config", config, raising=False)
+    skeleton, _ = split({"first": _tensors_whose_rebuild_the_probe_once_ran()[kind], "cfg": config()}, "k.ckpt")
+    assert main_names(skeleton) == ["Config"]
+
+
+def test_a_pickle_the_main_probe_cannot_read_to_the_end_is_refused_nothing():
+    """The probe's fallback: a pickle cut short (here: it breaks off after a string that names
+    ``__main__``) gives the names seen so far and says it is incomplete; the save is not
+    refused for what the probe could not read."""
+    import pickle
+
+    from asyncckpt._writers.spawn_check import _probe, check_main_references
+
+    cut = pickle.dumps({"note": "__main__", "n": [1, 2, 3]}, protocol=pickle.HIGHEST_PROTOCOL)[:-8]
+    assert _probe(cut) == ([], False)
+    assert _probe(pickle.dumps({"note": "__main__"}, protocol=pickle.HIGHEST_PROTOCOL)) == ([], True)
+    check_main_references(cut, "k.ckpt")  # no refusal, whatever it answers for this __main__
+
+
 # -- 12: API edges -------------------------------------------------------------------------
 
 

@@ -670,3 +670,31 @@ def test_a_writer_process_whose_parent_died_ends_its_write_and_exits_quietly(tmp
     assert "is gone" in err, err
     assert load(folder / "0.ckpt") == {"i": 0}
     assert sorted(os.listdir(folder)) == ["0.ckpt"], err
+
+
+_MAIN_CLASS_AFTER_A_SPARSE_TENSOR = """
+import os, sys
+import torch
+from asyncckpt import AsyncCheckpointIO
+
+
+class Config:
+    lr = 0.1
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1]
+    io_ = AsyncCheckpointIO(writer="process")  # nothing of __main__ in the wrapped IO
+    io_.save_checkpoint({"sparse": torch.eye(3).to_sparse(), "cfg": Config()}, os.path.join(folder, "a.ckpt"))
+    io_.teardown()
+    loaded = torch.load(os.path.join(folder, "a.ckpt"), weights_only=False)
+    assert type(loaded["cfg"]) is Config
+    print("done")
+"""
+
+
+def test_a_main_class_after_a_sparse_tensor_is_saved_by_the_writer_process(tmp_path):
+    """End to end, the case ``test_edges.py``'s probe test pins: the first save holding a
+    ``__main__`` class holds a sparse tensor before it; the writer must import the main module."""
+    result = _run_main_file(tmp_path, "train_sparse_main", _MAIN_CLASS_AFTER_A_SPARSE_TENSOR, "script")
+    assert result.stdout.splitlines()[-1] == "done"
