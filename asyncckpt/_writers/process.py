@@ -95,6 +95,18 @@ def _unpicklable(obj: Any) -> bool:
     return False
 
 
+def _options_need_main(op: Operation) -> bool:
+    """Whether the save's ``storage_options`` (which travel in its message) hold classes or
+    functions of ``__main__``: a message the writer cannot unpickle would end the writer."""
+    if op.storage_options is None:
+        return False
+    try:
+        pickled = encode(op.storage_options)
+    except Exception:  # noqa: BLE001 - the message's own encoding says what cannot be pickled
+        return False
+    return check_main_references(pickled, op.path, what=f"the storage_options of checkpoint {op.path!r}")
+
+
 _started: "weakref.WeakSet[Any]" = weakref.WeakSet()  # this process's writer processes
 
 
@@ -239,7 +251,9 @@ class ProcessWriter:
             message = AbortMsg(op.seq, op.target)
         else:
             raise ValueError(f"unknown operation kind {op.kind!r}")
-        needs_main = op.kind == "save" and check_main_references(op.staged.skeleton, op.path)
+        needs_main = op.kind == "save" and (
+            check_main_references(op.staged.skeleton, op.path) or _options_need_main(op)
+        )
         try:
             # Pickling a new layout's 20,000 specs triggered full collections of the training
             # process's objects (0.3 s of the call, measured); the pause covers the pickling,

@@ -698,3 +698,35 @@ def test_a_main_class_after_a_sparse_tensor_is_saved_by_the_writer_process(tmp_p
     ``__main__`` class holds a sparse tensor before it; the writer must import the main module."""
     result = _run_main_file(tmp_path, "train_sparse_main", _MAIN_CLASS_AFTER_A_SPARSE_TENSOR, "script")
     assert result.stdout.splitlines()[-1] == "done"
+
+
+_MAIN_CLASS_IN_STORAGE_OPTIONS = """
+import os, sys
+import torch
+from asyncckpt import AsyncCheckpointIO
+
+
+class TokenProvider:  # a user's credentials helper, handed to fsspec through storage_options
+    token = "not-a-secret"
+
+
+if __name__ == "__main__":
+    io_ = AsyncCheckpointIO(writer="process")
+    io_.save_checkpoint({"w": torch.ones(2)}, "memory://bucket/a.ckpt", storage_options={"provider": TokenProvider()})
+    io_.flush()
+    pid = io_.writer.pid  # the same writer process writes the next save
+    io_.save_checkpoint({"w": torch.zeros(2)}, "memory://bucket/b.ckpt")
+    io_.flush()
+    assert io_.writer.pid == pid, "the writer process died"
+    io_.teardown()
+    print("done")
+"""
+
+
+def test_a_main_class_in_storage_options_is_imported_by_the_writer_process(tmp_path):
+    """Found by attack: ``storage_options`` travel to the writer process inside the save's
+    message; one holding an object of a ``__main__`` class (a credentials helper defined in the
+    training script) could not be unpickled there, which killed the writer process: the save
+    failed as ``WriterDiedError``. The main module is now imported first, as for the checkpoint."""
+    result = _run_main_file(tmp_path, "train_options_main", _MAIN_CLASS_IN_STORAGE_OPTIONS, "script")
+    assert result.stdout.splitlines()[-1] == "done", result.stderr[-2000:]
