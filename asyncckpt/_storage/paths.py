@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from ..errors import InvalidPathError
+from ..redaction import shown
 
 
 def is_url(path: str) -> bool:
@@ -88,8 +89,14 @@ def check_target(path: str) -> None:
     """
     if path == "":
         raise InvalidPathError("the checkpoint path is empty; pass a file path such as 'checkpoints/last.ckpt'", path)
+    if "\x00" in path:
+        raise InvalidPathError(
+            f"checkpoint path {shown(path)!r} contains a NUL byte ('\\x00'), which no file name can hold; remove it",
+            shown(path),
+        )
     local = local_path_of(path)
     if local is None:
+        _check_url_names_a_file(path)
         return
     if local == "":
         raise InvalidPathError(f"the checkpoint URL {path!r} has no file path after its scheme", path)
@@ -106,7 +113,8 @@ def check_target(path: str) -> None:
             f"pass a file path such as {os.path.join(name, 'last.ckpt')!r}",
             path,
         )
-    parent = os.path.dirname(os.path.abspath(local))
+    target = os.path.abspath(local)
+    parent = os.path.dirname(target)
     while True:
         if os.path.lexists(parent):
             if not os.path.isdir(parent):
@@ -115,8 +123,58 @@ def check_target(path: str) -> None:
                     "choose a path whose parent folders are folders (missing ones are created)",
                     path,
                 )
-            return
+            break
         up = os.path.dirname(parent)
         if up == parent:
-            return
+            break
         parent = up
+    _check_lengths(path, target, parent)
+
+
+def _limit(folder: str, name: str, default: int) -> int:
+    """``os.pathconf(folder, name)``, or ``default`` where the system does not say."""
+    try:
+        value = os.pathconf(folder, name)
+    except (OSError, ValueError, AttributeError):
+        return default
+    return value if value and value > 0 else default
+
+
+def _check_lengths(path: str, target: str, existing: str) -> None:
+    """Refuse a name, or a whole path, longer than the filesystem holding ``existing`` (the
+    nearest folder of ``target`` that exists) takes: the rename would fail with ENAMETOOLONG."""
+    encoded = os.fsencode(target)
+    name_max = _limit(existing, "PC_NAME_MAX", 255)
+    for name in encoded.split(b"/"):
+        if len(name) > name_max:
+            short = os.fsdecode(name[:40]) + "..."
+            raise InvalidPathError(
+                f"cannot write checkpoint {path!r}: the name {short!r} is {len(name)} bytes long, and "
+                f"names on this filesystem take at most {name_max}; choose a shorter name",
+                path,
+            )
+    path_max = _limit(existing, "PC_PATH_MAX", 4096)
+    if len(encoded) >= path_max:
+        raise InvalidPathError(
+            f"cannot write checkpoint {path!r}: the path is {len(encoded)} bytes long in all, and this "
+            f"system takes paths of at most {path_max - 1}; choose a shorter path",
+            path,
+        )
+
+
+def _check_url_names_a_file(url: str) -> None:
+    """Refuse a URL that names no file (nothing after its scheme) or a folder (a trailing '/')."""
+    last = url.rpartition("::")[2]
+    rest = last.split("://", 1)[1] if "://" in last else last
+    if rest == "":
+        raise InvalidPathError(
+            f"the checkpoint URL {shown(url)!r} names no file: nothing follows its scheme; "
+            "pass one such as 's3://bucket/run/last.ckpt'",
+            shown(url),
+        )
+    if rest.endswith("/"):
+        raise InvalidPathError(
+            f"the checkpoint URL {shown(url)!r} names a folder (it ends with '/'), not a file; "
+            f"pass a file in it, such as {shown(url + 'last.ckpt')!r}",
+            shown(url),
+        )

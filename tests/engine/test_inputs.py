@@ -68,6 +68,28 @@ def test_a_path_naming_a_folder_not_yet_there_is_refused_at_the_call(tmp_path, a
     assert sorted(os.listdir(tmp_path)) == []
 
 
+@pytest.mark.parametrize(
+    "name, pattern",
+    [
+        ("a\x00b.ckpt", "NUL byte"),
+        ("n" * 256 + ".ckpt", "261 bytes long"),
+        ("deep/" + "/".join(["d" * 200] * 21) + "/a.ckpt", "bytes long in all"),
+        ("memory://", "names no file"),
+        ("memory://run/", "names a folder"),
+    ],
+)
+def test_a_path_no_filesystem_can_hold_is_refused_at_the_call(tmp_path, any_io, monkeypatch, name, pattern):
+    """Found by attack: a NUL byte, a name over 255 bytes, a path over the system's limit and a
+    URL that names no file were accepted and failed only in the background (as ``ValueError`` or
+    ``ENAMETOOLONG`` at the rename), where the training loop had moved on."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidPathError, match=pattern):
+        any_io.save_checkpoint({"x": 1}, name)
+    if isinstance(any_io, AsyncCheckpointIO):
+        any_io.flush()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_empty_path_is_a_clear_error(any_io):
     with pytest.raises(InvalidPathError, match="empty"):
         any_io.save_checkpoint({"x": 1}, "")
