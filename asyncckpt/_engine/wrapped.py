@@ -13,7 +13,7 @@ import os
 import pathlib
 from typing import Any, Callable, Optional, Tuple
 
-from .._storage.paths import absolute_path, check_target, path_key
+from .._storage.paths import absolute_path, check_names, check_target, path_key
 from .._storage.torch_io import TorchCheckpointIO
 from ..checkpoint_io import PathLike
 from ..errors import InvalidPathError
@@ -24,7 +24,9 @@ def path_key_of(path: PathLike) -> str:
     """The ordering key of ``path`` (operations on one key run in order)."""
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidPathError(f"checkpoint path must be a str or os.PathLike, not {type(path).__name__}")
-    return path_key(os.fspath(path))
+    text = os.fspath(path)
+    check_names(text)  # refused at the call for every operation, not later by the writer's os call
+    return path_key(text)
 
 
 def absolute_target(path: PathLike) -> PathLike:

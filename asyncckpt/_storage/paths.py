@@ -89,11 +89,7 @@ def check_target(path: str) -> None:
     """
     if path == "":
         raise InvalidPathError("the checkpoint path is empty; pass a file path such as 'checkpoints/last.ckpt'", path)
-    if "\x00" in path:
-        raise InvalidPathError(
-            f"checkpoint path {shown(path)!r} contains a NUL byte ('\\x00'), which no file name can hold; remove it",
-            shown(path),
-        )
+    check_names(path)
     local = local_path_of(path)
     if local is None:
         _check_url_names_a_file(path)
@@ -113,22 +109,43 @@ def check_target(path: str) -> None:
             f"pass a file path such as {os.path.join(name, 'last.ckpt')!r}",
             path,
         )
-    target = os.path.abspath(local)
-    parent = os.path.dirname(target)
-    while True:
-        if os.path.lexists(parent):
-            if not os.path.isdir(parent):
-                raise InvalidPathError(
-                    f"cannot write checkpoint {path!r}: {parent!r} is a file, not a folder; "
-                    "choose a path whose parent folders are folders (missing ones are created)",
-                    path,
-                )
+    parent = _nearest_existing(os.path.dirname(os.path.abspath(local)))
+    if not os.path.isdir(parent):
+        raise InvalidPathError(
+            f"cannot write checkpoint {path!r}: {parent!r} is a file, not a folder; "
+            "choose a path whose parent folders are folders (missing ones are created)",
+            path,
+        )
+
+
+def check_names(path: str) -> None:
+    """Refuse a path no filesystem can hold, whatever the operation: a NUL byte, and for a
+    local path a name or a whole path longer than its filesystem takes."""
+    check_no_nul(path)
+    local = local_path_of(path)
+    if local:
+        target = os.path.abspath(local)
+        _check_lengths(path, target, _nearest_existing(os.path.dirname(target)))
+
+
+def _nearest_existing(folder: str) -> str:
+    """``folder``, or the nearest of its parents that exists (as a file or a folder)."""
+    while not os.path.lexists(folder):
+        up = os.path.dirname(folder)
+        if up == folder:
             break
-        up = os.path.dirname(parent)
-        if up == parent:
-            break
-        parent = up
-    _check_lengths(path, target, parent)
+        folder = up
+    return folder
+
+
+def check_no_nul(path: str) -> None:
+    """Refuse a path holding a NUL byte (``os`` raises a bare ``ValueError`` for it, and
+    ``torch.save`` silently cuts the name there)."""
+    if "\x00" in path:
+        raise InvalidPathError(
+            f"checkpoint path {shown(path)!r} contains a NUL byte ('\\x00'), which no file name can hold; remove it",
+            shown(path),
+        )
 
 
 def _limit(folder: str, name: str, default: int) -> int:
@@ -149,14 +166,14 @@ def _check_lengths(path: str, target: str, existing: str) -> None:
         if len(name) > name_max:
             short = os.fsdecode(name[:40]) + "..."
             raise InvalidPathError(
-                f"cannot write checkpoint {path!r}: the name {short!r} is {len(name)} bytes long, and "
-                f"names on this filesystem take at most {name_max}; choose a shorter name",
+                f"checkpoint path {path!r} cannot exist: its name {short!r} is {len(name)} bytes long, "
+                f"and names on this filesystem take at most {name_max}; choose a shorter name",
                 path,
             )
     path_max = _limit(existing, "PC_PATH_MAX", 4096)
     if len(encoded) >= path_max:
         raise InvalidPathError(
-            f"cannot write checkpoint {path!r}: the path is {len(encoded)} bytes long in all, and this "
+            f"checkpoint path {path!r} cannot exist: it is {len(encoded)} bytes long in all, and this "
             f"system takes paths of at most {path_max - 1}; choose a shorter path",
             path,
         )

@@ -90,6 +90,41 @@ def test_a_path_no_filesystem_can_hold_is_refused_at_the_call(tmp_path, any_io, 
     assert sorted(os.listdir(tmp_path)) == []
 
 
+@pytest.mark.parametrize("name, pattern", [("a\x00b.ckpt", "NUL byte"), ("n" * 256, "256 bytes long")])
+def test_a_load_or_remove_of_a_path_no_filesystem_can_hold_is_refused_at_the_call(tmp_path, any_io, name, pattern):
+    """Found by attack: a load of a path with a NUL byte said "not found" (printing the NUL as a
+    space), and its remove, or the remove of an over-long name, failed in the background."""
+    with pytest.raises(InvalidPathError, match=pattern):
+        any_io.load_checkpoint(tmp_path / name)
+    with pytest.raises(InvalidPathError, match=pattern):
+        any_io.remove_checkpoint(tmp_path / name)
+    if isinstance(any_io, AsyncCheckpointIO):
+        any_io.flush()
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"", "is empty"),
+        (b"hello, not a checkpoint", "not a zip-format torch checkpoint"),
+        ("truncated", "truncated or damaged"),
+    ],
+)
+def test_a_file_torch_load_cannot_read_gets_a_note_saying_what_is_wrong_with_it(tmp_path, any_io, content, says):
+    """Found by attack: ``torch.load`` says ``EOFError``, ``KeyError: 101`` or "failed finding
+    central directory ... internal miniz error" for an empty, foreign or cut-short file. The
+    error keeps its type (callers may catch it); a note says what the file is."""
+    path = tmp_path / "bad.ckpt"
+    if content == "truncated":
+        torch.save({"w": torch.ones(100)}, path)
+        content = path.read_bytes()[:-100]
+    path.write_bytes(content)
+    with pytest.raises(Exception) as caught:
+        any_io.load_checkpoint(path)
+    assert not isinstance(caught.value, InvalidPathError)
+    assert any(says in note for note in getattr(caught.value, "__notes__", [])), caught.value
+
+
 def test_empty_path_is_a_clear_error(any_io):
     with pytest.raises(InvalidPathError, match="empty"):
         any_io.save_checkpoint({"x": 1}, "")
