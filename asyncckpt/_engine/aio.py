@@ -39,6 +39,7 @@ from .._storage.integrity import (
     COMMIT_LOCK,
     commit_with_record,
     digests_to_commit,
+    explain_unreadable,
     put_local_record,
     read_record,
     record_path,
@@ -180,7 +181,15 @@ class AsyncFace:
             )
         data = await _read_checkpoint_bytes(local, path)
         kwargs.setdefault("map_location", load_on_cpu)  # TorchCheckpointIO's default
-        return await anyio.to_thread.run_sync(lambda: torch.load(io.BytesIO(data), **kwargs), abandon_on_cancel=True)
+
+        def load() -> Dict[str, Any]:
+            try:
+                return torch.load(io.BytesIO(data), **kwargs)
+            except Exception as err:
+                explain_unreadable(err, local)  # as TorchCheckpointIO.load_checkpoint does
+                raise
+
+        return await anyio.to_thread.run_sync(load, abandon_on_cancel=True)
 
     async def aremove_checkpoint(self, path: PathLike) -> None:
         """Queue the removal of ``path`` after every earlier operation on it; never waits.

@@ -221,6 +221,25 @@ def _verify_once(backend: Backend, name: str, result_name: str) -> VerifyResult:
     )
 
 
+#: How a file of the format ``torch.save`` wrote before torch 1.6 begins (a pickled magic number).
+_LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a"
+
+
+def explain_unreadable(err: BaseException, local: str) -> None:
+    """Add to ``err`` (``torch.load``'s failure) what is wrong with the file itself, where
+    something is: empty, not a zip archive, truncated, a record damaged. torch says ``EOFError``,
+    ``KeyError: 101`` or a miniz error for those; the exception keeps its type."""
+    try:
+        with open(local, "rb") as f:
+            if f.read(len(_LEGACY_TORCH_HEAD)) == _LEGACY_TORCH_HEAD:
+                return  # the old format, which torch.load reads: its error is about something else
+        check_zip(local)
+    except IntegrityError as why:
+        err.add_note(f"asyncckpt: {why}")
+    except Exception:  # noqa: BLE001 - the explanation is optional; torch's error is raised as it is
+        pass
+
+
 def check_zip(path: str) -> VerifyResult:
     """Read every entry of the torch zip file at ``path``, checking headers, lengths and CRC32."""
     return _check_zip(path, os.path.getsize(path), lambda: open(path, "rb"))

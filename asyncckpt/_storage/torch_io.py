@@ -30,15 +30,15 @@ import torch
 
 from .._diagnose import describe_unpicklable
 from ..checkpoint_io import CheckpointIO, PathLike
-from ..errors import IntegrityError, InvalidPathError, NotSerializableError
+from ..errors import InvalidPathError, NotSerializableError
 from ..redaction import describe_options, shown
 from .backend import Backend, FsspecFiles, backend_for, is_local_path
 from .hashing import CHUNK_BYTES, sha256_stream
 from .integrity import (
     RECORD_SUFFIX,
-    check_zip,
     commit_with_record,
     digests_to_commit,
+    explain_unreadable,
     format_record,
     parse_record,
     put_local_record,
@@ -56,25 +56,6 @@ log = logging.getLogger("asyncckpt.torch_io")  # the name users configure; kept 
 _PICKLING_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
 #: Load failures that say something about the file, not the connection: raised as they are.
 _LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError)
-
-
-#: How a file of the format ``torch.save`` wrote before torch 1.6 begins (a pickled magic number).
-_LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a"
-
-
-def _explain_unreadable(err: BaseException, local: str) -> None:
-    """Add to ``err`` (``torch.load``'s failure) what is wrong with the file itself, where
-    something is: empty, not a zip archive, truncated, a record damaged. torch says ``EOFError``,
-    ``KeyError: 101`` or a miniz error for those; the exception keeps its type."""
-    try:
-        with open(local, "rb") as f:
-            if f.read(len(_LEGACY_TORCH_HEAD)) == _LEGACY_TORCH_HEAD:
-                return  # the old format, which torch.load reads: its error is about something else
-        check_zip(local)
-    except IntegrityError as why:
-        err.add_note(f"asyncckpt: {why}")
-    except Exception:  # noqa: BLE001 - the explanation is optional; torch's error is raised as it is
-        pass
 
 
 def _is_pickling_error(err: BaseException) -> bool:
@@ -410,7 +391,7 @@ class TorchCheckpointIO(CheckpointIO):
         try:
             return torch.load(local, map_location=map_location, weights_only=weights_only)
         except Exception as err:
-            _explain_unreadable(err, local)
+            explain_unreadable(err, local)
             raise
 
     def _load_url(self, backend: FsspecFiles, map_location: Any, weights_only: Optional[bool],

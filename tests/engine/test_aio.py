@@ -211,6 +211,17 @@ async def test_aload_after_asave_waits_for_the_write_and_returns_new_data(tmp_pa
 
 
 @pytest.mark.anyio
+async def test_aload_of_a_file_torch_load_cannot_read_gets_the_same_note_as_load(tmp_path, make_io):
+    """``aload_checkpoint`` reads the bytes itself; its failure says what is wrong with the file,
+    as ``load_checkpoint``'s does (tests/engine/test_inputs.py)."""
+    path = tmp_path / "foreign.ckpt"
+    path.write_bytes(b"hello, not a checkpoint")
+    with pytest.raises(Exception) as caught:
+        await make_io().aload_checkpoint(path)
+    assert any("not a zip-format torch checkpoint" in note for note in getattr(caught.value, "__notes__", []))
+
+
+@pytest.mark.anyio
 async def test_aload_falls_back_to_the_wrapped_io_in_a_worker_thread(tmp_path, make_io):
     inner = ThreadRecordingIO()
     io = make_io(inner)
