@@ -227,13 +227,18 @@ _LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a"
 
 def explain_unreadable(err: BaseException, local: str) -> None:
     """Add to ``err`` (``torch.load``'s failure) what is wrong with the file itself, where
-    something is: empty, not a zip archive, truncated, a record damaged. torch says ``EOFError``,
-    ``KeyError: 101`` or a miniz error for those; the exception keeps its type."""
+    something is: empty, not a zip archive, cut short. torch says ``EOFError``, ``KeyError: 101``
+    or a miniz error for those; the exception keeps its type. (A damaged record inside is
+    ``python -m asyncckpt verify``'s to find: that reads the whole file.)"""
     try:
         with open(local, "rb") as f:
             if f.read(len(_LEGACY_TORCH_HEAD)) == _LEGACY_TORCH_HEAD:
                 return  # the old format, which torch.load reads: its error is about something else
-        check_zip(local)
+        # The head and the directory only: a 100 GB file that fails for another reason (a
+        # weights_only refusal) must not be read in full before its error is raised.
+        archive, zip_source = _open_archive(local, os.path.getsize(local), lambda: open(local, "rb"))
+        archive.close()
+        zip_source.close()
     except IntegrityError as why:
         err.add_note(f"asyncckpt: {why}")
     except Exception:  # noqa: BLE001 - the explanation is optional; torch's error is raised as it is
@@ -245,14 +250,17 @@ def check_zip(path: str) -> VerifyResult:
     return _check_zip(path, os.path.getsize(path), lambda: open(path, "rb"))
 
 
-def _check_zip(path: str, size: int, opener: Callable[[], IO[bytes]]) -> VerifyResult:
+def _open_archive(path: str, size: int, opener: Callable[[], IO[bytes]]) -> Tuple[zipfile.ZipFile, IO[bytes]]:
+    """The zip archive at ``path`` and the file under it, opened: reads only its head and its
+    directory. :class:`IntegrityError` for an empty file, one that is no zip archive, and one
+    whose directory is missing (cut short) or unreadable."""
     with opener() as f:
         head = f.read(4)
     if size == 0:
         raise IntegrityError(f"checkpoint {path!r} is empty (0 bytes)", path)
     zip_source = opener()
     try:
-        archive = zipfile.ZipFile(zip_source)
+        return zipfile.ZipFile(zip_source), zip_source
     except Exception as err:  # noqa: BLE001 - damaged headers raise BadZipFile, ValueError, EOFError...
         zip_source.close()
         if head == _LOCAL_SIGNATURE:
@@ -266,6 +274,10 @@ def _check_zip(path: str, size: int, opener: Callable[[], IO[bytes]]) -> VerifyR
             "torch 1.6), so it cannot be checked without a checksum record",
             path,
         ) from err
+
+
+def _check_zip(path: str, size: int, opener: Callable[[], IO[bytes]]) -> VerifyResult:
+    archive, zip_source = _open_archive(path, size, opener)
     unchecked = 0
     with zip_source, archive, opener() as f:
         infos = archive.infolist()

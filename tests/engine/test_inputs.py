@@ -125,6 +125,20 @@ def test_a_file_torch_load_cannot_read_gets_a_note_saying_what_is_wrong_with_it(
     assert any(says in note for note in getattr(caught.value, "__notes__", [])), caught.value
 
 
+class _UserConfig:
+    def __init__(self, lr):
+        self.lr = lr
+
+
+def test_a_sound_file_torch_load_refuses_for_another_reason_gets_no_note(tmp_path, any_io):
+    """A ``weights_only`` refusal of a sound file is torch's to explain: no note, and no read of
+    the whole file to find nothing wrong with it."""
+    torch.save({"cfg": _UserConfig(0.1)}, tmp_path / "sound.ckpt")
+    with pytest.raises(pickle.UnpicklingError) as caught:
+        any_io.load_checkpoint(tmp_path / "sound.ckpt", weights_only=True)
+    assert not getattr(caught.value, "__notes__", [])
+
+
 def test_empty_path_is_a_clear_error(any_io):
     with pytest.raises(InvalidPathError, match="empty"):
         any_io.save_checkpoint({"x": 1}, "")
