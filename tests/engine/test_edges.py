@@ -105,6 +105,39 @@ def test_tensors_kept_by_the_wrapped_io_stay_valid_after_teardown():
     assert result.stdout.split() == ["True", "True"]
 
 
+def test_an_io_that_keeps_tensors_costs_one_whole_heap_collection_not_one_per_save():
+    """Before deciding the wrapped IO kept a save's tensors, the writer collects reference cycles
+    (a checkpoint may hold one); a whole-heap collection costs 0.4-0.5 s holding the GIL in a
+    large training process, so once it found nothing it is not run after every save again. In
+    a child: the choice is remembered per process."""
+    result = run_child(
+        """
+        import gc, os, tempfile, torch
+        from asyncckpt import AsyncCheckpointIO, TorchCheckpointIO
+
+        class KeepingIO(TorchCheckpointIO):
+            kept = []
+            def save_checkpoint(self, checkpoint, path, storage_options=None):
+                KeepingIO.kept.append(checkpoint)
+                super().save_checkpoint(checkpoint, path, storage_options)
+
+        whole_heap = []
+        gc.disable()  # only the writer's own collections are counted
+        gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2 and whole_heap.append(1))
+        folder = tempfile.mkdtemp()
+        io = AsyncCheckpointIO(KeepingIO(), max_pending=1)
+        for step in range(4):
+            io.save_checkpoint({"w": torch.full((1000,), float(step))}, os.path.join(folder, "a.ckpt"))
+            io.flush()
+        io.teardown()
+        print(len(whole_heap), [float(k["w"][0]) for k in KeepingIO.kept])
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("[", 1)[0].strip() == "1", result.stdout
+    assert result.stdout.strip().endswith("[0.0, 1.0, 2.0, 3.0]")
+
+
 # -- 3: inference mode ----------------------------------------------------------------------
 
 
