@@ -179,14 +179,25 @@ def _check_lengths(path: str, target: str, existing: str) -> None:
         )
 
 
+#: fsspec schemes whose first path part is a bucket (or container): the object's key follows it.
+_BUCKET_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "oci", "r2", "b2"})
+
+
 def _check_url_names_a_file(url: str) -> None:
-    """Refuse a URL that names no file (nothing after its scheme) or a folder (a trailing '/')."""
+    """Refuse a URL that names no file (nothing after its scheme, or a bucket alone) or a
+    folder (a trailing '/')."""
     last = url.rpartition("::")[2]
-    rest = last.split("://", 1)[1] if "://" in last else last
+    scheme, _, rest = last.partition("://")
     if rest == "":
         raise InvalidPathError(
             f"the checkpoint URL {shown(url)!r} names no file: nothing follows its scheme; "
             "pass one such as 's3://bucket/run/last.ckpt'",
+            shown(url),
+        )
+    if scheme.lower() in _BUCKET_SCHEMES and "/" not in rest.split("?", 1)[0]:
+        raise InvalidPathError(
+            f"the checkpoint URL {shown(url)!r} names a bucket, not a file in it; "
+            f"pass one such as {shown(url.rstrip('/') + '/last.ckpt')!r}",
             shown(url),
         )
     if rest.endswith("/"):
