@@ -338,7 +338,9 @@ class LazyStager:
                 continue
             target = lazy_cuda if st.device.type == "cuda" else lazy_cpu
             target[0].append(dst)
-            target[1].append(src)
+            # The memory the tensor has now: ``tensor.data = other`` later rebinds the tensor, not
+            # this alias (which shares its memory and its version counter).
+            target[1].append(src.detach() if src is tensors[members[0]] else src)
             watched.extend((i, tensors[i], tensors[i]._version) for i in members)
             if version_owner is not None:
                 owners = ((i, version_owner(tensors[i])) for i in members)

@@ -252,6 +252,24 @@ def test_wait_staged_makes_any_modification_safe(io, tmp_path, held_copy):
     _assert_same(torch.load(tmp_path / "a.ckpt")["state_dict"], expected)
 
 
+def test_a_tensor_rebound_to_other_memory_after_the_call_is_copied_from_its_memory_at_the_call(
+    io, tmp_path, held_copy
+):
+    """Found by attack: ``tensor.data = other`` (an EMA swap, a weight-tying helper) rebinds a
+    tensor to other memory without touching its old memory or its version counter. The lazy
+    copy read the tensor as it was when it ran, so the file silently held the new values; it
+    now copies the memory the tensor had at the call, which nothing changed."""
+    big = torch.arange(float(WIDTH * WIDTH)).view(WIDTH, WIDTH)  # over EAGER_MAX_BYTES: copied lazily
+    assert big.numel() * 4 > EAGER_MAX_BYTES
+    state = {"big": big}
+    io.save_checkpoint({"warm": torch.zeros(1)}, tmp_path / "warm.ckpt")  # the next save is not the first
+    io.save_checkpoint(state, tmp_path / "a.ckpt")
+    big.data = torch.full((WIDTH, WIDTH), -1.0)  # before the held copy runs
+    held_copy.set()
+    io.flush()
+    assert torch.equal(torch.load(tmp_path / "a.ckpt")["big"], torch.arange(float(WIDTH * WIDTH)).view(WIDTH, WIDTH))
+
+
 def test_small_buffers_mutated_by_a_forward_are_copied_at_the_call(io, tmp_path, held_copy):
     model = _model(bn=True)
     expected = copy.deepcopy(model.state_dict())
