@@ -29,8 +29,8 @@ What version counters cannot see (documented in docs/index.md): writes through `
 through aliases that share memory without sharing the counter (``set_``, ``from_numpy``,
 NumPy views, ctypes), and writes by native kernels that do not bump the counter (BatchNorm's running
 statistics, the fused optimizers' ``_fused_adam_``/``_fused_sgd_``). The optimizer hook covers
-the fused optimizers; the small-tensor rule covers BatchNorm statistics; the rest is the user's
-to avoid, or ``staging="eager"``.
+the fused optimizers; BatchNorm statistics are copied at the call (the small-tensor rule, and
+their keys for wider ones); the rest is the user's to avoid, or ``staging="eager"``.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ from .skeleton import key_paths
 #: small buffers in place (BatchNorm running statistics, ``num_batches_tracked``), and the
 #: BatchNorm kernel does so without bumping their version counters, so a lazy copy could not
 #: even detect it. Running statistics are one value per channel: 64 KiB holds 16,384 fp32
-#: channels, more than any common network has. Copying every tensor this small at the call
-#: costs little (they are a small fraction of a checkpoint's bytes) and closes that hole.
+#: channels. Copying every tensor this small at the call costs little (they are a small
+#: fraction of a checkpoint's bytes); wider statistics are copied at the call by their key
+#: (:meth:`LazyStager._large_groups`).
 EAGER_MAX_BYTES = 64 * 1024
 
 STAGING_CHOICES = ("eager", "lazy")
@@ -304,13 +305,13 @@ class LazyStager:
         started = time.perf_counter()
         self.finish()
         # Every storage small (as last time): exactly the eager copy, at the eager cost.
-        all_small = slot.layout is not None and not self._large_groups(slot)
+        all_small = slot.layout is not None and not self._large_groups(slot, None, 0)
         skeleton, tensors, storages, tensor_bytes, copied = self._eager.split_and_prepare(
             checkpoint, slot, path, copy=all_small
         )
         if copied:
             return StagedCheckpoint.from_slot(skeleton, slot, tensor_bytes, started, None, self.torch_save_rules)
-        large = self._large_groups(slot)
+        large = self._large_groups(slot, skeleton, len(tensors))
         if not large:  # every storage is small: exactly the eager copy, at the eager cost
             with torch.no_grad():
                 waiter = self._eager.copy_into_slot(slot, tensors, storages)
@@ -376,8 +377,17 @@ class LazyStager:
             skeleton, slot, tensor_bytes, started, wait_for_copies, self.torch_save_rules
         )
 
-    def _large_groups(self, slot: StagingSlot) -> Set[int]:
-        """The slot's storages copied lazily: above EAGER_MAX_BYTES, on CPU or CUDA (cached per layout)."""
+    def _large_groups(self, slot: StagingSlot, skeleton: Optional[bytes], count: int) -> Set[int]:
+        """The slot's storages copied lazily: above EAGER_MAX_BYTES, on CPU or CUDA, and not
+        running statistics (cached per layout, once ``skeleton`` has named them).
+
+        Running statistics (keys ending in ``running_mean``/``running_var``) are copied at the
+        call whatever their size: a train-mode forward updates them in place without bumping
+        their version counters, and a BatchNorm wider than the small-tensor rule (16,384 fp32
+        channels) would put its post-call statistics into the file unnoticed. The key paths are
+        read from the skeleton once per layout (the cold path); ``skeleton=None`` asks for the
+        size rule alone, not cached.
+        """
         cached = self._large.get(slot.index)
         if cached is not None and cached[0] is slot.layout:
             return cached[1]
@@ -386,8 +396,19 @@ class LazyStager:
             for group, (device, nbytes) in enumerate(slot.layout[0])
             if nbytes > EAGER_MAX_BYTES and (device == "cpu" or is_device_location(device))
         }
+        if skeleton is None:
+            return large
+        if large:
+            members = {i: group for group in large for i in slot.members[group]}
+            for i, path in key_paths(skeleton, count, members).items():
+                if path.endswith(_RUNNING_STATISTICS):
+                    large.discard(members[i])
         self._large[slot.index] = (slot.layout, large)
         return large
+
+
+#: Key endings of the buffers a train-mode forward changes without bumping version counters.
+_RUNNING_STATISTICS = ("running_mean", "running_var")
 
 
 def check_staging(value: Any, writer: str) -> str:

@@ -281,6 +281,31 @@ def test_small_buffers_mutated_by_a_forward_are_copied_at_the_call(io, tmp_path,
     _assert_same(torch.load(tmp_path / "a.ckpt")["state_dict"], expected)
 
 
+@pytest.mark.parametrize("wrap", ["state_dict", "module"])
+def test_running_statistics_of_a_batchnorm_wider_than_the_small_tensor_rule_are_copied_at_the_call(
+    io, tmp_path, held_copy, wrap
+):
+    """Found by attack: a ``BatchNorm1d(32768)`` has 128 KiB of running statistics, over
+    ``EAGER_MAX_BYTES``, so they were copied lazily; a train-mode forward right after the call
+    updates them without bumping their version counters, and the new values reached the file
+    unnoticed. Tensors whose key ends in ``running_mean``/``running_var`` are copied at the call."""
+    wide = 32768
+    bn = nn.BatchNorm1d(wide)
+    bn(torch.randn(4, wide))
+    assert bn.running_mean.numel() * 4 > EAGER_MAX_BYTES
+    state = {"state_dict": bn.state_dict()} if wrap == "state_dict" else {"model": bn}
+    io.save_checkpoint({"warm": torch.zeros(1)}, tmp_path / "warm.ckpt")
+    expected = {k: v.clone() for k, v in bn.state_dict().items()}
+    io.save_checkpoint(state, tmp_path / "a.ckpt")
+    bn(torch.randn(4, wide))  # train-mode forward: the statistics change in place, unseen by versions
+    held_copy.set()
+    io.flush()
+    out = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    saved = out["state_dict"] if wrap == "state_dict" else out["model"].state_dict()
+    assert torch.equal(saved["running_mean"], expected["running_mean"])
+    assert torch.equal(saved["running_var"], expected["running_var"])
+
+
 def test_batchnorm_statistics_are_invisible_to_version_counters():
     """Why the small-tensor rule exists: if torch ever bumps these, the rule can be revisited."""
     bn = nn.BatchNorm1d(WIDTH)
