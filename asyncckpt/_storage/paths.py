@@ -89,7 +89,7 @@ def check_target(path: str) -> None:
     """
     if path == "":
         raise InvalidPathError("the checkpoint path is empty; pass a file path such as 'checkpoints/last.ckpt'", path)
-    check_names(path)
+    _check_no_nul(path)
     local = local_path_of(path)
     if local is None:
         _check_url_names_a_file(path)
@@ -109,19 +109,22 @@ def check_target(path: str) -> None:
             f"pass a file path such as {os.path.join(name, 'last.ckpt')!r}",
             path,
         )
-    parent = _nearest_existing(os.path.dirname(os.path.abspath(local)))
+    target = os.path.abspath(local)
+    parent = _nearest_existing(os.path.dirname(target))  # one walk up, for both checks below
     if not os.path.isdir(parent):
         raise InvalidPathError(
             f"cannot write checkpoint {path!r}: {parent!r} is a file, not a folder; "
             "choose a path whose parent folders are folders (missing ones are created)",
             path,
         )
+    _check_lengths(path, target, parent)
 
 
 def check_names(path: str) -> None:
     """Refuse a path no filesystem can hold, whatever the operation: a NUL byte, and for a
-    local path a name or a whole path longer than its filesystem takes."""
-    check_no_nul(path)
+    local path a name or a whole path longer than its filesystem takes (:func:`check_target`
+    makes the same checks for a save, sharing its walk up to an existing folder)."""
+    _check_no_nul(path)
     local = local_path_of(path)
     if local:
         target = os.path.abspath(local)
@@ -138,7 +141,7 @@ def _nearest_existing(folder: str) -> str:
     return folder
 
 
-def check_no_nul(path: str) -> None:
+def _check_no_nul(path: str) -> None:
     """Refuse a path holding a NUL byte (``os`` raises a bare ``ValueError`` for it, and
     ``torch.save`` silently cuts the name there)."""
     if "\x00" in path:
