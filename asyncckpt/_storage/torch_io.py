@@ -49,7 +49,8 @@ from .local import AtomicFile
 from .paths import check_names, check_target
 from .retry import RetryPolicy, call_with_retries
 from .s3 import S3Upload, pending_aborts, retry_pending_aborts
-from .torch_zip import crc_threads, save_to_file
+from .spare import SpareFile
+from .torch_zip import crc_threads, cut_to_written, save_to_file
 
 log = logging.getLogger("asyncckpt.torch_io")  # the name users configure; kept from before the move
 
@@ -89,8 +90,13 @@ class _WriteErrorRecorder:
 def torch_save_to_file(checkpoint: Any, path: str) -> None:
     """``torch.save`` into ``path`` (the same bytes, with the CRC32 of the records computed on
     helper threads: :mod:`asyncckpt._storage.torch_zip`); a failed write raises its real
-    ``OSError`` (errno kept)."""
-    with open(path, "w+b") as f:
+    ``OSError`` (errno kept).
+
+    An existing file at ``path`` is written over from its start and cut where the archive ends,
+    not emptied first: a spare file linked there (:mod:`asyncckpt._storage.spare`) keeps the
+    pages allocated for it.
+    """
+    with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+b") as f:
         recorder = _WriteErrorRecorder(f)
         try:
             save_to_file(checkpoint, recorder, crc_threads())
@@ -98,6 +104,8 @@ def torch_save_to_file(checkpoint: Any, path: str) -> None:
             if recorder.error is not None:
                 raise recorder.error  # noqa: B904 - torch's RuntimeError stays as __context__
             raise
+        f.flush()
+        cut_to_written(f.fileno())  # where plain torch.save wrote (no fast path), over a spare
 
 
 def explain_os_error(err: OSError, target: str) -> OSError:
@@ -175,6 +183,11 @@ class TorchCheckpointIO(CheckpointIO):
         part_bytes: size of each part of an S3 multipart upload (at least 5 MiB).
         max_inflight_parts: parts uploading at once while serialization goes on; memory held
             by one S3 save is about ``(max_inflight_parts + 1) * part_bytes``.
+        spare_file: after a save into a folder on tmpfs (``/dev/shm``), allocate an unnamed file
+            of that checkpoint's size there in the background, so that the next save writes
+            into pages that exist (about half the time of a fresh write). It holds the room the
+            next file takes anyway, only while the filesystem keeps as much free besides it,
+            and is freed by ``teardown`` or when the process ends. ``False``: never.
     """
 
     def __init__(
@@ -186,6 +199,7 @@ class TorchCheckpointIO(CheckpointIO):
         retry: Optional[RetryPolicy] = None,
         part_bytes: int = 16 * 1024 * 1024,
         max_inflight_parts: int = 4,
+        spare_file: bool = True,
     ) -> None:
         self.durable = durable
         self.checksum = checksum
@@ -194,6 +208,18 @@ class TorchCheckpointIO(CheckpointIO):
         self.part_bytes = part_bytes
         self.max_inflight_parts = max_inflight_parts
         self._url_options: Dict[str, Dict[str, Any]] = {}
+        self.spare_file = spare_file
+        self._spare = SpareFile()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_spare", None)  # a descriptor and a thread of this process; a copy makes its own
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state.setdefault("spare_file", True)  # pickled by a version without it
+        self.__dict__.update(state)
+        self._spare = SpareFile()
 
     # -- storage options --------------------------------------------------------------------
 
@@ -263,17 +289,22 @@ class TorchCheckpointIO(CheckpointIO):
 
     def _save_local(self, checkpoint: Dict[str, Any], local: str) -> None:
         with AtomicFile(local, durable=self.durable) as atomic:
+            spares: Optional[SpareFile] = getattr(self, "_spare", None)  # None: a subclass without our __init__
+            if spares is not None:
+                spares.take_as(atomic.folder, atomic.tmp)
             torch_save_to_file(checkpoint, atomic.tmp)
 
             def digests_before() -> List[str]:
                 # The new file is complete in ``tmp`` and the previous one still at ``local``.
                 return digests_to_commit(local, sha256_file(atomic.tmp)) if self.checksum else []
 
-            commit_with_record(
+            size = commit_with_record(
                 atomic.commit, digests_before,
                 lambda digests: put_local_record(local, digests, durable=self.durable),
                 shown_target=local,
             )
+        if spares is not None and self.spare_file:
+            spares.prepare(atomic.folder, size)
 
     def _backend_for_save(self, target: str, storage_options: Optional[Any]) -> Backend:
         """The backend ``target`` is saved to, with the save's options checked and remembered."""
@@ -420,7 +451,11 @@ class TorchCheckpointIO(CheckpointIO):
         log.debug("asyncckpt: removed %s", shown(target))
 
     def teardown(self) -> None:
-        """Abort uploads that failed while the server was unreachable, if it is back."""
+        """Free the spare file, if any; abort uploads that failed while the server was
+        unreachable, if it is back."""
+        spares: Optional[SpareFile] = getattr(self, "_spare", None)
+        if spares is not None:
+            spares.release()
         if pending_aborts() and retry_pending_aborts():
             log.warning(
                 "asyncckpt: unfinished uploads could not be aborted (server unreachable): %s; their parts cost "
@@ -430,6 +465,8 @@ class TorchCheckpointIO(CheckpointIO):
 
     def __repr__(self) -> str:
         extra = ", checksum=True" if self.checksum else ""
+        if not getattr(self, "spare_file", True):
+            extra += ", spare_file=False"
         if self.storage_options:
             extra += f", storage_options={describe_options(self.storage_options)}"
         return f"{type(self).__name__}(durable={self.durable}{extra})"

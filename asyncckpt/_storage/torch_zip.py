@@ -33,7 +33,7 @@ import torch
 from .._threads import ThreadPool
 from .hashing import crc32
 
-__all__ = ["crc32_combine", "crc_threads", "fast_path_available", "save_to_file"]
+__all__ = ["crc32_combine", "crc_threads", "cut_to_written", "fast_path_available", "save_to_file"]
 
 #: CRC work is shared out in pieces of this size (a whole record below it); the combine is cheap.
 CHUNK = 32 << 20
@@ -206,10 +206,19 @@ def save_to_file(obj: Any, file: Any, threads: int) -> None:
         inner.write_end_of_file()
         del inner
         file.flush()
+        cut_to_written(file.fileno())
         _fill_crcs(file, crcs)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def cut_to_written(fd: int) -> None:
+    """Cut the file at ``fd`` to the bytes written so far (its position): a file written over
+    a larger spare (:mod:`asyncckpt._storage.spare`) ends where its archive ends."""
+    end = os.lseek(fd, 0, os.SEEK_CUR)
+    if os.fstat(fd).st_size > end:
+        os.ftruncate(fd, end)
 
 
 # -- filling the CRC fields of the finished archive -------------------------------------------

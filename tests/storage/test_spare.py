@@ -1,0 +1,383 @@
+"""The spare file on tmpfs: the next save writes into pages allocated between saves.
+
+Contract kept: the file is ``torch.save``'s, byte for byte, with the mode a plain ``open`` gives;
+the spare has no name in the folder, is taken by one save at most, is closed in forked children
+and freed by ``teardown``; a save whose spare cannot be used writes a new file as before.
+
+What is observed is real: the spare is an unnamed file some process holds open in the folder
+(``/proc/<pid>/fd`` shows it as ``<folder>/#<inode> (deleted)``), and the committed checkpoint
+is that same inode.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import zipfile
+
+import pytest
+import torch
+
+from asyncckpt import AsyncCheckpointIO, NotSerializableError, TorchCheckpointIO
+from asyncckpt._storage import spare as spare_module
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.path.isdir("/dev/shm") or not spare_module.on_tmpfs("/dev/shm"),
+    reason="needs a tmpfs at /dev/shm and /proc",
+)
+
+MB = 1 << 20
+
+
+@pytest.fixture
+def shm():
+    folder = tempfile.mkdtemp(prefix="asyncckpt-spare-", dir="/dev/shm")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _state(mb: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    per = mb * MB // 4 // 2
+    return {"a": torch.randn(per, generator=g), "b": torch.randn(per, generator=g), "step": seed}
+
+
+def _torch_save_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _held_unnamed(folder: str, pids=None) -> list:
+    """(pid, inode) of each unnamed file in ``folder`` that a process holds open."""
+    found = []
+    for pid in pids if pids is not None else [p for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(folder + "/#") and target.endswith(" (deleted)"):
+                try:
+                    found.append((int(pid), os.stat(f"/proc/{pid}/fd/{fd}").st_ino))
+                except OSError:
+                    continue
+    return found
+
+
+def _wait_for_spare_threads(timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(t.name == "asyncckpt-spare" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the spare allocation did not finish"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_the_next_save_into_a_tmpfs_folder_is_the_spare_made_after_the_last(shm, checksum):
+    io_ = TorchCheckpointIO(checksum=checksum)
+    path = os.path.join(shm, "last.ckpt")
+    try:
+        io_.save_checkpoint(_state(20, seed=1), path)
+        _wait_for_spare_threads()
+        spares = _held_unnamed(shm, [os.getpid()])
+        assert len(spares) == 1, spares
+        assert os.fstat(os.open(path, os.O_RDONLY)).st_size == os.path.getsize(path)
+        state = _state(20, seed=2)
+        io_.save_checkpoint(state, path)
+        assert os.stat(path).st_ino == spares[0][1], "the save did not write into the spare"
+        with open(path, "rb") as f:
+            assert f.read() == _torch_save_bytes(state)
+        assert zipfile.ZipFile(path).testzip() is None
+        names = ["last.ckpt", "last.ckpt.sha256"] if checksum else ["last.ckpt"]
+        assert sorted(os.listdir(shm)) == names, "a spare or temp file has a name in the folder"
+        if checksum:
+            io_.load_checkpoint(path, verify=True)
+    finally:
+        io_.teardown()
+    assert _held_unnamed(shm, [os.getpid()]) == [], "teardown left the spare open"
+    assert not any(t.name == "asyncckpt-spare" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("sizes", [(40, 18), (18, 40), (18, 18)], ids=["smaller", "bigger", "same"])
+def test_a_spare_of_another_size_still_gives_torch_saves_bytes(shm, sizes):
+    io_ = TorchCheckpointIO()
+    path = os.path.join(shm, "a.ckpt")
+    try:
+        for i, mb in enumerate(sizes):
+            state = _state(mb, seed=i)
+            io_.save_checkpoint(state, path)
+            _wait_for_spare_threads()
+            with open(path, "rb") as f:
+                assert f.read() == _torch_save_bytes(state)
+            assert zipfile.ZipFile(path).testzip() is None
+    finally:
+        io_.teardown()
+
+
+def test_a_save_taken_over_a_spare_mid_allocation_is_whole(shm):
+    """Back-to-back saves: the next one stops the allocation and writes over what is there."""
+    io_ = TorchCheckpointIO()
+    path = os.path.join(shm, "a.ckpt")
+    try:
+        for i in range(4):
+            state = _state(48, seed=i)
+            io_.save_checkpoint(state, path)  # no wait: the allocation is under way
+            with open(path, "rb") as f:
+                assert f.read() == _torch_save_bytes(state)
+    finally:
+        io_.teardown()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_the_file_has_the_mode_a_plain_open_gives(shm, umask):
+    old = os.umask(umask)
+    try:
+        io_ = TorchCheckpointIO()
+        try:
+            for _ in range(2):
+                io_.save_checkpoint(_state(18), os.path.join(shm, "a.ckpt"))
+                _wait_for_spare_threads()
+            with open(os.path.join(shm, "plain"), "wb"):
+                pass
+            assert os.stat(os.path.join(shm, "a.ckpt")).st_mode == os.stat(os.path.join(shm, "plain")).st_mode
+        finally:
+            io_.teardown()
+    finally:
+        os.umask(old)
+
+
+def test_a_failed_save_over_the_spare_leaves_no_file_and_the_next_works(shm):
+    io_ = TorchCheckpointIO()
+    path = os.path.join(shm, "a.ckpt")
+    try:
+        first = _state(18, seed=1)
+        io_.save_checkpoint(first, path)
+        _wait_for_spare_threads()
+        with pytest.raises(NotSerializableError):
+            io_.save_checkpoint({**_state(18, seed=2), "hook": lambda: None}, path)
+        assert os.listdir(shm) == ["a.ckpt"]
+        with open(path, "rb") as f:
+            assert f.read() == _torch_save_bytes(first)
+        second = _state(18, seed=3)
+        io_.save_checkpoint(second, path)
+        with open(path, "rb") as f:
+            assert f.read() == _torch_save_bytes(second)
+    finally:
+        io_.teardown()
+
+
+def test_a_spare_that_cannot_be_linked_is_dropped_and_a_new_file_written(shm, monkeypatch):
+    """Fault injected: linking through /proc fails (a sandbox without /proc), which a test here
+    cannot arrange for real."""
+    io_ = TorchCheckpointIO()
+    path = os.path.join(shm, "a.ckpt")
+    try:
+        io_.save_checkpoint(_state(18, seed=1), path)
+        _wait_for_spare_threads()
+        (spare_inode,) = [ino for _, ino in _held_unnamed(shm, [os.getpid()])]
+
+        def no_link(*args, **kwargs):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+        state = _state(18, seed=2)
+        io_.save_checkpoint(state, path)
+        assert os.stat(path).st_ino != spare_inode
+        with open(path, "rb") as f:
+            assert f.read() == _torch_save_bytes(state)
+        _wait_for_spare_threads()
+        held = [ino for _, ino in _held_unnamed(shm, [os.getpid()])]
+        assert spare_inode not in held, "the dropped spare is still open"
+    finally:
+        io_.teardown()
+
+
+def test_spare_file_false_and_folders_not_on_tmpfs_hold_nothing(shm, tmp_path):
+    off = TorchCheckpointIO(spare_file=False)
+    try:
+        off.save_checkpoint(_state(18), os.path.join(shm, "a.ckpt"))
+        _wait_for_spare_threads()
+        assert _held_unnamed(shm, [os.getpid()]) == []
+        assert "spare_file=False" in repr(off)
+    finally:
+        off.teardown()
+    if spare_module.on_tmpfs(str(tmp_path)):
+        pytest.skip("the test's temp folder is on tmpfs here")
+    on = TorchCheckpointIO()
+    try:
+        on.save_checkpoint(_state(18), os.path.join(tmp_path, "a.ckpt"))
+        _wait_for_spare_threads()
+        assert _held_unnamed(str(tmp_path), [os.getpid()]) == []
+    finally:
+        on.teardown()
+
+
+def test_a_save_into_another_folder_releases_the_spare(shm):
+    other = tempfile.mkdtemp(prefix="asyncckpt-spare-", dir="/dev/shm")
+    io_ = TorchCheckpointIO()
+    try:
+        io_.save_checkpoint(_state(18), os.path.join(shm, "a.ckpt"))
+        _wait_for_spare_threads()
+        io_.save_checkpoint(_state(18), os.path.join(other, "a.ckpt"))
+        _wait_for_spare_threads()
+        assert _held_unnamed(shm, [os.getpid()]) == []
+        assert len(_held_unnamed(other, [os.getpid()])) == 1
+    finally:
+        io_.teardown()
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_a_forked_child_does_not_hold_the_spare(shm):
+    """A DataLoader worker forked between saves would otherwise keep a checkpoint's pages alive."""
+    io_ = TorchCheckpointIO()
+    try:
+        io_.save_checkpoint(_state(18), os.path.join(shm, "a.ckpt"))
+        r, w = os.pipe()
+        pid = os.fork()  # while the allocation may still run
+        if pid == 0:
+            os.close(r)
+            held = _held_unnamed(shm, [os.getpid()])
+            os.write(w, b"clean" if not held else repr(held).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            said = f.read()
+        os.waitpid(pid, 0)
+        assert said == b"clean", said
+        _wait_for_spare_threads()
+        assert len(_held_unnamed(shm, [os.getpid()])) == 1, "the parent lost its spare at the fork"
+    finally:
+        io_.teardown()
+
+
+def test_two_threads_saving_through_one_io_share_one_spare(shm):
+    io_ = TorchCheckpointIO()
+    errors = []
+    states = {k: _state(17, seed=k) for k in range(2)}
+
+    def saver(k):
+        try:
+            for _ in range(5):
+                io_.save_checkpoint(states[k], os.path.join(shm, f"{k}.ckpt"))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=saver, args=(k,)) for k in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        _wait_for_spare_threads()
+        for k in range(2):
+            with open(os.path.join(shm, f"{k}.ckpt"), "rb") as f:
+                assert f.read() == _torch_save_bytes(states[k])
+        assert len(_held_unnamed(shm, [os.getpid()])) <= 1
+        assert sorted(os.listdir(shm)) == ["0.ckpt", "1.ckpt"]
+    finally:
+        io_.teardown()
+    assert _held_unnamed(shm, [os.getpid()]) == []
+
+
+@pytest.mark.parametrize(("writer", "staging"), [("thread", "eager"), ("thread", "lazy"), ("process", "eager")])
+def test_the_engine_writes_into_the_spare_and_teardown_frees_it(shm, writer, staging):
+    engine = AsyncCheckpointIO(writer=writer, staging=staging, handle_sigterm=False)
+    path = os.path.join(shm, "last.ckpt")
+    spare_inode = None
+    try:
+        for i in range(3):
+            state = _state(20, seed=i)
+            engine.save_checkpoint(state, path)
+            engine.flush()
+            with open(path, "rb") as f:
+                assert f.read() == _torch_save_bytes(state)
+            if spare_inode is not None:
+                assert os.stat(path).st_ino == spare_inode, "the save did not write into the spare"
+            deadline = time.monotonic() + 20
+            while not _held_unnamed(shm):  # made by the writer: in this process or the writer process
+                assert time.monotonic() < deadline, "no spare was made after a save into tmpfs"
+                time.sleep(0.02)
+            (spare_inode,) = {ino for _, ino in _held_unnamed(shm)}
+    finally:
+        engine.teardown()
+    deadline = time.monotonic() + 20
+    while _held_unnamed(shm):
+        assert time.monotonic() < deadline, f"teardown left the spare open: {_held_unnamed(shm)}"
+        time.sleep(0.02)
+
+
+_TIGHT = textwrap.dedent(
+    """
+    import os, subprocess, sys, torch
+    folder = sys.argv[1]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tight", folder], check=True)
+    from asyncckpt import TorchCheckpointIO
+    from asyncckpt._storage.spare import MIN_BYTES
+
+    def held():
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}").startswith(folder + "/#")
+            except OSError:
+                pass
+        return n
+
+    def settle():
+        import threading, time
+        while any(t.name == "asyncckpt-spare" for t in threading.enumerate()):
+            time.sleep(0.01)
+
+    io_ = TorchCheckpointIO()
+    big = {"w": torch.zeros(24 << 20 >> 2)}      # 24 MiB: 40 left, under twice 24
+    io_.save_checkpoint(big, folder + "/a.ckpt"); settle()
+    print("big", held())
+    os.remove(folder + "/a.ckpt")
+    small = {"w": torch.zeros(MIN_BYTES >> 2)}  # 16 MiB: 48 left, at least twice 16
+    io_.save_checkpoint(small, folder + "/a.ckpt"); settle()
+    print("small", held())
+    # b.ckpt is written into the spare; then a little under 32 MiB is free, under twice b's
+    # size: no spare, and c.ckpt is a new file.
+    io_.save_checkpoint(small, folder + "/b.ckpt"); settle()
+    print("after b", held())
+    io_.save_checkpoint(small, folder + "/c.ckpt"); settle()
+    print("after c", held())
+    print("after teardown", held(), os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize >> 20)
+
+    """
+)
+
+
+def test_a_spare_is_made_only_where_as_much_room_stays_free(tmp_path):
+    """A real 64 MiB tmpfs, mounted in a mount namespace of its own (needs root and unshare)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("needs root, unshare and mount")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m is not allowed here: {probe.stderr.decode().strip()}")
+    folder = tmp_path / "tight"
+    folder.mkdir()
+    script = tmp_path / "tight.py"
+    script.write_text(_TIGHT)
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, str(script), str(folder)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "big 0", lines  # 24 MiB written, 40 left: under twice 24, no spare
+    assert lines[1] == "small 1", lines  # 16 MiB written, 48 left: a spare of 16
+    assert lines[2:4] == ["after b 0", "after c 0"], lines
+    assert lines[4] == "after teardown 0 15", lines  # three files of 16 MiB and a few KiB
