@@ -60,29 +60,18 @@ def _sync(state: Dict[str, torch.Tensor]) -> None:
         torch.cuda.synchronize()
 
 
-def write_floor(state: Dict[str, torch.Tensor], folder: str) -> float:
-    """The tensor bytes written raw into one file and fsynced: no serializer can beat it."""
+def write_floor(state: Dict[str, torch.Tensor], folder: str, allocated: bool = False) -> float:
+    """The tensor bytes written raw into one file and fsynced: no serializer can beat it.
+
+    ``allocated``: into a file whose blocks (on tmpfs: pages) were allocated before the clock
+    starts, the least a save into a spare file (``TorchCheckpointIO(spare_file=True)``) can take.
+    """
     path = os.path.join(folder, "floor.bin")
+    if allocated:
+        with open(path, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, sum(t.numel() * t.element_size() for t in state.values()))
     started = time.perf_counter()
-    with open(path, "wb") as f:
-        for t in state.values():
-            f.write(memoryview(t.numpy()).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    elapsed = time.perf_counter() - started
-    os.remove(path)
-    return elapsed
-
-
-def allocated_write_floor(state: Dict[str, torch.Tensor], folder: str) -> float:
-    """The same write into a file whose blocks (on tmpfs: pages) were allocated before the clock
-    starts: the least a save into a spare file (``TorchCheckpointIO(spare_file=True)``) can take."""
-    path = os.path.join(folder, "floor-allocated.bin")
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    with open(path, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, nbytes)
-    started = time.perf_counter()
-    with open(path, "r+b") as f:
+    with open(path, "r+b" if allocated else "wb") as f:
         for t in state.values():
             f.write(memoryview(t.numpy()).cast("B"))
         f.flush()
@@ -163,7 +152,7 @@ def run(
                 os.sync()  # each measurement starts with no one else's dirty pages to write back
                 floor = write_floor(host, work)
                 floors.append(floor)
-                allocated.append(allocated_write_floor(host, work))
+                allocated.append(write_floor(host, work, allocated=True))
                 copy = copy_floor(state, buffers)
                 copies.append(copy)
                 for name in impls:
