@@ -14,8 +14,9 @@ What the spare holds, and why it is bounded:
   checkpoint written, in the folder of that checkpoint: the room the next save's file takes
   anyway. A save into another folder releases it.
 - Made only on tmpfs (elsewhere allocating blocks ahead saves nothing: the page cache is filled
-  at the write either way), for files of at least :data:`MIN_BYTES`, and only while the
-  filesystem keeps at least as much free space besides it.
+  at the write either way), for files of at least :data:`MIN_BYTES`, and only while at least as
+  much stays free besides it: in the filesystem, in the machine's available memory, and under
+  the memory limit of the process's cgroup (a container's), since tmpfs pages are memory.
 - It has no name (``O_TMPFILE``): nothing appears in the folder, and the kernel frees it when
   the process ends, however it ends. A forked child closes its copy of the descriptor, so a
   DataLoader worker never keeps a checkpoint's pages alive. ``teardown`` releases it.
@@ -29,9 +30,10 @@ import contextlib
 import ctypes
 import logging
 import os
+import sys
 import threading
 import weakref
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from .._threads import start_thread
 
@@ -40,7 +42,7 @@ log = logging.getLogger("asyncckpt.storage")
 #: Below this size a spare saves less than a millisecond or two: none is made.
 MIN_BYTES = 16 << 20
 #: Bytes allocated per step, between looks at whether a save wants the spare now.
-STEP = 64 << 20
+STEP = 16 << 20
 #: ``statfs`` type of tmpfs (and of ``/dev/shm``).
 TMPFS_MAGIC = 0x01021994
 
@@ -53,29 +55,94 @@ def _statfs_type(folder: str) -> Optional[int]:
         if libc.statfs(os.fsencode(folder), buffer) != 0:
             return None
         return ctypes.c_long.from_buffer(buffer).value  # f_type is its first field, a long
-    except (OSError, AttributeError, ValueError):
+    except Exception:  # noqa: BLE001 - no C library to ask: not known to be tmpfs
         return None
 
 
-_tmpfs_folders: dict = {}
+_tmpfs_folders: Dict[str, bool] = {}
 
 
 def on_tmpfs(folder: str) -> bool:
-    """Whether ``folder`` is on tmpfs (remembered per folder)."""
+    """Whether ``folder`` is on tmpfs (remembered per folder); False where the system has no
+    ``O_TMPFILE`` (not Linux) or cannot tell."""
     known = _tmpfs_folders.get(folder)
     if known is None:
-        known = _statfs_type(folder) == TMPFS_MAGIC and hasattr(os, "O_TMPFILE")
+        known = hasattr(os, "O_TMPFILE") and sys.platform.startswith("linux") and _statfs_type(folder) == TMPFS_MAGIC
         _tmpfs_folders[folder] = known
     return known
 
 
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (cgroup v2): no limit
+
+
+def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """Bytes this process's memory cgroup (and those above it) may still charge, or None where
+    no limit is set or none can be read. tmpfs pages are charged to the cgroup of the process
+    that allocates them, and cannot be reclaimed without swap: a spare past the limit would
+    bring the container's OOM killer."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    room: Optional[int] = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: memory.max of this group and every parent
+            base = root if os.path.exists(os.path.join(root, "cgroup.controllers")) else os.path.join(root, "unified")
+            while True:
+                folder = os.path.join(base, path.lstrip("/"))
+                limit = _read_int(os.path.join(folder, "memory.max"))
+                used = _read_int(os.path.join(folder, "memory.current"))
+                if limit is not None and used is not None:
+                    room = min(room if room is not None else limit - used, limit - used)
+                if path in ("/", ""):
+                    break
+                path = os.path.dirname(path)
+        elif "memory" in controllers.split(","):  # cgroup v1: the hierarchical limit
+            folder = os.path.join(root, "memory", path.lstrip("/"))
+            limit = _read_int(os.path.join(folder, "memory.limit_in_bytes"))
+            used = _read_int(os.path.join(folder, "memory.usage_in_bytes"))
+            try:
+                with open(os.path.join(folder, "memory.stat")) as f:
+                    for stat in f:
+                        if stat.startswith("hierarchical_memory_limit "):
+                            limit = min(limit or (1 << 62), int(stat.split()[1]))
+            except (OSError, ValueError):
+                pass
+            if limit is not None and used is not None and limit < (1 << 60):  # 2^63 - a page: none
+                room = min(room if room is not None else limit - used, limit - used)
+    return room
+
+
+def _memory_available() -> Optional[int]:
+    """``MemAvailable`` of ``/proc/meminfo``, in bytes, or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _room_for(folder: str, nbytes: int) -> bool:
-    """Whether the filesystem keeps at least ``nbytes`` free once a spare of ``nbytes`` is made."""
+    """Whether at least ``nbytes`` stay free once a spare of ``nbytes`` is made: in the
+    filesystem, in the machine's available memory and under this process's memory cgroup limit
+    (tmpfs pages are memory)."""
     try:
         stats = os.statvfs(folder)
     except OSError:
         return False
-    return stats.f_bavail * stats.f_frsize >= 2 * nbytes
+    rooms = [stats.f_bavail * stats.f_frsize, _memory_available(), _cgroup_headroom()]
+    return all(room is None or room >= 2 * nbytes for room in rooms)
 
 
 def link_into(fd: int, path: str) -> bool:

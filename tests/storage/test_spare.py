@@ -381,3 +381,62 @@ def test_a_spare_is_made_only_where_as_much_room_stays_free(tmp_path):
     assert lines[1] == "small 1", lines  # 16 MiB written, 48 left: a spare of 16
     assert lines[2:4] == ["after b 0", "after c 0"], lines
     assert lines[4] == "after teardown 0 15", lines  # three files of 16 MiB and a few KiB
+
+
+_CGROUP = textwrap.dedent(
+    """
+    import os, sys, threading, time, torch
+    from asyncckpt import TorchCheckpointIO
+
+    folder, parent = sys.argv[1], sys.argv[2]
+
+    def held():
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}").startswith(folder + "/#")
+            except OSError:
+                pass
+        return n
+
+    def settle():
+        while any(t.name == "asyncckpt-spare" for t in threading.enumerate()):
+            time.sleep(0.01)
+
+    group = os.path.join(parent, f"asyncckpt-test-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        with open(os.path.join(group, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(100 << 20))
+        state = {"w": torch.ones(10 << 20)}  # 40 MiB, charged to the parent group: made before the move
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        io_ = TorchCheckpointIO()
+        io_.save_checkpoint(state, folder + "/a.ckpt"); settle()
+        print("limited", held())  # 40 MiB of file charged, under 60 MiB left: no 40 MiB spare
+        with open(os.path.join(group, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(400 << 20))
+        io_.save_checkpoint(state, folder + "/b.ckpt"); settle()
+        print("raised", held())
+        io_.teardown()
+    finally:
+        with open(os.path.join(parent, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        os.rmdir(group)
+    """
+)
+
+
+def test_a_spare_stays_under_the_memory_limit_of_the_process_cgroup(shm, tmp_path):
+    """A real cgroup v1 memory limit (a container's), set on a group of the test's own (needs
+    root and a writable cgroup v1 memory hierarchy)."""
+    lines = [line.split(":", 2) for line in open("/proc/self/cgroup").read().splitlines()]
+    memory = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
+    parent = os.path.join("/sys/fs/cgroup/memory", memory[0].lstrip("/")) if memory else ""
+    if os.geteuid() != 0 or not memory or not os.access(parent, os.W_OK):
+        pytest.skip("needs root and a writable cgroup v1 memory hierarchy")
+    script = tmp_path / "cgroup.py"
+    script.write_text(_CGROUP)
+    done = subprocess.run([sys.executable, str(script), shm, parent], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["limited 0", "raised 1"], done.stdout
