@@ -186,8 +186,9 @@ class TorchCheckpointIO(CheckpointIO):
         spare_file: after a save into a folder on tmpfs (``/dev/shm``), allocate an unnamed file
             of that checkpoint's size there in the background, so that the next save writes
             into pages that exist (about half the time of a fresh write). It holds the room the
-            next file takes anyway, only while the filesystem keeps as much free besides it,
-            and is freed by ``teardown`` or when the process ends. ``False``: never.
+            next file takes anyway, is made only while as much stays free besides it (in the
+            filesystem, the machine's memory and the process's memory cgroup), and is freed by
+            ``teardown`` or when the process ends. ``False``: never. See docs/index.md.
     """
 
     def __init__(
