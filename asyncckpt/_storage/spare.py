@@ -168,6 +168,69 @@ def link_into(fd: int, path: str) -> bool:
 _instances: "weakref.WeakSet[SpareFile]" = weakref.WeakSet()
 
 
+class _Allocation:
+    """One spare's background allocation: a descriptor of its own (closed when it ends, or in a
+    forked child), so that whatever happens to the spare's descriptor (closed by an interrupted
+    save, its number reused for another file) it never allocates into anything else."""
+
+    def __init__(self, fd: int, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._fd: Optional[int] = os.dup(fd)
+        self.thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        try:
+            self.thread = start_thread(self._run, name="asyncckpt-spare")
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self) -> None:
+        try:
+            for start in range(0, self.nbytes, STEP):
+                if self.stop.is_set() or self._fd is None:
+                    return
+                os.posix_fallocate(self._fd, start, min(STEP, self.nbytes - start))
+        except OSError as err:  # ENOSPC: the room was taken meanwhile; give it back
+            log.debug("asyncckpt: spare file allocation stopped (%s)", err)
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:  # a fork sees the descriptor open and set, or closed and None
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def halt(self) -> Optional[BaseException]:
+        """Stop, and wait until the thread is gone (within one :data:`STEP`), whatever interrupts
+        the wait; returns the interruption (a Ctrl-C's ``KeyboardInterrupt``) for the caller to
+        raise once the spare's descriptor is dealt with. A save must not write before then: a
+        step ending after the file was cut to its archive would leave zeros after the archive."""
+        self.stop.set()
+        interrupted: Optional[BaseException] = None
+        while self.thread is not None and self.thread.is_alive():
+            try:
+                self.thread.join()
+            except BaseException as err:  # noqa: BLE001 - raised by the caller once the fd is safe
+                interrupted = interrupted or err
+        return interrupted
+
+    def forget_after_fork(self) -> None:
+        """In a forked child, where the thread does not run: close the child's copy."""
+        self._lock = threading.Lock()
+        self.thread = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class SpareFile:
     """At most one spare file, for the folder saved into last (see the module docstring).
 
@@ -179,8 +242,7 @@ class SpareFile:
         self._lock = threading.Lock()
         self._fd: Optional[int] = None
         self._folder: Optional[str] = None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._allocation: Optional[_Allocation] = None
         _instances.add(self)
 
     def prepare(self, folder: str, nbytes: int) -> None:
@@ -202,28 +264,14 @@ class SpareFile:
         except OSError as err:  # a filesystem without O_TMPFILE, a folder gone
             log.debug("asyncckpt: no spare file in %s (%s)", folder, err)
             return
-        stop = threading.Event()
-        self._fd, self._folder, self._stop = fd, folder, stop
-        # The thread keeps ``self`` alive, so the descriptor is closed only by take/release,
-        # which stop and join it first.
-        self._thread = start_thread(lambda: self._allocate(fd, nbytes, stop), name="asyncckpt-spare")
+        self._fd, self._folder = fd, folder
+        self._allocation = _Allocation(fd, nbytes)
+        self._allocation.start()
 
-    @staticmethod
-    def _allocate(fd: int, nbytes: int, stop: threading.Event) -> None:
-        try:
-            for start in range(0, nbytes, STEP):
-                if stop.is_set():
-                    return
-                os.posix_fallocate(fd, start, min(STEP, nbytes - start))
-        except OSError as err:  # ENOSPC: the room was taken meanwhile; give it back
-            log.debug("asyncckpt: spare file allocation stopped (%s)", err)
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-
-    def _detach(self) -> Tuple[Optional[int], Optional[threading.Thread], threading.Event]:
-        """Under the lock: the spare's (descriptor, thread, stop event), no longer ours."""
-        old = (self._fd, self._thread, self._stop)
-        self._fd = self._folder = self._thread = None
+    def _detach(self) -> Tuple[Optional[int], Optional[_Allocation]]:
+        """Under the lock: the spare's descriptor and allocation, no longer ours."""
+        old = (self._fd, self._allocation)
+        self._fd = self._folder = self._allocation = None
         return old
 
     def take(self, folder: str) -> Optional[int]:
@@ -232,20 +280,23 @@ class SpareFile:
         with self._lock:
             if self._fd is None or self._folder != folder:
                 return None
-            fd, thread, stop = self._detach()
-        _stop(thread, stop)
+            fd, allocation = self._detach()
+        interrupted = allocation.halt() if allocation is not None else None
+        if interrupted is not None:
+            os.close(fd)  # the save is interrupted: the spare is not left open behind it
+            raise interrupted
         return fd
 
     def take_as(self, folder: str, path: str) -> bool:
         """Give the spare made for ``folder``, if any, the name ``path`` (a new temp file there)
         and let go of it; whether ``path`` now exists. A spare that cannot be linked is freed."""
-        fd = self.take(folder)
-        if fd is None:
-            return False
+        fd: Optional[int] = None
         try:
-            return link_into(fd, path)
+            fd = self.take(folder)
+            return fd is not None and link_into(fd, path)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def release(self) -> None:
         """Free the spare, if any (teardown)."""
@@ -254,10 +305,12 @@ class SpareFile:
         _close(*old)
 
     def forget_after_fork(self) -> None:
-        """In a forked child: its copy of the descriptor closed, no thread, a new lock."""
-        fd = self._fd
+        """In a forked child: its copies of the descriptors closed, no thread, a new lock."""
+        fd, allocation = self._fd, self._allocation
         self._lock = threading.Lock()
-        self._fd = self._folder = self._thread = None
+        self._fd = self._folder = self._allocation = None
+        if allocation is not None:
+            allocation.forget_after_fork()
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -269,17 +322,12 @@ class SpareFile:
                 os.close(fd)
 
 
-def _stop(thread: Optional[threading.Thread], stop: threading.Event) -> None:
-    stop.set()
-    if thread is not None:
-        thread.join()
-
-
-def _close(fd: Optional[int], thread: Optional[threading.Thread], stop: threading.Event) -> None:
-    if fd is None:
-        return
-    _stop(thread, stop)
-    os.close(fd)
+def _close(fd: Optional[int], allocation: Optional[_Allocation]) -> None:
+    interrupted = allocation.halt() if allocation is not None else None
+    if fd is not None:
+        os.close(fd)
+    if interrupted is not None:
+        raise interrupted
 
 
 def _after_fork_in_child() -> None:

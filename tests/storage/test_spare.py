@@ -440,3 +440,39 @@ def test_a_spare_stays_under_the_memory_limit_of_the_process_cgroup(shm, tmp_pat
     done = subprocess.run([sys.executable, str(script), shm, parent], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["limited 0", "raised 1"], done.stdout
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGINT goes to the main thread")
+def test_a_ctrl_c_while_a_save_waits_for_the_allocation_leaves_no_spare_open(shm):
+    """Real SIGINTs at the start of saves that follow each other at once, so that each one finds
+    the last spare still being allocated and waits for the allocation to stop: an interrupted
+    wait used to lose the spare's descriptor, and with it a checkpoint's worth of memory."""
+    import random
+    import signal
+
+    io_ = TorchCheckpointIO()
+    state = _state(96)
+    path = os.path.join(shm, "a.ckpt")
+    rng = random.Random(0)
+    main = threading.main_thread().ident
+    interrupted = 0
+    try:
+        for _ in range(30):
+            io_.save_checkpoint(state, path)  # its spare starts allocating now
+            timer = threading.Timer(rng.uniform(0.0, 0.004), signal.pthread_kill, (main, signal.SIGINT))
+            try:
+                timer.start()
+                io_.save_checkpoint(state, path)
+                timer.join()
+            except KeyboardInterrupt:
+                interrupted += 1
+                timer.join()
+            inodes = {ino for _, ino in _held_unnamed(shm, [os.getpid()])}
+            assert len(inodes) <= 1, f"spares left open: {inodes}"
+            with open(path, "rb") as f:
+                assert zipfile.is_zipfile(f)
+        assert interrupted > 0
+    finally:
+        io_.teardown()
+    assert _held_unnamed(shm, [os.getpid()]) == []
+    assert os.listdir(shm) == ["a.ckpt"]
