@@ -318,28 +318,34 @@ def test_the_engine_writes_into_the_spare_and_teardown_frees_it(shm, writer, sta
         time.sleep(0.02)
 
 
-_TIGHT = textwrap.dedent(
+_CHILD_PRELUDE = textwrap.dedent(
     """
-    import os, subprocess, sys, torch
-    folder = sys.argv[1]
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tight", folder], check=True)
+    import os, subprocess, sys, threading, time, torch
     from asyncckpt import TorchCheckpointIO
     from asyncckpt._storage.spare import MIN_BYTES
 
+    folder = sys.argv[1]
+
     def held():
-        n = 0
+        inodes = set()
         for fd in os.listdir("/proc/self/fd"):
             try:
-                n += os.readlink(f"/proc/self/fd/{fd}").startswith(folder + "/#")
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(folder + "/#"):
+                    inodes.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
             except OSError:
                 pass
-        return n
+        return len(inodes)
 
     def settle():
-        import threading, time
         while any(t.name == "asyncckpt-spare" for t in threading.enumerate()):
             time.sleep(0.01)
+    """
+)
 
+
+_TIGHT = _CHILD_PRELUDE + textwrap.dedent(
+    """
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tight", folder], check=True)
     io_ = TorchCheckpointIO()
     big = {"w": torch.zeros(24 << 20 >> 2)}      # 24 MiB: 40 left, under twice 24
     io_.save_checkpoint(big, folder + "/a.ckpt"); settle()
@@ -383,26 +389,9 @@ def test_a_spare_is_made_only_where_as_much_room_stays_free(tmp_path):
     assert lines[4] == "after teardown 0 15", lines  # three files of 16 MiB and a few KiB
 
 
-_CGROUP = textwrap.dedent(
+_CGROUP = _CHILD_PRELUDE + textwrap.dedent(
     """
-    import os, sys, threading, time, torch
-    from asyncckpt import TorchCheckpointIO
-
-    folder, parent = sys.argv[1], sys.argv[2]
-
-    def held():
-        n = 0
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                n += os.readlink(f"/proc/self/fd/{fd}").startswith(folder + "/#")
-            except OSError:
-                pass
-        return n
-
-    def settle():
-        while any(t.name == "asyncckpt-spare" for t in threading.enumerate()):
-            time.sleep(0.01)
-
+    parent = sys.argv[2]
     group = os.path.join(parent, f"asyncckpt-test-{os.getpid()}")
     os.mkdir(group)
     try:
