@@ -304,6 +304,11 @@ class SpareFile:
             old = self._detach()
         _close(*old)
 
+    def __reduce__(self) -> Tuple[type, Tuple[()]]:
+        """A copy (a pickled IO in a writer process, ``copy.deepcopy``) starts with no spare: a
+        descriptor and a thread belong to this process."""
+        return (SpareFile, ())
+
     def forget_after_fork(self) -> None:
         """In a forked child: its copies of the descriptors closed, no thread, a new lock."""
         fd, allocation = self._fd, self._allocation

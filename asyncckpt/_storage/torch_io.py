@@ -212,15 +212,11 @@ class TorchCheckpointIO(CheckpointIO):
         self.spare_file = spare_file
         self._spare = SpareFile()
 
-    def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_spare", None)  # a descriptor and a thread of this process; a copy makes its own
-        return state
-
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        state.setdefault("spare_file", True)  # pickled by a version without it
+        # Pickled by a version without a spare file (a copy's SpareFile pickles as a new one).
+        state.setdefault("spare_file", True)
+        state.setdefault("_spare", SpareFile())
         self.__dict__.update(state)
-        self._spare = SpareFile()
 
     # -- storage options --------------------------------------------------------------------
 

@@ -445,6 +445,9 @@ def test_a_ctrl_c_while_a_save_waits_for_the_allocation_leaves_no_spare_open(shm
     rng = random.Random(0)
     main = threading.main_thread().ident
     interrupted = 0
+    # A process started in the background by a non-interactive shell (as CI may run the suite)
+    # has SIGINT ignored, and Python then installs no KeyboardInterrupt handler: install it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for _ in range(30):
             io_.save_checkpoint(state, path)  # its spare starts allocating now
@@ -462,6 +465,37 @@ def test_a_ctrl_c_while_a_save_waits_for_the_allocation_leaves_no_spare_open(shm
                 assert zipfile.is_zipfile(f)
         assert interrupted > 0
     finally:
+        signal.signal(signal.SIGINT, previous)
         io_.teardown()
     assert _held_unnamed(shm, [os.getpid()]) == []
     assert os.listdir(shm) == ["a.ckpt"]
+
+
+class _OwnState(TorchCheckpointIO):
+    """A subclass that pickles its ``__dict__`` as it is (as ``XLACheckpointIO`` does)."""
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+
+@pytest.mark.parametrize("cls", [TorchCheckpointIO, _OwnState])
+def test_an_io_holding_a_spare_pickles_and_its_copy_starts_without_one(shm, cls):
+    """writer='process' sends the IO to the writer process; Lightning pickles it too."""
+    import copy
+    import pickle
+
+    io_ = cls()
+    try:
+        io_.save_checkpoint(_state(18), os.path.join(shm, "a.ckpt"))  # a spare, its thread running
+        for clone in (pickle.loads(pickle.dumps(io_)), copy.deepcopy(io_)):
+            assert clone._spare is not io_._spare
+            assert clone._spare.take(shm) is None, "a copy shares the spare's descriptor"
+            state = _state(18, seed=3)
+            clone.save_checkpoint(state, os.path.join(shm, "b.ckpt"))
+            with open(os.path.join(shm, "b.ckpt"), "rb") as f:
+                assert f.read() == _torch_save_bytes(state)
+            clone.teardown()
+        _wait_for_spare_threads()
+        assert len({ino for _, ino in _held_unnamed(shm, [os.getpid()])}) == 1, "the original lost its spare"
+    finally:
+        io_.teardown()
