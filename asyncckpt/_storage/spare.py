@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import logging
 import os
 import sys
 import threading
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .._threads import start_thread
 
@@ -168,67 +169,86 @@ def link_into(fd: int, path: str) -> bool:
 _instances: "weakref.WeakSet[SpareFile]" = weakref.WeakSet()
 
 
-class _Allocation:
-    """One spare's background allocation: a descriptor of its own (closed when it ends, or in a
-    forked child), so that whatever happens to the spare's descriptor (closed by an interrupted
-    save, its number reused for another file) it never allocates into anything else."""
+class _Spare:
+    """One spare file, made and allocated on a thread of its own, then handed over once.
 
-    def __init__(self, fd: int, nbytes: int) -> None:
+    The descriptor is opened on that thread, which no Ctrl-C reaches, and held in a raw
+    ``io.FileIO``, whose deallocation (C, running no Python code, so no signal handler
+    either) closes it: a ``KeyboardInterrupt`` at any point of a save drops it, never leaks
+    it. (A ``__del__`` here could itself be interrupted, and would swallow the user's Ctrl-C.)
+    A fork waits for the thread to finish opening it (:func:`_before_fork`), so a child sees
+    it either open and held, or not open.
+    """
+
+    def __init__(self, folder: str, nbytes: int) -> None:
+        self.folder = folder
         self.nbytes = nbytes
         self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._fd: Optional[int] = os.dup(fd)
-        self.thread: Optional[threading.Thread] = None
+        self.finished = threading.Event()
+        self.lock = threading.Lock()
+        self._began = False
+        self._file: Optional[io.FileIO] = None
 
     def start(self) -> None:
-        try:
-            self.thread = start_thread(self._run, name="asyncckpt-spare")
-        except BaseException:
-            self.close()
-            raise
+        start_thread(self._run, name="asyncckpt-spare")
 
     def _run(self) -> None:
         try:
-            for start in range(0, self.nbytes, STEP):
-                if self.stop.is_set() or self._fd is None:
+            with self.lock:
+                if self.stop.is_set():
                     return
-                os.posix_fallocate(self._fd, start, min(STEP, self.nbytes - start))
-        except OSError as err:  # ENOSPC: the room was taken meanwhile; give it back
-            log.debug("asyncckpt: spare file allocation stopped (%s)", err)
-            if self._fd is not None:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, 0)
+                self._began = True
+                # The mode a plain open() gives: the umask applies to O_TMPFILE too.
+                fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
+                self._file = io.FileIO(fd, "r+")
+            for start in range(0, self.nbytes, STEP):
+                if self.stop.is_set():
+                    return
+                os.posix_fallocate(fd, start, min(STEP, self.nbytes - start))
+        except OSError as err:  # no O_TMPFILE there, or ENOSPC: the room was taken meanwhile
+            log.debug("asyncckpt: no spare file in %s (%s)", self.folder, err)
+            with self.lock:
+                if self._file is not None:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._file.fileno(), 0)  # give the room back
         finally:
-            self.close()
-
-    def close(self) -> None:
-        with self._lock:  # a fork sees the descriptor open and set, or closed and None
-            fd, self._fd = self._fd, None
-            if fd is not None:
-                os.close(fd)
+            self.finished.set()
 
     def halt(self) -> Optional[BaseException]:
-        """Stop, and wait until the thread is gone (within one :data:`STEP`), whatever interrupts
+        """Stop, and wait until the thread has (within one :data:`STEP`), whatever interrupts
         the wait; returns the interruption (a Ctrl-C's ``KeyboardInterrupt``) for the caller to
-        raise once the spare's descriptor is dealt with. A save must not write before then: a
-        step ending after the file was cut to its archive would leave zeros after the archive."""
+        raise once the descriptor is dealt with. A save must not write before then: a step
+        ending after the file was cut to its archive would leave zeros after the archive."""
         self.stop.set()
+        with self.lock:
+            began = self._began  # not begun: the thread, if it runs, sees ``stop`` and stops
         interrupted: Optional[BaseException] = None
-        while self.thread is not None and self.thread.is_alive():
+        while began and not self.finished.is_set():
             try:
-                self.thread.join()
+                self.finished.wait()
             except BaseException as err:  # noqa: BLE001 - raised by the caller once the fd is safe
                 interrupted = interrupted or err
         return interrupted
 
+    def hand_over(self) -> Optional[io.FileIO]:
+        """The file (after :meth:`halt`), now the caller's; None if none was made."""
+        with self.lock:
+            file, self._file = self._file, None
+        return file
+
+    def close(self) -> None:
+        file = self.hand_over()
+        if file is not None:
+            file.close()
+
     def forget_after_fork(self) -> None:
         """In a forked child, where the thread does not run: close the child's copy."""
-        self._lock = threading.Lock()
-        self.thread = None
-        fd, self._fd = self._fd, None
-        if fd is not None:
+        self.lock = threading.Lock()
+        self.finished.set()
+        file, self._file = self._file, None
+        if file is not None:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                file.close()
 
 
 class SpareFile:
@@ -240,105 +260,103 @@ class SpareFile:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._fd: Optional[int] = None
-        self._folder: Optional[str] = None
-        self._allocation: Optional[_Allocation] = None
+        self._spare: Optional[_Spare] = None
         _instances.add(self)
 
     def prepare(self, folder: str, nbytes: int) -> None:
-        """Start allocating a spare of ``nbytes`` in ``folder`` (a checkpoint of that size was
-        just committed there), unless one is there already; releases a spare of another folder."""
+        """Start making a spare of ``nbytes`` in ``folder`` (a checkpoint of that size was just
+        committed there), unless one is there already; releases a spare of another folder."""
         wanted = nbytes >= MIN_BYTES and on_tmpfs(folder)
-        with self._lock:
-            if wanted and self._fd is not None and self._folder == folder:
-                return  # not taken since (a save elsewhere, or by a copy of this IO)
-            old = self._detach()
-            if wanted and _room_for(folder, nbytes):
-                self._start(folder, nbytes)
-        _close(*old)
-
-    def _start(self, folder: str, nbytes: int) -> None:
+        old: Optional[_Spare] = None
         try:
-            # The mode a plain open() gives: the umask applies to O_TMPFILE too.
-            fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
-        except OSError as err:  # a filesystem without O_TMPFILE, a folder gone
-            log.debug("asyncckpt: no spare file in %s (%s)", folder, err)
-            return
-        self._fd, self._folder = fd, folder
-        self._allocation = _Allocation(fd, nbytes)
-        self._allocation.start()
+            with self._lock:
+                if wanted and self._spare is not None and self._spare.folder == folder:
+                    return  # not taken since (a save elsewhere, or by a copy of this IO)
+                old, self._spare = self._spare, None
+                if wanted and _room_for(folder, nbytes):
+                    self._spare = _Spare(folder, nbytes)
+                    self._spare.start()
+        finally:
+            if old is not None:
+                _close(old)
 
-    def _detach(self) -> Tuple[Optional[int], Optional[_Allocation]]:
-        """Under the lock: the spare's descriptor and allocation, no longer ours."""
-        old = (self._fd, self._allocation)
-        self._fd = self._folder = self._allocation = None
-        return old
-
-    def take(self, folder: str) -> Optional[int]:
-        """The spare's descriptor (at position 0), now the caller's to close, if it was made
-        for ``folder``; else None. An allocation still running stops first."""
+    def take(self, folder: str) -> Optional[io.FileIO]:
+        """The spare (a raw file at position 0), now the caller's, if one was made for
+        ``folder``; else None. An allocation still running stops first."""
         with self._lock:
-            if self._fd is None or self._folder != folder:
+            spare = self._spare
+            if spare is None or spare.folder != folder:
                 return None
-            fd, allocation = self._detach()
-        interrupted = allocation.halt() if allocation is not None else None
+            self._spare = None
+        interrupted = spare.halt()
         if interrupted is not None:
-            os.close(fd)  # the save is interrupted: the spare is not left open behind it
+            spare.close()  # the save is interrupted: the spare is not left open behind it
             raise interrupted
-        return fd
+        return spare.hand_over()
 
     def take_as(self, folder: str, path: str) -> bool:
         """Give the spare made for ``folder``, if any, the name ``path`` (a new temp file there)
         and let go of it; whether ``path`` now exists. A spare that cannot be linked is freed."""
-        fd: Optional[int] = None
+        file: Optional[io.FileIO] = None
         try:
-            fd = self.take(folder)
-            return fd is not None and link_into(fd, path)
+            file = self.take(folder)
+            return file is not None and link_into(file.fileno(), path)
         finally:
-            if fd is not None:
-                os.close(fd)
+            if file is not None:
+                file.close()
 
     def release(self) -> None:
         """Free the spare, if any (teardown)."""
         with self._lock:
-            old = self._detach()
-        _close(*old)
+            old, self._spare = self._spare, None
+        if old is not None:
+            _close(old)
 
-    def __reduce__(self) -> Tuple[type, Tuple[()]]:
-        """A copy (a pickled IO in a writer process, ``copy.deepcopy``) starts with no spare: a
-        descriptor and a thread belong to this process."""
-        return (SpareFile, ())
+    def __reduce__(self) -> Tuple[Any, Tuple[()]]:
+        """A copy (an IO pickled for a writer process or by Lightning, ``copy.deepcopy``) holds
+        no spare: a descriptor and a thread belong to this process. It unpickles as None, so a
+        pickle names no module of ours; ``TorchCheckpointIO`` makes a new one."""
+        return (type(None), ())
 
     def forget_after_fork(self) -> None:
-        """In a forked child: its copies of the descriptors closed, no thread, a new lock."""
-        fd, allocation = self._fd, self._allocation
+        """In a forked child: the child's copy of the descriptor closed, a new lock."""
         self._lock = threading.Lock()
-        self._fd = self._folder = self._allocation = None
-        if allocation is not None:
-            allocation.forget_after_fork()
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def __del__(self) -> None:
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            with contextlib.suppress(Exception):  # at interpreter shutdown ``os`` may be gone
-                os.close(fd)
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.forget_after_fork()
 
 
-def _close(fd: Optional[int], allocation: Optional[_Allocation]) -> None:
-    interrupted = allocation.halt() if allocation is not None else None
-    if fd is not None:
-        os.close(fd)
+def _close(spare: _Spare) -> None:
+    interrupted = spare.halt()
+    spare.close()
     if interrupted is not None:
         raise interrupted
 
 
+_forking = threading.local()
+
+
+def _before_fork() -> None:
+    # Hold every spare's lock across the fork, so that no spare thread is between opening its
+    # descriptor and recording it; released in the parent, replaced in the child.
+    held = [owner._spare for owner in list(_instances) if owner._spare is not None]
+    for spare in held:
+        spare.lock.acquire()
+    _forking.held = held
+
+
+def _after_fork_in_parent() -> None:
+    for spare in getattr(_forking, "held", ()):
+        spare.lock.release()
+    _forking.held = []
+
+
 def _after_fork_in_child() -> None:
-    for spare in list(_instances):
-        spare.forget_after_fork()
+    _forking.held = []
+    for owner in list(_instances):
+        owner.forget_after_fork()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)

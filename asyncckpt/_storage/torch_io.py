@@ -213,9 +213,11 @@ class TorchCheckpointIO(CheckpointIO):
         self._spare = SpareFile()
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        # Pickled by a version without a spare file (a copy's SpareFile pickles as a new one).
+        # A copy's spare file pickles as None (a descriptor and a thread stay in their process);
+        # a version without one pickled neither attribute.
         state.setdefault("spare_file", True)
-        state.setdefault("_spare", SpareFile())
+        if state.get("_spare") is None:
+            state["_spare"] = SpareFile()
         self.__dict__.update(state)
 
     # -- storage options --------------------------------------------------------------------
