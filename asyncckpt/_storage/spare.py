@@ -40,7 +40,7 @@ from .._threads import start_thread
 
 log = logging.getLogger("asyncckpt.storage")
 
-#: Below this size a spare saves less than a millisecond or two: none is made.
+#: Below this size a spare saves a few milliseconds (16 MiB: about 3 ms here), not worth a thread.
 MIN_BYTES = 16 << 20
 #: Bytes allocated per step, between looks at whether a save wants the spare now.
 STEP = 16 << 20
