@@ -31,6 +31,7 @@ import ctypes
 import io
 import logging
 import os
+import queue
 import sys
 import threading
 import weakref
@@ -170,68 +171,83 @@ _instances: "weakref.WeakSet[SpareFile]" = weakref.WeakSet()
 
 
 class _Spare:
-    """One spare file, made and allocated on a thread of its own, then handed over once.
+    """One spare file, made and allocated on a thread of its own, which then waits to be told
+    what becomes of it: taken by a save, released, or dropped with its owner.
 
     The descriptor is opened on that thread, which no Ctrl-C reaches, and held in a raw
-    ``io.FileIO``, whose deallocation (C, running no Python code, so no signal handler
-    either) closes it: a ``KeyboardInterrupt`` at any point of a save drops it, never leaks
-    it. (A ``__del__`` here could itself be interrupted, and would swallow the user's Ctrl-C.)
-    A fork waits for the thread to finish opening it (:func:`_before_fork`), so a child sees
-    it either open and held, or not open.
+    ``io.FileIO``. The thread closes it itself when the spare is released or its owner is
+    collected: the owner's weak reference calls :attr:`_wanted`'s ``put`` (C, so no Python code
+    runs inside a collection, where a Ctrl-C would be swallowed), which also stops an
+    allocation nobody will use. Only a save interrupted between taking the spare and closing
+    it leaves the file to ``FileIO``'s own deallocation (C too). A fork waits for the thread to
+    finish opening it (:func:`_before_fork`), so a child sees it either open and held, or not
+    open.
     """
 
-    def __init__(self, folder: str, nbytes: int) -> None:
+    def __init__(self, owner: "SpareFile", folder: str, nbytes: int) -> None:
         self.folder = folder
         self.nbytes = nbytes
-        self.stop = threading.Event()
         self.finished = threading.Event()
         self.lock = threading.Lock()
         self._began = False
         self._file: Optional[io.FileIO] = None
+        #: What becomes of the spare: "take", "release", or the owner's dead weak reference.
+        self._wanted: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._owner = weakref.ref(owner, self._wanted.put)
 
     def start(self) -> None:
         start_thread(self._run, name="asyncckpt-spare")
 
+    def _decided(self) -> Any:
+        try:
+            return self._wanted.get_nowait()
+        except queue.Empty:
+            return None
+
     def _run(self) -> None:
+        wanted: Any = None
         try:
             with self.lock:
-                if self.stop.is_set():
-                    return
+                wanted = self._decided()
+                if wanted is not None:
+                    return  # decided before the thread ran: nothing to make
                 self._began = True
                 # The mode a plain open() gives: the umask applies to O_TMPFILE too.
                 fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
                 self._file = io.FileIO(fd, "r+")
             for start in range(0, self.nbytes, STEP):
-                if self.stop.is_set():
+                wanted = self._decided()
+                if wanted is not None:
                     return
                 os.posix_fallocate(fd, start, min(STEP, self.nbytes - start))
+            threading.current_thread().name = "asyncckpt-spare-ready"  # allocated: what a debugger shows
+            wanted = self._wanted.get()  # the GIL released until a save, a release or the collector
         except OSError as err:  # no O_TMPFILE there, or ENOSPC: the room was taken meanwhile
             log.debug("asyncckpt: no spare file in %s (%s)", self.folder, err)
-            with self.lock:
-                if self._file is not None:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(self._file.fileno(), 0)  # give the room back
         finally:
+            if wanted != "take":  # released, its owner gone, or failed: nobody will use it
+                self.close()
             self.finished.set()
 
-    def halt(self) -> Optional[BaseException]:
-        """Stop, and wait until the thread has (within one :data:`STEP`), whatever interrupts
-        the wait; returns the interruption (a Ctrl-C's ``KeyboardInterrupt``) for the caller to
-        raise once the descriptor is dealt with. A save must not write before then: a step
-        ending after the file was cut to its archive would leave zeros after the archive."""
-        self.stop.set()
+    def finish(self, wanted: str) -> Optional[BaseException]:
+        """Tell the thread ``wanted`` ("take" or "release") and wait until it is done (within
+        one :data:`STEP` of allocation), whatever interrupts the wait; returns the interruption
+        (a Ctrl-C's ``KeyboardInterrupt``) for the caller to raise once the file is dealt with.
+        A save must not write before then: a step ending after the file was cut to its archive
+        would leave zeros after the archive."""
+        self._wanted.put(wanted)
         with self.lock:
-            began = self._began  # not begun: the thread, if it runs, sees ``stop`` and stops
+            began = self._began  # not begun: the thread, if it runs, finds the answer and stops
         interrupted: Optional[BaseException] = None
         while began and not self.finished.is_set():
             try:
                 self.finished.wait()
-            except BaseException as err:  # noqa: BLE001 - raised by the caller once the fd is safe
+            except BaseException as err:  # noqa: BLE001 - raised by the caller once the file is safe
                 interrupted = interrupted or err
         return interrupted
 
     def hand_over(self) -> Optional[io.FileIO]:
-        """The file (after :meth:`halt`), now the caller's; None if none was made."""
+        """The file (once taken), now the caller's; None if none was made."""
         with self.lock:
             file, self._file = self._file, None
         return file
@@ -274,7 +290,7 @@ class SpareFile:
                     return  # not taken since (a save elsewhere, or by a copy of this IO)
                 old, self._spare = self._spare, None
                 if wanted and _room_for(folder, nbytes):
-                    self._spare = _Spare(folder, nbytes)
+                    self._spare = _Spare(self, folder, nbytes)
                     self._spare.start()
         finally:
             if old is not None:
@@ -288,7 +304,7 @@ class SpareFile:
             if spare is None or spare.folder != folder:
                 return None
             self._spare = None
-        interrupted = spare.halt()
+        interrupted = spare.finish("take")
         if interrupted is not None:
             spare.close()  # the save is interrupted: the spare is not left open behind it
             raise interrupted
@@ -327,8 +343,8 @@ class SpareFile:
 
 
 def _close(spare: _Spare) -> None:
-    interrupted = spare.halt()
-    spare.close()
+    interrupted = spare.finish("release")
+    spare.close()  # closed by its thread already, unless the thread never ran
     if interrupted is not None:
         raise interrupted
 

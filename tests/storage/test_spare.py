@@ -77,6 +77,7 @@ def _held_unnamed(folder: str, pids=None) -> list:
 
 
 def _wait_for_spare_threads(timeout: float = 20.0) -> None:
+    """Until no spare is being allocated (a spare's thread is then "asyncckpt-spare-ready")."""
     deadline = time.monotonic() + timeout
     while any(t.name == "asyncckpt-spare" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the spare allocation did not finish"
@@ -106,7 +107,8 @@ def test_the_next_save_into_a_tmpfs_folder_is_the_spare_made_after_the_last(shm,
     finally:
         io_.teardown()
     assert _held_unnamed(shm, [os.getpid()]) == [], "teardown left the spare open"
-    assert not any(t.name == "asyncckpt-spare" for t in threading.enumerate())
+    spare_threads = [t.name for t in threading.enumerate() if t.name.startswith("asyncckpt-spare")]
+    assert spare_threads == [], "a spare thread outlived teardown"
 
 
 @pytest.mark.parametrize("sizes", [(40, 18), (18, 40), (18, 18)], ids=["smaller", "bigger", "same"])
@@ -505,3 +507,24 @@ def test_an_io_holding_a_spare_pickles_and_its_copy_starts_without_one(shm, cls)
         assert len({ino for _, ino in _held_unnamed(shm, [os.getpid()])}) == 1, "the original lost its spare"
     finally:
         io_.teardown()
+
+
+def test_an_io_dropped_without_teardown_frees_its_spare_at_once(shm):
+    """A TorchCheckpointIO made for one save and dropped: its spare's allocation stops and the
+    file is closed by the spare's thread, not left to the collector (a ResourceWarning, or a
+    Python finalizer that a Ctrl-C would be swallowed in)."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        io_ = TorchCheckpointIO()
+        io_.save_checkpoint(_state(96), os.path.join(shm, "a.ckpt"))
+        started = time.monotonic()
+        del io_
+        gc.collect()
+        while any(t.name.startswith("asyncckpt-spare") for t in threading.enumerate()):
+            assert time.monotonic() - started < 10, "the dropped IO's spare thread lives on"
+            time.sleep(0.005)
+        assert _held_unnamed(shm, [os.getpid()]) == []
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
