@@ -35,7 +35,7 @@ import queue
 import sys
 import threading
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._threads import start_thread
 
@@ -93,7 +93,7 @@ def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> Optional[int]:
             lines = f.read().splitlines()
     except OSError:
         return None
-    room: Optional[int] = None
+    rooms: List[int] = []  # limit less usage, of each group with a limit
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # cgroup v2: memory.max of this group and every parent
@@ -103,24 +103,23 @@ def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> Optional[int]:
                 limit = _read_int(os.path.join(folder, "memory.max"))
                 used = _read_int(os.path.join(folder, "memory.current"))
                 if limit is not None and used is not None:
-                    room = min(room if room is not None else limit - used, limit - used)
+                    rooms.append(limit - used)
                 if path in ("/", ""):
                     break
                 path = os.path.dirname(path)
         elif "memory" in controllers.split(","):  # cgroup v1: the hierarchical limit
             folder = os.path.join(root, "memory", path.lstrip("/"))
-            limit = _read_int(os.path.join(folder, "memory.limit_in_bytes"))
+            limits = [_read_int(os.path.join(folder, "memory.limit_in_bytes"))]
             used = _read_int(os.path.join(folder, "memory.usage_in_bytes"))
             try:
                 with open(os.path.join(folder, "memory.stat")) as f:
-                    for stat in f:
-                        if stat.startswith("hierarchical_memory_limit "):
-                            limit = min(limit or (1 << 62), int(stat.split()[1]))
+                    limits += [int(stat.split()[1]) for stat in f if stat.startswith("hierarchical_memory_limit ")]
             except (OSError, ValueError):
                 pass
+            limit = min((value for value in limits if value is not None), default=None)
             if limit is not None and used is not None and limit < (1 << 60):  # 2^63 - a page: none
-                room = min(room if room is not None else limit - used, limit - used)
-    return room
+                rooms.append(limit - used)
+    return min(rooms, default=None)
 
 
 def _memory_available() -> Optional[int]:

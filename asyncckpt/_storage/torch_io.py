@@ -50,7 +50,7 @@ from .paths import check_names, check_target
 from .retry import RetryPolicy, call_with_retries
 from .s3 import S3Upload, pending_aborts, retry_pending_aborts
 from .spare import SpareFile
-from .torch_zip import crc_threads, cut_to_written, save_to_file
+from .torch_zip import crc_threads, save_to_file
 
 log = logging.getLogger("asyncckpt.torch_io")  # the name users configure; kept from before the move
 
@@ -104,8 +104,6 @@ def torch_save_to_file(checkpoint: Any, path: str) -> None:
             if recorder.error is not None:
                 raise recorder.error  # noqa: B904 - torch's RuntimeError stays as __context__
             raise
-        f.flush()
-        cut_to_written(f.fileno())  # where plain torch.save wrote (no fast path), over a spare
 
 
 def explain_os_error(err: OSError, target: str) -> OSError:

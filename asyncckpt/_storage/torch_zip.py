@@ -182,12 +182,15 @@ class _CrcWriter:
 def save_to_file(obj: Any, file: Any, threads: int) -> None:
     """``torch.save(obj, file)``, with the CRC32 computed on up to ``threads`` helper threads.
 
-    ``file`` has ``write``, ``flush`` and ``fileno`` (a file opened ``"w+b"`` at position 0, or a
-    wrapper of one): the CRC fields are filled in with positional reads and writes on its
-    descriptor. It is flushed, not synced. The bytes are those of ``torch.save(obj, file)``.
+    ``file`` has ``write``, ``flush`` and ``fileno`` (a file opened for reading and writing at
+    position 0, or a wrapper of one): the CRC fields are filled in with positional reads and
+    writes on its descriptor. It is flushed, not synced, and cut where the archive ends (it may
+    be a larger spare file). The bytes are those of ``torch.save(obj, file)``.
     """
     if _API is None:
         torch.save(obj, file)
+        file.flush()
+        cut_to_written(file.fileno())
         return
     make_writer, save, alignment = _API
     pool = ThreadPool(threads, thread_name_prefix="asyncckpt-crc") if threads > 1 else None

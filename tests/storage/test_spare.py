@@ -528,3 +528,23 @@ def test_an_io_dropped_without_teardown_frees_its_spare_at_once(shm):
             time.sleep(0.005)
         assert _held_unnamed(shm, [os.getpid()]) == []
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_a_spare_written_by_plain_torch_save_is_cut_to_its_archive(shm, monkeypatch):
+    """Where torch's writer lacks the CRC switch (an older torch), ``torch.save`` itself writes
+    over the spare; a smaller checkpoint after a bigger one must still end where its archive
+    ends. The detection is switched off here, since this torch has the switch."""
+    from asyncckpt._storage import torch_zip
+
+    monkeypatch.setattr(torch_zip, "_API", None)
+    io_ = TorchCheckpointIO()
+    path = os.path.join(shm, "a.ckpt")
+    try:
+        for i, mb in enumerate((40, 18)):
+            state = _state(mb, seed=i)
+            io_.save_checkpoint(state, path)
+            _wait_for_spare_threads()
+            with open(path, "rb") as f:
+                assert f.read() == _torch_save_bytes(state)
+    finally:
+        io_.teardown()
