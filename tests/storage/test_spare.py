@@ -548,3 +548,54 @@ def test_a_spare_written_by_plain_torch_save_is_cut_to_its_archive(shm, monkeypa
                 assert f.read() == _torch_save_bytes(state)
     finally:
         io_.teardown()
+
+
+_SAVE_LOOP = textwrap.dedent(
+    """
+    import sys, torch
+    from asyncckpt import TorchCheckpointIO
+
+    path, first = sys.argv[1], int(sys.argv[2])
+    io_ = TorchCheckpointIO()
+    step = first
+    while True:
+        io_.save_checkpoint({"step": step, "w": torch.full((5 << 20,), float(step))}, path)
+        print("committed", step, flush=True)
+        step += 1
+    """
+)
+
+
+def test_sigkill_while_saving_over_spares_keeps_the_last_commit(shm, tmp_path):
+    """Real SIGKILLs into a loop of saves that each write over the spare the last one made: the
+    file at the path is always a whole checkpoint, no older than the last one committed, and
+    nothing but it is left in the folder once the next run's sweep has removed the temp file of
+    the killed save (the spare itself has no name, and dies with the process)."""
+    import random
+    import signal
+
+    from asyncckpt._storage.local import cleanup_temp_files
+
+    script = tmp_path / "loop.py"
+    script.write_text(_SAVE_LOOP)
+    path = os.path.join(shm, "last.ckpt")
+    rng = random.Random(7)
+    first = 0
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, str(script), path, str(first)], stdout=subprocess.PIPE, text=True)
+        committed = []
+        while len(committed) < 3:  # past the first save: later ones write over a spare
+            line = child.stdout.readline()
+            assert line, "the save loop ended"
+            committed.append(int(line.split()[1]))
+        time.sleep(rng.uniform(0.0, 0.05))
+        child.send_signal(signal.SIGKILL)
+        rest = child.stdout.read()
+        child.wait()
+        committed += [int(line.split()[1]) for line in rest.splitlines()]
+        loaded = torch.load(path)
+        assert loaded["step"] >= committed[-1], "a committed checkpoint was lost"
+        assert torch.equal(loaded["w"], torch.full((5 << 20,), float(loaded["step"])))
+        cleanup_temp_files(shm)  # the killed process's named temp file, as the next run would
+        assert os.listdir(shm) == ["last.ckpt"]
+        first = loaded["step"] + 1
