@@ -15,7 +15,7 @@ import mmap
 import operator
 import os
 import sys
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -111,14 +111,33 @@ class HostArena:
                 os.close(self.fd)
 
 
-def plan_groups(sizes: Sequence[int]) -> Tuple[Tuple[Tuple[int, int], ...], int]:
-    """``(offset, nbytes)`` per storage, each aligned, and the arena size they need."""
-    groups = []
+def plan_groups(
+    sizes: Sequence[int], classes: Optional[Sequence[Optional[Hashable]]] = None
+) -> Tuple[Tuple[Tuple[int, int], ...], int]:
+    """``(offset, nbytes)`` per storage, and the arena size they need.
+
+    Each storage starts at a multiple of :data:`ALIGN`, except the storages of one packing class
+    (``classes[i]``, not None; see :func:`asyncckpt._staging.layout.packing_classes`): those lie
+    back to back, in order, in one run that starts at such a multiple, so that one copy fills
+    the run. A class holds one dtype, so each of its storages starts at a multiple of its
+    element size.
+    """
+    offsets = [0] * len(sizes)
+    runs: Dict[Hashable, List[int]] = {}
     total = 0
-    for nbytes in sizes:
-        groups.append((total, nbytes))
-        total += (nbytes + ALIGN - 1) // ALIGN * ALIGN
-    return tuple(groups), total
+    for i, nbytes in enumerate(sizes):
+        key = classes[i] if classes is not None else None
+        if key is None:
+            offsets[i] = total
+            total += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+        else:
+            runs.setdefault(key, []).append(i)
+    for members in runs.values():
+        for i in members:
+            offsets[i] = total
+            total += sizes[i]
+        total = (total + ALIGN - 1) // ALIGN * ALIGN
+    return tuple(zip(offsets, sizes, strict=True)), total
 
 
 def storages_in(base: torch.Tensor, groups: Sequence[Tuple[int, int]], owner: Any) -> List[torch.UntypedStorage]:

@@ -18,7 +18,7 @@ from .locations import is_device_location, locations_of
 from .protocol import Layout, StagingSlot
 from .skeleton import key_paths
 
-__all__ = ["copy_pairs", "plan", "prepare", "reserve_bytes"]
+__all__ = ["PACKED_MAX_NUMEL", "copy_pairs", "packing_classes", "plan", "prepare", "reserve_bytes"]
 
 
 def prepare(
@@ -96,7 +96,7 @@ def plan(
     touched now (``stop`` may cut that short), off the save call that would otherwise pay both.
     """
     storage_sizes, per_tensor = layout
-    groups, total = plan_groups([nbytes for _, nbytes in storage_sizes])
+    groups, total = plan_groups([nbytes for _, nbytes in storage_sizes], packing_classes(layout, whole_copy))
     kind = slot.arena_kind
     if kind == "plain" and any(is_device_location(device) for device, _ in storage_sizes):
         kind = "pinned"
@@ -160,6 +160,36 @@ _COPIED_AS_TENSORS = frozenset({
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
     torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
 })
+
+
+#: A storage viewed whole by one tensor of fewer elements than this (below torch's parallel
+#: grain, ``at::internal::GRAIN_SIZE``) is packed beside the others of its class: a warm save
+#: copies a checkpoint of many small tensors with one ``torch.cat`` per class, a memcpy per
+#: tensor, instead of a copy of its own per tensor (about 0.8 us each, the cost that dominated).
+PACKED_MAX_NUMEL = 32768
+
+
+def packing_classes(layout: Layout, whole_copy: Sequence[bool]) -> List[Optional[Tuple[Any, ...]]]:
+    """Per storage group, its packing class, or None: the groups copied whole from one tensor of
+    at most :data:`PACKED_MAX_NUMEL` elements, by ``(dtype, dimensions, size past the first
+    dimension)`` (what ``torch.cat`` along the first dimension, or ``torch.stack`` of 0-d
+    tensors, needs alike)."""
+    storage_sizes, per_tensor = layout
+    only: List[Optional[tuple]] = [None] * len(storage_sizes)
+    for spec in per_tensor:
+        if len(spec) == 6 and whole_copy[spec[0]]:
+            only[spec[0]] = spec
+    classes: List[Optional[Tuple[Any, ...]]] = []
+    for spec in only:
+        if spec is None:
+            classes.append(None)
+            continue
+        size = spec[2]
+        numel = 1
+        for n in size:
+            numel *= n
+        classes.append((spec[1], len(size), tuple(size[1:])) if 0 < numel < PACKED_MAX_NUMEL else None)
+    return classes
 
 
 def _whole_copy_flags(layout: Layout, tensors: Sequence[torch.Tensor]) -> List[bool]:

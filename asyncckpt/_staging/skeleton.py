@@ -1,20 +1,24 @@
 """The skeleton: staging's one pickling pass, its inverse, and the key paths it can name.
 
 :func:`split` is staging's single pickling pass: every plain tensor, wherever it sits (dicts,
-lists, namedtuples, dataclasses, a module's ``_parameters``), is set aside by ``persistent_id``;
-everything else is serialized into a small "skeleton", the point-in-time copy of all non-tensor
-state. Pickling it on the caller's thread surfaces an unpicklable object where the user can act
-on it; :func:`asyncckpt._diagnose.describe_unpicklable` then names the key. :func:`restore` is
-the inverse, and :func:`key_paths` names staged tensors (``state_dict.layer3.weight``) from the
+lists, namedtuples, dataclasses, a module's ``_parameters``), is set aside by the pickler's
+``reducer_override`` and stands in the skeleton as a call of :func:`staged_item`; everything
+else is serialized into a small "skeleton", the point-in-time copy of all non-tensor state.
+Pickling it on the caller's thread surfaces an unpicklable object where the user can act on it;
+:func:`asyncckpt._diagnose.describe_unpicklable` then names the key. :func:`restore` is the
+inverse, and :func:`key_paths` names staged tensors (``state_dict.layer3.weight``) from the
 skeleton when a save fails.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import io
 import itertools
+import operator
 import pickle
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import _utils as torch_utils  # torch's private sparse rebuild and its list
@@ -24,6 +28,7 @@ from ..errors import NotSerializableError
 
 __all__ = [
     "TensorCollector",
+    "without_attributes",
     "is_stageable",
     "key_paths",
     "restore",
@@ -34,6 +39,47 @@ __all__ = [
 
 
 # -- the staging pass: one pickler that sets tensors aside and serializes everything else ----
+
+
+_attributes = operator.attrgetter("__dict__")  # creates an empty dict on a tensor that had none
+_is_dict = functools.partial(operator.is_, dict)
+
+
+def _referents_without_attributes(tensors: Sequence[torch.Tensor]) -> bool:
+    """No tensor has attributes, read from what the garbage collector sees of each tensor (its
+    type, its ``__dict__`` if it has one, ...): one C call for all of them, which creates no
+    ``__dict__`` on a tensor that has none (reading ``tensor.__dict__`` does)."""
+    referents = gc.get_referents(*tensors)
+    kinds = list(map(type, referents))
+    if dict not in kinds:
+        return True
+    return not any(map(len, itertools.compress(referents, map(_is_dict, kinds))))
+
+
+def _attribute_reads_without_attributes(tensors: Sequence[torch.Tensor]) -> bool:
+    return not any(map(_attributes, tensors))
+
+
+def _referents_show_attributes() -> bool:
+    """Whether the collector's view of a tensor shows its attributes, on tensors made for it."""
+    try:
+        plain, empty, noted = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+        empty.__dict__  # noqa: B018 - an empty attribute dict, as reading it leaves one
+        noted.note = 1
+        return (
+            _referents_without_attributes([plain, empty]) is True
+            and _referents_without_attributes([plain, empty, noted]) is False
+        )
+    except Exception:  # noqa: BLE001 - another interpreter: the attribute reads stand
+        return False
+
+
+#: Whether no tensor of a list has attributes (which ``torch.save`` pickles, so that such a
+#: tensor is pickled by value, not staged). The full pass asks it of each tensor, the warm
+#: pass (:mod:`asyncckpt._staging.warm`) of all of them at once.
+without_attributes: Callable[[Sequence[torch.Tensor]], bool] = (
+    _referents_without_attributes if _referents_show_attributes() else _attribute_reads_without_attributes
+)
 
 
 def is_stageable(obj: Any) -> bool:
@@ -49,7 +95,7 @@ def is_stageable(obj: Any) -> bool:
         and not obj.is_quantized
         and not obj.is_conj()
         and not obj.is_neg()
-        and not obj.__dict__
+        and without_attributes((obj,))
     )
 
 
@@ -82,34 +128,47 @@ def _reduce_parameter(param: torch.Tensor) -> Any:
     return (rebuild, (param.detach(), *args[1:]), *reduced[2:])
 
 
-class TensorCollector(pickle.Pickler):
-    """Pickles the non-tensor skeleton and collects stageable tensors and storages as persistent ids.
+def staged_item() -> Any:
+    """What a skeleton calls where a staged tensor (or storage) was: the unpicklers here give
+    each call the next staged item, in the order the pickler set them aside. Anywhere else a
+    skeleton is not meant to be loaded."""
+    raise pickle.UnpicklingError("an asyncckpt skeleton is loaded by asyncckpt._staging.skeleton.restore")
 
-    Parameters (whole modules, ``state_dict(keep_vars=True)``) are collected through
+
+#: The reduce value a collector returns for an item it sets aside: the skeleton holds a call
+#: of :func:`staged_item` there. A constant, so setting an item aside allocates nothing; the
+#: pickler memoizes the item, so an object met again is a reference to the first meeting.
+_STAGED = (staged_item, ())
+
+
+class TensorCollector(pickle.Pickler):
+    """Pickles the non-tensor skeleton and sets stageable tensors and storages aside.
+
+    Items are caught in ``reducer_override``, which the pickler calls only for objects that are
+    not atoms or builtin containers (a ``persistent_id`` is called for every object: 55,000
+    calls for a checkpoint of 20,000 tensors, where this is called 20,000 times). Parameters
+    (whole modules, ``state_dict(keep_vars=True)``) are collected through
     :func:`_reduce_parameter`, so each staged tensor shares the version counter of its parameter.
     """
 
     def __init__(self, buffer: io.BytesIO) -> None:
         super().__init__(buffer, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors: List[Any] = []
-        self._index: Dict[int, int] = {}
-
-    def persistent_id(self, obj: Any) -> Optional[int]:
-        if type(obj) is torch.Tensor:
-            if not is_stageable(obj):
-                return None
-        elif not _is_stageable_storage(obj):
-            return None
-        index = self._index.get(id(obj))
-        if index is None:
-            index = len(self.tensors)
-            self._index[id(obj)] = index
-            self.tensors.append(obj)  # keeps the object alive, so its id stays unique
-        return index
+        self._set_aside = self.tensors.append
 
     def reducer_override(self, obj: Any) -> Any:
-        # Called for objects persistent_id passed on, except builtin containers and atoms.
-        if isinstance(obj, torch.Tensor) and type(obj).__reduce_ex__ is _PARAMETER_REDUCE:
+        kind = type(obj)
+        if kind is _TENSOR:
+            if not is_stageable(obj):
+                return NotImplemented  # pickled by value; its storage comes back here
+            self._set_aside(obj)
+            return _STAGED
+        if kind in _STORAGE_TYPES:
+            if not _is_stageable_storage(obj):
+                return NotImplemented
+            self._set_aside(obj)
+            return _STAGED
+        if isinstance(obj, torch.Tensor) and kind.__reduce_ex__ is _PARAMETER_REDUCE:
             return _reduce_parameter(obj)
         return NotImplemented
 
@@ -133,11 +192,14 @@ class _TensorRestorer(pickle.Unpickler):
     def __init__(self, data: bytes, tensors: Sequence[Any]) -> None:
         super().__init__(io.BytesIO(data))
         self._tensors = tensors
+        self._next_item = iter(tensors).__next__
 
-    def persistent_load(self, pid: Any) -> Any:
+    def persistent_load(self, pid: Any) -> Any:  # skeletons of asyncckpt before 2026-12-07
         return self._tensors[pid]
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == "staged_item":
+            return self._next_item
         if module == "torch._utils" and name == "_rebuild_sparse_tensor":
             return _rebuild_sparse_tensor_unlisted
         return super().find_class(module, name)
@@ -177,89 +239,48 @@ def split(checkpoint: Any, path: str) -> Tuple[bytes, List[Any]]:
 
 
 class _NotLean(Exception):
-    """A bare storage, or a tensor pickled by value: the lean pass cannot stand in for :func:`split`."""
+    """A bare storage: the lean pass cannot stand in for :func:`split`."""
 
 
 class _LeanCollector(TensorCollector):
     """:class:`TensorCollector` that sets aside every plain ``torch.Tensor`` without asking
     :func:`is_stageable` (a dozen attribute reads each), and gives up at a bare storage.
 
-    ``persistent_id`` runs for every object pickled (55,000 of them for 20,000 tensors), so it
-    does one type test; whether the tensors it took are stageable is checked afterwards, in bulk,
-    by the caller (:mod:`asyncckpt._staging.warm`).
+    Whether the tensors it took are stageable is checked afterwards, in bulk, by the caller
+    (:mod:`asyncckpt._staging.warm`).
     """
-
-    def persistent_id(self, obj: Any) -> Optional[int]:
-        kind = type(obj)
-        if kind is _TENSOR:
-            index = self._index.get(id(obj))
-            if index is None:
-                index = self._index[id(obj)] = len(self.tensors)
-                self.tensors.append(obj)
-            return index
-        if kind in _STORAGE_TYPES:
-            raise _NotLean
-        return None
-
-
-class _FastCollector(_LeanCollector):
-    """:class:`_LeanCollector` without the lookup by identity: each tensor pickled gets the next
-    id, so a tensor object pickled twice gets two (:func:`split_lean` checks for that afterwards,
-    in one pass over the ids). Half the Python per tensor; bare storages are caught where
-    ``persistent_id`` passes them on, in ``reducer_override``, which atoms never reach.
-    """
-
-    def __init__(self, buffer: io.BytesIO) -> None:
-        super().__init__(buffer)
-        self._append = self.tensors.append
-        self._next_id = itertools.count().__next__
-
-    def persistent_id(self, obj: Any) -> Optional[int]:
-        if type(obj) is _TENSOR:
-            self._append(obj)
-            return self._next_id()
-        return None
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) in _STORAGE_TYPES:
+        kind = type(obj)
+        if kind is _TENSOR:
+            self._set_aside(obj)
+            return _STAGED
+        if kind in _STORAGE_TYPES:
             raise _NotLean
-        return super().reducer_override(obj)
+        if isinstance(obj, torch.Tensor) and kind.__reduce_ex__ is _PARAMETER_REDUCE:
+            return _reduce_parameter(obj)
+        return NotImplemented
 
 
 _TENSOR = torch.Tensor
 
 
-def split_lean(checkpoint: Any, distinct_storages_required: bool = False) -> Optional[Tuple[bytes, List[torch.Tensor]]]:
-    """:func:`split` for a checkpoint whose tensors are all stageable, in a fifth of its time.
+def split_lean(checkpoint: Any) -> Optional[Tuple[bytes, List[torch.Tensor]]]:
+    """:func:`split` for a checkpoint whose tensors are all stageable, at a fraction of its cost.
 
     Returns None where the result could differ from :func:`split`'s (a bare storage, or any
     error: :func:`split` then raises it with its key). Where every tensor returned passes
     :func:`is_stageable`, the skeleton and the tensors are exactly :func:`split`'s: both pickle
-    the same objects in the same order; the caller must check that.
-
-    The first pass (:class:`_FastCollector`) does not look tensors up by identity; where one
-    tensor object turned out to be pickled twice, its ids would differ from :func:`split`'s, and
-    the pass that looks them up (:class:`_LeanCollector`) runs instead.
-
-    ``distinct_storages_required``: the caller uses the result only if the tensors' storages
-    are all distinct, which no tensor object met twice passes (both meetings have one storage);
-    the check for one is then the caller's, and is not made here.
+    the same objects in the same order, and set each tensor object aside once; the caller must
+    check that.
     """
-    for collector_class in (_FastCollector, _LeanCollector):
-        buffer = io.BytesIO()
-        collector = collector_class(buffer)
-        try:
-            collector.dump(checkpoint)
-        except Exception:  # noqa: BLE001 - split() runs next and raises it with the key
-            return None
-        tensors = collector.tensors
-        if (
-            collector_class is _LeanCollector
-            or distinct_storages_required
-            or len(set(map(id, tensors))) == len(tensors)
-        ):
-            return buffer.getvalue(), tensors
-    return None  # not reached: the second pass always returns
+    buffer = io.BytesIO()
+    collector = _LeanCollector(buffer)
+    try:
+        collector.dump(checkpoint)
+    except Exception:  # noqa: BLE001 - split() runs next and raises it with the key
+        return None
+    return buffer.getvalue(), collector.tensors
 
 
 def restore(skeleton: bytes, tensors: Sequence[Any]) -> Any:

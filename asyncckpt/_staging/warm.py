@@ -3,8 +3,8 @@
 The structure of a state dict rarely changes between saves. For a checkpoint of many small
 tensors (20,000 of 1 KB: a transformer's per-layer weights and optimizer state), the call used
 to spend 3-4x as long as the copy itself in per-tensor Python: a pickling pass that asked
-:func:`~asyncckpt._staging.skeleton.is_stageable` of every tensor, and a loop that read each
-tensor's storage, dtype, shape, stride and offset into the layout tuple.
+:func:`~asyncckpt._staging.skeleton.is_stageable` of every tensor, a loop that read each
+tensor's storage, dtype, shape, stride and offset into the layout tuple, and a copy per tensor.
 
 Once a slot's layout has repeated, :func:`record` keeps, per staged tensor, what that layout was
 built from: its storage's identity (``_cdata``, an integer: no reference that would keep the
@@ -24,26 +24,28 @@ non-tensor state (epoch, step, ...) is pickled anew at every save either way.
 
 A storage id may be taken by a new storage once the old one is freed; that is harmless: within
 one call every storage compared is alive, so equal id lists mean the same partition into
-storages, and the sizes are compared too. Small whole tensors are copied on the copier's helper
-thread while the checks run (with the guards, three quarters of them there and the rest on the
-caller's thread once its checks are done); a copy whose check then fails only wrote the slot's
-own views, and the full path copies everything again.
+storages, and the sizes are compared too.
+
+The small tensors that each fill a storage of their own lie in the arena in packed runs, one per
+dtype and shape past the first dimension (:func:`~asyncckpt._staging.layout.packing_classes`);
+each run is filled by one ``torch.cat`` (:func:`~asyncckpt._staging.copier.copy_runs`), a
+memcpy per tensor, on the copier's helper thread while the checks run. A copy whose check then
+fails only wrote the slot's own memory, and the full path copies everything again.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from operator import attrgetter
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from operator import attrgetter, itemgetter
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 
 from . import layout as layouts
-from .arena import byte_view
-from .copier import CopyPlan, ParallelCopier, copy_without_grad
+from .arena import byte_view, storages_in
+from .copier import CopyPlan, PackedRun, ParallelCopier, copy_runs
 from .protocol import Layout, StagingSlot
-from .skeleton import split_lean
+from .skeleton import split_lean, without_attributes
 
 __all__ = ["MAX_MISSES", "Reused", "WarmCache", "record", "reuse", "tensor_guards"]
 
@@ -51,11 +53,6 @@ __all__ = ["MAX_MISSES", "Reused", "WarmCache", "record", "reuse", "tensor_guard
 #: recording: a checkpoint whose storages change at every save (fresh clones) would only pay
 #: the lean pass on top of the full one.
 MAX_MISSES = 3
-
-#: Whole tensors of fewer elements are copied on a helper thread while the caller checks the
-#: structure: below torch's parallel grain (``at::internal::GRAIN_SIZE``), a copy starts no
-#: OpenMP team on that thread.
-SMALL_NUMEL = 32768
 
 _storage_of = torch.Tensor.untyped_storage
 _storage_id = attrgetter("_cdata")  # torch's handle of the storage: what torch.save keys on
@@ -67,7 +64,6 @@ _offset = torch.Tensor.storage_offset
 _requires_grad = torch.Tensor.requires_grad.__get__
 _is_neg = torch.Tensor.is_neg
 _is_conj = torch.Tensor.is_conj
-_attributes = attrgetter("__dict__")
 
 
 def _works(check_class: Callable[..., Any]) -> bool:
@@ -131,7 +127,7 @@ def tensor_guards(
 @dataclass
 class WarmCache:
     """Per staged tensor, the attributes the slot's layout was built from (no tensor references
-    of the user's), and the slot's copy split into what a helper thread copies and the rest."""
+    of the user's), and the slot's copy: packed runs, and the rest pair by pair."""
 
     layout: Layout  # the slot's layout these belong to (compared by identity)
     storage_ids: List[int]
@@ -147,12 +143,15 @@ class WarmCache:
     one_group_each: bool  # first_members is 0, 1, 2, ...: each tensor is its group's only member
     tensor_bytes: int
     on_cpu: bool  # every storage is on the CPU: reuse() copies (else the stager's device copy)
-    small_items: Optional[List[int]]  # tensors copied whole and small; None: all, in order
-    small_dst: List[torch.Tensor]
+    runs: List[PackedRun]  # the packed runs, each copied by one call
+    # With the guards, the tensors whose offsets are read: those outside the runs (a tensor in
+    # a run fills its storage, so an equal storage size, shape and stride leave it offset 0).
+    # None: all of them.
+    unpacked: Optional[List[int]]
+    unpacked_offsets: List[int]
     rest_sources: List[Tuple[int, int]]  # as layout.copy_pairs: (group, tensor or -1)
     rest_dst: List[torch.Tensor]
     rest_plan: Optional[CopyPlan] = None
-    small_plan: Optional[CopyPlan] = None  # where no helper thread copies them
 
 
 class Reused(NamedTuple):
@@ -177,6 +176,48 @@ def _read(tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]) -> 
         list(map(_offset, tensors)),
         list(map(_requires_grad, tensors)),
     )
+
+
+def _packed_runs(
+    slot: StagingSlot, members: List[Tuple[int, torch.Tensor]], key: Tuple[Any, ...], packed: Set[int]
+) -> List[PackedRun]:
+    """The runs of one packing class: its members' targets back to back in the arena (as
+    :func:`~asyncckpt._staging.arena.plan_groups` lays them out), cut where they are not. Adds
+    the tensors the runs copy to ``packed``."""
+    arena = slot.arena
+    assert arena is not None
+    runs: List[PackedRun] = []
+    start = 0
+    while start < len(members):
+        end = start + 1
+        while end < len(members):
+            prev = members[end - 1][1]
+            if members[end][1].data_ptr() != prev.data_ptr() + prev.numel() * prev.element_size():
+                break
+            end += 1
+        if end - start >= 2:  # a single tensor is copied with the rest
+            runs.append(_run(arena, members[start:end], key))
+            packed.update(i for i, _ in members[start:end])
+        start = end
+    return runs
+
+
+def _run(arena: Any, members: List[Tuple[int, torch.Tensor]], key: Tuple[Any, ...]) -> PackedRun:
+    """One run: its members' targets, back to back, as one tensor of the class's dtype."""
+    dtype, dims, trailing = key
+    first = members[0][1]
+    nbytes = sum(dst.numel() * dst.element_size() for _, dst in members)
+    offset = first.data_ptr() - arena.tensor.data_ptr()
+    # A storage of its own over the run (it keeps the arena alive), not resizable: a copy of
+    # tensors that changed cannot resize the target over its neighbours' memory.
+    (storage,) = storages_in(arena.tensor, [(offset, nbytes)], arena)
+    if dims == 0:
+        shape: Tuple[int, ...] = (len(members),)
+    else:
+        shape = (sum(dst.shape[0] for _, dst in members), *trailing)
+    dst = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    take = itemgetter(*[i for i, _ in members])
+    return PackedRun(take, dst, dims == 0)
 
 
 def record(slot: StagingSlot, tensors: List[Any], tensor_bytes: int) -> None:
@@ -204,17 +245,21 @@ def record(slot: StagingSlot, tensors: List[Any], tensor_bytes: int) -> None:
     if slot.copy_pairs is None:
         slot.copy_pairs = layouts.copy_pairs(slot)
     sources, targets, on_cuda = slot.copy_pairs
-    small_items: List[int] = []
-    small_dst: List[torch.Tensor] = []
+    classes = layouts.packing_classes(layout, slot.whole_copy) if not on_cuda else [None] * len(layout[0])
+    members: Dict[Tuple[Any, ...], List[Tuple[int, torch.Tensor]]] = {}
+    for (group, i), dst in zip(sources, targets, strict=True):
+        key = classes[group] if i >= 0 else None
+        if key is not None:
+            members.setdefault(key, []).append((i, dst))
+    packed: Set[int] = set()
+    runs = [run for key, found in members.items() for run in _packed_runs(slot, found, key, packed)]
     rest_sources: List[Tuple[int, int]] = []
     rest_dst: List[torch.Tensor] = []
     for (group, i), dst in zip(sources, targets, strict=True):
-        if i >= 0 and dst.numel() < SMALL_NUMEL:
-            small_items.append(i)
-            small_dst.append(dst)
-        else:
+        if i not in packed:  # -1 (a storage copied as bytes) never is
             rest_sources.append((group, i))
             rest_dst.append(dst)
+    unpacked = [i for i in range(len(tensors)) if i not in packed]
     slot.warm = WarmCache(
         layout=layout,
         storage_ids=ids,
@@ -230,8 +275,9 @@ def record(slot: StagingSlot, tensors: List[Any], tensor_bytes: int) -> None:
         one_group_each=firsts == list(range(len(tensors))),
         tensor_bytes=tensor_bytes,
         on_cpu=not on_cuda,
-        small_items=None if small_items == list(range(len(tensors))) else small_items,
-        small_dst=small_dst,
+        runs=runs,
+        unpacked=None if len(unpacked) == len(tensors) else unpacked,
+        unpacked_offsets=[offsets[i] for i in unpacked],
         rest_sources=rest_sources,
         rest_dst=rest_dst,
     )
@@ -241,9 +287,9 @@ def reuse(slot: StagingSlot, checkpoint: Any, copier: Optional[ParallelCopier] =
     """``checkpoint`` split and laid out as the full path would, when its structure is the one
     recorded for ``slot``; None otherwise (the cache is then dropped, and the full path runs).
 
-    With a ``copier`` and CPU storages the tensors are copied into the slot too: the small
-    whole tensors on the copier's helper thread while this thread checks the structure (a copy
-    whose check then fails is overwritten by the full path's), the rest once it passed.
+    With a ``copier`` and CPU storages the tensors are copied into the slot too: the packed runs
+    on the copier's helper thread while this thread checks the structure (a copy whose check
+    then fails is overwritten by the full path's), the rest once it passed.
     """
     cache = slot.warm
     if cache is None:
@@ -251,9 +297,7 @@ def reuse(slot: StagingSlot, checkpoint: Any, copier: Optional[ParallelCopier] =
     if cache.layout is not slot.layout:  # re-planned since (a save into it failed midway, say)
         slot.warm = None
         return None
-    # With every tensor on a storage of its own, the storage check below also rules out a
-    # tensor object met twice (its two meetings would share a storage).
-    lean = split_lean(checkpoint, distinct_storages_required=cache.one_group_each)
+    lean = split_lean(checkpoint)
     found = None if lean is None else _check_and_copy(cache, lean[1], copier if cache.on_cpu else None)
     if found is None:
         slot.warm = None
@@ -264,12 +308,6 @@ def reuse(slot: StagingSlot, checkpoint: Any, copier: Optional[ParallelCopier] =
     # Each tensor on a storage of its own (the common case) needs no picking.
     group_storages = storages if cache.one_group_each else list(map(storages.__getitem__, cache.first_members))
     return Reused(lean[0], lean[1], group_storages, cache.tensor_bytes, copied)
-
-
-#: Where the guards check the tensors (:func:`tensor_guards`), this share of the small copies
-#: goes to the helper thread and the rest is copied here once the remaining checks are done,
-#: which take about a third as long as the copy.
-HELPER_SHARE = 0.75
 
 
 def _check_and_copy(
@@ -283,10 +321,10 @@ def _check_and_copy(
     tensor: device and layout come with the storage (sparse and MKL-DNN tensors have none, and
     raise), a nested tensor has no strides (raises), and a quantized tensor has a dtype of its own.
 
-    The small copies start at once (with the guards: each tensor is then a plain
-    ``torch.Tensor``, and a copy of a changed one either fails or writes the slot's own views,
-    which the full path copies again) or once the same storages are seen (without them), while
-    the rest is checked.
+    The packed runs start copying at once (with the guards: each tensor is a plain
+    ``torch.Tensor``, and a copy of a changed one either fails or writes the slot's own
+    memory, which the full path copies again) or once the same storages are seen (without
+    them), while the rest is checked.
     """
     if len(tensors) != len(cache.storage_ids):
         return None
@@ -299,16 +337,11 @@ def _check_and_copy(
             return None
         if storages is None:
             return None
-    small_src = tensors if cache.small_items is None else [tensors[i] for i in cache.small_items]
-    small_dst = cache.small_dst
-    shared = len(small_dst) if guards is None else int(len(small_dst) * HELPER_SHARE)
-    running = copier.start(small_dst[:shared], small_src[:shared]) if copier is not None else None
+    running = copier.start(cache.runs, tensors) if copier is not None else None
     same = False
     try:  # from here on the helper's copy is waited for, whatever is raised (a Ctrl-C included)
         if running is not None:
-            # Let the helper take the GIL now, to read its arguments: the checks below are long
-            # C calls that would keep it waiting for the interpreter's switch interval.
-            time.sleep(0)
+            running.hand_over()
         try:
             if guards is not None:
                 storages = _same_storages(cache, tensors) if guards.check(*tensors) is True else None
@@ -317,15 +350,10 @@ def _check_and_copy(
                 same = _same(cache, tensors, storages)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
             same = False
-        if same and running is not None and shared < len(small_dst):
-            try:
-                copy_without_grad(small_dst[shared:], small_src[shared:])
-            except Exception:  # noqa: BLE001 - the full path copies again, and raises what is real
-                same = False
     finally:
         if running is not None:
             try:
-                ParallelCopier.wait(running)
+                running.wait()
             except Exception:  # noqa: BLE001 - a changed tensor that cannot be copied: the check fails
                 same = False
     if not same or storages is None:
@@ -333,8 +361,8 @@ def _check_and_copy(
     if copier is None:
         return storages, False
     with torch.no_grad():
-        if running is None and small_dst:
-            cache.small_plan = copier.copy(small_dst, small_src, cache.small_plan)
+        if running is None and cache.runs:
+            copy_runs(cache.runs, tensors)
         if cache.rest_dst:
             firsts = cache.first_members
             rest_src = [tensors[i] if i >= 0 else byte_view(storages[firsts[g]]) for g, i in cache.rest_sources]
@@ -349,13 +377,16 @@ def _same_storages(cache: WarmCache, tensors: List[torch.Tensor]) -> Optional[Li
 
 
 def _same_rest(cache: WarmCache, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]) -> bool:
-    """What the guards do not see: how much storage there is, where in it each tensor starts,
-    and attributes set on a tensor."""
-    return (
-        list(map(_storage_bytes, storages)) == cache.storage_bytes
-        and list(map(_offset, tensors)) == cache.offsets
-        and not any(map(_attributes, tensors))
-    )
+    """What the guards do not see: how much storage there is, where in it each tensor starts
+    (outside the packed runs), and attributes set on a tensor."""
+    if list(map(len, storages)) != cache.storage_bytes:  # len() of an untyped storage: its bytes
+        return False
+    if cache.unpacked is None:
+        if list(map(_offset, tensors)) != cache.offsets:
+            return False
+    elif cache.unpacked and list(map(_offset, map(tensors.__getitem__, cache.unpacked))) != cache.unpacked_offsets:
+        return False
+    return without_attributes(tensors)
 
 
 def _same(cache: WarmCache, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]) -> bool:
@@ -372,6 +403,6 @@ def _same(cache: WarmCache, tensors: List[torch.Tensor], storages: List[torch.Un
         or offsets != cache.offsets
         or grads != cache.requires_grad
         or any(map(_is_neg, tensors))
-        or any(map(_attributes, tensors))
+        or not without_attributes(tensors)
         or any(_is_conj(tensors[i]) for i in cache.complex_items)
     )

@@ -429,12 +429,12 @@ def test_an_interrupt_right_after_the_helper_starts_waits_for_its_copy(tmp_path,
     """A Ctrl-C that lands just after the helper thread started copying into the slot must not
     leave that copy running: the slot goes back to the pool, and the next save would stage into
     it while the stale copy still writes. Fault injection: the interrupt is raised from the
-    GIL hand-over (``time.sleep(0)``) and the helper's copy is slowed, since a real signal
-    cannot be aimed at that instant."""
+    GIL hand-over (``HelperCopy.hand_over``) and the helper's copy is slowed, since a real
+    signal cannot be aimed at that instant."""
     from asyncckpt._staging import copier as copier_module
 
     if warm.GUARDS_CLASS is None:
-        pytest.skip("the hand-over follows the guard check's start")
+        pytest.skip("the copy starts before the checks only with the guards")
     io = AsyncCheckpointIO(writer="thread", staging="eager", max_pending=1)
     try:
         params = [torch.full((4,), float(i)) for i in range(64)]
@@ -442,23 +442,21 @@ def test_an_interrupt_right_after_the_helper_starts_waits_for_its_copy(tmp_path,
         for step in range(3):
             io.save_checkpoint({"p": [p.view(2, 2) for p in params], "step": step}, path)
             io.flush()
-        assert _only_slot(io).warm is not None
+        assert _only_slot(io).warm is not None and _only_slot(io).warm.runs
         copy_done = threading.Event()
-        real_copy = copier_module.copy_without_grad
-        real_sleep = time.sleep  # warm.py's ``time`` is the time module: patched for all
+        real_copy = copier_module.copy_runs
 
-        def slow_copy(dst: Any, src: Any) -> None:
-            real_sleep(0.3)
-            real_copy(dst, src)
+        def slow_copy(runs: Any, tensors: Any) -> None:
+            time.sleep(0.3)
+            real_copy(runs, tensors)
             copy_done.set()
 
-        def interrupt(seconds: float) -> None:
-            if threading.current_thread() is threading.main_thread():
-                raise KeyboardInterrupt
-            real_sleep(seconds)
+        def interrupt(self: Any) -> None:
+            self.started.wait()
+            raise KeyboardInterrupt
 
-        monkeypatch.setattr(copier_module, "copy_without_grad", slow_copy)
-        monkeypatch.setattr(warm.time, "sleep", interrupt)
+        monkeypatch.setattr(copier_module, "copy_runs", slow_copy)
+        monkeypatch.setattr(copier_module.HelperCopy, "hand_over", interrupt)
         with pytest.raises(KeyboardInterrupt):
             io.save_checkpoint({"p": [p.view(2, 2) for p in params], "step": 3}, path)
         assert copy_done.is_set(), "the call returned while the helper still copied into the slot"
@@ -471,3 +469,81 @@ def test_an_interrupt_right_after_the_helper_starts_waits_for_its_copy(tmp_path,
         assert saved["step"] == 4 and all(torch.equal(t, torch.full((2, 2), -7.0)) for t in saved["p"])
     finally:
         io.teardown()
+
+
+def _packed_state() -> Dict[str, Any]:
+    """Small whole tensors of many packing classes: dtypes cat copies by its serial kernel
+    (floating) and by its general one (integers, complex, bool is not packed), 0-d scalars,
+    rows of several lengths, and bit patterns a value copy could change (a NaN payload, -0.0)."""
+    gen = torch.Generator().manual_seed(1)
+    payload = torch.tensor([0x7FC12345], dtype=torch.int32).view(torch.float32)  # a NaN with a payload
+    state: Dict[str, Any] = {
+        "f32": [torch.randn(n, 8, generator=gen) for n in (1, 3, 2, 5)],
+        "f32_nan": torch.cat([payload, torch.tensor([-0.0, 1.0])]),
+        "f32_rows": [torch.randn(16, generator=gen) for _ in range(6)],
+        "f16": [torch.randn(4, 4, generator=gen).half() for _ in range(3)],
+        "bf16": [torch.randn(7, generator=gen).bfloat16() for _ in range(3)],
+        "f64": [torch.randn(3, generator=gen, dtype=torch.float64) for _ in range(3)],
+        "i64": [torch.arange(n) for n in (5, 1, 9)],
+        "i8": [torch.arange(-4, 4, dtype=torch.int8) for _ in range(2)],
+        "c64": [torch.randn(4, generator=gen, dtype=torch.complex64) for _ in range(2)],
+        "bool": [torch.tensor([True, False, True]) for _ in range(2)],
+        "steps": [torch.tensor(float(i)) for i in range(5)],
+        "int_steps": [torch.tensor(i) for i in range(3)],
+    }
+    return state
+
+
+def _trade_rows(state: Dict[str, Any]) -> Dict[str, Any]:
+    """Two tensors of one packed run trade a row: the run's total is unchanged, so one cat into it
+    succeeds; only the check of each shape tells."""
+    changed = dict(state)
+    a, b = state["f32"][0], state["f32"][1]  # 1 and 3 rows
+    changed["f32"] = [torch.cat([a, b[:1]]), b[1:], *state["f32"][2:]]
+    return changed
+
+
+PACKED_CHANGES = [
+    "none", "trade rows", "scalar now a vector", "a run member shared", "a run member transposed",
+    "a run member seen as another dtype", "a run member requires grad",
+]
+
+
+@pytest.mark.parametrize("change", PACKED_CHANGES)
+@pytest.mark.parametrize("mode", ["thread-eager", "process-eager", "thread-lazy-small"])
+def test_packed_runs_are_torch_save_bytes_and_see_every_change(tmp_path, engines, mode, change, checks):
+    io = _engine(engines, mode)
+    state = _packed_state()
+    path = os.path.join(tmp_path, "x.ckpt")
+    for step in range(3):
+        io.save_checkpoint({"step": step, **state}, path)
+        io.flush()
+    slot = _only_slot(io)
+    _checked_as(slot.warm, checks)
+    assert len(slot.warm.runs) >= 8, "the small tensors were not packed into runs"
+    ckpt: Dict[str, Any] = {"step": 3, **state}
+    if change == "trade rows":
+        ckpt = {"step": 3, **_trade_rows(state)}
+    elif change == "scalar now a vector":
+        ckpt["steps"] = [*state["steps"][:2], state["steps"][2].view(1), *state["steps"][3:]]
+    elif change == "a run member shared":
+        ckpt["f64"] = [state["f64"][0], state["f64"][0][:], state["f64"][2]]
+    elif change == "a run member transposed":  # the same storage, shape and dtype: a cat takes it
+        ckpt["f16"] = [state["f16"][0], state["f16"][1].t(), state["f16"][2]]
+    elif change == "a run member seen as another dtype":  # a cat into the run would convert it
+        ckpt["f32_rows"] = [*state["f32_rows"][:2], state["f32_rows"][2].view(torch.int32), *state["f32_rows"][3:]]
+    elif change == "a run member requires grad":
+        ckpt["f64"] = [state["f64"][0], state["f64"][1].detach().requires_grad_(), state["f64"][2]]
+    expected_path = os.path.join(tmp_path, "expected.ckpt")
+    with open(expected_path, "wb") as f:
+        torch.save(ckpt, f)
+    io.save_checkpoint(ckpt, path)
+    if change == "none":
+        assert slot.warm is not None, "an unchanged structure missed the warm path"
+    for tensors in state.values():  # after the call: the file must hold the values at the call
+        for t in tensors if isinstance(tensors, list) else [tensors]:
+            t.zero_()
+    io.flush()
+    with open(path, "rb") as f, open(expected_path, "rb") as g:
+        assert f.read() == g.read(), "not the bytes torch.save writes"
+    assert _sharing(load(path)) == _sharing(load(expected_path))
