@@ -11,12 +11,13 @@ model.state_dict(), "optimizer_states": [optimizer.state_dict()]}`` built anew f
 of ``tensors / 4`` parameters of ``bytes`` each and Adam's state (``exp_avg``, ``exp_avg_sq``,
 ``step``): four tensors per parameter. The global step changes at every save.
 
-Each round runs in a fresh process per engine tree; in it, after warm-up saves, every measured
-save is preceded (untimed) by a flush and one ``torch._foreach_copy_`` of the same tensors into
-preallocated buffers (the copy floor), then the warm eager call and the warm lazy call are timed
-(``staging="eager"`` and ``staging="lazy"``, thread writer, ``max_pending=1``), interleaved, so
-the three see the same machine. Figures are medians over every measured save of every round;
-ratios are of medians.
+Each round runs in a fresh process per engine tree; in it, after warm-up saves, the warm eager
+call and the warm lazy call (``staging="eager"`` and ``staging="lazy"``, thread writer,
+``max_pending=1``) are timed in turn, the order swapped at every save; each is preceded by a
+flush of both engines and by one ``torch._foreach_copy_`` of the same tensors into preallocated
+buffers (the copy floor, timed too), so the three see the same machine and the same warmth of
+the tensors' memory. Figures are medians over every measured save of every round; ratios are of
+medians.
 """
 
 from __future__ import annotations
@@ -97,25 +98,26 @@ def measure(
     times: Dict[str, List[float]] = {"floor": [], **{s: [] for s in STAGINGS}}
     try:
         for index in range(warmup + saves):
-            for io in ios.values():  # the floor, too, runs with no write beside it
-                io.flush()
-            with torch.no_grad():
-                started = time.perf_counter()
-                torch._foreach_copy_(buffers, tensors)
-                floor = time.perf_counter() - started
-            if index >= warmup:
-                times["floor"].append(floor)
-            for staging, io in ios.items():
-                for other in ios.values():  # no write of either runs beside the timed call
-                    other.flush()
+            # Each call right after a floor copy of its own, with no write running (every
+            # engine flushed first), the two stagings in turn first: each finds the machine,
+            # and the tensors' memory, as the other does.
+            order = list(STAGINGS) if index % 2 == 0 else list(reversed(STAGINGS))
+            for staging in order:
+                for io in ios.values():
+                    io.flush()
+                with torch.no_grad():
+                    started = time.perf_counter()
+                    torch._foreach_copy_(buffers, tensors)
+                    floor = time.perf_counter() - started
                 state = checkpoint(index)
                 path = os.path.join(folder, f"{staging}.ckpt")
                 started = time.perf_counter()
-                io.save_checkpoint(state, path)
+                ios[staging].save_checkpoint(state, path)
                 took = time.perf_counter() - started
                 del state
-                io.wait_staged()
+                ios[staging].wait_staged()
                 if index >= warmup:
+                    times["floor"].append(floor)
                     times[staging].append(took)
     finally:
         for io in ios.values():
@@ -203,13 +205,12 @@ def workload_table(workload: str, ckpt_mb: float, saves: int = 5) -> str:
 def parts(tensors: int, nbytes: int, repeats: int = 15) -> str:
     """Where a warm eager call of this tree goes, step by step, beside the copy floor (medians).
 
-    The steps run one after the other here; in the call, the copy of three quarters of the
-    tensors runs on a helper thread beside the checks (with the guards; beside all of them
-    without), so the whole ``stage()`` is less than their sum.
+    The steps run one after the other here; in the call, the packed runs are copied on a helper
+    thread while the checks run, so the whole ``stage()`` is less than their sum.
     """
     import torch
 
-    from asyncckpt._staging import skeleton, warm
+    from asyncckpt._staging import copier, skeleton, warm
     from asyncckpt._staging.eager import EagerStager
     from asyncckpt._staging.protocol import StagingSlot
 
@@ -219,8 +220,8 @@ def parts(tensors: int, nbytes: int, repeats: int = 15) -> str:
     for step in range(3):
         stager.stage(build(step), slot, "parts")
     cache = slot.warm
-    if cache is None or cache.small_items is not None:
-        return "this tree keeps no warm cache, or not one of small tensors only"
+    if cache is None or cache.unpacked:
+        return "this tree keeps no warm cache, or not one of packed small tensors only"
     found = _tensors_of(build(0))
     buffers = [torch.empty_like(t) for t in found]
     times: Dict[str, List[float]] = {}
@@ -246,12 +247,12 @@ def parts(tensors: int, nbytes: int, repeats: int = 15) -> str:
             t = note("storages and their ids", t)
             if cache.guards is not None:
                 warm._same_rest(cache, staged, storages)
-                t = note("sizes, offsets, attributes", t)
+                t = note("storage sizes, attributes", t)
             else:
                 warm._same(cache, staged, storages)
                 t = note("the other checks (_same)", t)
-            torch._foreach_copy_(cache.small_dst, staged)
-            t = note("the copy alone", t)
+            copier.copy_runs(cache.runs, staged)
+            t = note("the copy alone (packed runs)", t)
         del skeleton_bytes, staged, storages
         t = time.perf_counter()
         stager.stage(state, slot, "parts")
