@@ -39,7 +39,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -262,6 +262,7 @@ class LazyStager:
         self._unfinished: Dict[int, LazyCopy] = {}
         self._jobs_lock = threading.RLock()
         self._large: Dict[int, Tuple[Any, Set[int]]] = {}
+        self._by_size: Dict[int, Tuple[Any, FrozenSet[int]]] = {}  # the size rule alone, per slot
 
     @property
     def copier(self) -> ParallelCopier:
@@ -391,11 +392,14 @@ class LazyStager:
         cached = self._large.get(slot.index)
         if cached is not None and cached[0] is slot.layout:
             return cached[1]
-        large = {
-            group
-            for group, (device, nbytes) in enumerate(slot.layout[0])
-            if nbytes > EAGER_MAX_BYTES and (device == "cpu" or is_device_location(device))
-        }
+        by_size = self._by_size.get(slot.index)
+        if by_size is None or by_size[0] is not slot.layout:  # once per layout: a loop over every storage
+            by_size = self._by_size[slot.index] = (slot.layout, frozenset(
+                group
+                for group, (device, nbytes) in enumerate(slot.layout[0])
+                if nbytes > EAGER_MAX_BYTES and (device == "cpu" or is_device_location(device))
+            ))
+        large = set(by_size[1])
         if skeleton is None:
             return large
         if large:
