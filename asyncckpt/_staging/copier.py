@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -80,6 +81,14 @@ class HelperCopy(NamedTuple):
         interval (5 ms) before its copy could start. Returns once the helper runs; the caller
         gets the GIL back when the helper's copy releases it."""
         self.started.wait()
+
+    def make_way(self) -> None:
+        """Let the helper take the GIL if it waits for it, between two of its copies (each
+        returns into Python): a sleep of about 70 us. A bare release (``time.sleep(0)``) is
+        taken back before the waiting thread has woken, which then waits out the interpreter's
+        switch interval (5 ms) while this thread's C loops run."""
+        if not self.future.done():
+            time.sleep(1e-6)
 
     def wait(self) -> None:
         """Wait for the copy, whatever interrupts the wait; raises its error."""

@@ -7,8 +7,8 @@ to spend 3-4x as long as the copy itself in per-tensor Python: a pickling pass t
 tensor's storage, dtype, shape, stride and offset into the layout tuple, and a copy per tensor.
 
 Once a slot's layout has repeated, :func:`record` keeps, per staged tensor, what that layout was
-built from: its storage's identity (``_cdata``, an integer: no reference that would keep the
-user's memory alive) and size, dtype, shape, stride, offset and ``requires_grad``. A later save
+built from: its storage's identity (the ``id`` of its Python object, an integer: no reference
+that would keep the user's memory alive) and size, dtype, shape, stride, offset and ``requires_grad``. A later save
 (:func:`reuse`) pickles the skeleton with the lean pass
 (:func:`~asyncckpt._staging.skeleton.split_lean`), reads those same attributes of every tensor
 with ``map`` (C loops, no Python frame per tensor) and compares the lists whole; where torch
@@ -36,7 +36,7 @@ fails only wrote the slot's own memory, and the full path copies everything agai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
@@ -55,7 +55,11 @@ __all__ = ["MAX_MISSES", "Reused", "WarmCache", "record", "reuse", "tensor_guard
 MAX_MISSES = 3
 
 _storage_of = torch.Tensor.untyped_storage
-_storage_id = attrgetter("_cdata")  # torch's handle of the storage: what torch.save keys on
+# A storage's Python object: torch keeps one per storage while the storage lives (and hands it
+# out again), so within one call equal ids are one storage, as torch.save's ``_cdata`` keys
+# are; reading ``id`` costs half of reading ``_cdata``. Across saves only the partition into
+# storages is compared (see above), which holds whatever torch does with the objects between.
+_storage_id = id
 _storage_bytes = torch.UntypedStorage.nbytes
 _dtype = torch.Tensor.dtype.__get__  # a getset descriptor's own getter: faster than attrgetter
 _size = torch.Tensor.size
@@ -344,7 +348,12 @@ def _check_and_copy(
             running.hand_over()
         try:
             if guards is not None:
-                storages = _same_storages(cache, tensors) if guards.check(*tensors) is True else None
+                same = guards.check(*tensors) is True
+                if same and running is not None:
+                    running.make_way()  # its next copy may start now, not after these checks
+                storages = _same_storages(cache, tensors) if same else None
+                if storages is not None and running is not None:
+                    running.make_way()
                 same = storages is not None and _same_rest(cache, tensors, storages)
             else:
                 same = _same(cache, tensors, storages)  # type: ignore[arg-type]
@@ -379,7 +388,7 @@ def _same_storages(cache: WarmCache, tensors: List[torch.Tensor]) -> Optional[Li
 def _same_rest(cache: WarmCache, tensors: List[torch.Tensor], storages: List[torch.UntypedStorage]) -> bool:
     """What the guards do not see: how much storage there is, where in it each tensor starts
     (outside the packed runs), and attributes set on a tensor."""
-    if list(map(len, storages)) != cache.storage_bytes:  # len() of an untyped storage: its bytes
+    if list(map(_storage_bytes, storages)) != cache.storage_bytes:
         return False
     if cache.unpacked is None:
         if list(map(_offset, tensors)) != cache.offsets:
