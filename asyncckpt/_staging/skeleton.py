@@ -191,11 +191,7 @@ def _rebuild_sparse_tensor_unlisted(*args: Any) -> Any:
 class _TensorRestorer(pickle.Unpickler):
     def __init__(self, data: bytes, tensors: Sequence[Any]) -> None:
         super().__init__(io.BytesIO(data))
-        self._tensors = tensors
         self._next_item = iter(tensors).__next__
-
-    def persistent_load(self, pid: Any) -> Any:  # skeletons of asyncckpt before 2026-12-07
-        return self._tensors[pid]
 
     def find_class(self, module: str, name: str) -> Any:
         if module == __name__ and name == "staged_item":
