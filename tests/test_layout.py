@@ -36,7 +36,6 @@ PRIVATE_READS_ALLOWED: Dict[Tuple[str, str], str] = {
     ("asyncckpt._staging.arena", "_C"): "torch._C._storage_Use_Count: how many tensors and storages view a storage",
     ("asyncckpt._staging.arena", "_storage_Use_Count"): "torch's count of a storage's references (kept staged memory)",
     ("asyncckpt._staging.locations", "_cdata"): "torch storage: the identity torch.save keys storages on",
-    ("asyncckpt._staging.warm", "_cdata"): "torch storage: the identity torch.save keys storages on",
     ("asyncckpt._staging.warm", "_C"): "torch._C._dynamo.guards.TensorGuards: the compiler's C tensor check",
     ("asyncckpt._staging.skeleton", "_utils"): "torch._utils: the sparse tensor rebuild torch.save's files use",
     ("asyncckpt._staging.skeleton", "_rebuild_sparse_tensor"): "torch._utils: the rebuild torch.load uses",

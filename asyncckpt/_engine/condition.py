@@ -10,37 +10,30 @@ from __future__ import annotations
 
 import _thread
 import threading
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 #: Longest an abandoned waiter thread lingers after its task was cancelled.
 WAIT_SLICE = 0.25
 
 
-class EngineLock(_thread.RLock):  # type: ignore[misc]
-    """The engine's lock, able to tell whether the calling thread holds it: a SIGTERM handler
-    that interrupted this thread inside it must not wait for writes whose completion needs it."""
+class EngineCondition(_thread.RLock):  # type: ignore[misc]
+    """The engine's lock (a re-entrant one) and its condition, in one object: use it with ``with``.
 
-    def held_here(self) -> bool:
-        return self._is_owned()  # the stdlib RLock's own ownership test
-
-
-class EngineCondition:
-    """A ``threading.Condition`` over an :class:`EngineLock` (use it with ``with``)."""
+    It is the lock itself, a subclass of the C ``RLock``, so that ``with cond:`` takes and
+    gives back the lock in C. A ``threading.Condition``'s ``__enter__`` is Python: an
+    exception a signal handler raises inside it (a Ctrl-C), once the lock is taken and before
+    the ``with`` block has begun, leaves the lock held for ever, and every later call into the
+    engine, and the writer, then wait for it.
+    """
 
     def __init__(self) -> None:
-        self.lock = EngineLock()
-        self.cv = threading.Condition(self.lock)
-
-    def __enter__(self) -> "EngineCondition":
-        self.cv.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.cv.__exit__(*exc)
+        super().__init__()
+        self.cv = threading.Condition(self)
 
     def held_here(self) -> bool:
-        """Whether the calling thread holds the lock."""
-        return self.lock.held_here()
+        """Whether the calling thread holds the lock: a SIGTERM handler that interrupted this
+        thread inside it must not wait for writes whose completion needs it."""
+        return self._is_owned()  # the stdlib RLock's own ownership test
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """(held) Release, sleep until notified or ``timeout``, re-acquire."""
@@ -61,7 +54,7 @@ class EngineCondition:
         import anyio
         from anyio import lowlevel
 
-        with self.cv:
+        with self:
             done = ready()
         if done:
             await lowlevel.checkpoint()  # still a checkpoint, as an async call should be
@@ -69,7 +62,7 @@ class EngineCondition:
         abandoned = threading.Event()
 
         def wait() -> None:
-            with self.cv:
+            with self:
                 while not ready() and not abandoned.is_set():
                     self.cv.wait(WAIT_SLICE)
 
@@ -77,8 +70,8 @@ class EngineCondition:
             await anyio.to_thread.run_sync(wait, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
         finally:
             abandoned.set()
-            if self.cv.acquire(blocking=False):  # wake it now if that costs the loop nothing
+            if self.acquire(blocking=False):  # wake it now if that costs the loop nothing
                 try:
                     self.cv.notify_all()
                 finally:
-                    self.cv.release()
+                    self.release()

@@ -46,7 +46,7 @@ from .condition import EngineCondition
 from .ops import ErrorInbox, OpTable, SaveHandle, StatsLog, wait_limit
 from .options import EngineOptions, options_of
 from .reserve import Reservation, ReservationJob, check_request
-from .slots import SlotPool, StagingBuffer
+from .slots import SlotHold, SlotPool, StagingBuffer
 from .wrapped import WrappedIO, absolute_target, path_key_of
 
 log = logging.getLogger("asyncckpt")
@@ -206,7 +206,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
     def _fresh_state(self) -> None:
         """The engine's state, new: at construction, and in a forked child (see :meth:`_adopt_after_fork`)."""
         self._cond = EngineCondition()  # the one lock and condition; see _locked_here
-        self._cv = self._cond.cv
+        self._cv = self._cond  # the same object: its ``with`` is the C lock's
         # Submission is serialized by its own lock, never the condition's: a send to a busy
         # writer process may block, and completions (which take ``_cv``) must go on meanwhile.
         self._submit_lock = threading.RLock()
@@ -376,10 +376,15 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         started = time.perf_counter()
         checkpoint = hooks.stageable_form(checkpoint)
         with self._in_progress(key):  # from here a SIGTERM drain waits for this save too
-            slot = self._slots.acquire(key)
-            return self.stage_and_submit(
-                checkpoint, target, key, storage_options, slot, started, time.perf_counter() - started
-            )
+            hold = SlotHold()
+            try:
+                self._slots.acquire(key, hold=hold)
+                return self.stage_and_submit(
+                    checkpoint, target, key, storage_options, hold, started, time.perf_counter() - started
+                )
+            except BaseException:
+                self._slots.release_hold(hold)  # unless its operation took it over (then empty)
+                raise
 
     def _save_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> SaveHandle:
         """``save_checkpoint`` for a collective IO (``agree_to_save``): the ranks agree at the
@@ -488,17 +493,22 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         path: PathLike,
         key: str,
         storage_options: Any,
-        slot: StagingSlot,
+        hold: Union[SlotHold, StagingSlot],
         blocking_since: float,
         waited: float,
     ) -> SaveHandle:
-        """Stage into ``slot`` (held by the caller, from :attr:`slot_pool`) and queue the save;
-        the slot is freed on failure. The last step of a save, shared by both faces."""
-        hooks = WrappedIO(self.wrapped_io())
-        with self._holding(key):  # a signal handler's save on this thread must not wait for this slot
-            slot.last_key = key
-            self._stager.torch_save_rules = hooks.writes_with_torch_save
-            try:
+        """Stage into the slot ``hold`` holds (taken by the caller from :attr:`slot_pool`; a bare
+        slot is held here) and queue the save; the slot is freed on failure, unless the save's
+        operation took it over. The last step of a save, shared by both faces."""
+        if not isinstance(hold, SlotHold):
+            hold = SlotHold(hold)
+        slot = hold.slot
+        assert slot is not None
+        try:
+            hooks = WrappedIO(self.wrapped_io())
+            with self._holding(key):  # a signal handler's save on this thread must not wait for this slot
+                slot.last_key = key
+                self._stager.torch_save_rules = hooks.writes_with_torch_save
                 # Staging allocates many containers (see collection_paused); the pause ends before
                 # the hand-over, which may wait on a busy writer process.
                 with collection_paused():
@@ -508,21 +518,17 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                         self._slots.note_copy_started()  # a save waiting for a slot finishes this copy
                     else:
                         staged = self._stager.stage(checkpoint, slot, key)
-            except BaseException:
+                op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
+                op.wait_seconds = waited
+                op.blocking_seconds = time.perf_counter() - blocking_since
+                handle = SaveHandle(key, staged.tensor_bytes)
+                self._submit(op, handle, hold)
+                return handle
+        except BaseException:
+            if hold.slot is not None:  # not taken over by the save's operation
                 self._finish_lazy()  # no copy may still write into the slot once it is free
-                self._slots.release(slot)
-                raise
-            op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
-            op.wait_seconds = waited
-            op.blocking_seconds = time.perf_counter() - blocking_since
-            handle = SaveHandle(key, staged.tensor_bytes)
-            try:
-                self._submit(op, handle)
-            except BaseException:
-                self._finish_lazy()
-                self._slots.release(slot)
-                raise
-            return handle
+                self._slots.release_hold(hold)
+            raise
 
     @contextlib.contextmanager
     def _holding(self, key: str) -> Iterator[None]:
@@ -543,20 +549,30 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         if getattr(self._local, "in_progress", False):
             yield  # the outer call lists it
             return
+        listed: List[int] = []  # its token, once listed
+        ended = threading.Event()
+        try:
+            # Listed inside the ``try``, the token kept where ``finally`` finds it before any
+            # call returns: an exception a signal handler raises at any point leaves it listed
+            # and unlisted again, or never listed (listed and forgotten, the exit drain would
+            # wait for it for ever).
+            self._list_handover(key, ended, listed)
+            yield
+        finally:
+            if listed:
+                self._local.in_progress = False
+                with self._cv:
+                    self._handovers.pop(listed[0], None)
+                ended.set()
+                lifecycle.after_handover()
+
+    def _list_handover(self, key: str, ended: threading.Event, listed: List[int]) -> None:
         with self._cv:
             self._handover_tokens += 1
             token = self._handover_tokens
-            ended = threading.Event()
             self._handovers[token] = (key, threading.get_ident(), ended)
+            listed.append(token)
         self._local.in_progress = True
-        try:
-            yield
-        finally:
-            self._local.in_progress = False
-            with self._cv:
-                del self._handovers[token]
-            ended.set()
-            lifecycle.after_handover()
 
     def _is_collective(self) -> bool:
         """Whether the wrapped IO's saves run collectives (a sharded IO's, on its process group)."""
@@ -800,28 +816,34 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
 
     # -- submission and completion --------------------------------------------------------
 
-    def _submit(self, op: Operation, handle: Optional[SaveHandle] = None) -> None:
+    def _submit(self, op: Operation, handle: Optional[SaveHandle] = None, hold: Optional[SlotHold] = None) -> None:
         """Hand ``op`` to the writer; it counts as pending only once fully handed over.
 
         Anything that fails before that (an unpicklable message, an interrupted send) raises
         here and leaves nothing counted; the caller gives the slot back.
         """
         op.add_done_callback(lambda op: self._on_done(op, handle))  # then the handle, if any
-        with self._holding(op.path):  # nor for this hand-over (a process writer's send lock)
-            with self._submit_lock:
-                for _ in range(2):
-                    writer = self._live_writer()
-                    with self._cv:
-                        op.seq = self._table.next_seq()
-                        if op.kind == "remove":
-                            op.after = self._saves_not_known_good()
-                    try:
-                        writer.submit(op)
-                    except WriterGoneError:
-                        continue  # it died since we looked: start another and hand it over there
-                    break
-                else:
-                    raise WriterDiedError(f"could not hand the {op.kind} of {op.path!r} to a writer", op.path)
+        op.hold = hold  # the writer empties it as it takes the operation (Operation.take_over)
+        try:
+            with self._holding(op.path):  # nor for this hand-over (a process writer's send lock)
+                with self._submit_lock:
+                    for _ in range(2):
+                        writer = self._live_writer()
+                        with self._cv:
+                            op.seq = self._table.next_seq()
+                            if op.kind == "remove":
+                                op.after = self._saves_not_known_good()
+                        try:
+                            writer.submit(op)
+                        except WriterGoneError:
+                            continue  # it died since we looked: start another and hand it over there
+                        break
+                    else:
+                        raise WriterDiedError(f"could not hand the {op.kind} of {op.path!r} to a writer", op.path)
+        finally:
+            # Counted once handed over, whatever is raised meanwhile (a signal handler's
+            # exception as the hand-over returns): flush and the exit drain wait for it.
+            if op.handed_over:
                 with self._cv:
                     self._table.count(op)  # unless a fast writer finished it already
 

@@ -54,10 +54,16 @@ class OpTable:
         return self._seq
 
     def count(self, op: Operation) -> None:
-        """(lock held) Count ``op`` as pending, unless a fast writer finished it already."""
-        if not op.done():
-            self._ops[op.seq] = op
-            self._last[op.path] = op
+        """(lock held) Count ``op`` as pending, unless a fast writer finished it already.
+
+        Listed before the look at whether it is done: an exception a signal handler raises as
+        that look returns leaves it listed (a done operation listed is waited for at once), not
+        unlisted while it runs (flush would not wait for it).
+        """
+        self._ops[op.seq] = op
+        self._last[op.path] = op
+        if op.done():
+            self.forget(op)
 
     def forget(self, op: Operation) -> None:
         """(lock held) ``op`` completed."""

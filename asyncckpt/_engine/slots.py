@@ -38,6 +38,26 @@ class StagingBuffer:
 _ERRORS_PENDING = object()
 
 
+class SlotHold:
+    """The slot one save holds, from the instant it leaves the free list until the save's
+    operation takes it over (then ``slot`` is None again).
+
+    Each move is one step no signal handler can split (CPython runs them when a call returns,
+    at a function's start and at a loop's jump: a store followed by the call that makes the
+    move has no such point between them): a slot goes into the hold just before it leaves the
+    free list, out of it just before it joins the free list again, and the writer empties the
+    hold just before it queues the operation. An exception a handler raises anywhere in a save
+    (a Ctrl-C) finds the slot free, here, or owned by an operation, and
+    :meth:`SlotPool.release_hold` gives back the one held here. A slot lost between two of
+    these would make every later save wait for it for ever.
+    """
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: Optional[StagingSlot] = None) -> None:
+        self.slot = slot
+
+
 class SlotPool:
     """The free staging slots; shares the engine's condition.
 
@@ -66,14 +86,16 @@ class SlotPool:
 
     # -- the rule -------------------------------------------------------------------------
 
-    def poll(self, key: str, hint: str, when_full: Optional[str] = None) -> Union[StagingSlot, object, int]:
-        """(lock held) One look at the rule: a slot taken, ``_ERRORS_PENDING``, or (to wait)
-        the count of lazy copies started so far. Raises :class:`QueueFullError` in ``raise`` mode
-        (``when_full``, or the pool's own)."""
+    def poll(
+        self, key: str, hint: str, when_full: Optional[str] = None, hold: Optional[SlotHold] = None
+    ) -> Union[StagingSlot, object, int]:
+        """(lock held) One look at the rule: a slot taken (and put in ``hold``), ``_ERRORS_PENDING``,
+        or (to wait) the count of lazy copies started so far. Raises :class:`QueueFullError` in
+        ``raise`` mode (``when_full``, or the pool's own)."""
         if self._errors.pending:
             return _ERRORS_PENDING
         if self._free:
-            return self._take(key)
+            return self._take(key, hold)
         if (when_full or self._when_full) == "raise" and not self._reserving:
             # (a slot a reservation holds is not full of a checkpoint: it comes back soon, ready)
             raise QueueFullError(
@@ -88,13 +110,16 @@ class SlotPool:
         started since ``started``."""
         return bool(self._free) or bool(self._errors.pending) or self._copies_started != started
 
-    def acquire(self, key: str, hint: str = "call flush()", when_full: Optional[str] = None) -> StagingSlot:
+    def acquire(
+        self, key: str, hint: str = "call flush()", when_full: Optional[str] = None, hold: Optional[SlotHold] = None
+    ) -> StagingSlot:
         """Take a free slot, waiting while all are busy (every slot is held by an operation that
         frees it when it completes, and a writer's death completes its operations too);
-        ``when_full`` overrides the pool's policy for this call."""
+        ``when_full`` overrides the pool's policy for this call. The slot is in ``hold`` (if
+        given) from the instant it leaves the free list."""
         while True:
             with self._cond:
-                got = self.poll(key, hint, when_full)
+                got = self.poll(key, hint, when_full, hold)
             if isinstance(got, StagingSlot):
                 return got
             if got is _ERRORS_PENDING:
@@ -105,11 +130,11 @@ class SlotPool:
                 if not self.ready(got):  # type: ignore[arg-type]
                     self._cond.wait()
 
-    async def aacquire(self, key: str, hint: str = "await aflush()") -> StagingSlot:
+    async def aacquire(self, key: str, hint: str = "await aflush()", hold: Optional[SlotHold] = None) -> StagingSlot:
         """As :meth:`acquire`, awaiting without blocking the loop; holds nothing when cancelled."""
         while True:
             with self._cond:
-                got = self.poll(key, hint)
+                got = self.poll(key, hint, hold=hold)
             if isinstance(got, StagingSlot):
                 return got
             if got is _ERRORS_PENDING:
@@ -118,13 +143,21 @@ class SlotPool:
             self._finish_lazy()
             await self._cond.await_until(lambda started=got: self.ready(started))  # type: ignore[misc]
 
-    def _take(self, key: str) -> StagingSlot:
+    def _take(self, key: str, hold: Optional[SlotHold] = None) -> StagingSlot:
         """(lock held) The slot that last staged ``key`` if free, since a path usually keeps its
         layout (two checkpoints saved in turn keep a slot each); else the most recently freed."""
+        index = len(self._free) - 1
         for i in range(len(self._free) - 1, -1, -1):
             if self._free[i].last_key == key:
-                return self._free.pop(i)
-        return self._free.pop()
+                index = i
+                break
+        slot = self._free[index]
+        # Into the hold, then off the free list, with no call between them: a signal handler
+        # runs only at a call's return (or a loop's jump), so it finds the slot in one or both.
+        if hold is not None:
+            hold.slot = slot
+        del self._free[index]
+        return slot
 
     # -- reservations ---------------------------------------------------------------------
 
@@ -152,6 +185,17 @@ class SlotPool:
         with self._cond:
             self._free.append(slot)
             self._cond.notify_all()
+
+    def release_hold(self, hold: SlotHold) -> None:
+        """Give back the slot ``hold`` holds, if any (once, however often this is called)."""
+        with self._cond:
+            slot = hold.slot
+            if slot is not None:
+                self._cond.notify_all()  # first: the waiters take the lock only once this returns
+                # Out of the hold and onto the free list with no call between them (the append
+                # is the call): a signal handler's exception finds it in one place only.
+                hold.slot = None
+                self._free.append(slot)
 
     def release_locked(self, slot: StagingSlot) -> None:
         """(lock held) Give ``slot`` back; the caller notifies."""

@@ -94,6 +94,12 @@ class LazyCopy:
         self.cuda_event = cuda_event  # the side stream's event after the CUDA copies, or None
         self._watched = watched
         self._copied = threading.Event()
+        # Set once the job is listed where guard points find it (or by the first guard point):
+        # the copying thread starts before the job is listed and waits for it, so that an
+        # exception a signal handler raises between the two steps leaves a parked thread that
+        # never copies (the job unlisted), or a listed job whose finish() releases it; never a
+        # copy nobody waits for, nor a listed job nobody copies.
+        self._go = threading.Event()
         self._verified = threading.Event()
         # Re-entrant: a save from a signal handler (a framework plugin's SLURM requeue) may finish this
         # copy while the interrupted thread is inside finish(), waiting for it.
@@ -118,6 +124,7 @@ class LazyCopy:
             raise
 
     def _run(self) -> None:
+        self._go.wait()
         try:
             copier.memmove_pairs(self._cpu_dst, self._cpu_src)
         except BaseException as err:  # noqa: BLE001 - reported through the save that needed it
@@ -125,6 +132,10 @@ class LazyCopy:
         finally:
             self._cpu_dst = self._cpu_src = []
             self._copied.set()
+
+    def go(self) -> None:
+        """The job is listed: its thread may copy."""
+        self._go.set()
 
     @property
     def finished(self) -> bool:
@@ -136,6 +147,7 @@ class LazyCopy:
             return  # a forked child: the copying thread is the parent's, and so is this save
         with self._lock:
             if not self._verified.is_set():
+                self._go.set()
                 self._copied.wait()
             if not self._verified.is_set():  # not by a signal handler's finish() during the wait
                 if self.cuda_event is not None:
@@ -361,11 +373,12 @@ class LazyStager:
             if lazy_cuda[0]:  # the training stream does not wait: the guard orders it (LazyCopy.finish)
                 cuda_event = self._side_stream.start(*lazy_cuda, training_stream_waits=False)
         job = LazyCopy(path, skeleton, len(tensors), lazy_cpu, cuda_event, watched)
+        job.start()  # its thread waits until the job is listed (see LazyCopy._go)
         if watched:
             _remember(job)
             with self._jobs_lock:
                 self._unfinished[id(job)] = job
-        job.start()
+        job.go()
         if not watched:
             job.finish()  # everything was copied at the call: nothing to verify
 

@@ -67,6 +67,11 @@ class Operation:
         self.storage_options = storage_options
         self.staged = staged
         self.slot = slot
+        # The caller's hold on ``slot`` (``asyncckpt._engine.slots.SlotHold``), emptied as the
+        # writer takes the operation (take_over), and whether it did: an exception a signal
+        # handler raises around the hand-over then cannot leave the slot with two owners or none.
+        self.hold: Any = None
+        self.handed_over = False
         self.wait_seconds = 0.0
         self.blocking_seconds = 0.0
         self.write_seconds = 0.0
@@ -87,6 +92,26 @@ class Operation:
                 self._callbacks.append(fn)
                 return
         fn(self)
+
+    def take_over(self, hand_over: Callable[..., Any], *args: Any) -> Any:
+        """The writer's hand-over of this operation: ``hand_over(*args)``, the call that queues
+        or sends it, made here as the last step, right after the operation takes its slot
+        from the caller's hold. Between those stores and that call no signal handler runs
+        (CPython runs them as a call returns, at a function's start, at a loop's jump): an
+        exception one raises leaves the operation handed over and owning its slot, or neither."""
+        hold, self.hold = self.hold, None
+        self.handed_over = True
+        if hold is not None:
+            hold.slot = None
+        return hand_over(*args)
+
+    def give_back(self, hold: Any) -> None:
+        """Undo :meth:`take_over` (a send that delivered nothing): the caller's ``hold`` owns
+        the slot again."""
+        self.handed_over = False
+        if hold is not None:
+            hold.slot = self.slot
+        self.hold = hold
 
     def complete(self, error: Optional[BaseException] = None) -> bool:
         """Record the outcome, run the callbacks, wake the waiters; True the first time only."""
@@ -145,7 +170,10 @@ class Writer(Protocol):
         """Ready (``multiprocessing.connection.wait``) when the writer process ends; None for a thread."""
         ...
 
-    def submit(self, op: Operation) -> None: ...
+    def submit(self, op: Operation) -> None:
+        """Take ``op``, making the call that queues or sends it through ``op.take_over`` (the
+        engine counts the operation, and leaves its slot to it, once that ran)."""
+        ...
 
     def stop(self, timeout: Optional[float] = None) -> bool: ...
 

@@ -40,13 +40,16 @@ class ThreadWriter:
         self._name = name
         self._nice = nice
         self._queue: Deque[Operation] = collections.deque()
-        self._cv = threading.Condition()
+        # ``with self._lock``, not ``with self._cv``: a Condition's ``__enter__`` is Python, and
+        # an exception a signal handler raises inside it, once the lock is taken, leaves it held.
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
         self._stopping = False
         self._dead = False
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        with self._cv:
+        with self._lock:
             if self._thread is not None:
                 return
             self._thread = start_thread(self._loop, name=self._name)
@@ -67,15 +70,18 @@ class ThreadWriter:
         return not thread.is_alive()
 
     def submit(self, op: Operation) -> None:
-        with self._cv:
+        with self._lock:
             if self._dead or self._stopping or self._thread is None:
                 raise WriterGoneError("the writer thread is not running; it takes no more operations")
-            self._queue.append(op)
+            # The wake-up first (the writer runs only once this lock is left), then the queueing
+            # as the take-over's last step: an exception a signal handler raises at any point
+            # leaves the operation queued and its writer woken, or neither.
             self._cv.notify()
+            op.take_over(self._queue.append, op)
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Finish what is queued, then end the thread; returns whether it ended in time."""
-        with self._cv:
+        with self._lock:
             self._stopping = True
             self._cv.notify_all()
             thread = self._thread
@@ -94,7 +100,7 @@ class ThreadWriter:
                 except OSError as err:  # e.g. a sandbox that forbids setpriority: write anyway
                     log.warning("asyncckpt: the writer thread keeps its priority (writer_nice not applied: %s)", err)
             while True:
-                with self._cv:
+                with self._lock:
                     while not self._queue and not self._stopping:
                         self._cv.wait()
                     if not self._queue:
@@ -119,7 +125,7 @@ class ThreadWriter:
         except BaseException as err:  # noqa: BLE001 - the thread ends; the cause goes with each failure
             cause = err
         finally:
-            with self._cv:
+            with self._lock:
                 self._dead = True
                 lost = ([op] if op is not None else []) + list(self._queue)
                 self._queue.clear()

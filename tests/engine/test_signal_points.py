@@ -1,0 +1,194 @@
+"""A Ctrl-C at any instant of a save leaves the engine whole: no staging slot lost or freed twice,
+no lock held, and the next save writes its own values.
+
+CPython runs a Python signal handler only at certain points of the main thread: when a call
+returns, at a function's start, and at a loop's backward jump, and not while the thread blocks
+the signal. A real signal cannot be aimed at each of those points in turn, so this is fault
+injection: a trace function raises ``KeyboardInterrupt`` (what Ctrl-C's handler raises) at the
+N-th such point of one save in asyncckpt's own code, for every N. Found this way (each seen
+failing first): a ``threading.Condition``'s Python ``__enter__`` left the engine's lock held when
+interrupted after taking it (every later call, and the writer, then waited for ever); a slot
+taken off the free list and not yet returned to the caller was lost (with ``max_pending=1`` the
+next save waited for ever); an operation handed to the writer and not yet counted had its slot
+freed by the failed call while the writer still read it; a lazy copy listed for the guard points
+and not yet started kept the next guard point (an optimizer step, a flush) waiting for ever.
+"""
+
+from __future__ import annotations
+
+import dis
+import os
+import signal
+import sys
+import threading
+from typing import Any, Dict, List, Optional
+
+import pytest
+import torch
+
+import asyncckpt
+from conftest import load
+
+PACKAGE = os.path.dirname(asyncckpt.__file__)
+CALLS = {dis.opmap[n] for n in ("CALL", "CALL_FUNCTION_EX") if n in dis.opmap}
+JUMPS = {dis.opmap[n] for n in ("JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT") if n in dis.opmap}
+RESUME = dis.opmap.get("RESUME")
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(signal, "pthread_sigmask") or RESUME is None or not hasattr(dis, "_parse_exception_table"),
+    reason="needs POSIX signal masks and CPython 3.11's exception tables",
+)
+
+
+class InterruptAt:
+    """A trace function that raises KeyboardInterrupt at the ``n``-th point of the main thread,
+    in asyncckpt's frames, where CPython could run a signal handler (``n=None``: only counts)."""
+
+    def __init__(self, n: Optional[int]) -> None:
+        self.n = n
+        self.count = 0
+        self.where: Optional[str] = None
+        self._last: Dict[int, int] = {}
+        self._main = threading.main_thread()
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename.startswith(PACKAGE) and threading.current_thread() is self._main:
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+            return self._local
+        return None
+
+    def _local(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            previous, offset = self._last.get(id(frame), (None, -1))
+            if (
+                (previous in CALLS or previous in JUMPS or previous == RESUME)
+                # Raised here, the exception must meet the handler it would meet raised at the
+                # end of the previous instruction, where CPython runs signal handlers (a call that
+                # ends a ``with`` block is inside it; the next instruction may not be).
+                and _handler(frame.f_code, offset) == _handler(frame.f_code, frame.f_lasti)
+                and self._handler_may_run()
+            ):
+                self.count += 1
+                if self.count == self.n:
+                    self.where = f"{os.path.relpath(frame.f_code.co_filename, PACKAGE)}:{frame.f_lineno}"
+                    raise KeyboardInterrupt
+            self._last[id(frame)] = (frame.f_code.co_code[frame.f_lasti], frame.f_lasti)
+        return self._local
+
+    @staticmethod
+    def _handler_may_run() -> bool:
+        return signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+_TABLES: Dict[Any, List[Any]] = {}
+
+
+def _handler(code: Any, offset: int) -> Optional[int]:
+    """Where an exception raised at ``offset`` of ``code`` goes (its exception table's target),
+    or None (it leaves the frame)."""
+    table = _TABLES.get(code)
+    if table is None:
+        table = _TABLES[code] = list(dis._parse_exception_table(code))  # type: ignore[attr-defined]
+    for entry in table:
+        if entry.start <= offset < entry.end:
+            return entry.target
+    return None
+
+
+def _within(seconds: float, fn: Any, where: str = "") -> List[BaseException]:
+    """Run ``fn`` on a thread; fail the test if it has not returned in ``seconds``."""
+    errors: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as err:  # noqa: BLE001 - reported by the caller
+            errors.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the engine hung after an interrupt {where}"
+    return errors
+
+
+CASES = {
+    "thread-eager": dict(writer="thread", staging="eager"),
+    "thread-lazy": dict(writer="thread", staging="lazy"),
+    "process-eager": dict(writer="process", staging="eager"),
+}
+
+
+@pytest.mark.parametrize("interrupted", ["save", "flush"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, interrupted, request):
+    if case == "process-eager" and interrupted == "save":
+        request.applymarker(pytest.mark.xfail(strict=False, reason=(
+            "known, not yet fixed: an interrupt inside the process writer's hand-over can free "
+            "the slot twice (seen near point 310 of 347): the failed call gives it back and the "
+            "reply reader completes the operation too; and one just as a whole message left is "
+            "taken for a partial send"
+        )))
+    # exit_timeout: an engine this test breaks must not hold the interpreter's exit for minutes
+    io = asyncckpt.AsyncCheckpointIO(max_pending=1, exit_timeout=5, **CASES[case])
+    # Large enough for lazy staging to copy lazily (above 64 KiB), in several storages.
+    params = [torch.zeros(8) for _ in range(30)] + [torch.zeros(20_000) for _ in range(2)]
+    path = os.path.join(tmp_path, "x.ckpt")
+
+    def the_call(step: int) -> None:
+        if interrupted == "save":
+            io.save_checkpoint({"step": step, "p": params}, path)
+        else:
+            io.flush()
+
+    try:
+        for step in range(3):  # warm: the save takes the path most saves take
+            io.save_checkpoint({"step": step, "p": params}, path)
+            io.flush()
+        counter = InterruptAt(None)
+        if interrupted == "flush":
+            io.save_checkpoint({"step": 3, "p": params}, path)
+        sys.settrace(counter)
+        try:
+            the_call(3)
+        finally:
+            sys.settrace(None)
+        io.flush()
+        assert counter.count > 10  # the call was traced
+        for n in range(1, counter.count + 1):
+            if interrupted == "flush":
+                io.save_checkpoint({"step": -n, "p": params}, path)
+            interrupt = InterruptAt(n)
+            sys.settrace(interrupt)
+            try:
+                the_call(-n)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            where = f"interrupted at point {n}, {interrupt.where}"
+            # The interrupted save may still be written, or fail: then loudly, at the next call, once.
+            errors = _within(30, io.flush, where)
+            assert all(isinstance(e, asyncckpt.errors.AsyncCheckpointError) for e in errors), f"{where}: {errors!r}"
+            assert io.slot_pool.free_count == 1, f"{where}: {io.slot_pool.free_count} free slots of 1"
+            # (white-box) no save left listed as in progress: the exit drain would wait for it
+            assert not io._handovers, f"{where}: a save is still listed as in progress"
+            for p in params:
+                p.fill_(float(n))
+            def save_now(n: int = n) -> None:
+                io.save_checkpoint({"step": n, "p": params}, path)
+                io.flush()
+
+            errors = _within(30, save_now, where)
+            if errors and isinstance(errors[0], asyncckpt.errors.AsyncCheckpointError):
+                # the interrupted save's own failure, raised once by the first call after it
+                errors = _within(30, save_now, where)
+            assert not errors, f"{where}: the next save raised {errors[0]!r}"
+            for p in params:
+                p.fill_(-1.0)
+            saved = load(path)
+            assert saved["step"] == n and all(torch.all(p == float(n)) for p in saved["p"]), where
+    finally:
+        sys.settrace(None)
+        _within(60, io.teardown)
