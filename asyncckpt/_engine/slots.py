@@ -181,10 +181,8 @@ class SlotPool:
     # -- giving back, and read-outs -------------------------------------------------------
 
     def release(self, slot: StagingSlot) -> None:
-        """Give ``slot`` back and wake the waiters."""
-        with self._cond:
-            self._free.append(slot)
-            self._cond.notify_all()
+        """Give ``slot`` back and wake the waiters (as :meth:`release_hold` does)."""
+        self.release_hold(SlotHold(slot))
 
     def release_hold(self, hold: SlotHold) -> None:
         """Give back the slot ``hold`` holds, if any (once, however often this is called)."""

@@ -38,14 +38,6 @@ def memmove_pairs(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
             ctypes.memmove(d.data_ptr(), s.data_ptr(), nbytes)
 
 
-def copy_without_grad(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
-    """One ``torch._foreach_copy_`` under ``no_grad``: grad mode is per thread, and a copy into a
-    staged view that requires grad (a saved leaf tensor's) must not be recorded, on a helper
-    thread as on the caller's."""
-    with torch.no_grad():
-        torch._foreach_copy_(dst, src)
-
-
 class PackedRun(NamedTuple):
     """Tensors copied into one run of the arena by one call: ``take(tensors)`` picks them, in
     order, from a save's staged tensors; ``dst`` is the run, their storages back to back

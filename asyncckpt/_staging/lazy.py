@@ -147,7 +147,7 @@ class LazyCopy:
             return  # a forked child: the copying thread is the parent's, and so is this save
         with self._lock:
             if not self._verified.is_set():
-                self._go.set()
+                self.go()  # a job listed whose hand-over was interrupted: its thread copies now
                 self._copied.wait()
             if not self._verified.is_set():  # not by a signal handler's finish() during the wait
                 if self.cuda_event is not None:
