@@ -892,7 +892,10 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         wrapped_error: Optional[BaseException] = None
         if error is not None:
             wrapped_error = self._background_error(op, error)
-            log.error("asyncckpt: %s", wrapped_error, exc_info=wrapped_error.__cause__ or wrapped_error)
+            if op.interrupted_by is None:
+                log.error("asyncckpt: %s", wrapped_error, exc_info=wrapped_error.__cause__ or wrapped_error)
+            else:  # its call raised that exception already: said, not raised again
+                log.warning("asyncckpt: %s", wrapped_error)
         if op.kind == "save" and op.kept_staged and error is None:
             self._say_kept(op)
         with self._cv:
@@ -911,7 +914,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                             allocated_bytes=op.staged.allocated_bytes,
                         )
                     self._stats.add(stats)
-            if error is not None:
+            if error is not None and op.interrupted_by is None:
                 self._errors.put(wrapped_error, op if op.kind == "save" else None)
             self._table.forget(op)
             op.staged = op.slot = None

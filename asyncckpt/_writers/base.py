@@ -72,6 +72,10 @@ class Operation:
         # handler raises around the hand-over then cannot leave the slot with two owners or none.
         self.hold: Any = None
         self.handed_over = False
+        #: The name of the exception (a signal handler's) that cut this operation's hand-over
+        #: short, when it then failed for that reason: the caller was told by that exception, so
+        #: the failure is logged, not raised again.
+        self.interrupted_by: Optional[str] = None
         self.wait_seconds = 0.0
         self.blocking_seconds = 0.0
         self.write_seconds = 0.0
@@ -93,17 +97,18 @@ class Operation:
                 return
         fn(self)
 
-    def take_over(self, hand_over: Callable[..., Any], *args: Any) -> Any:
+    def take_over(self, hand_over: Optional[Callable[..., Any]], *args: Any) -> Any:
         """The writer's hand-over of this operation: ``hand_over(*args)``, the call that queues
         or sends it, made here as the last step, right after the operation takes its slot
         from the caller's hold. Between those stores and that call no signal handler runs
         (CPython runs them as a call returns, at a function's start, at a loop's jump): an
-        exception one raises leaves the operation handed over and owning its slot, or neither."""
+        exception one raises leaves the operation handed over and owning its slot, or neither.
+        ``hand_over=None``: the writer owns it already (part of it was sent), only the stores."""
         hold, self.hold = self.hold, None
         self.handed_over = True
         if hold is not None:
             hold.slot = None
-        return hand_over(*args)
+        return hand_over(*args) if hand_over is not None else None
 
     def give_back(self, hold: Any) -> None:
         """Undo :meth:`take_over` (a send that delivered nothing): the caller's ``hold`` owns

@@ -160,6 +160,10 @@ class ProcessWriter:
         self._reader: Optional[threading.Thread] = None
         self._dead = False
         self._stopping = False
+        self._began = False  # a send of the hand-over under way has started (under _send_lock)
+        # Operations whose hand-over a signal handler's exception cut short after their bytes
+        # began to leave: sequence number, the exception's name (for their error, if lost).
+        self._cut_short: Dict[int, str] = {}
         self._sent_sizes: Deque[int] = collections.deque(maxlen=64)
         # The writer starts without the training program's main module, and imports it at the
         # first save holding one of its classes (see spawn_check): whether it was told to.
@@ -173,6 +177,7 @@ class ProcessWriter:
 
     def _send(self, data: bytes) -> None:
         """Send one encoded message (under ``_send_lock``); a whole message or, on error, none."""
+        self._began = True
         self._conn.send_bytes(data)
         self._sent_sizes.append(len(data))
 
@@ -269,21 +274,21 @@ class ProcessWriter:
                 op.path,
             ) from err
         with self._send_lock:
-            with self._table_lock:
-                if self._dead or self._stopping:
-                    raise WriterGoneError("the writer process is not running; it takes no more operations")
-                self._inflight[op.seq] = op  # from here the reader (or the writer's death) completes it
-            hold = None
+            hold = op.hold  # the caller's, until the operation takes its slot (Operation.take_over)
+            self._began = False  # set as a send of this hand-over starts (see _send)
+            registered = False
             try:
+                with self._table_lock:
+                    if self._dead or self._stopping:
+                        raise WriterGoneError("the writer process is not running; it takes no more operations")
+                    self._inflight[op.seq] = op  # from here the reader (or the writer's death) completes it
+                    registered = True  # (no call between these two stores: no signal handler runs)
                 self._drop_released_arenas()
                 if arena is not None:
                     self._share_arena(arena)
                 if needs_main and not self._main_sent and self._main_source is not None:
                     self._send(encode(ImportMainMsg(self._main_source)))
                     self._main_sent = True
-                # The operation's from here: once its bytes start to leave, whether they all left
-                # cannot be told from here if a signal handler raises as the send returns.
-                hold = op.hold
                 op.take_over(self._send, data)
                 if layout is not None:
                     self._sent_layouts[arena_id] = layout
@@ -297,17 +302,37 @@ class ProcessWriter:
                 if never_sent:
                     op.give_back(hold)
                     raise WriterGoneError(f"the writer process is gone ({err})") from err
-            except BaseException:
-                # Interrupted part-way (an exception from a signal handler): the pipe may hold a
-                # partial message, so this writer can take nothing more. Earlier operations
-                # still complete; this one was never handed over, and the caller keeps its slot.
-                # (Interrupted just as a whole message left, it cannot be told from a partial
-                # one here: known, see tests/engine/test_signal_points.py.)
-                with self._table_lock:
-                    self._inflight.pop(op.seq, None)
-                op.give_back(hold)
-                self._end_input()
+                # Failed already by the reader, with everything else in flight (its error is
+                # raised at the next call): its slot was freed there, not the caller's to free.
+                op.take_over(None)
+            except BaseException as err:
+                if not registered:
+                    raise  # nothing of it happened here
+                self._interrupted(op, hold, err)
                 raise
+
+    def _interrupted(self, op: Operation, hold: Any, err: BaseException) -> None:
+        """The hand-over of ``op`` was cut short by an exception a signal handler raised (Ctrl-C).
+
+        Before any of its bytes left, it is taken back: the caller keeps its slot, and this
+        writer goes on. Once they began to leave, whether the writer got a whole message cannot
+        be told here (the handler may run as the send returns), so the operation stays the
+        writer's, and the writer takes nothing more: its input is shut, it finishes every whole
+        message it read (this one too, if it arrived whole), and exits. Either way the operation
+        completes once, through its reply or the writer's exit, and frees its slot then: never
+        while the writer may still read it, never twice. Freed at once here, the next save
+        staged into memory the writer was still writing from (a torn checkpoint), and its
+        entry left behind freed the slot a second time when the writer exited.
+        """
+        with self._table_lock:
+            taken_back = not self._began and self._inflight.pop(op.seq, None) is not None
+            if not taken_back:
+                self._cut_short[op.seq] = type(err).__name__
+        if taken_back:
+            op.give_back(hold)
+            return
+        op.take_over(None)  # no-op when the send itself was interrupted: it took the slot already
+        self._end_input()
 
     def _dependencies(self, op: Operation) -> Tuple[Tuple[int, ...], Optional[Operation]]:
         """For a remove: the sequence numbers of the saves it depends on that this writer process
@@ -340,7 +365,7 @@ class ProcessWriter:
     def _share_arena(self, arena: Any) -> None:
         if arena.id in self._arenas:
             return
-        self._send(encode(ShareArenaMsg(arena.id, arena.nbytes)))
+        self._send(encode(ShareArenaMsg(arena.id, arena.nbytes)))  # (marks the hand-over as begun)
         reduction.send_handle(self._conn, arena.fd, self._process.pid)
         self._arenas[arena.id] = weakref.ref(arena)
 
@@ -404,11 +429,21 @@ class ProcessWriter:
         else:
             how = f"exited with code {code}"
         for op in lost:
-            err = WriterDiedError(
-                f"the asyncckpt writer process (pid {self.pid}) {how} before finishing the {op.kind} "
-                f"of {op.path!r}; the engine starts a new writer process for the next operation",
-                op.path,
-            )
+            cut_short = self._cut_short.get(op.seq)
+            if cut_short is not None:
+                op.interrupted_by = cut_short
+                err = WriterDiedError(
+                    f"the {op.kind} of {op.path!r} was not carried out: a {cut_short} interrupted it "
+                    "as it was handed to the asyncckpt writer process; the engine starts a new writer "
+                    "process for the next operation",
+                    op.path,
+                )
+            else:
+                err = WriterDiedError(
+                    f"the asyncckpt writer process (pid {self.pid}) {how} before finishing the {op.kind} "
+                    f"of {op.path!r}; the engine starts a new writer process for the next operation",
+                    op.path,
+                )
             op.complete(err)
 
     def stop(self, timeout: Optional[float] = None) -> bool:
@@ -540,7 +575,10 @@ def writer_main(
             break  # the parent is gone; everything it sent has been handled
         match message:
             case ShareArenaMsg(arena_id=arena_id, nbytes=nbytes):
-                fd = reduction.recv_handle(conn)
+                try:
+                    fd = reduction.recv_handle(conn)
+                except (EOFError, OSError, RuntimeError):
+                    break  # its sender was cut short (see ProcessWriter._interrupted)
                 mapping = mmap.mmap(fd, max(nbytes, 1))
                 os.close(fd)
                 arenas[arena_id] = (mapping, torch.frombuffer(mapping, dtype=torch.uint8)[:nbytes])

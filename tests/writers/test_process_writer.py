@@ -505,7 +505,8 @@ def test_a_hand_over_interrupted_by_an_exception_from_a_signal_handler_keeps_the
     signal handler (Ctrl-C, or the user's own SIGTERM handler calling ``sys.exit``, installed
     over asyncckpt's) leaves a partial message in the pipe. The writer was then killed, and the
     earlier save it was writing, accepted and counted, was lost. Now its input is ended instead:
-    it finishes what it was sent whole, then exits."""
+    it finishes what it was sent whole, then exits; the interrupted save, not written, is logged
+    as such and not raised again."""
     import textwrap
 
     from _subproc import finish, start_python
@@ -553,6 +554,9 @@ def test_a_hand_over_interrupted_by_an_exception_from_a_signal_handler_keeps_the
     assert torch.load(tmp_path / "first.ckpt", weights_only=True) == {"v": 0}, err
     assert not (tmp_path / "second.ckpt").exists()
     assert "WriterDiedError" not in err, err
+    # not raised again (its call raised the interrupt), but said
+    stopped_by = "KeyboardInterrupt" if how == "sigint" else "SystemExit"
+    assert f"'{tmp_path / 'second.ckpt'}' was not carried out: a {stopped_by} interrupted it" in err, err
     assert not temp_files(tmp_path), err
 
 
