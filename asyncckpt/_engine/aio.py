@@ -52,6 +52,7 @@ from .._threads import start_thread
 from ..checkpoint_io import PathLike, load_options
 from ..errors import FlushTimeoutError, IntegrityError, InvalidPathError
 from .ops import SaveHandle
+from .slots import SlotHold
 from .wrapped import WrappedIO, path_key_of
 
 log = logging.getLogger("asyncckpt")
@@ -94,12 +95,17 @@ class AsyncFace:
         self.op_table.guard_point()
         self.raise_pending_errors()
         started = time.perf_counter()
-        slot = await self.slot_pool.aacquire(key)
-        # From here to the return there is no await: the slot is either queued with the save or
-        # given back, and no other task runs between the copy and the caller's next line.
-        waited = time.perf_counter() - started
-        # the loop is blocked from here to the return: staging only, measured as blocking time
-        return self.stage_and_submit(checkpoint, target, key, storage_options, slot, time.perf_counter(), waited)
+        hold = SlotHold()
+        try:
+            await self.slot_pool.aacquire(key, hold=hold)
+            # From here to the return there is no await: the slot is either queued with the save
+            # or given back, and no other task runs between the copy and the caller's next line.
+            waited = time.perf_counter() - started
+            # the loop is blocked from here to the return: staging only, measured as blocking time
+            return self.stage_and_submit(checkpoint, target, key, storage_options, hold, time.perf_counter(), waited)
+        except BaseException:
+            self.slot_pool.release_hold(hold)  # unless its operation took it over (then empty)
+            raise
 
     async def _asave_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> SaveHandle:
         """``asave_checkpoint`` for a collective IO: as ``save_checkpoint``, the ranks agree at
@@ -112,15 +118,25 @@ class AsyncFace:
         pairing it with this rank's next save); cancelled during the agreement, it waits for the
         outcome, then makes the save if every rank agreed and returns, else raises.
         """
+        started = time.perf_counter()
+        hold = SlotHold()  # the slot, from the instant it is taken until the save's operation takes it
+        try:
+            return await self._asave_agreed_holding(agree, checkpoint, path, storage_options, hold, started)
+        except BaseException:
+            self.slot_pool.release_hold(hold)  # unless its operation took it over (then empty)
+            raise
+
+    async def _asave_agreed_holding(
+        self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any, hold: SlotHold, started: float
+    ) -> SaveHandle:
+        """:meth:`_asave_agreed`, taking the slot into ``hold`` (given back by the caller on failure)."""
         import anyio
 
-        started = time.perf_counter()
-        slot = None
         cancelled: BaseException | None = None
         key, target, checkpoint, refusal, background = self.before_agreement(checkpoint, path, storage_options)
         if refusal is None:
             try:
-                slot = await self.slot_pool.aacquire(key)
+                await self.slot_pool.aacquire(key, hold=hold)
             except anyio.get_cancelled_exc_class() as err:
                 refusal = cancelled = err
             except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
@@ -145,12 +161,11 @@ class AsyncFace:
             thread.join()
         error = outcome.get("raised") or outcome["error"]
         if cancelled is not None and error is not None:
-            if slot is not None:
-                self.slot_pool.release(slot)
+            self.slot_pool.release_hold(hold)
             raise cancelled
         # Agreed: every rank makes this save, so this one does too (a cancellation that came
         # during the agreement lands at the caller's next checkpoint, as after a held slot).
-        return self.after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
+        return self.after_agreement(error, checkpoint, target, key, storage_options, hold, started, waited)
 
     async def aload_checkpoint(
         self,

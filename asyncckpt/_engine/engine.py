@@ -393,21 +393,20 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         :meth:`asyncckpt.DistributedCheckpointIO.agree_to_save`)."""
         lifecycle.drain_collective_saves_before_groups_are_destroyed()
         started = time.perf_counter()
-        slot: Optional[StagingSlot] = None
-        key, target, checkpoint, refusal, background = self.before_agreement(checkpoint, path, storage_options)
-        if refusal is None:
-            try:
-                slot = self._slots.acquire(key)
-            except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
-                refusal, background = err, self.reports_background_failure(err)
-        waited = time.perf_counter() - started
+        hold = SlotHold()
         try:
+            key, target, checkpoint, refusal, background = self.before_agreement(checkpoint, path, storage_options)
+            if refusal is None:
+                try:
+                    self._slots.acquire(key, hold=hold)
+                except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
+                    refusal, background = err, self.reports_background_failure(err)
+            waited = time.perf_counter() - started
             error = agree(path, refusal, background, self.settle)
+            return self.after_agreement(error, checkpoint, target, key, storage_options, hold, started, waited)
         except BaseException:
-            if slot is not None:
-                self._slots.release(slot)
+            self._slots.release_hold(hold)  # unless its operation took it over (then empty)
             raise
-        return self.after_agreement(error, checkpoint, target, key, storage_options, slot, started, waited)
 
     def before_agreement(
         self, checkpoint: Any, path: PathLike, storage_options: Any
@@ -437,17 +436,17 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
 
     def after_agreement(
         self, error: Optional[BaseException], checkpoint: Any, target: Any, key: Any, storage_options: Any,
-        slot: Optional[StagingSlot], started: float, waited: float,
+        hold: SlotHold, started: float, waited: float,
     ) -> SaveHandle:
-        """Raise the agreement's refusal, or stage and queue the save every rank agreed to."""
+        """Raise the agreement's refusal, or stage and queue the save every rank agreed to (into
+        the slot ``hold`` holds: given back on a refusal)."""
         if error is not None:
-            if slot is not None:
-                self._slots.release(slot)
+            self._slots.release_hold(hold)
             raise error
-        assert slot is not None
+        assert hold.slot is not None
         with self._in_progress(key):  # from here a SIGTERM drain waits for this save too
             try:
-                return self.stage_and_submit(checkpoint, target, key, storage_options, slot, started, waited)
+                return self.stage_and_submit(checkpoint, target, key, storage_options, hold, started, waited)
             except Exception as err:
                 # Every rank agreed to this save, and the others' writers will run its collective:
                 # this rank's writer takes part without data, failing it on every rank.
@@ -493,15 +492,15 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         path: PathLike,
         key: str,
         storage_options: Any,
-        hold: Union[SlotHold, StagingSlot],
+        hold: SlotHold,
         blocking_since: float,
         waited: float,
     ) -> SaveHandle:
-        """Stage into the slot ``hold`` holds (taken by the caller from :attr:`slot_pool`; a bare
-        slot is held here) and queue the save; the slot is freed on failure, unless the save's
-        operation took it over. The last step of a save, shared by both faces."""
-        if not isinstance(hold, SlotHold):
-            hold = SlotHold(hold)
+        """Stage into the slot ``hold`` holds (taken by the caller from :attr:`slot_pool`) and
+        queue the save; the slot is freed on failure, unless the save's operation took it over.
+        The last step of a save, shared by both faces. Callers take the slot into a hold, and
+        give the hold back if anything fails before this runs: an exception a signal handler
+        raises as the slot is taken then finds it in the hold (never lost)."""
         slot = hold.slot
         assert slot is not None
         try:
@@ -636,11 +635,12 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             io.save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         key = path_key_of(path)
+        hold = SlotHold()
         with self._holding(key):
-            slot = self._slots.acquire(key, when_full="wait")  # a synchronous save never refuses
             op: Optional[Operation] = None
             written = False
             try:
+                slot = self._slots.acquire(key, when_full="wait", hold=hold)  # a synchronous save never refuses
                 slot.last_key = key
                 self._eager_stager.torch_save_rules = False
                 with collection_paused():
@@ -653,7 +653,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                     if written:
                         self._say_kept(op)
                     slot.release_memory()
-                self._slots.release(slot)
+                self._slots.release_hold(hold)
 
     def wait_staged(self) -> None:
         """Wait until the last save's tensors are copied (``staging="lazy"``), and check them.

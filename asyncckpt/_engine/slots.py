@@ -111,12 +111,13 @@ class SlotPool:
         return bool(self._free) or bool(self._errors.pending) or self._copies_started != started
 
     def acquire(
-        self, key: str, hint: str = "call flush()", when_full: Optional[str] = None, hold: Optional[SlotHold] = None
+        self, key: str, *, hold: SlotHold, hint: str = "call flush()", when_full: Optional[str] = None
     ) -> StagingSlot:
         """Take a free slot, waiting while all are busy (every slot is held by an operation that
         frees it when it completes, and a writer's death completes its operations too);
-        ``when_full`` overrides the pool's policy for this call. The slot is in ``hold`` (if
-        given) from the instant it leaves the free list."""
+        ``when_full`` overrides the pool's policy for this call. The slot is in ``hold`` from the
+        instant it leaves the free list (a bare slot returned could be lost to an exception a
+        signal handler raises as this returns); give it back with :meth:`release_hold`."""
         while True:
             with self._cond:
                 got = self.poll(key, hint, when_full, hold)
@@ -130,7 +131,7 @@ class SlotPool:
                 if not self.ready(got):  # type: ignore[arg-type]
                     self._cond.wait()
 
-    async def aacquire(self, key: str, hint: str = "await aflush()", hold: Optional[SlotHold] = None) -> StagingSlot:
+    async def aacquire(self, key: str, *, hold: SlotHold, hint: str = "await aflush()") -> StagingSlot:
         """As :meth:`acquire`, awaiting without blocking the loop; holds nothing when cancelled."""
         while True:
             with self._cond:
@@ -143,7 +144,7 @@ class SlotPool:
             self._finish_lazy()
             await self._cond.await_until(lambda started=got: self.ready(started))  # type: ignore[misc]
 
-    def _take(self, key: str, hold: Optional[SlotHold] = None) -> StagingSlot:
+    def _take(self, key: str, hold: Optional[SlotHold]) -> StagingSlot:
         """(lock held) The slot that last staged ``key`` if free, since a path usually keeps its
         layout (two checkpoints saved in turn keep a slot each); else the most recently freed."""
         index = len(self._free) - 1
@@ -188,12 +189,21 @@ class SlotPool:
         """Give back the slot ``hold`` holds, if any (once, however often this is called)."""
         with self._cond:
             slot = hold.slot
-            if slot is not None:
+            if slot is None:
+                return
+            try:
                 self._cond.notify_all()  # first: the waiters take the lock only once this returns
-                # Out of the hold and onto the free list with no call between them (the append
-                # is the call): a signal handler's exception finds it in one place only.
+            except BaseException:
+                # A signal handler's exception in the notify or as it returned: the slot goes
+                # back all the same (nothing may call this again), and every waiter is woken.
                 hold.slot = None
                 self._free.append(slot)
+                self._cond.notify_all()
+                raise
+            # Out of the hold and onto the free list with no call between them (the append
+            # is the call): a signal handler's exception finds it in one place only.
+            hold.slot = None
+            self._free.append(slot)
 
     def release_locked(self, slot: StagingSlot) -> None:
         """(lock held) Give ``slot`` back; the caller notifies."""

@@ -19,6 +19,7 @@ slot back while the writer process could still read it.
 
 from __future__ import annotations
 
+import asyncio
 import dis
 import os
 import signal
@@ -30,7 +31,7 @@ import pytest
 import torch
 
 import asyncckpt
-from conftest import load
+from conftest import load, temp_files
 
 PACKAGE = os.path.dirname(asyncckpt.__file__)
 CALLS = {dis.opmap[n] for n in ("CALL", "CALL_FUNCTION_EX") if n in dis.opmap}
@@ -123,18 +124,41 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("interrupted", ["save", "flush"])
-@pytest.mark.parametrize("case", list(CASES))
+class PlainIO(asyncckpt.TorchCheckpointIO):
+    """An IO not known to write with ``torch.save``: ``save_here`` stages a copy for it."""
+
+    def save_checkpoint(self, checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+# what is interrupted: "save" (save_checkpoint), "flush", "asave" (asave_checkpoint on an asyncio
+# loop that is not asyncio.run's, where Ctrl-C raises KeyboardInterrupt in the task), "save_here"
+CALLS_CASES = [(case, call) for case in CASES for call in ("save", "flush", "asave")] + [("thread-eager", "save_here")]
+
+
+# (interrupted between making a coroutine and awaiting it, Python says so as it is collected)
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+@pytest.mark.parametrize("case,interrupted", CALLS_CASES)
 def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, interrupted):
     # exit_timeout: an engine this test breaks must not hold the interpreter's exit for minutes
-    io = asyncckpt.AsyncCheckpointIO(max_pending=1, exit_timeout=5, **CASES[case])
+    wrapped = PlainIO() if interrupted == "save_here" else None
+    io = asyncckpt.AsyncCheckpointIO(wrapped, max_pending=1, exit_timeout=5, **CASES[case])
     # Large enough for lazy staging to copy lazily (above 64 KiB), in several storages.
     params = [torch.zeros(8) for _ in range(30)] + [torch.zeros(20_000) for _ in range(2)]
     path = os.path.join(tmp_path, "x.ckpt")
 
     def the_call(step: int) -> None:
-        if interrupted == "save":  # to a path of its own: a file it leaves is checked below
-            io.save_checkpoint({"step": step, "p": params}, os.path.join(tmp_path, f"{step}.ckpt"))
+        own_path = os.path.join(tmp_path, f"{step}.ckpt")  # a file it leaves is checked below
+        if interrupted == "save":
+            io.save_checkpoint({"step": step, "p": params}, own_path)
+        elif interrupted == "asave":
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(io.asave_checkpoint({"step": step, "p": params}, own_path))
+            finally:
+                loop.close()
+        elif interrupted == "save_here":
+            io.save_here({"step": step, "p": params}, own_path)
         else:
             io.flush()
 
@@ -189,6 +213,7 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
             if os.path.exists(interrupted_file):  # written after all: with the values of its call
                 saved = load(interrupted_file)
                 assert saved["step"] == -n and all(torch.all(p == -1.0) for p in saved["p"]), where
+            assert not temp_files(str(tmp_path)), f"{where}: a partial file was left"
     finally:
         sys.settrace(None)
         _within(60, io.teardown)
