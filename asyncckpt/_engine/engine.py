@@ -342,9 +342,19 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                 raise AsyncCheckpointError(
                     "reserve(): a reservation is still running; wait for it (its .result()) before reserving again"
                 )
-            slots = self._slots.take_for_reservation()
-            handle = self._reservation = Reservation(len(slots))
-            ReservationJob(self._slots, slots, fill, handle).start()
+            handle = Reservation()
+            job = ReservationJob(self._slots, fill, handle)
+            self._reservation = handle
+            try:
+                job.start()  # returns once the job holds the slots
+            except BaseException as err:
+                # (Ctrl-C as it starts) a job that will not run is settled here, so that a later
+                # reserve() and teardown do not wait for it; one that runs settles it when done
+                if job.abandon():
+                    handle.settle(error=AsyncCheckpointError(
+                        f"reserve() was interrupted ({type(err).__name__}) as it started; call it again"
+                    ))
+                raise
         if wait:
             handle.result()
         return handle

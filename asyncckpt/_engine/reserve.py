@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 import operator
 import threading
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -71,10 +71,22 @@ class Reservation(concurrent.futures.Future):
     ``slots`` is how many slots it fills. It cannot be cancelled; teardown stops it early.
     """
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.slots = slots
+        self.slots = 0  # set by the job as it takes them, before reserve() returns
         self._stop = threading.Event()
+        self._settle_lock = threading.Lock()
+
+    def settle(self, buffers: Optional[List[StagingBuffer]] = None, error: Optional[BaseException] = None) -> None:
+        """Set the outcome, unless it is set already (by reserve(), for a job interrupted as
+        it started, or by that job)."""
+        with self._settle_lock:
+            if self.done():
+                return
+            if error is not None:
+                self.set_exception(error)
+            else:
+                self.set_result(buffers)
 
     def cancel(self) -> bool:
         return False  # the job owns the slots until it gives them back; teardown stops it
@@ -93,35 +105,59 @@ class Reservation(concurrent.futures.Future):
 
 
 class ReservationJob:
-    """Fills ``slots`` one by one with ``fill(slot, stop)`` on a thread of its own, gives each
-    back to ``pool`` when done (or failed), and settles ``handle``."""
+    """On a thread of its own: takes every free slot of ``pool``, fills them one by one with
+    ``fill(slot, stop)``, gives each back when done (or failed), and settles ``handle``.
+
+    The slots are taken on the job's thread, never held by the caller's: an exception a signal
+    handler raises in the caller (Ctrl-C) cannot then lose them, which left every later save
+    waiting for ever for slots a lost reservation was counted as holding.
+    """
 
     def __init__(
         self,
         pool: SlotPool,
-        slots: Sequence[StagingSlot],
         fill: Callable[[StagingSlot, Callable[[], bool]], None],
         handle: Reservation,
     ) -> None:
         self._pool = pool
-        self._slots = list(slots)
         self._fill = fill
         self._handle = handle
+        self._taken = threading.Event()
+        self._lock = threading.Lock()
+        self._ran = False  # its thread began the job
+        self._abandoned = False  # its start was interrupted before that: it never will
 
     def start(self) -> None:
-        try:
-            start_thread(self._run, name="asyncckpt-reserve")
-        except BaseException:
-            for slot in self._slots:
-                self._pool.give_back_reserved(slot)
-            raise
+        """Start the job; return once it holds its slots (a save made after this returns waits
+        for the first one ready instead of allocating beside the reservation)."""
+        start_thread(self._run, name="asyncckpt-reserve")
+        self._taken.wait()
+
+    def abandon(self) -> bool:
+        """After :meth:`start` was interrupted: whether the job never ran and never will (the
+        caller then settles the handle; else the job gives its slots back and settles it)."""
+        with self._lock:
+            self._abandoned = not self._ran
+            return self._abandoned
 
     def _run(self) -> None:
+        with self._lock:
+            if self._abandoned:
+                return
+            self._ran = True
         handle = self._handle
+        try:
+            slots = self._pool.take_for_reservation()
+            handle.slots = len(slots)
+        except BaseException as err:  # noqa: BLE001 - the caller reads it from the handle
+            handle.settle(error=err)
+            return
+        finally:
+            self._taken.set()
         stop = handle._stop.is_set
         buffers: List[StagingBuffer] = []
         error: Optional[BaseException] = None
-        for slot in self._slots:
+        for slot in slots:
             try:
                 if error is None and not stop():
                     self._fill(slot, stop)
@@ -134,6 +170,6 @@ class ReservationJob:
             error = AsyncCheckpointError("the reservation of staging memory was stopped by teardown()")
         if error is not None:
             log.warning("asyncckpt: reserving staging memory failed (the first save allocates instead): %s", error)
-            handle.set_exception(error)
+            handle.settle(error=error)
         else:
-            handle.set_result(buffers)
+            handle.settle(buffers)

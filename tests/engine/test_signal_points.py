@@ -14,7 +14,10 @@ freed by the failed call while the writer still read it; a lazy copy listed for 
 and not yet started kept the next guard point (an optimizer step, a flush) waiting for ever; the
 process writer's entry for an operation interrupted just after it was listed as sent freed its
 slot a second time when that writer exited, and one interrupted as its message left gave its
-slot back while the writer process could still read it.
+slot back while the writer process could still read it; ``asave_checkpoint`` and ``save_here``
+lost a slot taken and not yet held; ``reserve()`` lost the slots it took (every later save then
+waited for ever), or left a reservation that never settled (a later ``reserve()`` refused, and
+``teardown`` waited for ever).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -117,6 +121,11 @@ def _within(seconds: float, fn: Any, where: str = "") -> List[BaseException]:
     return errors
 
 
+def _wait_until(ready: Any) -> None:
+    while not ready():
+        time.sleep(0.005)
+
+
 CASES = {
     "thread-eager": dict(writer="thread", staging="eager"),
     "thread-lazy": dict(writer="thread", staging="lazy"),
@@ -132,8 +141,13 @@ class PlainIO(asyncckpt.TorchCheckpointIO):
 
 
 # what is interrupted: "save" (save_checkpoint), "flush", "asave" (asave_checkpoint on an asyncio
-# loop that is not asyncio.run's, where Ctrl-C raises KeyboardInterrupt in the task), "save_here"
-CALLS_CASES = [(case, call) for case in CASES for call in ("save", "flush", "asave")] + [("thread-eager", "save_here")]
+# loop that is not asyncio.run's, where Ctrl-C raises KeyboardInterrupt in the task), "save_here",
+# "remove" (remove_checkpoint of a file saved just before), "reserve" (reserve(state, wait=True))
+CALLS_CASES = (
+    [(case, call) for case in CASES for call in ("save", "flush", "asave")]
+    + [("thread-eager", "save_here")]
+    + [(case, call) for case in ("thread-eager", "process-eager") for call in ("remove", "reserve")]
+)
 
 
 # (interrupted between making a coroutine and awaiting it, Python says so as it is collected)
@@ -159,6 +173,10 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
                 loop.close()
         elif interrupted == "save_here":
             io.save_here({"step": step, "p": params}, own_path)
+        elif interrupted == "remove":
+            io.remove_checkpoint(own_path)
+        elif interrupted == "reserve":
+            io.reserve({"step": step, "p": params}, wait=True)
         else:
             io.flush()
 
@@ -169,6 +187,9 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
         counter = InterruptAt(None)
         if interrupted == "flush":
             io.save_checkpoint({"step": 3, "p": params}, path)
+        if interrupted == "remove":
+            io.save_checkpoint({"step": 3, "p": params}, os.path.join(tmp_path, "3.ckpt"))
+            io.flush()
         sys.settrace(counter)
         try:
             the_call(3)
@@ -176,9 +197,14 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
             sys.settrace(None)
         io.flush()
         assert counter.count > 10  # the call was traced
+        for p in params:
+            p.fill_(-1.0)  # the values of every interrupted call
         for n in range(1, counter.count + 1):
             if interrupted == "flush":
                 io.save_checkpoint({"step": -n, "p": params}, path)
+            if interrupted == "remove":  # the file it removes, or leaves whole
+                io.save_checkpoint({"step": -n, "p": params}, os.path.join(tmp_path, f"{-n}.ckpt"))
+                io.flush()
             interrupt = InterruptAt(n)
             sys.settrace(interrupt)
             try:
@@ -191,6 +217,8 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
             # The interrupted save may still be written, or fail: then loudly, at the next call, once.
             errors = _within(30, io.flush, where)
             assert all(isinstance(e, asyncckpt.errors.AsyncCheckpointError) for e in errors), f"{where}: {errors!r}"
+            if interrupted == "reserve":  # its job gives the slot back once the memory is ready
+                _within(30, lambda: _wait_until(lambda: io._reservation is None or io._reservation.done()), where)
             assert io.slot_pool.free_count == 1, f"{where}: {io.slot_pool.free_count} free slots of 1"
             # (white-box) no save left listed as in progress: the exit drain would wait for it
             assert not io._handovers, f"{where}: a save is still listed as in progress"
