@@ -60,29 +60,39 @@ def collection_paused() -> Iterator[None]:
     collector is re-enabled only if it was enabled when the first began.
     """
     global _gc_pauses, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pauses == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pauses += 1
+    # A Ctrl-C can land between any two bytecodes: the pause is counted and the collector
+    # disabled with no call in between, inside the try, so whatever the handler interrupts, the
+    # finally undoes exactly what was done (seen failing: an interrupt after gc.disable() and
+    # before the try left the collector off for the rest of the process).
+    counted = False
     try:
+        with _gc_lock:
+            _gc_pauses += 1
+            counted = True
+            if _gc_pauses == 1:
+                _gc_was_enabled = gc.isenabled()
+                gc.disable()
         yield
     finally:
-        with _gc_lock:
-            _gc_pauses -= 1
-            if _gc_pauses == 0 and _gc_was_enabled:
-                gc.enable()
+        if counted:
+            with _gc_lock:
+                _gc_pauses -= 1
+                if _gc_pauses == 0:
+                    if _gc_was_enabled:
+                        gc.enable()
+                    _gc_was_enabled = False
 
 
 def reset_after_fork() -> None:
     """A process forked by another thread during a save call has no such call: its collector
     runs as it did before the pause."""
-    global _gc_lock, _gc_pauses
+    global _gc_lock, _gc_pauses, _gc_was_enabled
     _gc_lock = threading.RLock()
     if _gc_pauses:
         _gc_pauses = 0
         if _gc_was_enabled:
             gc.enable()
+        _gc_was_enabled = False
 
 
 

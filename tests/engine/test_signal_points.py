@@ -17,13 +17,15 @@ slot a second time when that writer exited, and one interrupted as its message l
 slot back while the writer process could still read it; ``asave_checkpoint`` and ``save_here``
 lost a slot taken and not yet held; ``reserve()`` lost the slots it took (every later save then
 waited for ever), or left a reservation that never settled (a later ``reserve()`` refused, and
-``teardown`` waited for ever).
+``teardown`` waited for ever); a save interrupted just after it paused the garbage collector
+left the collector off for the rest of the process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dis
+import gc
 import os
 import signal
 import sys
@@ -222,6 +224,10 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
             assert io.slot_pool.free_count == 1, f"{where}: {io.slot_pool.free_count} free slots of 1"
             # (white-box) no save left listed as in progress: the exit drain would wait for it
             assert not io._handovers, f"{where}: a save is still listed as in progress"
+            # (white-box) nor this thread marked as inside a save: its saves would be synchronous
+            assert not getattr(io._local, "holding", False), f"{where}: this thread is still marked as saving"
+            # the collector, paused while a call stages, runs again (else the process leaks cycles)
+            assert gc.isenabled(), f"{where}: garbage collection left disabled"
             for p in params:
                 p.fill_(float(n))
             def save_now(n: int = n) -> None:
