@@ -274,8 +274,10 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             writer, self._writer = self._writer, None
             ops = self._table.pending()
         if writer is not None:
-            self._table.wait(ops, None)
-            writer.stop()
+            try:
+                self._table.wait(ops, None)
+            finally:  # interrupted, too: no longer the engine's, it would run on unstopped
+                writer.stop()
         self._checkpoint_io = io
 
     def replace_base_io(self, io: Any) -> None:
@@ -744,13 +746,17 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         except BaseException as err:  # noqa: BLE001 - raised below, after cleanup
             first_error = err
         with self._submit_lock:  # a concurrent save waits here, then starts a new writer
-            writer, self._writer = self._writer, None
+            writer = self._writer
             if writer is not None:
                 # Other threads may have handed this writer lazy saves since the wait above; it
                 # writes each only once a guard point has verified its copy, and no other guard
                 # point may come: this is one for every save the writer holds.
                 self._finish_lazy()
                 writer.stop()
+                # Let go of only once stopped: interrupted before, it stays the engine's (a
+                # stopping one is replaced by the next save, a running one stopped by the next
+                # teardown or exit), never left running unowned.
+                self._writer = None
         if reservation is not None:
             concurrent.futures.wait([reservation])  # its slots are back, to be freed here
         self._slots.release_memory()

@@ -160,6 +160,7 @@ class ProcessWriter:
         self._reader: Optional[threading.Thread] = None
         self._dead = False
         self._stopping = False
+        self._stop_sent = False
         self._began = False  # a send of the hand-over under way has started (under _send_lock)
         # Operations whose hand-over a signal handler's exception cut short after their bytes
         # began to leave: sequence number, the exception's name (for their error, if lost).
@@ -362,6 +363,18 @@ class ProcessWriter:
         if self._process is not None and not _has_exited(self._process):
             self._process.kill()
 
+    def _send_stop(self) -> None:
+        """Send the stop command once (under ``_send_lock``): the writer finishes what it read,
+        then exits. Not to a dead writer; sent once even when a first stop was cut short."""
+        with self._table_lock:
+            if self._dead or self._stop_sent:
+                return
+            self._stop_sent = True
+        try:
+            self._send(encode(StopMsg()))
+        except OSError:
+            pass
+
     def _share_arena(self, arena: Any) -> None:
         if arena.id in self._arenas:
             return
@@ -454,19 +467,25 @@ class ProcessWriter:
         """
         if self._process is None:
             return True
-        got_lock = self._send_lock.acquire(timeout=-1 if timeout is None else timeout)
-        try:
-            with self._table_lock:
-                was_stopping, self._stopping = self._stopping, True
-                dead = self._dead
-            if got_lock and not dead and not was_stopping:
-                try:
-                    self._send(encode(StopMsg()))
-                except OSError:
-                    pass
-        finally:
-            if got_lock:
-                self._send_lock.release()
+        # Marked first: from here it takes nothing more and is not ``alive``, so a stop cut short
+        # by a signal handler's exception leaves a writer the engine replaces, never one a save
+        # still hands operations to.
+        with self._table_lock:
+            self._stopping = True
+        if timeout is None:
+            with self._send_lock:  # 'with': taken and given back in C, whatever interrupts
+                self._send_stop()
+        else:
+            # (a handler's exception just as the lock is taken keeps it taken: the next stop of
+            # this writer then waits its timeout and ends the process without the stop command)
+            got_lock = False
+            try:
+                got_lock = self._send_lock.acquire(timeout=timeout)
+                if got_lock:
+                    self._send_stop()
+            finally:
+                if got_lock:
+                    self._send_lock.release()
         self._process.join(timeout)
         if not _has_exited(self._process):
             self._process.kill()

@@ -18,7 +18,10 @@ slot back while the writer process could still read it; ``asave_checkpoint`` and
 lost a slot taken and not yet held; ``reserve()`` lost the slots it took (every later save then
 waited for ever), or left a reservation that never settled (a later ``reserve()`` refused, and
 ``teardown`` waited for ever); a save interrupted just after it paused the garbage collector
-left the collector off for the rest of the process.
+left the collector off for the rest of the process; an interrupted ``teardown`` left its writer
+running, owned by nobody (a thread or a process more for each), and the process writer's stop,
+interrupted as it took its send lock, kept the lock (the next save waited for ever once the
+engine kept that writer until stopped).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dis
 import gc
+import multiprocessing
 import os
 import signal
 import sys
@@ -144,11 +148,13 @@ class PlainIO(asyncckpt.TorchCheckpointIO):
 
 # what is interrupted: "save" (save_checkpoint), "flush", "asave" (asave_checkpoint on an asyncio
 # loop that is not asyncio.run's, where Ctrl-C raises KeyboardInterrupt in the task), "save_here",
-# "remove" (remove_checkpoint of a file saved just before), "reserve" (reserve(state, wait=True))
+# "remove" (remove_checkpoint of a file saved just before), "reserve" (reserve(state, wait=True)),
+# "load" (load_checkpoint of a file whose save is still queued), "teardown" (with a save queued;
+# the object must work again afterwards)
 CALLS_CASES = (
-    [(case, call) for case in CASES for call in ("save", "flush", "asave")]
+    [(case, call) for case in CASES for call in ("save", "flush", "asave", "teardown")]
     + [("thread-eager", "save_here")]
-    + [(case, call) for case in ("thread-eager", "process-eager") for call in ("remove", "reserve")]
+    + [(case, call) for case in ("thread-eager", "process-eager") for call in ("remove", "reserve", "load")]
 )
 
 
@@ -179,6 +185,11 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
             io.remove_checkpoint(own_path)
         elif interrupted == "reserve":
             io.reserve({"step": step, "p": params}, wait=True)
+        elif interrupted == "load":
+            loaded = io.load_checkpoint(own_path)
+            assert loaded["step"] == step
+        elif interrupted == "teardown":
+            io.teardown()
         else:
             io.flush()
 
@@ -187,8 +198,10 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
             io.save_checkpoint({"step": step, "p": params}, path)
             io.flush()
         counter = InterruptAt(None)
-        if interrupted == "flush":
+        if interrupted in ("flush", "teardown"):
             io.save_checkpoint({"step": 3, "p": params}, path)
+        if interrupted == "load":
+            io.save_checkpoint({"step": 3, "p": params}, os.path.join(tmp_path, "3.ckpt"))
         if interrupted == "remove":
             io.save_checkpoint({"step": 3, "p": params}, os.path.join(tmp_path, "3.ckpt"))
             io.flush()
@@ -202,8 +215,10 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
         for p in params:
             p.fill_(-1.0)  # the values of every interrupted call
         for n in range(1, counter.count + 1):
-            if interrupted == "flush":
+            if interrupted in ("flush", "teardown"):
                 io.save_checkpoint({"step": -n, "p": params}, path)
+            if interrupted == "load":  # still queued as the load begins
+                io.save_checkpoint({"step": -n, "p": params}, os.path.join(tmp_path, f"{-n}.ckpt"))
             if interrupted == "remove":  # the file it removes, or leaves whole
                 io.save_checkpoint({"step": -n, "p": params}, os.path.join(tmp_path, f"{-n}.ckpt"))
                 io.flush()
@@ -239,6 +254,10 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
                 # the interrupted save's own failure, raised once by the first call after it
                 errors = _within(30, save_now, where)
             assert not errors, f"{where}: the next save raised {errors[0]!r}"
+            # no writer left running beside the engine's own (an interrupted teardown's, say)
+            writers = [t for t in threading.enumerate() if t.name == "asyncckpt-writer"]
+            writers += [c for c in multiprocessing.active_children() if c.name == "asyncckpt-writer"]
+            assert len(writers) <= 1, f"{where}: {len(writers)} writers running"
             for p in params:
                 p.fill_(-1.0)
             saved = load(path)
