@@ -156,12 +156,22 @@ CALLS_CASES = (
     + [("thread-eager", "save_here")]
     + [(case, call) for case in ("thread-eager", "process-eager") for call in ("remove", "reserve", "load")]
 )
+# Split into parts that run side by side (pytest -n), each taking every PARTS-th point: after
+# most points of an interrupted process-writer teardown the next save starts a writer process
+# (about 2 s each); the slowest cases, whole, held the suite's end for minutes.
+PARTS = {("process-eager", "teardown"): 4, ("thread-eager", "save_here"): 2}
+SWEEPS = [
+    pytest.param(case, call, part, parts, id=f"{case}-{call}" + (f"-{part}" if parts > 1 else ""))
+    for case, call in CALLS_CASES
+    for parts in [PARTS.get((case, call), 1)]
+    for part in range(parts)
+]
 
 
 # (interrupted between making a coroutine and awaiting it, Python says so as it is collected)
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-@pytest.mark.parametrize("case,interrupted", CALLS_CASES)
-def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, interrupted):
+@pytest.mark.parametrize("case,interrupted,part,parts", SWEEPS)
+def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, interrupted, part, parts):
     # exit_timeout: an engine this test breaks must not hold the interpreter's exit for minutes
     wrapped = PlainIO() if interrupted == "save_here" else None
     io = asyncckpt.AsyncCheckpointIO(wrapped, max_pending=1, exit_timeout=5, **CASES[case])
@@ -214,7 +224,7 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
         assert counter.count > 10  # the call was traced
         for p in params:
             p.fill_(-1.0)  # the values of every interrupted call
-        for n in range(1, counter.count + 1):
+        for n in range(1 + part, counter.count + 1, parts):
             if interrupted in ("flush", "teardown"):
                 io.save_checkpoint({"step": -n, "p": params}, path)
             if interrupted == "load":  # still queued as the load begins
