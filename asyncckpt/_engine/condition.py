@@ -69,9 +69,7 @@ class EngineCondition(_thread.RLock):  # type: ignore[misc]
         try:
             await anyio.to_thread.run_sync(wait, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
         finally:
+            # Not woken here: taking the lock without blocking the loop needs a bare acquire, and
+            # an exception a signal handler raised as it returned left the engine's lock held for
+            # ever (seen: every later call waited). The thread ends at its next slice.
             abandoned.set()
-            if self.acquire(blocking=False):  # wake it now if that costs the loop nothing
-                try:
-                    self.cv.notify_all()
-                finally:
-                    self.release()

@@ -280,3 +280,58 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
     finally:
         sys.settrace(None)
         _within(60, io.teardown)
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_an_interrupt_as_a_cancelled_async_wait_ends_leaves_the_engine_lock_free():
+    """``await_until`` cancelled while its worker thread waits (an ``asave_checkpoint`` waiting for
+    a slot whose task is cancelled): an interrupt at any point of it, the clean-up included,
+    leaves the engine's lock free for other threads (held, every call and the writer wait)."""
+    from asyncckpt._engine.condition import EngineCondition
+
+    async def cancelled_wait(cond: EngineCondition) -> None:
+        task = asyncio.ensure_future(cond.await_until(lambda: False))
+        await asyncio.sleep(0.02)  # its thread is waiting on the condition
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    def run(cond: EngineCondition, tracer: InterruptAt) -> None:
+        loop = asyncio.new_event_loop()
+        loop.set_exception_handler(lambda loop, context: None)  # a task's KeyboardInterrupt: expected
+        sys.settrace(tracer)
+        try:
+            loop.run_until_complete(cancelled_wait(cond))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+            tracer.n = 0  # (a suspended coroutine's frame keeps its trace function: disarmed)
+            for _ in range(3):  # let the tasks the interrupt left end (it re-raises in each awaiter)
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                if not pending:
+                    break
+                try:
+                    loop.run_until_complete(asyncio.wait(pending))
+                except KeyboardInterrupt:
+                    pass
+            loop.close()
+
+    counter = InterruptAt(None)
+    run(EngineCondition(), counter)
+    assert counter.count > 5  # the call was traced
+    for n in range(1, counter.count + 1):
+        cond = EngineCondition()
+        interrupt = InterruptAt(n)
+        run(cond, interrupt)
+        free: List[bool] = []
+
+        def take_and_give_back(cond: EngineCondition = cond, free: List[bool] = free) -> None:
+            if cond.acquire(timeout=5):
+                cond.release()
+                free.append(True)
+
+        _within(30, take_and_give_back, f"at point {n}")
+        assert free, f"interrupted at point {n}, {interrupt.where}: the engine's lock was left held"
