@@ -127,6 +127,12 @@ def _within(seconds: float, fn: Any, where: str = "") -> List[BaseException]:
     return errors
 
 
+def _writers_running() -> set:
+    """The writer threads and writer processes of this process that are running."""
+    writers = {t for t in threading.enumerate() if t.name == "asyncckpt-writer"}
+    return writers | {c for c in multiprocessing.active_children() if c.name == "asyncckpt-writer"}
+
+
 def _wait_until(ready: Any) -> None:
     while not ready():
         time.sleep(0.005)
@@ -174,6 +180,7 @@ SWEEPS = [
 def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, interrupted, part, parts):
     # exit_timeout: an engine this test breaks must not hold the interpreter's exit for minutes
     wrapped = PlainIO() if interrupted == "save_here" else None
+    others = _writers_running()  # earlier tests' (this process runs several)
     io = asyncckpt.AsyncCheckpointIO(wrapped, max_pending=1, exit_timeout=5, **CASES[case])
     # Large enough for lazy staging to copy lazily (above 64 KiB), in several storages.
     params = [torch.zeros(8) for _ in range(30)] + [torch.zeros(20_000) for _ in range(2)]
@@ -264,9 +271,8 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
                 # the interrupted save's own failure, raised once by the first call after it
                 errors = _within(30, save_now, where)
             assert not errors, f"{where}: the next save raised {errors[0]!r}"
-            # no writer left running beside the engine's own (an interrupted teardown's, say)
-            writers = [t for t in threading.enumerate() if t.name == "asyncckpt-writer"]
-            writers += [c for c in multiprocessing.active_children() if c.name == "asyncckpt-writer"]
+            # no writer of this engine left running beside its own (an interrupted teardown's, say)
+            writers = _writers_running() - others
             assert len(writers) <= 1, f"{where}: {len(writers)} writers running"
             for p in params:
                 p.fill_(-1.0)
