@@ -149,9 +149,11 @@ def check_folder(folder: str, log: List[List[str]], failures: List[str]) -> Dict
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("writer", ["thread", "process"])
-def test_sigkill_at_random_moments_loses_no_committed_checkpoint(tmp_path, writer):
-    rng = random.Random(f"{SEED}-{writer}")
+# The process writer's runs (a writer process started in each) split in two sequences of kills
+# that run side by side under pytest -n: together the same KILLS runs, each its own folder.
+@pytest.mark.parametrize("writer,part,parts", [("thread", 0, 1), ("process", 0, 2), ("process", 1, 2)])
+def test_sigkill_at_random_moments_loses_no_committed_checkpoint(tmp_path, writer, part, parts):
+    rng = random.Random(f"{SEED}-{writer}" + (f"-{part}" if parts > 1 else ""))
     folder = tmp_path / "ckpts"
     folder.mkdir()
     logs = tmp_path / "logs"
@@ -163,7 +165,7 @@ def test_sigkill_at_random_moments_loses_no_committed_checkpoint(tmp_path, write
     previous_temps: List[str] = []
     started = time.monotonic()
     try:
-        for run in range(KILLS):
+        for run in range(part, KILLS, parts):
             log_path = str(logs / f"run-{run}.log")
             pid = zygote.start(
                 folder=str(folder), writer=writer, first_step=run * 1000, checksum=run % 2 == 1, log=log_path
@@ -201,7 +203,8 @@ def test_sigkill_at_random_moments_loses_no_committed_checkpoint(tmp_path, write
     assert [n for n in os.listdir(folder) if is_temp_file(n)] == []
     elapsed = time.monotonic() - started
     print(
-        f"\ncrash test, writer={writer}, seed={SEED}: {KILLS} SIGKILLs in {elapsed:.0f}s; "
+        f"\ncrash test, writer={writer}, seed={SEED}, part {part + 1} of {parts}: "
+        f"{len(range(part, KILLS, parts))} SIGKILLs in {elapsed:.0f}s; "
         f"phases at kill: {dict(sorted(phases.items()))}; "
         f"committed saves checked {totals['committed saves checked']}, lost {totals['lost']}; "
         f"files at target paths checked {totals['files at target paths']}, partial {totals['partial']}; "
