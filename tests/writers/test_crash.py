@@ -165,10 +165,12 @@ def test_sigkill_at_random_moments_loses_no_committed_checkpoint(tmp_path, write
     previous_temps: List[str] = []
     started = time.monotonic()
     try:
-        for run in range(part, KILLS, parts):
+        # Kill target and checksum mode follow the place in this part's sequence, so each folder
+        # sees them alternate from run to run as one whole sequence does.
+        for place, run in enumerate(range(part, KILLS, parts)):
             log_path = str(logs / f"run-{run}.log")
             pid = zygote.start(
-                folder=str(folder), writer=writer, first_step=run * 1000, checksum=run % 2 == 1, log=log_path
+                folder=str(folder), writer=writer, first_step=run * 1000, checksum=place % 2 == 1, log=log_path
             )
             assert wait_for(log_path, lambda log: any(f[0] == "ready" for f in log), 120), read_log(log_path)
             # The run's first save swept the folder: the temp files earlier kills left are gone.
@@ -176,7 +178,7 @@ def test_sigkill_at_random_moments_loses_no_committed_checkpoint(tmp_path, write
             totals["temp files removed by the next run"] += len(swept)
             if len(swept) != len(previous_temps):
                 failures.append(f"run {run}: the sweep left {sorted(set(previous_temps) - set(swept))}")
-            target = TARGETS[run % len(TARGETS)]
+            target = TARGETS[place % len(TARGETS)]
             if target == "time":
                 time.sleep(rng.uniform(0.0, 0.5))
             else:
