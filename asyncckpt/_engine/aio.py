@@ -104,7 +104,10 @@ class AsyncFace:
             # the loop is blocked from here to the return: staging only, measured as blocking time
             return self.stage_and_submit(checkpoint, target, key, storage_options, hold, time.perf_counter(), waited)
         except BaseException:
-            self.slot_pool.release_hold(hold)  # unless its operation took it over (then empty)
+            try:
+                self.slot_pool.release_hold(hold)  # unless its operation took it over (then empty)
+            finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                self.slot_pool.release_hold(hold)
             raise
 
     async def _asave_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> SaveHandle:
@@ -123,7 +126,10 @@ class AsyncFace:
         try:
             return await self._asave_agreed_holding(agree, checkpoint, path, storage_options, hold, started)
         except BaseException:
-            self.slot_pool.release_hold(hold)  # unless its operation took it over (then empty)
+            try:
+                self.slot_pool.release_hold(hold)  # unless its operation took it over (then empty)
+            finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                self.slot_pool.release_hold(hold)
             raise
 
     async def _asave_agreed_holding(

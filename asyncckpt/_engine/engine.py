@@ -395,7 +395,10 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                     checkpoint, target, key, storage_options, hold, started, time.perf_counter() - started
                 )
             except BaseException:
-                self._slots.release_hold(hold)  # unless its operation took it over (then empty)
+                try:
+                    self._slots.release_hold(hold)  # unless its operation took it over (then empty)
+                finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                    self._slots.release_hold(hold)
                 raise
 
     def _save_agreed(self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any) -> SaveHandle:
@@ -417,7 +420,10 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             error = agree(path, refusal, background, self.settle)
             return self.after_agreement(error, checkpoint, target, key, storage_options, hold, started, waited)
         except BaseException:
-            self._slots.release_hold(hold)  # unless its operation took it over (then empty)
+            try:
+                self._slots.release_hold(hold)  # unless its operation took it over (then empty)
+            finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                self._slots.release_hold(hold)
             raise
 
     def before_agreement(
@@ -537,8 +543,18 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                 return handle
         except BaseException:
             if hold.slot is not None:  # not taken over by the save's operation
-                self._finish_lazy()  # no copy may still write into the slot once it is free
-                self._slots.release_hold(hold)
+                # Each step twice: again if a signal handler's exception cut it short at its
+                # start (each acts once). No copy may still write into the slot once it is free.
+                try:
+                    self._finish_lazy()
+                finally:
+                    try:
+                        self._finish_lazy()
+                    finally:
+                        try:
+                            self._slots.release_hold(hold)
+                        finally:
+                            self._slots.release_hold(hold)
             raise
 
     @contextlib.contextmanager
@@ -665,7 +681,10 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                     if written:
                         self._say_kept(op)
                     slot.release_memory()
-                self._slots.release_hold(hold)
+                try:
+                    self._slots.release_hold(hold)
+                finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                    self._slots.release_hold(hold)
 
     def wait_staged(self) -> None:
         """Wait until the last save's tensors are copied (``staging="lazy"``), and check them.
@@ -861,7 +880,10 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             # exception as the hand-over returns): flush and the exit drain wait for it.
             if op.handed_over:
                 with self._cv:
-                    self._table.count(op)  # unless a fast writer finished it already
+                    try:
+                        self._table.count(op)  # unless a fast writer finished it already
+                    finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                        self._table.count(op)
 
     def _saves_not_known_good(self) -> List[Operation]:
         """(``_cv`` and the submit lock held) The saves a remove submitted now depends on: those

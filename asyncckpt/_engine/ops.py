@@ -58,10 +58,14 @@ class OpTable:
 
         Listed before the look at whether it is done: an exception a signal handler raises as
         that look returns leaves it listed (a done operation listed is waited for at once), not
-        unlisted while it runs (flush would not wait for it).
+        unlisted while it runs (flush would not wait for it). Counted after the hand-over lock
+        is left, it may come after a later operation on the same path from another thread: that
+        one stays the last. Counting it again changes nothing.
         """
         self._ops[op.seq] = op
-        self._last[op.path] = op
+        last = self._last.get(op.path)
+        if last is None or last.seq <= op.seq:
+            self._last[op.path] = op
         if op.done():
             self.forget(op)
 

@@ -831,3 +831,27 @@ def test_a_secret_storage_option_quoted_by_a_failing_save_never_appears_in_its_e
     joined = "\n".join(texts)
     assert "memory://bucket/x.ckpt" in joined and "could not write" in joined
     assert "opt-Secret-Value-7" not in joined
+
+
+def test_an_operation_counted_after_a_later_one_on_the_same_path_does_not_hide_it():
+    """(white-box) Two threads saving to one path: the first hand-over is counted only after its
+    submit lock is left, so the second thread's later save may be counted first. The later one
+    must stay the path's last pending operation, or a load waits for the earlier save only and
+    reads the file while the later save is still queued."""
+    from asyncckpt._engine.condition import EngineCondition
+    from asyncckpt._engine.ops import OpTable
+    from asyncckpt._writers.base import Operation
+
+    cond = EngineCondition()
+    table = OpTable(cond)
+    with cond:
+        first = Operation("save", "/a.ckpt", "/a.ckpt", seq=table.next_seq())
+        later = Operation("save", "/a.ckpt", "/a.ckpt", seq=table.next_seq())
+        table.count(later)
+        table.count(first)
+        table.count(first)  # counted again (after an interrupt at its start): changes nothing
+    assert table.last_on("/a.ckpt") is later
+    first.complete()
+    with cond:
+        table.forget(first)
+    assert table.last_on("/a.ckpt") is later
