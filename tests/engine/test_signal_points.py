@@ -2,10 +2,12 @@
 no lock held, and the next save writes its own values.
 
 CPython runs a Python signal handler only at certain points of the main thread: when a call
-returns, at a function's start, and at a loop's backward jump, and not while the thread blocks
-the signal. A real signal cannot be aimed at each of those points in turn, so this is fault
-injection: a trace function raises ``KeyboardInterrupt`` (what Ctrl-C's handler raises) at the
-N-th such point of one save in asyncckpt's own code, for every N. Found this way (each seen
+returns, at a function's start or its resumption after a ``yield``, and at a loop's backward
+jump, and not while the thread blocks the signal. A real signal cannot be aimed at each of those
+points in turn, so this is fault injection: a trace function raises ``KeyboardInterrupt`` (what
+Ctrl-C's handler raises) at one such point of a call in asyncckpt's own code, for every point
+(a site a loop passes many times: at its first passes and its last, see :data:`PASSES`).
+Found this way (each seen
 failing first): a ``threading.Condition``'s Python ``__enter__`` left the engine's lock held when
 interrupted after taking it (every later call, and the writer, then waited for ever); a slot
 taken off the free list and not yet returned to the caller was lost (with ``max_pending=1`` the
@@ -27,6 +29,7 @@ engine kept that writer until stopped).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dis
 import gc
 import multiprocessing
@@ -35,7 +38,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -54,60 +57,126 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class InterruptAt:
-    """A trace function that raises KeyboardInterrupt at the ``n``-th point of the main thread,
-    in asyncckpt's frames, where CPython could run a signal handler (``n=None``: only counts)."""
+Site = Tuple[Any, int, int]  # (code object, offset of the previous instruction or -1 at its start, offset)
 
-    def __init__(self, n: Optional[int]) -> None:
-        self.n = n
-        self.count = 0
+
+class InterruptAt:
+    """A trace function over the main thread's frames of asyncckpt's code, at the points where
+    CPython could run a signal handler: after a call returns, at a loop's backward jump, at a
+    function's start or its resumption after a ``yield`` (a ``RESUME`` that checks for
+    signals), and only while SIGINT is not blocked.
+
+    Made with ``target=None`` it records every point, in order, as ``(site, k)``: the ``k``-th
+    time the call reached that site. Made with one of those, it raises ``KeyboardInterrupt``
+    there and traces nothing else: only frames of that site's code run under its opcode trace,
+    so each interrupted call costs about what the call costs (tracing every opcode of every
+    frame made the sweep quadratic in its points).
+    """
+
+    def __init__(self, target: Optional[Tuple[Site, int]] = None) -> None:
+        self.target = target
+        self.points: List[Tuple[Site, int]] = []
         self.where: Optional[str] = None
+        self._seen: Dict[Site, int] = collections.Counter()
         self._last: Dict[int, int] = {}
+        self._code = target[0][0] if target is not None else None
         self._main = threading.main_thread()
+        self._armed = True
 
     def __call__(self, frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code.co_filename.startswith(PACKAGE) and threading.current_thread() is self._main:
-            frame.f_trace_opcodes = True
-            frame.f_trace_lines = False
-            return self._local
-        return None
+        code = frame.f_code
+        if not self._armed:
+            return None
+        if self._code is not None:
+            if code is not self._code:
+                return None
+        elif not code.co_filename.startswith(PACKAGE):
+            return None
+        if threading.current_thread() is not self._main:
+            return None
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        self._last[id(frame)] = -1  # (a new frame may reuse a finished one's id)
+        if event == "call" and _checks_signals_on_resume(code, frame.f_lasti):
+            self._reached((code, -1, frame.f_lasti), frame)  # raised here, it leaves the frame at once
+        return self._local
 
     def _local(self, frame: Any, event: str, arg: Any) -> Any:
         if event == "opcode":
-            previous, offset = self._last.get(id(frame), (None, -1))
-            if (
-                (previous in CALLS or previous in JUMPS or previous == RESUME)
+            code = frame.f_code
+            previous = self._last.get(id(frame), -1)
+            offset = frame.f_lasti
+            self._last[id(frame)] = offset
+            if previous >= 0 and _ends_with_signal_check(code, previous):
                 # Raised here, the exception must meet the handler it would meet raised at the
                 # end of the previous instruction, where CPython runs signal handlers (a call that
                 # ends a ``with`` block is inside it; the next instruction may not be).
-                and _handler(frame.f_code, offset) == _handler(frame.f_code, frame.f_lasti)
-                and self._handler_may_run()
-            ):
-                self.count += 1
-                if self.count == self.n:
-                    self.where = f"{os.path.relpath(frame.f_code.co_filename, PACKAGE)}:{frame.f_lineno}"
-                    raise KeyboardInterrupt
-            self._last[id(frame)] = (frame.f_code.co_code[frame.f_lasti], frame.f_lasti)
+                handlers = _handlers(code)
+                if handlers[previous] == handlers[offset]:
+                    self._reached((code, previous, offset), frame)
         return self._local
 
-    @staticmethod
-    def _handler_may_run() -> bool:
-        return signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    def disarm(self) -> None:
+        """Count and raise no more (a suspended coroutine's frame keeps its trace function)."""
+        self._armed = False
+
+    def _reached(self, site: Site, frame: Any) -> None:
+        if not self._armed or (self.target is not None and site != self.target[0]):
+            return
+        if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+            return  # a handler cannot run here: the signal waits until it is unblocked
+        self._seen[site] += 1
+        if self.target is None:
+            self.points.append((site, self._seen[site]))
+        elif self._seen[site] == self.target[1]:
+            self.where = f"{os.path.relpath(frame.f_code.co_filename, PACKAGE)}:{frame.f_lineno}"
+            raise KeyboardInterrupt
 
 
-_TABLES: Dict[Any, List[Any]] = {}
+_HANDLERS: Dict[Any, List[Optional[int]]] = {}
+_CHECKS: Dict[Any, List[bool]] = {}
 
 
-def _handler(code: Any, offset: int) -> Optional[int]:
-    """Where an exception raised at ``offset`` of ``code`` goes (its exception table's target),
-    or None (it leaves the frame)."""
-    table = _TABLES.get(code)
-    if table is None:
-        table = _TABLES[code] = list(dis._parse_exception_table(code))  # type: ignore[attr-defined]
-    for entry in table:
-        if entry.start <= offset < entry.end:
-            return entry.target
-    return None
+def _handlers(code: Any) -> List[Optional[int]]:
+    """For each offset of ``code``: where an exception raised there goes (its exception table's
+    target), or None (it leaves the frame)."""
+    handlers = _HANDLERS.get(code)
+    if handlers is None:
+        handlers = [None] * len(code.co_code)
+        for entry in dis._parse_exception_table(code):  # type: ignore[attr-defined]
+            handlers[entry.start:entry.end] = [entry.target] * (entry.end - entry.start)
+        _HANDLERS[code] = handlers
+    return handlers
+
+
+def _ends_with_signal_check(code: Any, offset: int) -> bool:
+    """Whether CPython may run a signal handler as the instruction at ``offset`` ends: a call
+    (as it returns) or a backward jump."""
+    checks = _CHECKS.get(code)
+    if checks is None:
+        raw = code.co_code
+        checks = _CHECKS[code] = [raw[i] in CALLS or raw[i] in JUMPS for i in range(len(raw))]
+    return checks[offset]
+
+
+def _checks_signals_on_resume(code: Any, offset: int) -> bool:
+    """Whether the ``RESUME`` at ``offset`` (a frame's start or its resumption) checks for
+    signals: at a function's start and after a ``yield`` (oparg 0 and 1), not after an ``await``."""
+    raw = code.co_code
+    return 0 <= offset < len(raw) and raw[offset] == RESUME and raw[offset + 1] < 2
+
+
+#: A site reached many times in one call (a loop over the state's tensors, 30 or more passes) is
+#: interrupted at its first passes and its last: a pass in between leaves the engine as those do,
+#: and each costs the sweep a whole save.
+PASSES = 3
+
+
+def to_sweep(points: List[Tuple[Site, int]]) -> List[Tuple[int, Tuple[Site, int]]]:
+    """The points to interrupt, numbered by their place in the call: every site, at its first
+    :data:`PASSES` passes and its last."""
+    last = {site: k for site, k in points}
+    return [(n, (site, k)) for n, (site, k) in enumerate(points, 1) if k <= PASSES or k == last[site]]
 
 
 def _within(seconds: float, fn: Any, where: str = "") -> List[BaseException]:
@@ -214,7 +283,7 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
         for step in range(3):  # warm: the save takes the path most saves take
             io.save_checkpoint({"step": step, "p": params}, path)
             io.flush()
-        counter = InterruptAt(None)
+        counter = InterruptAt()
         if interrupted in ("flush", "teardown"):
             io.save_checkpoint({"step": 3, "p": params}, path)
         if interrupted == "load":
@@ -228,10 +297,12 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
         finally:
             sys.settrace(None)
         io.flush()
-        assert counter.count > 10  # the call was traced
+        assert len(counter.points) > 10  # the call was traced
         for p in params:
             p.fill_(-1.0)  # the values of every interrupted call
-        for n in range(1 + part, counter.count + 1, parts):
+        missed = 0
+        chosen = to_sweep(counter.points)[part::parts]
+        for n, point in chosen:
             if interrupted in ("flush", "teardown"):
                 io.save_checkpoint({"step": -n, "p": params}, path)
             if interrupted == "load":  # still queued as the load begins
@@ -239,7 +310,7 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
             if interrupted == "remove":  # the file it removes, or leaves whole
                 io.save_checkpoint({"step": -n, "p": params}, os.path.join(tmp_path, f"{-n}.ckpt"))
                 io.flush()
-            interrupt = InterruptAt(n)
+            interrupt = InterruptAt(point)
             sys.settrace(interrupt)
             try:
                 the_call(-n)
@@ -247,6 +318,7 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
                 pass
             finally:
                 sys.settrace(None)
+            missed += interrupt.where is None  # a point this call did not reach (a wait that did not loop)
             where = f"interrupted at point {n}, {interrupt.where}"
             # The interrupted save may still be written, or fail: then loudly, at the next call, once.
             errors = _within(30, io.flush, where)
@@ -283,6 +355,7 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
                 saved = load(interrupted_file)
                 assert saved["step"] == -n and all(torch.all(p == -1.0) for p in saved["p"]), where
             assert not temp_files(str(tmp_path)), f"{where}: a partial file was left"
+        assert missed <= len(chosen) // 10, f"{missed} of {len(chosen)} points not reached again: nothing interrupted"
     finally:
         sys.settrace(None)
         _within(60, io.teardown)
@@ -314,7 +387,7 @@ def test_an_interrupt_as_a_cancelled_async_wait_ends_leaves_the_engine_lock_free
             pass
         finally:
             sys.settrace(None)
-            tracer.n = 0  # (a suspended coroutine's frame keeps its trace function: disarmed)
+            tracer.disarm()  # (a suspended coroutine's frame keeps its trace function)
             for _ in range(3):  # let the tasks the interrupt left end (it re-raises in each awaiter)
                 pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
                 if not pending:
@@ -325,12 +398,12 @@ def test_an_interrupt_as_a_cancelled_async_wait_ends_leaves_the_engine_lock_free
                     pass
             loop.close()
 
-    counter = InterruptAt(None)
+    counter = InterruptAt()
     run(EngineCondition(), counter)
-    assert counter.count > 5  # the call was traced
-    for n in range(1, counter.count + 1):
+    assert len(counter.points) > 5  # the call was traced
+    for n, point in enumerate(counter.points, 1):
         cond = EngineCondition()
-        interrupt = InterruptAt(n)
+        interrupt = InterruptAt(point)
         run(cond, interrupt)
         free: List[bool] = []
 
