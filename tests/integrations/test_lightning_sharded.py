@@ -27,6 +27,10 @@ pytest.importorskip("pytorch_lightning")
 from asyncckpt.distributed import METADATA_FILE  # noqa: E402
 from asyncckpt.integrations._lightning_sharded import META_FILE, LightningShardedIO  # noqa: E402
 
+# One test process runs this module's tests (pytest -n with --dist loadgroup, as tox.ini runs
+# it): the module's runs, 8 processes and about 40 s, are then made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("lightning_sharded")
+
 CHILD = os.path.join(CHILDREN, "_lightning_sharded_child.py")
 RUNS = (("lightning", "sync"), ("lightning", "async"), ("pytorch_lightning", "async"), ("lightning", "plugin_only"))
 
