@@ -4,10 +4,13 @@ test needs an operation to be in flight (fault injection by design, said where u
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import shutil
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -121,6 +124,26 @@ def model_checkpoint(step: int, width: int = 64) -> Dict[str, Any]:
             p.fill_(float(step))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "model_obj": model}
+
+
+def made_once(tmp_path_factory: Any, name: str, make: Callable[[str], Any]) -> Tuple[str, Any]:
+    """``(folder, make(folder))``, made once per pytest run: under ``pytest -n`` the first test
+    process to ask makes it and the others wait for it, then read its folder and its result
+    (which must be JSON: it crosses processes). For a module fixture that costs many processes
+    (every test process would run it again); the tests must only read the folder. A ``make``
+    that raises leaves no mark: the next process to ask makes it again."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this pytest run's folder, above each test process's own
+    folder = shared / name
+    with open(shared / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # given back as the file closes
+        done = shared / f"{name}.json"
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a failed try's
+            folder.mkdir()
+            done.write_text(json.dumps(make(str(folder))))
+        return str(folder), json.loads(done.read_text())
 
 
 @pytest.fixture

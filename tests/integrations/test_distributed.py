@@ -23,7 +23,7 @@ import _subproc
 import asyncckpt
 from _subproc import CHILDREN, finish_all, run_python
 from asyncckpt.distributed import METADATA_FILE, DistributedCheckpointIO
-from conftest import same
+from conftest import made_once, same
 
 CHILD = os.path.join(CHILDREN, "_dist_child.py")
 TIMEOUT = 180
@@ -62,8 +62,8 @@ def load_whole(path: str) -> Dict:
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("two_ranks"))
-    return out, run_ranks("save", 2, out)
+    """The 2-rank run the tests below read, made once per pytest run (see conftest.made_once)."""
+    return made_once(tmp_path_factory, "two_ranks", lambda out: run_ranks("save", 2, out))
 
 
 @pytest.mark.slow

@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 
 import pytest
 import torch
 
 from _subproc import CHILDREN, child_env, finish, start_python
-from conftest import same
+from conftest import made_once, same
 
 pytest.importorskip("lightning")
 pytest.importorskip("pytorch_lightning")
 
 from asyncckpt.distributed import METADATA_FILE  # noqa: E402
 from asyncckpt.integrations._lightning_sharded import META_FILE, LightningShardedIO  # noqa: E402
-
-# One test process runs this module's tests (pytest -n with --dist loadgroup, as tox.ini runs
-# it): the module's runs, 8 processes and about 40 s, are then made once, not once per worker.
-pytestmark = pytest.mark.xdist_group("lightning_sharded")
 
 CHILD = os.path.join(CHILDREN, "_lightning_sharded_child.py")
 RUNS = (("lightning", "sync"), ("lightning", "async"), ("pytorch_lightning", "async"), ("lightning", "plugin_only"))
@@ -60,7 +57,14 @@ def _run_side_by_side(base, runs, strategy="model_parallel"):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return _run_side_by_side(tmp_path_factory.mktemp("lightning_sharded"), RUNS)
+    """The runs, made once per pytest run (8 processes, about 40 s; see conftest.made_once)."""
+
+    def make(folder):
+        results = _run_side_by_side(pathlib.Path(folder), RUNS)
+        return {"/".join(key): (str(out), result) for key, (out, result) in results.items()}
+
+    _, made = made_once(tmp_path_factory, "lightning_sharded", make)
+    return {tuple(key.split("/")): (pathlib.Path(out), result) for key, (out, result) in made.items()}
 
 
 def _assert_same_checkpoints(runs, family):
