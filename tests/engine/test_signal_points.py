@@ -5,8 +5,7 @@ CPython runs a Python signal handler only at certain points of the main thread: 
 returns, at a function's start or its resumption after a ``yield``, and at a loop's backward
 jump, and not while the thread blocks the signal. A real signal cannot be aimed at each of those
 points in turn, so this is fault injection: a trace function raises ``KeyboardInterrupt`` (what
-Ctrl-C's handler raises) at one such point of a call in asyncckpt's own code, for every point
-(a site a loop passes many times: at its first passes and its last, see :data:`PASSES`).
+Ctrl-C's handler raises) at one such point of a call in asyncckpt's own code, for every point.
 Found this way (each seen
 failing first): a ``threading.Condition``'s Python ``__enter__`` left the engine's lock held when
 interrupted after taking it (every later call, and the writer, then waited for ever); a slot
@@ -166,17 +165,17 @@ def _checks_signals_on_resume(code: Any, offset: int) -> bool:
     return 0 <= offset < len(raw) and raw[offset] == RESUME and raw[offset + 1] < 2
 
 
-#: A site reached many times in one call (a loop over the state's tensors, 30 or more passes) is
-#: interrupted at its first passes and its last: a pass in between leaves the engine as those do,
-#: and each costs the sweep a whole save.
-PASSES = 3
+#: Every pass of every site by default. ``ASYNCCKPT_SWEEP_PASSES=3`` (a quicker run while working
+#: on the engine) interrupts a site a loop passes many times (over the state's tensors, 30 or more
+#: passes) at its first 3 passes and its last only.
+PASSES = int(os.environ.get("ASYNCCKPT_SWEEP_PASSES", "0"))
 
 
 def to_sweep(points: List[Tuple[Site, int]]) -> List[Tuple[int, Tuple[Site, int]]]:
-    """The points to interrupt, numbered by their place in the call: every site, at its first
-    :data:`PASSES` passes and its last."""
+    """The points to interrupt, numbered by their place in the call: every one, or with
+    :data:`PASSES` set, every site at its first passes and its last."""
     last = {site: k for site, k in points}
-    return [(n, (site, k)) for n, (site, k) in enumerate(points, 1) if k <= PASSES or k == last[site]]
+    return [(n, (site, k)) for n, (site, k) in enumerate(points, 1) if not PASSES or k <= PASSES or k == last[site]]
 
 
 def _within(seconds: float, fn: Any, where: str = "") -> List[BaseException]:
