@@ -22,7 +22,10 @@ waited for ever), or left a reservation that never settled (a later ``reserve()`
 left the collector off for the rest of the process; an interrupted ``teardown`` left its writer
 running, owned by nobody (a thread or a process more for each), and the process writer's stop,
 interrupted as it took its send lock, kept the lock (the next save waited for ever once the
-engine kept that writer until stopped).
+engine kept that writer until stopped). Once function starts were interrupted too: a save handed
+to the writer and interrupted at the start of its counting was never listed as pending (flush
+returned before it was written), and ``save_here`` interrupted at the start of its slot's
+give-back kept the slot (every later save waited for ever).
 """
 
 from __future__ import annotations
