@@ -357,7 +357,9 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
                 saved = load(interrupted_file)
                 assert saved["step"] == -n and all(torch.all(p == -1.0) for p in saved["p"]), where
             assert not temp_files(str(tmp_path)), f"{where}: a partial file was left"
-        assert missed <= len(chosen) // 10, f"{missed} of {len(chosen)} points not reached again: nothing interrupted"
+        # A wait loop may pass fewer times than in the counting run (its points are then missed);
+        # a sweep whose trace no longer finds its sites would miss them all.
+        assert missed <= len(chosen) // 2, f"{missed} of {len(chosen)} points not reached again: nothing interrupted"
     finally:
         sys.settrace(None)
         _within(60, io.teardown)
