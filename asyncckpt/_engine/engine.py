@@ -546,15 +546,15 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                 # Each step twice: again if a signal handler's exception cut it short at its
                 # start (each acts once). No copy may still write into the slot once it is free.
                 try:
-                    self._finish_lazy()
-                finally:
                     try:
                         self._finish_lazy()
                     finally:
-                        try:
-                            self._slots.release_hold(hold)
-                        finally:
-                            self._slots.release_hold(hold)
+                        self._finish_lazy()
+                finally:
+                    try:
+                        self._slots.release_hold(hold)
+                    finally:
+                        self._slots.release_hold(hold)
             raise
 
     @contextlib.contextmanager
