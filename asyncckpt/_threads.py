@@ -96,11 +96,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def start_thread(target: Callable[[], object], name: str, daemon: bool = True) -> threading.Thread:
-    """Start a ``threading.Thread`` that leaves the process's signals to the main thread."""
-    thread = threading.Thread(target=_marked(target), name=name, daemon=daemon)
+def new_thread(target: Callable[[], object], name: str, daemon: bool = True) -> threading.Thread:
+    """A ``threading.Thread``, not started yet, that leaves the process's signals to the main
+    thread once started with :func:`start` (for a caller that must hold it before it runs)."""
+    return threading.Thread(target=_marked(target), name=name, daemon=daemon)
+
+
+def start(thread: threading.Thread) -> None:
+    """Start ``thread`` (from :func:`new_thread`) with the asynchronous signals blocked."""
     with signals_kept_for_main():
         thread.start()
+
+
+def start_thread(target: Callable[[], object], name: str, daemon: bool = True) -> threading.Thread:
+    """Start a ``threading.Thread`` that leaves the process's signals to the main thread."""
+    thread = new_thread(target, name, daemon)
+    start(thread)
     return thread
 
 

@@ -48,7 +48,7 @@ from .._storage.integrity import (
 from .._storage.local import AtomicFile
 from .._storage.paths import absolute_path, local_path_of
 from .._storage.torch_io import load_on_cpu
-from .._threads import start_thread
+from .._writers.base import Agreement
 from ..checkpoint_io import PathLike, load_options
 from ..errors import FlushTimeoutError, IntegrityError, InvalidPathError
 from .ops import SaveHandle
@@ -123,19 +123,28 @@ class AsyncFace:
         """
         started = time.perf_counter()
         hold = SlotHold()  # the slot, from the instant it is taken until the save's operation takes it
+        agreement = Agreement()  # the call's number once every rank agreed, and whether it is queued
         try:
-            return await self._asave_agreed_holding(agree, checkpoint, path, storage_options, hold, started)
-        except BaseException:
+            return await self._asave_agreed_holding(agree, checkpoint, path, storage_options, hold, started, agreement)
+        except BaseException as err:
             try:
-                self.slot_pool.release_hold(hold)  # unless its operation took it over (then empty)
-            finally:  # again if a signal handler's exception cut it short at its start (it acts once)
-                self.slot_pool.release_hold(hold)
+                try:  # agreed and not queued: the save's abort (the other ranks' writers run its collective)
+                    self.stand_in_for(agreement, "abort", path, err)
+                finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                    self.stand_in_for(agreement, "abort", path, err)
+            finally:
+                try:
+                    self.slot_pool.release_hold(hold)  # unless its operation took it over (then empty)
+                finally:  # again, as above
+                    self.slot_pool.release_hold(hold)
             raise
 
     async def _asave_agreed_holding(
-        self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any, hold: SlotHold, started: float
+        self, agree: Any, checkpoint: Any, path: PathLike, storage_options: Any, hold: SlotHold, started: float,
+        agreement: Agreement,
     ) -> SaveHandle:
-        """:meth:`_asave_agreed`, taking the slot into ``hold`` (given back by the caller on failure)."""
+        """:meth:`_asave_agreed`, taking the slot into ``hold`` (given back by the caller on
+        failure) and the agreement into ``agreement`` (its stand-in queued by the caller)."""
         import anyio
 
         cancelled: BaseException | None = None
@@ -148,30 +157,22 @@ class AsyncFace:
             except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
                 refusal, background = err, self.reports_background_failure(err)
         waited = time.perf_counter() - started
-        outcome: Dict[str, Any] = {}
-
-        def agreement() -> None:
-            try:
-                outcome["error"] = agree(path, refusal, background, self.settle)
-            except BaseException as err:  # noqa: BLE001 - raised on the loop below
-                outcome["raised"] = err
-
-        thread = start_thread(agreement, name="asyncckpt-agreement")
+        outcome = self.start_agreement(agree, agreement, path, refusal, background)
         try:
-            if cancelled is None:
-                await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+            if cancelled is None:  # waited for off the loop
+                await anyio.to_thread.run_sync(agreement.decided.wait, abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class() as err:
             cancelled = err
-        finally:
-            # The other ranks are in this agreement: its outcome decides, cancelled or not.
-            thread.join()
+        # The other ranks are in this agreement: its outcome decides, cancelled or not (an
+        # interrupt meanwhile: the caller's clean-up waits for it, then stands in if owed).
+        agreement.decided.wait()
         error = outcome.get("raised") or outcome["error"]
         if cancelled is not None and error is not None:
             self.slot_pool.release_hold(hold)
             raise cancelled
         # Agreed: every rank makes this save, so this one does too (a cancellation that came
         # during the agreement lands at the caller's next checkpoint, as after a held slot).
-        return self.after_agreement(error, checkpoint, target, key, storage_options, hold, started, waited)
+        return self.after_agreement(error, checkpoint, target, key, storage_options, hold, started, waited, agreement)
 
     async def aload_checkpoint(
         self,

@@ -26,7 +26,8 @@ from .._staging.protocol import Stager, StagingSlot, collection_paused
 from .._staging.reserve import fill_slot, fill_slot_bytes, tensors_of
 from .._storage.secrets import redact, safe_cause, secret_values
 from .._storage.torch_io import TorchCheckpointIO
-from .._writers.base import Operation, Writer, WriterGoneError, perform_save
+from .._threads import new_thread, start
+from .._writers.base import Agreement, Operation, Writer, WriterGoneError, perform_save
 from .._writers.process import ProcessWriter, check_picklable
 from .._writers.thread import ThreadWriter
 from ..checkpoint_io import CheckpointIO, PathLike, load_options
@@ -409,6 +410,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         lifecycle.drain_collective_saves_before_groups_are_destroyed()
         started = time.perf_counter()
         hold = SlotHold()
+        agreement = Agreement()
         try:
             key, target, checkpoint, refusal, background = self.before_agreement(checkpoint, path, storage_options)
             if refusal is None:
@@ -417,14 +419,65 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                 except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
                     refusal, background = err, self.reports_background_failure(err)
             waited = time.perf_counter() - started
-            error = agree(path, refusal, background, self.settle)
-            return self.after_agreement(error, checkpoint, target, key, storage_options, hold, started, waited)
-        except BaseException:
+            outcome = self.start_agreement(agree, agreement, path, refusal, background)
+            agreement.decided.wait()
+            error = outcome.get("raised") or outcome["error"]
+            return self.after_agreement(
+                error, checkpoint, target, key, storage_options, hold, started, waited, agreement
+            )
+        except BaseException as err:
             try:
-                self._slots.release_hold(hold)  # unless its operation took it over (then empty)
-            finally:  # again if a signal handler's exception cut it short at its start (it acts once)
-                self._slots.release_hold(hold)
+                try:
+                    self.stand_in_for(agreement, "abort", path, err)
+                finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                    self.stand_in_for(agreement, "abort", path, err)
+            finally:
+                try:
+                    self._slots.release_hold(hold)  # unless its operation took it over (then empty)
+                finally:  # again, as above
+                    self._slots.release_hold(hold)
             raise
+
+    def start_agreement(
+        self, agree: Any, agreement: Agreement, path: PathLike, refusal: Optional[BaseException], background: bool,
+        kind: str = "save",
+    ) -> Dict[str, Any]:
+        """Start the ranks' agreement on a call of a collective IO (its ``agree_to_save``) on a
+        thread of its own (``agreement.thread``, ``agreement.decided`` once it ends); returns the dict that gets its
+        outcome: ``"error"`` (None when every rank makes the call) or ``"raised"``.
+
+        Off the caller's thread, a signal handler's exception (Ctrl-C while a slow rank is
+        awaited) cannot land between the ranks' exchange and this rank's record of the outcome;
+        the caller's clean-up waits for the outcome (:meth:`stand_in_for`)."""
+        outcome: Dict[str, Any] = {}
+
+        def decide() -> None:
+            try:
+                outcome["error"] = agree(path, refusal, background, self.settle, kind=kind, agreement=agreement)
+            except BaseException as err:  # noqa: BLE001 - raised on the caller's thread
+                outcome["raised"] = err
+            finally:
+                agreement.decided.set()
+
+        agreement.thread = new_thread(decide, name="asyncckpt-agreement")
+        start(agreement.thread)
+        return outcome
+
+    def stand_in_for(self, agreement: Agreement, kind: str, path: PathLike, error: BaseException) -> None:
+        """Queue the operation this rank owes a collective call every rank agreed to and that
+        did not reach this rank's writer (a failure or an interrupt after the agreement): the
+        abort of the save (it fails the save on every rank) or the agreed remove. Without it the
+        other ranks' writers would wait in that call's collective. Acts once per agreement;
+        waits for the agreement to decide first (an interrupt may come while it runs)."""
+        agreement.wait_decided()
+        if not agreement.owes_stand_in:
+            return
+        op = Operation(kind, path_key_of(path), absolute_target(path), staged=error if kind == "abort" else None)
+        op.agreement = agreement
+        try:
+            self._submit(op)
+        except Exception:  # noqa: BLE001 - the failure that brought us here is the one to raise
+            log.exception("asyncckpt: could not take part in the collective %s of %r", kind, shown(os.fspath(path)))
 
     def before_agreement(
         self, checkpoint: Any, path: PathLike, storage_options: Any
@@ -454,26 +507,18 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
 
     def after_agreement(
         self, error: Optional[BaseException], checkpoint: Any, target: Any, key: Any, storage_options: Any,
-        hold: SlotHold, started: float, waited: float,
+        hold: SlotHold, started: float, waited: float, agreement: Agreement,
     ) -> SaveHandle:
         """Raise the agreement's refusal, or stage and queue the save every rank agreed to (into
-        the slot ``hold`` holds: given back on a refusal)."""
+        the slot ``hold`` holds: given back on a refusal), carrying ``agreement``. If that fails,
+        the caller queues the save's abort instead (:meth:`stand_in_for`): the other ranks'
+        writers will run its collective, and this rank's takes part without data."""
         if error is not None:
             self._slots.release_hold(hold)
             raise error
         assert hold.slot is not None
         with self._in_progress(key):  # from here a SIGTERM drain waits for this save too
-            try:
-                return self.stage_and_submit(checkpoint, target, key, storage_options, hold, started, waited)
-            except Exception as err:
-                # Every rank agreed to this save, and the others' writers will run its collective:
-                # this rank's writer takes part without data, failing it on every rank.
-                abort = Operation("abort", key, target, staged=err)
-                try:
-                    self._submit(abort)
-                except Exception:  # noqa: BLE001 - the staging failure is the one to raise
-                    log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", key)
-                raise
+            return self.stage_and_submit(checkpoint, target, key, storage_options, hold, started, waited, agreement)
 
     def _remove_agreed(self, agree: Any, path: PathLike) -> None:
         """``remove_checkpoint`` for a collective IO: the ranks agree at the call, as for a save,
@@ -483,17 +528,29 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         target: Any = None
         refusal: Optional[BaseException] = None
         background = False
+        agreement = Agreement()
         try:
-            key = path_key_of(path)
-            target = absolute_target(path)
-            refusal = self._errors.take()
-            background = refusal is not None
-        except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
-            refusal = err
-        error = agree(path, refusal, background, self.settle, kind="remove")
-        if error is not None:
-            raise error
-        self._submit(Operation("remove", key, target))
+            try:
+                key = path_key_of(path)
+                target = absolute_target(path)
+                refusal = self._errors.take()
+                background = refusal is not None
+            except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
+                refusal = err
+            outcome = self.start_agreement(agree, agreement, path, refusal, background, kind="remove")
+            agreement.decided.wait()
+            error = outcome.get("raised") or outcome["error"]
+            if error is not None:
+                raise error
+            op = Operation("remove", key, target)
+            op.agreement = agreement
+            self._submit(op)
+        except BaseException as err:
+            try:
+                self.stand_in_for(agreement, "remove", path, err)
+            finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                self.stand_in_for(agreement, "remove", path, err)
+            raise
 
     def settle(self) -> Optional[BaseException]:
         """Wait for every queued operation; return (and clear) the failures so far, if any
@@ -513,6 +570,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         hold: SlotHold,
         blocking_since: float,
         waited: float,
+        agreement: Optional[Agreement] = None,
     ) -> SaveHandle:
         """Stage into the slot ``hold`` holds (taken by the caller from :attr:`slot_pool`) and
         queue the save; the slot is freed on failure, unless the save's operation took it over.
@@ -536,6 +594,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                     else:
                         staged = self._stager.stage(checkpoint, slot, key)
                 op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
+                op.agreement = agreement
                 op.wait_seconds = waited
                 op.blocking_seconds = time.perf_counter() - blocking_since
                 handle = SaveHandle(key, staged.tensor_bytes)

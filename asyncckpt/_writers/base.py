@@ -38,6 +38,55 @@ class WriterGoneError(RuntimeError):
     """``submit`` on a writer that has stopped or died: nothing was handed over, start another."""
 
 
+class Agreement:
+    """One collective call's agreement on this rank (a save or remove of a collective IO).
+
+    The engine makes it before the ranks agree; the IO's ``agree_to_save`` stores ``number``
+    (the call's number, the same on every rank) as the last step of an agreement that every
+    rank makes the operation; the operation that carries it to the writer sets ``queued`` as
+    it is handed over (:meth:`Operation.take_over`). Every other rank's writer will run this
+    call's collective, so this rank's must too: a call that fails or is interrupted between
+    those two points still queues a stand-in (the abort of the save, or the agreed remove).
+    The writer runs the operation under ``number``, never under a later call's, so a stand-in
+    that never went out makes the next save's token differ from the other ranks' (refused,
+    loudly) instead of pairing two saves' shards into one checkpoint.
+    """
+
+    __slots__ = ("number", "queued", "thread", "decided")
+
+    def __init__(self) -> None:
+        self.number: Optional[int] = None
+        self.queued = False
+        #: The thread that runs the agreement (held before it starts), and its end. It decides
+        #: off the caller's thread, where no signal handler's exception can cut it between the
+        #: ranks' exchange and ``number`` (the other ranks would have agreed, unknown to this one).
+        self.thread: Optional[threading.Thread] = None
+        self.decided = threading.Event()
+
+    def wait_decided(self) -> None:
+        """Wait until the agreement, if it started, has decided: only then is it known whether
+        this rank owes the call. For a caller already raising an interrupt; a further one
+        meanwhile is dropped (the agreement ends within the collective IO's timeout). Waits on
+        an event, not ``Thread.join``: a join cut short by an interrupt marks the thread ended
+        (CPython 3.11) while it still runs."""
+        thread = self.thread
+        if thread is None or self.decided.is_set():
+            return
+        if thread not in threading.enumerate() and not self.decided.is_set():
+            return  # never started (interrupted before its start): it never decides
+        while True:
+            try:
+                self.decided.wait()
+                return
+            except BaseException:  # noqa: BLE001 - the first interrupt is the one being raised
+                continue
+
+    @property
+    def owes_stand_in(self) -> bool:
+        """Agreed by every rank, and no operation of this rank carries it yet."""
+        return self.number is not None and not self.queued
+
+
 class Operation:
     """One unit of background work: a save or a remove of ``path`` (or the abort of a collective
     save this rank could not stage; ``staged`` is then its error).
@@ -76,6 +125,8 @@ class Operation:
         #: short, when it then failed for that reason: the caller was told by that exception, so
         #: the failure is logged, not raised again.
         self.interrupted_by: Optional[str] = None
+        #: A collective IO's call: the ranks' :class:`Agreement` this operation carries.
+        self.agreement: Optional[Agreement] = None
         self.wait_seconds = 0.0
         self.blocking_seconds = 0.0
         self.write_seconds = 0.0
@@ -108,6 +159,8 @@ class Operation:
         self.handed_over = True
         if hold is not None:
             hold.slot = None
+        if self.agreement is not None:
+            self.agreement.queued = True
         return hand_over(*args) if hand_over is not None else None
 
     def give_back(self, hold: Any) -> None:
@@ -116,6 +169,8 @@ class Operation:
         self.handed_over = False
         if hold is not None:
             hold.slot = self.slot
+        if self.agreement is not None:
+            self.agreement.queued = False
         self.hold = hold
 
     def complete(self, error: Optional[BaseException] = None) -> bool:
@@ -191,10 +246,12 @@ def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
     """Run ``op`` against ``checkpoint_io``; for a save, ``checkpoint`` is the rebuilt object."""
     if op.kind == "save":
         started = time.perf_counter()
-        checkpoint_io.save_checkpoint(checkpoint, op.target, storage_options=op.storage_options)
+        with as_agreed(checkpoint_io, op):
+            checkpoint_io.save_checkpoint(checkpoint, op.target, storage_options=op.storage_options)
         op.write_seconds = time.perf_counter() - started
     elif op.kind == "remove":
-        checkpoint_io.remove_checkpoint(op.target)
+        with as_agreed(checkpoint_io, op):
+            checkpoint_io.remove_checkpoint(op.target)
     elif op.kind == "abort":  # a save agreed on by every rank that this rank could not stage
         abort_collective_save(checkpoint_io, op, op.staged)
     else:
@@ -263,9 +320,21 @@ def abort_collective_save(checkpoint_io: Any, op: Operation, error: BaseExceptio
     if abort is None:
         return
     try:
-        abort(op.target, error)
+        with as_agreed(checkpoint_io, op):
+            abort(op.target, error)
     except Exception:  # noqa: BLE001 - the original error is the one reported
         log.exception("asyncckpt: could not fail the collective save of %r on the other ranks", shown(op.path))
+
+
+def as_agreed(checkpoint_io: Any, op: Operation) -> ContextManager[Any]:
+    """The wrapped IO's ``running_agreed(number)`` around the run of ``op``, a collective call
+    the ranks agreed on (the IO names its collective after that call, not after its own count);
+    nothing for any other operation or IO."""
+    agreement = op.agreement
+    run = getattr(checkpoint_io, "running_agreed", None)
+    if agreement is None or agreement.number is None or run is None:
+        return contextlib.nullcontext()
+    return run(agreement.number)
 
 
 def lower_this_threads_priority(nice: int) -> None:

@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Any, Dict
@@ -400,6 +401,124 @@ def collective_calls(model: Any, opt: Any, ck: str) -> None:
     result["cancelled_errors"] = errors
     result["cancelled_a_is_c"] = load_full_and_compare(os.path.join(folder, "a"), "cancelled-c")
     io.teardown()
+
+    interrupted_after_agreement(model, opt, ck, states)
+
+
+class InterruptWhenPickled:
+    """An object in rank 0's state that sends this process a real SIGINT as staging pickles it:
+    the KeyboardInterrupt lands in the middle of the call, after the ranks agreed on the save."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGINT)
+        return (InterruptWhenPickled, ())
+
+
+def interrupted_after_agreement(model: Any, opt: Any, ck: str, states: Dict[int, Any]) -> None:
+    """Rank 0's call is interrupted (Ctrl-C) after every rank agreed to it; rank 1's goes through.
+    Rank 1's writer then runs that call's collective, so rank 0's must take part (failing the
+    save on both); and rank 0's next save of the same folder must not pair with rank 1's
+    interrupted one: that committed a folder of rank 0's next shards and rank 1's old ones."""
+    record_expected("interrupt-b", states[61])
+    record_expected("interrupt-60", states[60])
+
+    def interrupted(name: str, call: Any) -> None:
+        folder = os.path.join(ck, name)
+        io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=20))
+        io.save_checkpoint(states[60], os.path.join(folder, "a"))
+        io.flush(timeout=60)
+        started = time.monotonic()
+        try:
+            call(io, folder)
+            outcome = None
+        except BaseException as err:  # noqa: BLE001 - reported to the test
+            outcome = type(err).__name__
+        errors = [outcome]
+        errors.append(attempt(io.flush, timeout=60))  # the interrupted save's failure, if any, raised here
+        result[f"{name}_gone"] = not os.path.exists(os.path.join(folder, "a"))
+        errors.append(attempt(io.save_checkpoint, states[61], os.path.join(folder, "a")))
+        errors.append(attempt(io.flush, timeout=60))
+        result[f"{name}_errors"] = errors
+        result[f"{name}_seconds"] = time.monotonic() - started
+        io.teardown()
+
+    def attempt(fn: Any, *args: Any, **options: Any) -> Any:
+        try:
+            fn(*args, **options)
+            return None
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            return f"{type(err).__name__}: {err}"
+
+    # 8. A real SIGINT as rank 0 stages; then both save the same folder again.
+    def save_with_trap(io: Any, folder: str) -> None:
+        state = dict(states[62], trap=InterruptWhenPickled()) if RANK == 0 else states[62]
+        io.save_checkpoint(state, os.path.join(folder, "a"))
+
+    interrupted("interrupt_staging", save_with_trap)
+    result["interrupt_staging_is_b"] = load_full_and_compare(os.path.join(ck, "interrupt_staging", "a"), "interrupt-b")
+
+    # 9 and 10. Fault injection (a signal cannot be aimed at one instruction): rank 0's call
+    # interrupted just as the agreement returns, for a save and for a remove.
+    def interrupt_as_agreed(io: Any) -> None:
+        inner = io.checkpoint_io
+        agree = inner.agree_to_save
+
+        def agree_then_interrupt(*args: Any, **options: Any) -> Any:
+            del inner.agree_to_save  # once
+            agree(*args, **options)
+            raise KeyboardInterrupt
+
+        if RANK == 0:
+            inner.agree_to_save = agree_then_interrupt
+
+    def save_as_agreed(io: Any, folder: str) -> None:
+        interrupt_as_agreed(io)
+        io.save_checkpoint(states[62], os.path.join(folder, "a"))
+
+    interrupted("interrupt_agreed", save_as_agreed)
+    result["interrupt_agreed_is_b"] = load_full_and_compare(os.path.join(ck, "interrupt_agreed", "a"), "interrupt-b")
+
+    def remove_as_agreed(io: Any, folder: str) -> None:
+        interrupt_as_agreed(io)
+        io.remove_checkpoint(os.path.join(folder, "a"))
+
+    interrupted("interrupt_remove", remove_as_agreed)
+
+    # 12. A real SIGINT while rank 0 waits at the agreement for rank 1, which comes 2 s late: the
+    # agreement still decides (rank 1 then makes the save), and rank 0 learns of it before it
+    # gives up its part (it used to be cut short between the ranks' exchange and its record).
+    def save_while_waiting(io: Any, folder: str) -> None:
+        if RANK == 0:
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        else:
+            time.sleep(2.0)
+        io.save_checkpoint(states[62], os.path.join(folder, "a"))
+
+    interrupted("interrupt_waiting", save_while_waiting)
+    result["interrupt_waiting_is_b"] = load_full_and_compare(os.path.join(ck, "interrupt_waiting", "a"), "interrupt-b")
+
+    # 11. As 9, and rank 0's stand-in never goes out either (fault injection: the one step the
+    # engine cannot guard, an interrupt inside its own clean-up). Rank 0's next save then meets
+    # rank 1's interrupted one in the writers' collective: it must be refused (the saves carry
+    # different calls' numbers), never committed as one checkpoint of two steps' shards.
+    folder = os.path.join(ck, "no_stand_in")
+    io = asyncckpt.AsyncCheckpointIO(DistributedCheckpointIO(timeout=5))
+    io.save_checkpoint(states[60], os.path.join(folder, "a"))
+    io.flush(timeout=60)
+    if RANK == 0:
+        io.stand_in_for = lambda *args: None
+    errors = []
+    try:
+        save_as_agreed(io, folder)
+        errors.append(None)
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        errors.append(type(err).__name__)
+    errors.append(attempt(io.save_checkpoint, states[61], os.path.join(folder, "a")))
+    errors.append(attempt(io.flush, timeout=60))
+    result["no_stand_in_errors"] = errors
+    result["no_stand_in_is_60"] = load_full_and_compare(os.path.join(folder, "a"), "interrupt-60")
+    io.teardown()
+    result["interrupt_remove_is_b"] = load_full_and_compare(os.path.join(ck, "interrupt_remove", "a"), "interrupt-b")
 
 
 def main() -> None:

@@ -25,7 +25,9 @@ interrupted as it took its send lock, kept the lock (the next save waited for ev
 engine kept that writer until stopped). Once function starts were interrupted too: a save handed
 to the writer and interrupted at the start of its counting was never listed as pending (flush
 returned before it was written), and ``save_here`` interrupted at the start of its slot's
-give-back kept the slot (every later save waited for ever).
+give-back kept the slot (every later save waited for ever). On the collective paths (a one-rank
+gloo group): an ``asave_checkpoint`` interrupted just as it started the ranks' agreement on its
+thread raised before the agreement decided, so a call every rank agreed to reached no writer.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import pytest
 import torch
 
 import asyncckpt
+from asyncckpt.distributed import DistributedCheckpointIO
 from conftest import load, temp_files
 
 PACKAGE = os.path.dirname(asyncckpt.__file__)
@@ -213,7 +216,42 @@ CASES = {
     "thread-eager": dict(writer="thread", staging="eager"),
     "thread-lazy": dict(writer="thread", staging="lazy"),
     "process-eager": dict(writer="process", staging="eager"),
+    "collective-thread-eager": dict(writer="thread", staging="eager"),
 }
+
+
+class RecordingDCP(DistributedCheckpointIO):
+    """A collective IO that records each call the ranks agreed on and each run of one by the
+    writer: every agreed call must reach the writer exactly once (the save, or the abort or
+    remove standing in for it), or the other ranks' writers would wait in its collective, or
+    pair it with another call's."""
+
+    def __init__(self) -> None:
+        super().__init__(timeout=30)
+        self.agreed: List[int] = []
+        self.ran: List[int] = []
+
+    def agree_to_save(self, *args: Any, agreement: Any = None, **options: Any) -> Any:
+        error = super().agree_to_save(*args, agreement=agreement, **options)
+        if agreement is not None and agreement.number is not None:
+            self.agreed.append(agreement.number)
+        return error
+
+    def running_agreed(self, number: int) -> Any:
+        self.ran.append(number)
+        return super().running_agreed(number)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real gloo process group of one rank in this process (what the collective paths need)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 class PlainIO(asyncckpt.TorchCheckpointIO):
@@ -230,6 +268,8 @@ class PlainIO(asyncckpt.TorchCheckpointIO):
 # the object must work again afterwards)
 CALLS_CASES = (
     [(case, call) for case in CASES for call in ("save", "flush", "asave", "teardown")]
+    # the collective paths (the ranks agree at the call), on a real one-rank process group
+    + [("collective-thread-eager", call) for call in ("save", "asave", "remove")]
     + [("thread-eager", "save_here")]
     + [(case, call) for case in ("thread-eager", "process-eager") for call in ("remove", "reserve", "load")]
 )
@@ -248,9 +288,14 @@ SWEEPS = [
 # (interrupted between making a coroutine and awaiting it, Python says so as it is collected)
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("case,interrupted,part,parts", SWEEPS)
-def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, interrupted, part, parts):
+def test_an_interrupt_at_any_point_leaves_the_engine_whole(request, tmp_path, case, interrupted, part, parts):
     # exit_timeout: an engine this test breaks must not hold the interpreter's exit for minutes
-    wrapped = PlainIO() if interrupted == "save_here" else None
+    wrapped: Any = PlainIO() if interrupted == "save_here" else None
+    collective = case.startswith("collective")
+    if collective:
+        request.getfixturevalue("one_rank_group")
+        wrapped = RecordingDCP()
+    load_saved = DistributedCheckpointIO().load_checkpoint if collective else load
     others = _writers_running()  # earlier tests' (this process runs several)
     io = asyncckpt.AsyncCheckpointIO(wrapped, max_pending=1, exit_timeout=5, **CASES[case])
     # Large enough for lazy staging to copy lazily (above 64 KiB), in several storages.
@@ -334,6 +379,10 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
             assert not getattr(io._local, "holding", False), f"{where}: this thread is still marked as saving"
             # the collector, paused while a call stages, runs again (else the process leaks cycles)
             assert gc.isenabled(), f"{where}: garbage collection left disabled"
+            if collective:  # each agreed call reached the writer once: as itself, or its stand-in
+                assert sorted(wrapped.ran) == sorted(set(wrapped.agreed)) == wrapped.agreed, (
+                    f"{where}: calls agreed {wrapped.agreed}, run by the writer {wrapped.ran}"
+                )
             for p in params:
                 p.fill_(float(n))
             def save_now(n: int = n) -> None:
@@ -350,11 +399,11 @@ def test_an_interrupt_at_any_point_leaves_the_engine_whole(tmp_path, case, inter
             assert len(writers) <= 1, f"{where}: {len(writers)} writers running"
             for p in params:
                 p.fill_(-1.0)
-            saved = load(path)
+            saved = load_saved(path)
             assert saved["step"] == n and all(torch.all(p == float(n)) for p in saved["p"]), where
             interrupted_file = os.path.join(tmp_path, f"{-n}.ckpt")
             if os.path.exists(interrupted_file):  # written after all: with the values of its call
-                saved = load(interrupted_file)
+                saved = load_saved(interrupted_file)
                 assert saved["step"] == -n and all(torch.all(p == -1.0) for p in saved["p"]), where
             assert not temp_files(str(tmp_path)), f"{where}: a partial file was left"
         # A wait loop may pass fewer times than in the counting run (its points are then missed);

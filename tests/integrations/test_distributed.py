@@ -186,6 +186,31 @@ def test_a_remove_or_asyncio_save_refused_or_called_differently_on_one_rank_rais
             if case != "remove_after_failure":
                 assert r[f"{case}_files"] == ["a", "next"], (case, r)  # nothing queued anywhere
     assert results[0]["fail_flush"].startswith("CheckpointSaveError"), results[0]
+    # A call interrupted on rank 0 after the ranks agreed (a real SIGINT as it staged or while it
+    # waited for rank 1 at the agreement, or at the agreement's return): rank 0's writer takes
+    # part in that call's collective (failing the save on both, or making the remove), so no rank
+    # waits for the 20 s collective timeout; and the next save of the same folder commits that
+    # save's shards on both ranks, not rank 0's next shards beside rank 1's interrupted ones.
+    for case in ("interrupt_staging", "interrupt_agreed", "interrupt_remove", "interrupt_waiting"):
+        # (call, flush, next save, flush): rank 1 learns at its flush that the save failed; rank 0
+        # was told by its interrupt
+        errors = [r[f"{case}_errors"] for r in results]
+        assert errors[0] == ["KeyboardInterrupt", None, None, None], (case, errors)
+        assert errors[1][0] is None and errors[1][2:] == [None, None], (case, errors)
+        if case == "interrupt_remove":
+            assert errors[1][1] is None, errors
+            assert all(r["interrupt_remove_gone"] for r in results)  # the agreed remove, made on every rank
+        else:
+            assert errors[1][1].startswith("CheckpointSaveError") and "KeyboardInterrupt" in errors[1][1], errors
+        assert all(r[f"{case}_seconds"] < 15 for r in results), (case, [r[f"{case}_seconds"] for r in results])
+        assert all(r[f"{case}_is_b"] for r in results), case
+    # ... and if rank 0's stand-in never went out: its next save is refused with rank 1's, loudly,
+    # and the folder keeps its committed checkpoint (the next save used to reuse the interrupted
+    # call's number, pass the coordinator's check and commit a folder of two steps' shards)
+    errors = [r["no_stand_in_errors"] for r in results]
+    assert errors[0][:2] == ["KeyboardInterrupt", None] and errors[1][:2] == [None, None], errors
+    assert all(e[2] and e[2].startswith("CheckpointSaveError") for e in errors), errors
+    assert all(r["no_stand_in_is_60"] for r in results)
     # an asyncio save cancelled on rank 1 while waiting for a slot: refused on both, the next saves
     cancelled = [r["cancelled_errors"] for r in results]
     assert cancelled[1][0].startswith("TimeoutError"), cancelled

@@ -7,16 +7,17 @@ here; the commit itself (fresh shard names, ``.metadata``) is in :mod:`.commit`.
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import itertools
 import os
 import shutil
+import threading
 import uuid
 from datetime import timedelta
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -156,7 +157,8 @@ class DistributedCheckpointIO(CheckpointIO):
         self._plan_key = f"asyncckpt.DistributedCheckpointIO-{next(_instances)}"
         self._saves = 0  # this rank's collective saves so far, failed ones included
         self._calls = 0  # save calls agreed on with the other ranks (every rank counts every call)
-        self._agreed: Deque[int] = collections.deque()  # numbers of agreed saves not yet run by the writer
+        self._agreed: Set[int] = set()  # numbers of agreed saves not yet run by the writer
+        self._running = threading.local()  # the writer thread's agreed call (running_agreed)
         self._call_pg: Optional[Any] = None  # the callers' agreement, never used by the writer thread
         self._nonce: Optional[str] = None  # the same on every rank, new in every run
         self._owners: Dict[int, Tuple[torch.Tensor, Any]] = {}  # id(local tensor) -> (it, its DTensor)
@@ -295,6 +297,7 @@ class DistributedCheckpointIO(CheckpointIO):
         reports_background_failure: bool,
         settle: Callable[[], Optional[BaseException]],
         kind: str = "save",
+        agreement: Optional[Any] = None,
     ) -> Optional[BaseException]:
         """Collective, on the caller's thread, at every ``save_checkpoint`` (and, with
         ``kind="remove"``, ``remove_checkpoint``) call of the engine: whether every rank makes
@@ -313,6 +316,10 @@ class DistributedCheckpointIO(CheckpointIO):
         ranks learn of the same failure at this call too, instead of one call later, when they
         would refuse in turn. Every call counts on every rank, so the ranks stay in step after a
         refusal.
+
+        ``agreement`` (an :class:`asyncckpt._writers.base.Agreement`, from the engine) gets the
+        call's number when every rank makes the operation: the engine queues the operation
+        with it, and the writer runs it under that number (:meth:`running_agreed`).
         """
         import torch.distributed as dist
 
@@ -360,7 +367,9 @@ class DistributedCheckpointIO(CheckpointIO):
                     "the next call is in step again", folder,
                 )
             if kind == "save":
-                self._agreed.append(self._calls)
+                self._agreed.add(self._calls)
+            if agreement is not None:
+                agreement.number = self._calls  # the last step: from here this rank owes the call
             return None
         pending = settle() if any(entry[2] for entry in gathered) else None
         if refusal is not None:
@@ -376,11 +385,27 @@ class DistributedCheckpointIO(CheckpointIO):
             "call works on every rank once the cause is gone", folder,
         )
 
+    @contextlib.contextmanager
+    def running_agreed(self, number: int) -> Iterator[None]:
+        """Run a save, abort or remove on this thread as the call the ranks agreed on as
+        ``number`` (the engine's writer, around each collective operation it runs).
+
+        The save's shard names and the coordinator's check carry that number: a save is never
+        named after another call's agreement, so two ranks running different calls into one
+        folder are refused instead of committed together."""
+        self._running.number = number
+        try:
+            yield
+        finally:
+            self._running.number = None
+            self._agreed.discard(number)
+
     def _next_number(self) -> int:
-        """The save's number: the one agreed at its call, or (a save not made through the engine)
-        the next of this IO's own count."""
+        """The save's number: the one agreed at its call (:meth:`running_agreed`), or (a save
+        not made through the engine) the next of this IO's own count."""
         self._saves += 1
-        return self._agreed.popleft() if self._agreed else self._saves
+        agreed = getattr(self._running, "number", None)
+        return agreed if agreed is not None else self._saves
 
     def save_checkpoint(
         self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None
