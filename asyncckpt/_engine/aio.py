@@ -128,15 +128,9 @@ class AsyncFace:
             return await self._asave_agreed_holding(agree, checkpoint, path, storage_options, hold, started, agreement)
         except BaseException as err:
             try:
-                try:  # agreed and not queued: the save's abort (the other ranks' writers run its collective)
-                    self.stand_in_for(agreement, "abort", path, err)
-                finally:  # again if a signal handler's exception cut it short at its start (it acts once)
-                    self.stand_in_for(agreement, "abort", path, err)
-            finally:
-                try:
-                    self.slot_pool.release_hold(hold)  # unless its operation took it over (then empty)
-                finally:  # again, as above
-                    self.slot_pool.release_hold(hold)
+                self.abandon_agreed_save(agreement, path, err, hold)
+            finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                self.abandon_agreed_save(agreement, path, err, hold)
             raise
 
     async def _asave_agreed_holding(

@@ -427,24 +427,28 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
             )
         except BaseException as err:
             try:
-                try:
-                    self.stand_in_for(agreement, "abort", path, err)
-                finally:  # again if a signal handler's exception cut it short at its start (it acts once)
-                    self.stand_in_for(agreement, "abort", path, err)
-            finally:
-                try:
-                    self._slots.release_hold(hold)  # unless its operation took it over (then empty)
-                finally:  # again, as above
-                    self._slots.release_hold(hold)
+                self.abandon_agreed_save(agreement, path, err, hold)
+            finally:  # again if a signal handler's exception cut it short at its start (it acts once)
+                self.abandon_agreed_save(agreement, path, err, hold)
             raise
+
+    def abandon_agreed_save(self, agreement: Agreement, path: PathLike, error: BaseException, hold: SlotHold) -> None:
+        """The clean-up of a collective save that failed or was interrupted: its abort if every
+        rank agreed to it and it was not queued (:meth:`stand_in_for`), and its slot given back
+        unless its operation took it over. Acts once however often it is called."""
+        try:
+            self.stand_in_for(agreement, "abort", path, error)
+        finally:
+            self._slots.release_hold(hold)
 
     def start_agreement(
         self, agree: Any, agreement: Agreement, path: PathLike, refusal: Optional[BaseException], background: bool,
         kind: str = "save",
     ) -> Dict[str, Any]:
         """Start the ranks' agreement on a call of a collective IO (its ``agree_to_save``) on a
-        thread of its own (``agreement.thread``, ``agreement.decided`` once it ends); returns the dict that gets its
-        outcome: ``"error"`` (None when every rank makes the call) or ``"raised"``.
+        thread of its own (``agreement.thread``; ``agreement.decided`` is set as it ends).
+        Returns the dict that gets its outcome: ``"error"`` (None when every rank makes the
+        call) or ``"raised"``.
 
         Off the caller's thread, a signal handler's exception (Ctrl-C while a slow rank is
         awaited) cannot land between the ranks' exchange and this rank's record of the outcome;

@@ -283,19 +283,21 @@ def out_of_step(model: Any, opt: Any, ck: str) -> None:
     finish_case("late", io, folder, errors)
 
 
+def attempt(fn: Any, *args: Any, **options: Any) -> Any:
+    """``fn(*args, **options)``: None, or what it raised as "Type: message" (for the result)."""
+    try:
+        fn(*args, **options)
+        return None
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        return f"{type(err).__name__}: {err}"
+
+
 def collective_calls(model: Any, opt: Any, ck: str) -> None:
     """Removes and saves that one rank refuses or calls differently, and saves from asyncio: every
     rank must raise at that call (no rank waits in a collective the others never enter), the
     committed checkpoint must stay, and the next call must work on every rank. Each IO has a
     10 s collective timeout, so a rank left alone in a collective fails the case, not the run."""
     import asyncio
-
-    def attempt(fn: Any, *args: Any, **options: Any) -> Any:
-        try:
-            fn(*args, **options)
-            return None
-        except Exception as err:  # noqa: BLE001 - reported to the test
-            return f"{type(err).__name__}: {err}"
 
     def committed(folder: str) -> Any:
         try:
@@ -441,13 +443,6 @@ def interrupted_after_agreement(model: Any, opt: Any, ck: str, states: Dict[int,
         result[f"{name}_errors"] = errors
         result[f"{name}_seconds"] = time.monotonic() - started
         io.teardown()
-
-    def attempt(fn: Any, *args: Any, **options: Any) -> Any:
-        try:
-            fn(*args, **options)
-            return None
-        except Exception as err:  # noqa: BLE001 - reported to the test
-            return f"{type(err).__name__}: {err}"
 
     # 8. A real SIGINT as rank 0 stages; then both save the same folder again.
     def save_with_trap(io: Any, folder: str) -> None:
