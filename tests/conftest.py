@@ -167,3 +167,10 @@ def writer(request) -> str:
 
 def load(path: Any) -> Any:
     return torch.load(path, weights_only=False)
+
+
+def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+    """The tests marked ``slow`` first (in their order), then the rest: under ``pytest -n`` the
+    long ones start at once and the short ones fill the workers' time at the end, instead of a
+    minute-long test starting last while the other workers idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

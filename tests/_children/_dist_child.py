@@ -423,6 +423,9 @@ def interrupted_after_agreement(model: Any, opt: Any, ck: str, states: Dict[int,
     interrupted one: that committed a folder of rank 0's next shards and rank 1's old ones."""
     record_expected("interrupt-b", states[61])
     record_expected("interrupt-60", states[60])
+    # Python's own SIGINT handler: a shell starting a background job (a CI runner) may have set
+    # SIGINT to ignored for every process it starts, and Python then installs none.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def interrupted(name: str, call: Any) -> None:
         folder = os.path.join(ck, name)

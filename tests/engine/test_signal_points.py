@@ -286,6 +286,7 @@ SWEEPS = [
 
 
 # (interrupted between making a coroutine and awaiting it, Python says so as it is collected)
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("case,interrupted,part,parts", SWEEPS)
 def test_an_interrupt_at_any_point_leaves_the_engine_whole(request, tmp_path, case, interrupted, part, parts):

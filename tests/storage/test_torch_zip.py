@@ -191,6 +191,7 @@ def _fold_ids(infos) -> bytes:
     return b"%020d" % seed
 
 
+@pytest.mark.slow
 def test_an_archive_over_4_gib_gets_its_crcs_in_the_zip64_layout():
     """Records past 4 GiB and a record over 4 GiB use zip64 fields; the CRCs must land anyway.
     Written to /dev/shm (4 GiB on this VM's disk would measure the disk); about 15 s."""
