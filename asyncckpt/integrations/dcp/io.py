@@ -157,7 +157,9 @@ class DistributedCheckpointIO(CheckpointIO):
         self._plan_key = f"asyncckpt.DistributedCheckpointIO-{next(_instances)}"
         self._saves = 0  # this rank's collective saves so far, failed ones included
         self._calls = 0  # save calls agreed on with the other ranks (every rank counts every call)
-        self._agreed: Set[int] = set()  # numbers of agreed saves not yet run by the writer
+        # Numbers of agreed saves not yet run by the writer (a stand-in that never went out
+        # leaves its number here: this IO then keeps its groups, see _renew_destroyed_groups).
+        self._agreed: Set[int] = set()
         self._running = threading.local()  # the writer thread's agreed call (running_agreed)
         self._call_pg: Optional[Any] = None  # the callers' agreement, never used by the writer thread
         self._nonce: Optional[str] = None  # the same on every rank, new in every run
@@ -299,10 +301,10 @@ class DistributedCheckpointIO(CheckpointIO):
         kind: str = "save",
         agreement: Optional[Any] = None,
     ) -> Optional[BaseException]:
-        """Collective, on the caller's thread, at every ``save_checkpoint`` (and, with
-        ``kind="remove"``, ``remove_checkpoint``) call of the engine: whether every rank makes
-        this operation. Returns None when all do, else the error this rank must raise at this
-        call (nothing is queued on any rank then).
+        """Collective, at every ``save_checkpoint`` (and, with ``kind="remove"``,
+        ``remove_checkpoint``) call of the engine, on a thread of its own while the caller
+        waits: whether every rank makes this operation. Returns None when all do, else the
+        error this rank must raise at this call (nothing is queued on any rank then).
 
         ``refusal`` is what this rank's call raised before staging (a full queue, a bad
         argument, an earlier failure being reported); ``reports_background_failure`` says it is
