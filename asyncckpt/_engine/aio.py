@@ -151,7 +151,7 @@ class AsyncFace:
             except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
                 refusal, background = err, self.reports_background_failure(err)
         waited = time.perf_counter() - started
-        outcome = self.start_agreement(agree, agreement, path, refusal, background)
+        self.start_agreement(agree, agreement, path, refusal, background)
         try:
             if cancelled is None:  # waited for off the loop
                 await anyio.to_thread.run_sync(agreement.decided.wait, abandon_on_cancel=True)
@@ -160,13 +160,12 @@ class AsyncFace:
         # The other ranks are in this agreement: its outcome decides, cancelled or not (an
         # interrupt meanwhile: the caller's clean-up waits for it, then stands in if owed).
         agreement.decided.wait()
-        error = outcome.get("raised") or outcome["error"]
-        if cancelled is not None and error is not None:
+        if cancelled is not None and agreement.error is not None:
             self.slot_pool.release_hold(hold)
             raise cancelled
         # Agreed: every rank makes this save, so this one does too (a cancellation that came
         # during the agreement lands at the caller's next checkpoint, as after a held slot).
-        return self.after_agreement(error, checkpoint, target, key, storage_options, hold, started, waited, agreement)
+        return self.after_agreement(checkpoint, target, key, storage_options, hold, started, waited, agreement)
 
     async def aload_checkpoint(
         self,

@@ -419,12 +419,9 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                 except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
                     refusal, background = err, self.reports_background_failure(err)
             waited = time.perf_counter() - started
-            outcome = self.start_agreement(agree, agreement, path, refusal, background)
+            self.start_agreement(agree, agreement, path, refusal, background)
             agreement.decided.wait()
-            error = outcome.get("raised") or outcome["error"]
-            return self.after_agreement(
-                error, checkpoint, target, key, storage_options, hold, started, waited, agreement
-            )
+            return self.after_agreement(checkpoint, target, key, storage_options, hold, started, waited, agreement)
         except BaseException as err:
             try:
                 self.abandon_agreed_save(agreement, path, err, hold)
@@ -444,28 +441,25 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
     def start_agreement(
         self, agree: Any, agreement: Agreement, path: PathLike, refusal: Optional[BaseException], background: bool,
         kind: str = "save",
-    ) -> Dict[str, Any]:
+    ) -> None:
         """Start the ranks' agreement on a call of a collective IO (its ``agree_to_save``) on a
-        thread of its own (``agreement.thread``; ``agreement.decided`` is set as it ends).
-        Returns the dict that gets its outcome: ``"error"`` (None when every rank makes the
-        call) or ``"raised"``.
+        thread of its own (``agreement.thread``); as it ends it sets ``agreement.error`` and
+        then ``agreement.decided``.
 
         Off the caller's thread, a signal handler's exception (Ctrl-C while a slow rank is
         awaited) cannot land between the ranks' exchange and this rank's record of the outcome;
         the caller's clean-up waits for the outcome (:meth:`stand_in_for`)."""
-        outcome: Dict[str, Any] = {}
 
         def decide() -> None:
             try:
-                outcome["error"] = agree(path, refusal, background, self.settle, kind=kind, agreement=agreement)
+                agreement.error = agree(path, refusal, background, self.settle, kind=kind, agreement=agreement)
             except BaseException as err:  # noqa: BLE001 - raised on the caller's thread
-                outcome["raised"] = err
+                agreement.error = err
             finally:
                 agreement.decided.set()
 
         agreement.thread = new_thread(decide, name="asyncckpt-agreement")
         start(agreement.thread)
-        return outcome
 
     def stand_in_for(self, agreement: Agreement, kind: str, path: PathLike, error: BaseException) -> None:
         """Queue the operation this rank owes a collective call every rank agreed to and that
@@ -510,16 +504,16 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         return isinstance(err, (CheckpointSaveError, CheckpointRemoveError, WriterDiedError, TensorModifiedError))
 
     def after_agreement(
-        self, error: Optional[BaseException], checkpoint: Any, target: Any, key: Any, storage_options: Any,
+        self, checkpoint: Any, target: Any, key: Any, storage_options: Any,
         hold: SlotHold, started: float, waited: float, agreement: Agreement,
     ) -> SaveHandle:
-        """Raise the agreement's refusal, or stage and queue the save every rank agreed to (into
-        the slot ``hold`` holds: given back on a refusal), carrying ``agreement``. If that fails,
+        """Raise the decided agreement's refusal, or stage and queue the save every rank agreed
+        to (into the slot ``hold`` holds: given back on a refusal), carrying it. If that fails,
         the caller queues the save's abort instead (:meth:`stand_in_for`): the other ranks'
         writers will run its collective, and this rank's takes part without data."""
-        if error is not None:
+        if agreement.error is not None:
             self._slots.release_hold(hold)
-            raise error
+            raise agreement.error
         assert hold.slot is not None
         with self._in_progress(key):  # from here a SIGTERM drain waits for this save too
             return self.stage_and_submit(checkpoint, target, key, storage_options, hold, started, waited, agreement)
@@ -541,11 +535,10 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                 background = refusal is not None
             except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
                 refusal = err
-            outcome = self.start_agreement(agree, agreement, path, refusal, background, kind="remove")
+            self.start_agreement(agree, agreement, path, refusal, background, kind="remove")
             agreement.decided.wait()
-            error = outcome.get("raised") or outcome["error"]
-            if error is not None:
-                raise error
+            if agreement.error is not None:
+                raise agreement.error
             op = Operation("remove", key, target)
             op.agreement = agreement
             self._submit(op)

@@ -52,11 +52,14 @@ class Agreement:
     loudly) instead of pairing two saves' shards into one checkpoint.
     """
 
-    __slots__ = ("number", "queued", "thread", "decided")
+    __slots__ = ("number", "queued", "error", "thread", "decided")
 
     def __init__(self) -> None:
         self.number: Optional[int] = None
         self.queued = False
+        #: Once decided: None when every rank makes the call, else the error this rank raises
+        #: (its own refusal, another rank's, or what the agreement itself raised).
+        self.error: Optional[BaseException] = None
         #: The thread that runs the agreement (held before it starts), and its end. It decides
         #: off the caller's thread, where no signal handler's exception can cut it between the
         #: ranks' exchange and ``number`` (the other ranks would have agreed, unknown to this one).

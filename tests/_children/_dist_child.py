@@ -481,8 +481,9 @@ def interrupted_after_agreement(model: Any, opt: Any, ck: str, states: Dict[int,
         io.remove_checkpoint(os.path.join(folder, "a"))
 
     interrupted("interrupt_remove", remove_as_agreed)
+    result["interrupt_remove_is_b"] = load_full_and_compare(os.path.join(ck, "interrupt_remove", "a"), "interrupt-b")
 
-    # 12. A real SIGINT while rank 0 waits at the agreement for rank 1, which comes 2 s late: the
+    # 11. A real SIGINT while rank 0 waits at the agreement for rank 1, which comes 2 s late: the
     # agreement still decides (rank 1 then makes the save), and rank 0 learns of it before it
     # gives up its part (it used to be cut short between the ranks' exchange and its record).
     def save_while_waiting(io: Any, folder: str) -> None:
@@ -495,7 +496,7 @@ def interrupted_after_agreement(model: Any, opt: Any, ck: str, states: Dict[int,
     interrupted("interrupt_waiting", save_while_waiting)
     result["interrupt_waiting_is_b"] = load_full_and_compare(os.path.join(ck, "interrupt_waiting", "a"), "interrupt-b")
 
-    # 11. As 9, and rank 0's stand-in never goes out either (fault injection: the one step the
+    # 12. As 9, and rank 0's stand-in never goes out either (fault injection: the one step the
     # engine cannot guard, an interrupt inside its own clean-up). Rank 0's next save then meets
     # rank 1's interrupted one in the writers' collective: it must be refused (the saves carry
     # different calls' numbers), never committed as one checkpoint of two steps' shards.
@@ -516,7 +517,6 @@ def interrupted_after_agreement(model: Any, opt: Any, ck: str, states: Dict[int,
     result["no_stand_in_errors"] = errors
     result["no_stand_in_is_60"] = load_full_and_compare(os.path.join(folder, "a"), "interrupt-60")
     io.teardown()
-    result["interrupt_remove_is_b"] = load_full_and_compare(os.path.join(ck, "interrupt_remove", "a"), "interrupt-b")
 
 
 def main() -> None:
