@@ -106,6 +106,7 @@ class LazyCopy:
         self._lock = threading.RLock()
         self._copy_error: Optional[BaseException] = None
         self.error: Optional[BaseException] = None
+        self._abandoned = False  # its call failed before listing it: the thread copies nothing
         self._pid = os.getpid()
 
     def start(self) -> None:
@@ -126,7 +127,8 @@ class LazyCopy:
     def _run(self) -> None:
         self._go.wait()
         try:
-            copier.memmove_pairs(self._cpu_dst, self._cpu_src)
+            if not self._abandoned:
+                copier.memmove_pairs(self._cpu_dst, self._cpu_src)
         except BaseException as err:  # noqa: BLE001 - reported through the save that needed it
             self._copy_error = err
         finally:
@@ -136,6 +138,19 @@ class LazyCopy:
     def go(self) -> None:
         """The job is listed: its thread may copy."""
         self._go.set()
+
+    def abandon(self) -> None:
+        """Its call failed before the job was listed (a signal handler's exception), and gave
+        its slot back: end the parked thread without copying (that memory may be the next
+        save's by now), and let no guard point finish the job. Nothing waits for it: its
+        checkpoint never reached a writer. A copy a guard point already released has ended
+        when this returns (``finish`` holds the lock while it waits), before the slot is free."""
+        with self._lock:
+            if not self._go.is_set():
+                self._abandoned = True
+                self._go.set()
+            self._verified.set()
+        _forget(self)
 
     @property
     def finished(self) -> bool:
@@ -374,10 +389,17 @@ class LazyStager:
                 cuda_event = self._side_stream.start(*lazy_cuda, training_stream_waits=False)
         job = LazyCopy(path, skeleton, len(tensors), lazy_cpu, cuda_event, watched)
         job.start()  # its thread waits until the job is listed (see LazyCopy._go)
-        if watched:
-            _remember(job)
-            with self._jobs_lock:
-                self._unfinished[id(job)] = job
+        try:
+            if watched:
+                _remember(job)
+                with self._jobs_lock:
+                    self._unfinished[id(job)] = job
+        except BaseException:
+            try:
+                self._abandon_unlisted(job)
+            finally:  # again if a signal handler's exception cut it short at its start
+                self._abandon_unlisted(job)
+            raise
         job.go()
         if not watched:
             job.finish()  # everything was copied at the call: nothing to verify
@@ -390,6 +412,14 @@ class LazyStager:
         return StagedCheckpoint.from_slot(
             skeleton, slot, tensor_bytes, started, wait_for_copies, self.torch_save_rules
         )
+
+    def _abandon_unlisted(self, job: LazyCopy) -> None:
+        """End ``job``'s thread without a copy unless the job got listed, where guard points
+        finish it (its call's clean-up then waits for the copy before the slot is given back)."""
+        with self._jobs_lock:
+            if id(job) in self._unfinished:
+                return
+        job.abandon()
 
     def _large_groups(self, slot: StagingSlot, skeleton: Optional[bytes], count: int) -> Set[int]:
         """The slot's storages copied lazily: above EAGER_MAX_BYTES, on CPU or CUDA, and not

@@ -847,3 +847,54 @@ def test_teardown_on_one_thread_finishes_a_lazy_save_another_thread_made_while_i
     engine.flush()
     _assert_same(torch.load(tmp_path / "second.ckpt", weights_only=True), second)
     engine.teardown()
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_a_save_interrupted_before_its_lazy_copy_was_listed_copies_nothing_into_the_given_back_slot(
+    tmp_path, gated_io, monkeypatch
+):
+    """Ctrl-C just as a lazy save registers its copy with the optimizer-step guard, before its
+    engine lists it: the call gives its slot back, and its copying thread must end without
+    copying. Left parked, it held the slot's memory for ever, and the next guard point (an
+    optimizer step) released it to copy that call's tensors into the slot, by then the next
+    save's: the next file held the interrupted call's tensors. (Fault injection: the
+    KeyboardInterrupt is raised as the registration returns, where Ctrl-C's handler can run.)"""
+    from asyncckpt._staging import lazy as lazy_impl
+
+    engine = AsyncCheckpointIO(gated_io, staging="lazy", max_pending=1, handle_sigterm=False)
+    try:
+        engine.save_checkpoint({"w": torch.full((WIDTH, WIDTH), 1.0)}, tmp_path / "warm.ckpt")
+        engine.flush()
+        threads_before = _os_threads()
+        remember = lazy_impl._remember
+
+        def interrupted_as_it_returns(job: Any) -> None:
+            remember(job)
+            monkeypatch.setattr(lazy_impl, "_remember", remember)  # once
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(lazy_impl, "_remember", interrupted_as_it_returns)
+        interrupted = torch.full((WIDTH, WIDTH), 3.0)
+        with pytest.raises(KeyboardInterrupt):
+            engine.save_checkpoint({"w": interrupted}, tmp_path / "interrupted.ckpt")
+        engine.flush()
+        deadline = time.monotonic() + 10
+        while _os_threads() > threads_before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _os_threads() <= threads_before, "the interrupted save's copying thread is still parked"
+        interrupted.fill_(9.0)  # training goes on
+        gated_io.gate.clear()  # the next save is held in its write, after its copy was verified
+        engine.save_checkpoint({"w": torch.full((WIDTH, WIDTH), 2.0)}, tmp_path / "next.ckpt")
+        lazy_mod.finish_all()  # what an optimizer step's guard runs
+        gated_io.gate.set()
+        engine.flush()
+        saved = torch.load(tmp_path / "next.ckpt", weights_only=True)["w"]
+        assert torch.equal(saved, torch.full((WIDTH, WIDTH), 2.0)), f"the next file holds {saved.unique().tolist()}"
+        assert not (tmp_path / "interrupted.ckpt").exists()
+    finally:
+        gated_io.gate.set()
+        engine.teardown()
