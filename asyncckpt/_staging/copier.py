@@ -87,6 +87,34 @@ class HelperCopy(NamedTuple):
         _wait_all([self.future])
 
 
+def _claimed(done: Future, fn: Callable[..., None], *args: object) -> None:
+    """Run ``fn`` on a helper thread for ``done``, unless ``done`` was cancelled first (by
+    :func:`settle`: the caller failed before the helper started)."""
+    if not done.set_running_or_notify_cancel():
+        return
+    try:
+        fn(*args)
+    except BaseException as err:  # noqa: BLE001 - the caller's to raise
+        done.set_exception(err)
+    else:
+        done.set_result(None)
+
+
+def settle(futures: Sequence[Future]) -> None:
+    """A caller failing (an exception a signal handler raised included) before its helpers'
+    shares are done: a share not started yet never starts, one running is waited for, whatever
+    interrupts the wait. The caller's slot may be given back once this returns: no helper
+    writes into it afterwards. Raises nothing (the caller's own exception is the one to raise)."""
+    for future in futures:
+        future.cancel()
+    while True:
+        try:
+            wait(futures)
+            return
+        except BaseException:  # noqa: BLE001, S112 - the wait must end first
+            continue
+
+
 def _wait_all(futures: List[Future]) -> None:
     """Wait for every helper's share, whatever interrupts the wait, then raise.
 
@@ -169,28 +197,41 @@ class ParallelCopier:
         # Only contiguous CPU pairs are shared out, and the helper threads copy them with a
         # plain memmove: a torch copy on a new thread would start an OpenMP team of its own,
         # which measurably slowed a 2-intra-op-thread training loop for seconds afterwards.
-        futures = []
+        # Each share's future is listed before a helper may run it: an exception a signal
+        # handler raises at any point finds every share that may still write into ``dst``.
+        futures: List[Future] = []
         try:
             for share in plan.shares[1:]:
                 d, s = share.pairs(dst, src)
                 if not d:
                     continue
+                done: Future = Future()
+                futures.append(done)
                 try:
-                    futures.append(pool.submit(memmove_pairs, d, s))
+                    pool.submit(_claimed, done, memmove_pairs, d, s)
                 except RuntimeError:  # closed by a concurrent teardown: copy this share here
-                    memmove_pairs(d, s)
+                    _claimed(done, memmove_pairs, d, s)
             main_dst, main_src = plan.shares[0].pairs(dst, src)
             if main_dst:
                 torch._foreach_copy_(main_dst, main_src)
-        finally:
             _wait_all(futures)
+        except BaseException:
+            try:
+                settle(futures)
+            finally:  # again if a signal handler's exception cut it short at its start
+                settle(futures)
+            raise
         return plan
 
-    def start(self, runs: Sequence["PackedRun"], tensors: Sequence[torch.Tensor]) -> Optional["HelperCopy"]:
+    def start(
+        self, runs: Sequence["PackedRun"], tensors: Sequence[torch.Tensor], into: List["HelperCopy"]
+    ) -> Optional["HelperCopy"]:
         """Start :func:`copy_runs` of ``runs`` on a helper thread, so that the caller's thread
         can do other work meanwhile (the copy releases the GIL); None when this copier has one
         thread, or is closed (the caller then copies itself). The caller then calls
-        :meth:`HelperCopy.hand_over`, and :meth:`HelperCopy.wait` whatever happens.
+        :meth:`HelperCopy.hand_over`, and :meth:`HelperCopy.wait`; failing, :func:`settle` of
+        the futures of ``into``, where the helper is listed before it may run (an exception a
+        signal handler raises as this returns finds it there).
 
         Each pair of a run is a memcpy below torch's parallel grain: no OpenMP team starts on
         the helper thread (see :meth:`copy`).
@@ -207,10 +248,14 @@ class ParallelCopier:
             started.set()
             copy_runs(runs, tensors)
 
+        helper = HelperCopy(Future(), started)
+        into.append(helper)
         try:
-            return HelperCopy(pool.submit(job), started)
+            pool.submit(_claimed, helper.future, job)
         except RuntimeError:  # closed by a concurrent teardown
+            helper.future.cancel()
             return None
+        return helper
 
     def plan(self, dst: List[torch.Tensor], src: List[torch.Tensor]) -> "CopyPlan":
         """Which pairs each thread copies, and the byte ranges of the tensors cut between them.

@@ -43,7 +43,7 @@ import torch
 
 from . import layout as layouts
 from .arena import byte_view, storages_in
-from .copier import CopyPlan, PackedRun, ParallelCopier, copy_runs
+from .copier import CopyPlan, HelperCopy, PackedRun, ParallelCopier, copy_runs, settle
 from .protocol import Layout, StagingSlot
 from .skeleton import split_lean, without_attributes
 
@@ -341,9 +341,11 @@ def _check_and_copy(
             return None
         if storages is None:
             return None
-    running = copier.start(cache.runs, tensors) if copier is not None else None
+    helpers: List[HelperCopy] = []  # the helper, listed before it may run
+    running: Optional[HelperCopy] = None
     same = False
     try:  # from here on the helper's copy is waited for, whatever is raised (a Ctrl-C included)
+        running = copier.start(cache.runs, tensors, into=helpers) if copier is not None else None
         if running is not None:
             running.hand_over()
         try:
@@ -359,12 +361,17 @@ def _check_and_copy(
                 same = _same(cache, tensors, storages)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - not a plain strided tensor: the full path decides
             same = False
-    finally:
         if running is not None:
             try:
                 running.wait()
             except Exception:  # noqa: BLE001 - a changed tensor that cannot be copied: the check fails
                 same = False
+    except BaseException:
+        try:
+            settle([h.future for h in helpers])
+        finally:  # again if a signal handler's exception cut it short at its start
+            settle([h.future for h in helpers])
+        raise
     if not same or storages is None:
         return None
     if copier is None:

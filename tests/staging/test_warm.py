@@ -547,3 +547,82 @@ def test_packed_runs_are_torch_save_bytes_and_see_every_change(tmp_path, engines
     with open(path, "rb") as f, open(expected_path, "rb") as g:
         assert f.read() == g.read(), "not the bytes torch.save writes"
     assert _sharing(load(path)) == _sharing(load(expected_path))
+
+
+@pytest.mark.parametrize("where", ["cold-submit", "cold-wait", "warm-submit", "warm-wait"])
+def test_a_save_interrupted_while_a_helper_thread_copies_returns_only_once_that_copy_ended(
+    tmp_path, monkeypatch, where
+):
+    """Staging shares the copy with helper threads (packed runs on a warm save, byte ranges of
+    a large one); a Ctrl-C as a share is handed to a helper, or as the caller starts to wait
+    for it, must not end the call before the helper's copy did (or leave a share to start
+    later): the engine gives the call's slot back as the exception leaves it, and the next save
+    stages into that memory. Before, the share handed over as the interrupt came was not
+    waited for, and an interrupt as the wait started skipped it. (Fault injection: the
+    KeyboardInterrupt is raised where Ctrl-C's handler can run, as ``submit`` returns or as the
+    wait starts, and the helper's copy is slowed by 0.3 s.)"""
+    from asyncckpt import _threads
+    from asyncckpt._staging import copier
+
+    ended: List[float] = []
+
+    def slowed(original: Callable[..., None]) -> Callable[..., None]:
+        def copy(*args: Any) -> None:
+            if threading.current_thread() is not threading.main_thread():  # a helper's share
+                time.sleep(0.3)
+                original(*args)
+                ended.append(time.monotonic())
+            else:
+                original(*args)
+
+        return copy
+
+    state = {
+        "small": [torch.full((1000,), float(i)) for i in range(64)],  # packed runs when warm
+        "big": torch.ones(3 * 1024 * 1024),  # 12 MiB: shared out in byte ranges
+    }
+    engine = AsyncCheckpointIO(max_pending=1, staging_threads=2, handle_sigterm=False)
+    try:
+        if where.startswith("warm"):
+            for _ in range(2):
+                engine.save_checkpoint(state, tmp_path / "warm.ckpt")
+                engine.flush()
+        monkeypatch.setattr(copier, "memmove_pairs", slowed(copier.memmove_pairs))
+        monkeypatch.setattr(copier, "copy_runs", slowed(copier.copy_runs))
+        armed = [True]
+        if where.endswith("submit"):
+            submit = _threads.ThreadPool.submit
+
+            def submit_then_interrupted(self: Any, *args: Any, **kwargs: Any) -> Any:
+                future = submit(self, *args, **kwargs)
+                if armed.pop() if armed else False:
+                    raise KeyboardInterrupt
+                return future
+
+            monkeypatch.setattr(_threads.ThreadPool, "submit", submit_then_interrupted)
+        else:
+            wait_all = copier._wait_all
+
+            def interrupted_as_the_wait_starts(futures: Any) -> None:
+                if armed.pop() if armed else False:
+                    raise KeyboardInterrupt
+                wait_all(futures)
+
+            monkeypatch.setattr(copier, "_wait_all", interrupted_as_the_wait_starts)
+        with pytest.raises(KeyboardInterrupt):
+            engine.save_checkpoint(state, tmp_path / "interrupted.ckpt")
+        returned = time.monotonic()
+        assert not armed, "the interrupt was not injected: no helper thread took a share"
+        time.sleep(0.6)  # a share still running (or queued) would end by now
+        # (a share not started when the call failed never runs: nothing to wait for)
+        assert all(t <= returned for t in ended), "the call returned while a helper still copied into its slot"
+        monkeypatch.undo()
+        state["big"].fill_(2.0)
+        engine.save_checkpoint(state, tmp_path / "next.ckpt")
+        engine.flush()
+        saved = load(tmp_path / "next.ckpt")
+        assert torch.equal(saved["big"], state["big"]) and all(
+            torch.equal(a, b) for a, b in zip(saved["small"], state["small"], strict=True)
+        )
+    finally:
+        engine.teardown()
