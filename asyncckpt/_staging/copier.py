@@ -105,11 +105,12 @@ def settle(futures: Sequence[Future]) -> None:
     shares are done: a share not started yet never starts, one running is waited for, whatever
     interrupts the wait. The caller's slot may be given back once this returns: no helper
     writes into it afterwards. Raises nothing (the caller's own exception is the one to raise)."""
-    for future in futures:
-        future.cancel()
+    # cancel() is true for a share no helper has claimed (queued, or never handed over): it
+    # never runs, and no one ever marks it done, so it is not waited for
+    running = [future for future in futures if not future.cancel()]
     while True:
         try:
-            wait(futures)
+            wait(running)
             return
         except BaseException:  # noqa: BLE001, S112 - the wait must end first
             continue

@@ -549,7 +549,10 @@ def test_packed_runs_are_torch_save_bytes_and_see_every_change(tmp_path, engines
     assert _sharing(load(path)) == _sharing(load(expected_path))
 
 
-@pytest.mark.parametrize("where", ["cold-submit", "cold-wait", "warm-submit", "warm-wait"])
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "where", ["cold-submit", "cold-wait", "cold-before-submit", "warm-submit", "warm-wait", "warm-before-submit"]
+)
 def test_a_save_interrupted_while_a_helper_thread_copies_returns_only_once_that_copy_ended(
     tmp_path, monkeypatch, where
 ):
@@ -559,8 +562,10 @@ def test_a_save_interrupted_while_a_helper_thread_copies_returns_only_once_that_
     later): the engine gives the call's slot back as the exception leaves it, and the next save
     stages into that memory. Before, the share handed over as the interrupt came was not
     waited for, and an interrupt as the wait started skipped it. (Fault injection: the
-    KeyboardInterrupt is raised where Ctrl-C's handler can run, as ``submit`` returns or as the
-    wait starts, and the helper's copy is slowed by 0.3 s.)"""
+    KeyboardInterrupt is raised where Ctrl-C's handler can run, as ``submit`` starts or returns
+    or as the wait starts, and the helper's copy is slowed by 0.3 s.) A share never handed over
+    must not be waited for either: the first version of this fix waited for ever (found by
+    the signal-point sweep)."""
     from asyncckpt import _threads
     from asyncckpt._staging import copier
 
@@ -594,6 +599,10 @@ def test_a_save_interrupted_while_a_helper_thread_copies_returns_only_once_that_
             submit = _threads.ThreadPool.submit
 
             def submit_then_interrupted(self: Any, *args: Any, **kwargs: Any) -> Any:
+                # before-submit: as ``submit`` starts, the share not handed over (it must
+                # not be waited for: nothing would ever run it)
+                if where.endswith("before-submit") and (armed.pop() if armed else False):
+                    raise KeyboardInterrupt
                 future = submit(self, *args, **kwargs)
                 if armed.pop() if armed else False:
                     raise KeyboardInterrupt
