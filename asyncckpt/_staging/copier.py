@@ -100,6 +100,18 @@ def _claimed(done: Future, fn: Callable[..., None], *args: object) -> None:
         done.set_result(None)
 
 
+def _wait_through(futures: Sequence[Future]) -> Optional[BaseException]:
+    """Wait until every one of ``futures`` is done, whatever interrupts the wait; returns the
+    first exception that interrupted it (a signal handler's), or None."""
+    interrupted: Optional[BaseException] = None
+    while True:
+        try:
+            wait(futures)
+            return interrupted
+        except BaseException as err:  # noqa: BLE001 - the caller's to raise, once the copies are done
+            interrupted = interrupted or err
+
+
 def settle(futures: Sequence[Future]) -> None:
     """A caller failing (an exception a signal handler raised included) before its helpers'
     shares are done: a share not started yet never starts, one running is waited for, whatever
@@ -107,13 +119,7 @@ def settle(futures: Sequence[Future]) -> None:
     writes into it afterwards. Raises nothing (the caller's own exception is the one to raise)."""
     # cancel() is true for a share no helper has claimed (queued, or never handed over): it
     # never runs, and no one ever marks it done, so it is not waited for
-    running = [future for future in futures if not future.cancel()]
-    while True:
-        try:
-            wait(running)
-            return
-        except BaseException:  # noqa: BLE001, S112 - the wait must end first
-            continue
+    _wait_through([future for future in futures if not future.cancel()])
 
 
 def _wait_all(futures: List[Future]) -> None:
@@ -124,13 +130,7 @@ def _wait_all(futures: List[Future]) -> None:
     into it, and the next save (a checkpoint on interrupt, say) could stage into the same
     memory at the same time.
     """
-    interrupted: Optional[BaseException] = None
-    while True:
-        try:
-            wait(futures)
-            break
-        except BaseException as err:  # noqa: BLE001 - re-raised once the copies are done
-            interrupted = interrupted or err
+    interrupted = _wait_through(futures)
     for future in futures:
         future.result()  # a copy's own error
     if interrupted is not None:
