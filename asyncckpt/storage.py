@@ -14,7 +14,15 @@ from ._storage.local import (
     sweep_stale_temp_files_once,
     temp_path_for,
 )
-from ._storage.paths import LOCAL_URL_PREFIXES, absolute_path, check_target, is_url, local_path_of, path_key
+from ._storage.paths import (
+    LOCAL_URL_PREFIXES,
+    absolute_path,
+    check_target,
+    is_url,
+    local_path_of,
+    path_key,
+    resolved_entry,
+)
 
 __all__ = [
     "HOST_ID",
@@ -32,6 +40,7 @@ __all__ = [
     "local_path_of",
     "path_key",
     "remove_path",
+    "resolved_entry",
     "sweep_stale_temp_files_once",
     "temp_path_for",
 ]

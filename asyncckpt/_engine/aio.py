@@ -46,14 +46,14 @@ from .._storage.integrity import (
     sha256_file,
 )
 from .._storage.local import AtomicFile
-from .._storage.paths import absolute_path, local_path_of
+from .._storage.paths import absolute_path, local_path_of, resolved_entry
 from .._storage.torch_io import load_on_cpu
 from .._writers.base import Agreement
 from ..checkpoint_io import PathLike, load_options
 from ..errors import FlushTimeoutError, IntegrityError, InvalidPathError
 from .ops import SaveHandle
 from .slots import SlotHold
-from .wrapped import WrappedIO, path_key_of
+from .wrapped import WrappedIO, path_key_of, read_keys_of
 
 log = logging.getLogger("asyncckpt")
 
@@ -183,9 +183,10 @@ class AsyncFace:
         """
         import anyio
 
-        key = path_key_of(path)
+        keys = read_keys_of(path)
         path = absolute_path(os.fspath(path))  # the working folder at the call, whatever chdir comes
-        await self.op_table.await_path(key)
+        for key in keys:
+            await self.op_table.await_path(key)
         self.raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
         wrapped = self.wrapped_io()
@@ -270,7 +271,7 @@ class AsyncFace:
         """
         import anyio
 
-        src_key, dst_key = path_key_of(src), path_key_of(dst)
+        src_keys, dst_key = read_keys_of(src), path_key_of(dst)
         # resolved now: a relative path means the working folder at the call, whatever chdir comes
         src_local = local_path_of(absolute_path(os.fspath(src)))
         dst_local = local_path_of(absolute_path(os.fspath(dst)))
@@ -279,12 +280,14 @@ class AsyncFace:
                 f"acopy_checkpoint copies local files; got {os.fspath(src)!r} -> {os.fspath(dst)!r}", os.fspath(dst)
             )
         WrappedIO(self.wrapped_io()).check_path(dst)
-        await self.op_table.await_path(src_key)
-        await self.op_table.await_path(dst_key)
+        for key in (*src_keys, dst_key):
+            await self.op_table.await_path(key)
         self.raise_pending_errors()
         if os.path.isdir(src_local):
-            raise InvalidPathError(f"checkpoint path {os.fspath(src)!r} is a folder, not a checkpoint file", src_key)
-        target = os.path.abspath(dst_local)
+            raise InvalidPathError(
+                f"checkpoint path {os.fspath(src)!r} is a folder, not a checkpoint file", src_keys[0]
+            )
+        target = resolved_entry(dst_local)
         atomic = AtomicFile(target)
         await anyio.to_thread.run_sync(atomic.__enter__)  # makes the folder, sweeps crashed runs' temp files
         try:

@@ -48,7 +48,7 @@ from .ops import ErrorInbox, OpTable, SaveHandle, StatsLog, wait_limit
 from .options import EngineOptions, options_of
 from .reserve import Reservation, ReservationJob, check_request
 from .slots import SlotHold, SlotPool, StagingBuffer
-from .wrapped import WrappedIO, absolute_target, path_key_of
+from .wrapped import WrappedIO, absolute_target, path_key_of, read_keys_of
 
 log = logging.getLogger("asyncckpt")
 
@@ -902,8 +902,12 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         return op.kind if op is not None else None
 
     def wait_for_path(self, path: PathLike, timeout: Optional[float] = None) -> None:
-        """Block until every operation queued on ``path`` has taken effect (errors are not raised)."""
-        self._table.wait_path(path_key_of(path), timeout)
+        """Block until every operation queued on ``path`` has taken effect (errors are not raised),
+        and on the file a symlink on the way resolves to now (what a read of ``path`` reads)."""
+        keys = read_keys_of(path)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for key in keys:
+            self._table.wait_path(key, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # -- submission and completion --------------------------------------------------------
 

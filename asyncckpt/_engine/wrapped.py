@@ -13,7 +13,7 @@ import os
 import pathlib
 from typing import Any, Callable, Optional, Tuple
 
-from .._storage.paths import absolute_path, check_names, check_target, path_key
+from .._storage.paths import absolute_path, check_names, check_target, path_key, path_keys
 from .._storage.torch_io import TorchCheckpointIO
 from ..checkpoint_io import PathLike
 from ..errors import InvalidPathError
@@ -27,6 +27,13 @@ def path_key_of(path: PathLike) -> str:
     text = os.fspath(path)
     check_names(text)  # refused at the call for every operation, not later by the writer's os call
     return path_key(text)
+
+
+def read_keys_of(path: PathLike) -> Tuple[str, ...]:
+    """The ordering keys a read of ``path`` waits for: its own, and the key of the file a
+    symlink on the way resolves to (see :func:`asyncckpt._storage.paths.path_keys`)."""
+    path_key_of(path)  # the same refusals
+    return path_keys(os.fspath(path))
 
 
 def absolute_target(path: PathLike) -> PathLike:

@@ -23,6 +23,8 @@ import uuid
 from contextlib import contextmanager, suppress
 from typing import Any, BinaryIO, Callable, Iterator, List, Optional, Tuple
 
+from .paths import resolved_entry
+
 log = logging.getLogger("asyncckpt.storage")  # the name users configure; kept from before the move
 
 TEMP_MARKER = ".asyncckpt-tmp-"
@@ -132,10 +134,11 @@ class AtomicFile:
         keep_on_failed_commit: bool = False,
     ) -> None:
         self.target = target
-        self.folder = os.path.dirname(os.path.abspath(target))
+        entry = resolved_entry(target)  # the name the rename replaces, its folder's links resolved
+        self.folder = os.path.dirname(entry)
         self.durable = durable
         self.keep_on_failed_commit = keep_on_failed_commit
-        self.tmp = os.path.join(self.folder, temp_name) if temp_name else temp_path_for(os.path.abspath(target))
+        self.tmp = os.path.join(self.folder, temp_name) if temp_name else temp_path_for(entry)
         #: True once the temp file is fsynced (:meth:`open` on close, :meth:`sync`, :meth:`adopt`):
         #: :meth:`commit` then does not fsync it again.
         self.synced = False
@@ -235,7 +238,7 @@ def remove_path(path: str) -> bool:
             os.unlink(path)
         except FileNotFoundError:
             return False
-    fsync_folder(os.path.dirname(os.path.abspath(path)))
+    fsync_folder(os.path.dirname(resolved_entry(path)))
     return True
 
 

@@ -9,6 +9,7 @@ that decides local versus URL.
 from __future__ import annotations
 
 import os
+from typing import Optional, Tuple
 
 from ..errors import InvalidPathError
 from ..redaction import shown
@@ -60,17 +61,61 @@ def absolute_path(path: str) -> str:
 
 
 def path_key(path: str) -> str:
-    """The key under which operations on ``path`` are ordered, resolved now: the absolute local
-    path for a local file (a plain path, or a ``file://`` / ``local://`` URL, chained or not, so
-    the spellings of one file share a key), else the URL itself."""
+    """The key under which operations on ``path`` are ordered, resolved now: for a local file (a
+    plain path, or a ``file://`` / ``local://`` URL, chained or not) the folder entry it names
+    (:func:`entry_of`), so that every spelling of one file shares a key; else the URL itself."""
+    local = _absolute_local(path)
+    return entry_of(local) if local is not None else absolute_path(path)
+
+
+def path_keys(path: str) -> Tuple[str, ...]:
+    """The keys whose operations a read of ``path`` must wait for: its own (:func:`path_key`) and,
+    when it is a symlink (or runs through one), the key of the file it resolves to now: a load
+    of ``last.ckpt`` linked to a checkpoint still being written waits for that write."""
+    local = _absolute_local(path)
+    if local is None:
+        return (absolute_path(path),)
+    entry = entry_of(local)
+    resolved = _one_root(os.path.realpath(local))
+    return (entry,) if resolved == entry else (entry, resolved)
+
+
+def _absolute_local(path: str) -> Optional[str]:
+    """The absolute local path ``path`` names now (see :func:`absolute_path`), or None for a
+    remote URL and for an empty path. Not normalized: ``link/..`` is the folder above the link's
+    target, which only :func:`entry_of` can tell."""
     text = absolute_path(path)
     last = text.rpartition("::")[2] if is_url(text) else text
     for prefix in LOCAL_URL_PREFIXES:
         if last.startswith(prefix) and last[len(prefix):]:
-            return _one_root(os.path.abspath(os.path.expanduser(last[len(prefix):])))
+            return _absolute(os.path.expanduser(last[len(prefix):]))
     if not is_url(text) and text:
-        return _one_root(os.path.abspath(text))
-    return text
+        return text
+    return None
+
+
+def _absolute(local: str) -> str:
+    """``local`` joined to the working folder when relative, and not normalized."""
+    return local if os.path.isabs(local) else os.path.join(os.getcwd(), local)
+
+
+def resolved_entry(local: str) -> str:
+    """The absolute folder entry the operating system finds for the local path ``local``
+    (relative: against the working folder now): see :func:`entry_of`. Use it wherever a folder
+    or a sibling of a path is derived: ``os.path.abspath`` would drop ``link/..`` as text."""
+    return entry_of(_absolute(local))
+
+
+def entry_of(path: str) -> str:
+    """The folder entry that the absolute local ``path`` names, as the operating system finds it:
+    its folder with every symlink resolved (``linked_folder/x.ckpt`` and ``real_folder/x.ckpt``
+    are one file, and ``link/../x.ckpt`` is beside the link's target, not beside the link), and
+    its own name as given, since a save replaces a symlink of that name rather than writing
+    through it (docs/index.md, edge 13)."""
+    folder, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        return _one_root(os.path.realpath(path))
+    return _one_root(os.path.join(os.path.realpath(folder), name))
 
 
 def _one_root(path: str) -> str:
@@ -109,7 +154,7 @@ def check_target(path: str) -> None:
             f"pass a file path such as {os.path.join(name, 'last.ckpt')!r}",
             path,
         )
-    target = os.path.abspath(local)
+    target = resolved_entry(local)
     parent = _nearest_existing(os.path.dirname(target))  # one walk up, for both checks below
     if not os.path.isdir(parent):
         raise InvalidPathError(
@@ -127,7 +172,7 @@ def check_names(path: str) -> None:
     _check_no_nul(path)
     local = local_path_of(path)
     if local:
-        target = os.path.abspath(local)
+        target = resolved_entry(local)
         _check_lengths(path, target, _nearest_existing(os.path.dirname(target)))
 
 

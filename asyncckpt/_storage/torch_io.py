@@ -46,7 +46,7 @@ from .integrity import (
     verify_file,
 )
 from .local import AtomicFile
-from .paths import check_names, check_target
+from .paths import check_names, check_target, resolved_entry
 from .retry import RetryPolicy, call_with_retries
 from .s3 import S3Upload, pending_aborts, retry_pending_aborts
 from .spare import SpareFile
@@ -112,7 +112,7 @@ def explain_os_error(err: OSError, target: str) -> OSError:
     The result has the same type, errno and filename as ``err``, so ``except PermissionError``
     and ``err.errno`` checks keep working.
     """
-    folder = os.path.dirname(os.path.abspath(target))
+    folder = os.path.dirname(resolved_entry(target))
     code = err.errno
     if code in (errno.EACCES, errno.EPERM):
         advice = (

@@ -211,6 +211,38 @@ async def test_aload_after_asave_waits_for_the_write_and_returns_new_data(tmp_pa
 
 
 @pytest.mark.anyio
+async def test_aload_and_acopy_through_a_symlink_wait_for_the_save_queued_by_another_spelling(tmp_path, make_io):
+    """``last.ckpt`` links to the file a save queued through a linked folder is writing: aload
+    and acopy of it wait for that write (the keys were the paths as text: both read the old file)."""
+    held = HeldIO()
+    io = make_io(held)
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    (tmp_path / "last.ckpt").symlink_to(real / "x.ckpt")
+    torch.save({"v": torch.tensor([1.0])}, real / "x.ckpt")
+    held.gate.clear()
+    await io.asave_checkpoint({"v": torch.tensor([2.0])}, tmp_path / "link" / "x.ckpt")
+    result: Dict[str, Any] = {}
+
+    async def loader() -> None:
+        result["ckpt"] = await io.aload_checkpoint(tmp_path / "last.ckpt")
+
+    async def copier() -> None:
+        await io.acopy_checkpoint(tmp_path / "last.ckpt", tmp_path / "copy.ckpt")
+        result["copied"] = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(loader)
+        tg.start_soon(copier)
+        await anyio.sleep(0.2)
+        assert not result, "aload or acopy returned while the save to the file it reads was pending"
+        held.gate.set()
+    assert torch.equal(result["ckpt"]["v"], torch.tensor([2.0]))
+    assert torch.equal(torch.load(tmp_path / "copy.ckpt")["v"], torch.tensor([2.0]))
+
+
+@pytest.mark.anyio
 async def test_aload_of_a_file_torch_load_cannot_read_gets_the_same_note_as_load(tmp_path, make_io):
     """``aload_checkpoint`` reads the bytes itself; its failure says what is wrong with the file,
     as ``load_checkpoint``'s does (tests/engine/test_inputs.py)."""

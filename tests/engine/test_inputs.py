@@ -6,12 +6,20 @@ import io
 import os
 import pathlib
 import pickle
+import shutil
 import threading
 
 import pytest
 import torch
 
-from asyncckpt import AsyncCheckpointIO, CheckpointIO, InvalidPathError, NotSerializableError, TorchCheckpointIO
+from asyncckpt import (
+    AsyncCheckpointIO,
+    CheckpointIO,
+    FlushTimeoutError,
+    InvalidPathError,
+    NotSerializableError,
+    TorchCheckpointIO,
+)
 from conftest import load, temp_files
 
 
@@ -447,6 +455,70 @@ def test_a_checkpoint_holding_a_reference_cycle_reuses_its_staging_memory(tmp_pa
         assert out["looped"][1] is out["looped"] and torch.equal(out["looped"][0], torch.full((1000,), 2.0))
     finally:
         engine.teardown()
+
+
+@pytest.mark.parametrize("spelling", ["a linked folder", "'..' after a link", "a file link to it"])
+def test_a_load_by_another_spelling_through_a_symlink_waits_for_the_queued_save(tmp_path, gated_io, spelling):
+    """Every spelling of one file orders as one path, symlinks on the way included: a load (and
+    ``wait_for_path``) waits for the save queued under another spelling, and reads its file.
+    Before, the keys were the paths as text: the load read the old file at once (or, for a
+    ``..`` after a link, waited on a file the save never touched)."""
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    (tmp_path / "sublink").symlink_to(real / "sub", target_is_directory=True)
+    (tmp_path / "last.ckpt").symlink_to(real / "x.ckpt")  # as ModelCheckpoint(save_last="link") makes it
+    saved_as, read_as = {
+        "a linked folder": (tmp_path / "link" / "x.ckpt", real / "x.ckpt"),
+        "'..' after a link": (tmp_path / "sublink" / ".." / "x.ckpt", real / "x.ckpt"),  # the OS: real/x.ckpt
+        "a file link to it": (real / "x.ckpt", tmp_path / "last.ckpt"),
+    }[spelling]
+    torch.save({"v": torch.zeros(2)}, real / "x.ckpt")  # the old file, which the load must not read
+    io = AsyncCheckpointIO(gated_io)
+    try:
+        gated_io.gate.clear()
+        io.save_checkpoint({"v": torch.ones(2)}, saved_as)
+        assert gated_io.started.wait(30)
+        with pytest.raises(FlushTimeoutError):
+            io.wait_for_path(read_as, timeout=0.2)  # the save is held: a wait on that file times out
+        waiter = threading.Thread(target=lambda: loaded.append(io.load_checkpoint(read_as)))
+        loaded: list = []
+        waiter.start()
+        waiter.join(0.3)
+        gated_io.gate.set()
+        waiter.join(30)
+        assert torch.equal(loaded[0]["v"], torch.ones(2))
+        assert not (tmp_path / "x.ckpt").exists()  # '..' is the link target's parent, not the link's
+    finally:
+        gated_io.gate.set()
+        io.teardown()
+
+
+def test_a_path_with_dot_dot_after_a_link_to_another_filesystem_is_written_where_the_os_opens_it(tmp_path, any_io):
+    """``link/../x.ckpt`` names a file beside the link's *target*, as the operating system (and
+    ``torch.save``) opens it. The temp file, the folder fsynced and the removal's folder are that
+    folder's; taken as text (``os.path.abspath``), the temp file was made beside the link, on
+    another filesystem, and the rename failed (EXDEV)."""
+    other = pathlib.Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a filesystem other than the test's folder")
+    elsewhere = other / f"asyncckpt-test-{os.getpid()}-{tmp_path.name}"
+    (elsewhere / "sub").mkdir(parents=True)
+    try:
+        (tmp_path / "link").symlink_to(elsewhere / "sub", target_is_directory=True)
+        path = tmp_path / "link" / ".." / "x.ckpt"
+        any_io.save_checkpoint({"v": torch.ones(2)}, path)
+        if isinstance(any_io, AsyncCheckpointIO):
+            any_io.flush()
+        assert torch.equal(load(elsewhere / "x.ckpt")["v"], torch.ones(2))
+        assert not (tmp_path / "x.ckpt").exists()
+        assert temp_files(str(tmp_path)) == [] and temp_files(str(elsewhere)) == []
+        any_io.remove_checkpoint(path)
+        if isinstance(any_io, AsyncCheckpointIO):
+            any_io.flush()
+        assert not (elsewhere / "x.ckpt").exists()
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
 
 
 def test_a_symlinked_file_is_replaced_and_a_symlinked_folder_is_followed(tmp_path, any_io):

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..._storage.paths import local_path_of
+from ..._storage.paths import local_path_of, resolved_entry
 from ...checkpoint_io import CheckpointIO, PathLike
 from ...errors import CheckpointLoadError, InvalidPathError
 from ...redaction import describe_options
@@ -616,7 +616,7 @@ def _comparable_folder(path: Any) -> str:
         text = os.fspath(path)
         if isinstance(text, str):
             local = local_path_of(text)
-            return os.path.abspath(local) if local else text
+            return os.path.abspath(local) if local else text  # as asked: hosts' links may differ
     return repr(path)
 
 
@@ -639,7 +639,7 @@ def local_folder(path: PathLike) -> str:
             "remove the file or choose another name",
             text,
         )
-    return os.path.abspath(local)
+    return resolved_entry(local)
 
 
 # The public classes keep the public module's name (tracebacks, docs, pickles of the skeleton).

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional
 
 from ..._engine.engine import AsyncCheckpointIO as CoreAsyncCheckpointIO
 from ..._engine.ops import SaveHandle
-from ..._storage.paths import local_path_of
+from ..._storage.paths import local_path_of, resolved_entry
 from .sharded import warn_if_bypassed
 from .stage import FABRIC_LOAD, FABRIC_SAVE, TRAINER_STAGE, calling_strategy
 
@@ -114,7 +114,7 @@ class PluginMixin(CoreAsyncCheckpointIO):
             self.start_handling_sigterm()  # nothing else would write the queue before a SIGTERM ends the loop
         local = local_path_of(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else None
         if local:
-            os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+            os.makedirs(os.path.dirname(resolved_entry(local)), exist_ok=True)
         return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def remove_checkpoint(self, path: Any) -> None:
