@@ -13,6 +13,11 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+#: The pickle protocol ``torch.save`` uses by default (2). The skeleton is pickled with it, so an
+#: object that ``torch.save`` cannot pickle (a global reached by a dotted name, such as
+#: ``torch.channels_last``; bytes over 4 GiB) is refused at the call, not in the background.
+TORCH_SAVE_PROTOCOL: int = getattr(torch.serialization, "DEFAULT_PROTOCOL", 2)
+
 _DIAGNOSE_MAX_DEPTH = 64
 
 
@@ -27,7 +32,7 @@ class _SkipTensors(pickle.Pickler):
 
 def _picklable(obj: Any) -> Optional[BaseException]:
     try:
-        _SkipTensors(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        _SkipTensors(io.BytesIO(), protocol=TORCH_SAVE_PROTOCOL).dump(obj)
     except Exception as err:  # noqa: BLE001 - any failure here is what we are looking for
         return err
     return None

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import torch
 from torch import _utils as torch_utils  # torch's private sparse rebuild and its list
 
-from .._diagnose import describe_unpicklable
+from .._diagnose import TORCH_SAVE_PROTOCOL, describe_unpicklable
 from ..errors import NotSerializableError
 
 __all__ = [
@@ -121,7 +121,7 @@ def _reduce_parameter(param: torch.Tensor) -> Any:
     lazy staging watches the counter those changes bump. The file is the same: ``torch.save``
     pickles the same rebuild call with an equal tensor.
     """
-    reduced = _PARAMETER_REDUCE(param, pickle.HIGHEST_PROTOCOL)
+    reduced = _PARAMETER_REDUCE(param, TORCH_SAVE_PROTOCOL)
     rebuild, args = reduced[0], reduced[1]
     if not (isinstance(args, tuple) and args and isinstance(args[0], torch.Tensor)):
         return reduced  # a layout this code does not know: pickled as torch would
@@ -152,7 +152,7 @@ class TensorCollector(pickle.Pickler):
     """
 
     def __init__(self, buffer: io.BytesIO) -> None:
-        super().__init__(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        super().__init__(buffer, protocol=TORCH_SAVE_PROTOCOL)  # refuses what torch.save refuses
         self.tensors: List[Any] = []
         self._set_aside = self.tensors.append
 

@@ -31,6 +31,32 @@ def any_io(request):
         io.teardown()
 
 
+@pytest.mark.parametrize("staging", ["eager", "lazy"])
+@pytest.mark.parametrize("warm", [False, True], ids=["first save", "warm save"])
+def test_an_object_torch_save_cannot_pickle_at_its_protocol_is_refused_at_the_call(tmp_path, staging, warm):
+    """``torch.save`` pickles with protocol 2, where a global reached by a dotted name, such as
+    ``torch.channels_last``, cannot be pickled. The skeleton was pickled with the highest
+    protocol, which takes it: the call returned and the save failed in the background. Now the
+    call refuses it, naming the key, and queues nothing."""
+    with pytest.raises(TypeError):
+        torch.save({"fmt": torch.channels_last}, io.BytesIO())  # what torch.save itself does
+    engine = AsyncCheckpointIO(TorchCheckpointIO(), staging=staging)
+    try:
+        state = {"w": torch.ones(3), "hparams": {"lr": 0.1}}
+        if warm:
+            for step in range(3):  # the layout repeats: the warm path
+                engine.save_checkpoint(state, tmp_path / f"{step}.ckpt")
+            engine.flush()
+        bad = {"w": torch.ones(3), "hparams": {"lr": 0.1, "memory_format": torch.channels_last}}
+        with pytest.raises(NotSerializableError) as info:
+            engine.save_checkpoint(bad, tmp_path / "bad.ckpt")
+        assert "['hparams']['memory_format']" in str(info.value)
+        engine.flush()  # nothing failed in the background
+        assert not (tmp_path / "bad.ckpt").exists()
+    finally:
+        engine.teardown()
+
+
 def test_unpicklable_object_names_the_path_and_the_key(tmp_path, any_io):
     target = tmp_path / "a.ckpt"
     ckpt = {"model": {"w": torch.ones(3)}, "callbacks": {"early_stop": {"lock": threading.Lock()}}}
