@@ -183,8 +183,8 @@ class AsyncFace:
         """
         import anyio
 
-        keys = read_keys_of(path)
         path = absolute_path(os.fspath(path))  # the working folder at the call, whatever chdir comes
+        keys = read_keys_of(path)
         for key in keys:
             await self.op_table.await_path(key)
         self.raise_pending_errors()
@@ -271,10 +271,10 @@ class AsyncFace:
         """
         import anyio
 
-        src_keys, dst_key = read_keys_of(src), path_key_of(dst)
         # resolved now: a relative path means the working folder at the call, whatever chdir comes
-        src_local = local_path_of(absolute_path(os.fspath(src)))
-        dst_local = local_path_of(absolute_path(os.fspath(dst)))
+        src, dst = absolute_path(os.fspath(src)), absolute_path(os.fspath(dst))
+        src_keys, dst_key = read_keys_of(src), path_key_of(dst)
+        src_local, dst_local = local_path_of(src), local_path_of(dst)
         if src_local is None or dst_local is None:
             raise InvalidPathError(
                 f"acopy_checkpoint copies local files; got {os.fspath(src)!r} -> {os.fspath(dst)!r}", os.fspath(dst)

@@ -48,7 +48,7 @@ from .ops import ErrorInbox, OpTable, SaveHandle, StatsLog, wait_limit
 from .options import EngineOptions, options_of
 from .reserve import Reservation, ReservationJob, check_request
 from .slots import SlotHold, SlotPool, StagingBuffer
-from .wrapped import WrappedIO, absolute_target, path_key_of, read_keys_of
+from .wrapped import WrappedIO, absolute_target, key_and_target, path_key_of, read_keys_of
 
 log = logging.getLogger("asyncckpt")
 
@@ -470,7 +470,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         agreement.wait_decided()
         if not agreement.owes_stand_in:
             return
-        op = Operation(kind, path_key_of(path), absolute_target(path), staged=error if kind == "abort" else None)
+        op = Operation(kind, *key_and_target(path), staged=error if kind == "abort" else None)
         op.agreement = agreement
         try:
             self._submit(op)
@@ -529,8 +529,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         agreement = Agreement()
         try:
             try:
-                key = path_key_of(path)
-                target = absolute_target(path)
+                key, target = key_and_target(path)
                 refusal = self._errors.take()
                 background = refusal is not None
             except Exception as err:  # noqa: BLE001 - refused on every rank below, then raised here
@@ -718,7 +717,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         ):
             io.save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        key = path_key_of(path)
+        key, target = key_and_target(path)
         hold = SlotHold()
         with self._holding(key):
             op: Optional[Operation] = None
@@ -729,7 +728,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                 self._eager_stager.torch_save_rules = False
                 with collection_paused():
                     staged = self._eager_stager.stage(hooks.stageable_form(checkpoint), slot, key)
-                op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
+                op = Operation("save", key, target, storage_options=storage_options, staged=staged, slot=slot)
                 perform_save(io, op)
                 written = True
             finally:
@@ -773,7 +772,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         """
         # the working folder at the call, even if another thread changes it while this waits
         target = absolute_target(path) if isinstance(path, (str, os.PathLike)) else path
-        self.wait_for_path(path)
+        self.wait_for_path(target)  # the target's keys: one reading of the working folder for both
         self.raise_pending_errors()
         kwargs = load_options(map_location, weights_only, verify)
         return self.wrapped_io().load_checkpoint(target, **kwargs, **wrapped_options)
@@ -790,15 +789,15 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
         if hooks.remove_is_collective:
             self._remove_agreed(hooks.agree_to_save, path)
             return
-        key = path_key_of(path)
+        key, target = key_and_target(path)
         self.raise_pending_errors()
         if lifecycle.exiting():  # the writer is drained (or stopped): removed here, as a synchronous IO would
             with self._in_progress(key):
                 self._table.wait(self._table.pending(), None)  # it depends on every save queued before it
                 self.raise_pending_errors()
-                self.wrapped_io().remove_checkpoint(absolute_target(path))
+                self.wrapped_io().remove_checkpoint(target)
             return
-        self._submit(Operation("remove", key, absolute_target(path)))
+        self._submit(Operation("remove", key, target))
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait until every operation submitted before this call is done, then raise failures."""

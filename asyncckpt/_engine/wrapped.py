@@ -20,11 +20,15 @@ from ..errors import InvalidPathError
 from ..integrations.known_ios import io_traits, save_owner
 
 
-def path_key_of(path: PathLike) -> str:
-    """The ordering key of ``path`` (operations on one key run in order)."""
+def _text_of(path: PathLike) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidPathError(f"checkpoint path must be a str or os.PathLike, not {type(path).__name__}")
-    text = os.fspath(path)
+    return os.fspath(path)
+
+
+def path_key_of(path: PathLike) -> str:
+    """The ordering key of ``path`` (operations on one key run in order)."""
+    text = _text_of(path)
     check_names(text)  # refused at the call for every operation, not later by the writer's os call
     return path_key(text)
 
@@ -44,6 +48,15 @@ def absolute_target(path: PathLike) -> PathLike:
     if absolute == text:
         return path
     return type(path)(absolute) if isinstance(path, pathlib.PurePath) else absolute
+
+
+def key_and_target(path: PathLike) -> Tuple[str, PathLike]:
+    """``path``'s ordering key and the target to write, both from one reading of the working
+    folder: another thread's ``os.chdir`` between two readings would key the operation under
+    one folder and write the other's file."""
+    _text_of(path)  # refused as a key would be, before the target is made of it
+    target = absolute_target(path)
+    return path_key_of(target), target
 
 
 def _attrs_up_to(cls: type, owner: type) -> set:
@@ -141,10 +154,10 @@ class WrappedIO:
         ``storage_options`` the wrapped IO would refuse raise ``TypeError`` here, as a
         synchronous save would, not later in the background.
         """
-        key = self.check_path(path)
+        self.check_path(path)
         if storage_options is not None:
             self.check_storage_options(path, storage_options)
-        return key, absolute_target(path)
+        return key_and_target(path)
 
     # -- how it writes and loads ------------------------------------------------------------
 

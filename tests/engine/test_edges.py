@@ -192,6 +192,119 @@ def test_relative_path_means_the_working_folder_at_the_call(tmp_path, gated_io, 
     io.teardown()
 
 
+class _HeldIO(TorchCheckpointIO):
+    """A real TorchCheckpointIO whose saves wait for ``gate`` (in-process, for the thread writer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        assert self.gate.wait(30), "test gate never opened"
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def _chdir_at_line(n: int, folder: str):
+    """A tracer for ``sys.settrace`` that moves the working folder to ``folder`` as the ``n``-th
+    line of the engine's or the storage's code runs on this thread (another thread's ``os.chdir``
+    landing there), and the count of lines it saw. Staging, which never reads a path, is left
+    out: its lines are most of a save's."""
+    package = os.path.dirname(asyncckpt.__file__)
+    places = tuple(os.path.join(package, part) for part in ("_engine", "_storage", "storage.py"))
+    seen = [0]
+
+    def on_line(frame, event, arg):
+        if event == "line":
+            seen[0] += 1
+            if seen[0] == n:
+                os.chdir(folder)
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line if frame.f_code.co_filename.startswith(places) else None
+
+    return on_call, seen
+
+
+def _with_chdir_at_line(n: int, folder: str, call):
+    tracer, seen = _chdir_at_line(n, folder)
+    sys.settrace(tracer)
+    try:
+        result = call()
+    finally:
+        sys.settrace(None)
+    return result, seen[0] >= n
+
+
+def test_a_chdir_at_any_line_of_a_call_leaves_its_key_and_its_file_in_one_folder(tmp_path, monkeypatch):
+    """A relative path means the working folder at the call; another thread's ``os.chdir`` may
+    land at any line of the call, and either folder is then the call's, but one for all of it:
+    the key the call orders under and the file it writes, removes or reads. The key and the
+    target were each resolved against the working folder of their own moment, so a chdir
+    between the two queued a save (or remove) under one folder's key and wrote the other's
+    file, and a load waited on one folder and read the other's file before its save was written."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    held = _HeldIO()
+    io = AsyncCheckpointIO(held, writer="thread")
+    try:
+        for n in range(1, 100_000):  # a save, with the chdir at its n-th line
+            monkeypatch.chdir(a)
+            held.gate.clear()
+            _, moved = _with_chdir_at_line(n, str(b), lambda: io.save_checkpoint({"v": torch.ones(2)}, "x.ckpt"))
+            queued = [f for f in (a, b) if io.queued_kind(f / "x.ckpt") == "save"]
+            held.gate.set()
+            io.flush()
+            landed = [f for f in (a, b) if (f / "x.ckpt").exists()]
+            assert len(queued) == 1 and landed == queued, f"save, chdir at line {n}: queued {queued}, written {landed}"
+            (landed[0] / "x.ckpt").unlink()
+            if not moved:
+                break
+        assert n > 20  # the sweep ran through the call
+        for n in range(1, 100_000):  # a remove queued behind a held save, with the chdir at its n-th line
+            monkeypatch.chdir(a)
+            for f in (a, b):
+                torch.save({"v": 0}, f / "x.ckpt")
+            held.gate.clear()
+            io.save_checkpoint({"v": 1}, tmp_path / "held.ckpt")
+            _, moved = _with_chdir_at_line(n, str(b), lambda: io.remove_checkpoint("x.ckpt"))
+            queued = [f for f in (a, b) if io.queued_kind(f / "x.ckpt") == "remove"]
+            held.gate.set()
+            io.flush()
+            gone = [f for f in (a, b) if not (f / "x.ckpt").exists()]
+            assert len(queued) == 1 and gone == queued, f"remove, chdir at line {n}: queued {queued}, removed {gone}"
+            if not moved:
+                break
+        for n in range(1, 100_000):  # a load of a's file while a save to it is held, with the chdir at its n-th line
+            monkeypatch.chdir(a)
+            torch.save({"v": 0}, a / "x.ckpt")  # what a load that did not wait for the save would read
+            torch.save({"v": 2}, b / "x.ckpt")
+            held.gate.clear()
+            io.save_checkpoint({"v": 1}, a / "x.ckpt")
+            result: list = []
+            moved_box: list = []
+
+            def load_it(n=n, result=result, moved_box=moved_box):
+                loaded, moved = _with_chdir_at_line(n, str(b), lambda: io.load_checkpoint("x.ckpt"))
+                result.append(loaded["v"])
+                moved_box.append(moved)
+
+            loader = threading.Thread(target=load_it)
+            loader.start()
+            loader.join(0.02)  # time to read a's file, if it does not wait for the save
+            held.gate.set()
+            loader.join(30)
+            io.flush()
+            assert result and result[0] in (1, 2), f"load, chdir at line {n}: read {result} (0: a's old file)"
+            if not moved_box[0]:
+                break
+    finally:
+        held.gate.set()
+        io.teardown()
+
+
 @pytest.mark.skipif(os.name != "posix", reason="'//' is one '/' on Linux and macOS")
 def test_a_path_spelled_with_a_leading_double_slash_orders_as_one_path(tmp_path, gated_io, writer):
     """``//tmp/x.ckpt`` and ``file:////tmp/x.ckpt`` are ``/tmp/x.ckpt`` to the kernel, but
