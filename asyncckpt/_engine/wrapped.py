@@ -36,8 +36,9 @@ def path_key_of(path: PathLike) -> str:
 def read_keys_of(path: PathLike) -> Tuple[str, ...]:
     """The ordering keys a read of ``path`` waits for: its own, and the key of the file a
     symlink on the way resolves to (see :func:`asyncckpt._storage.paths.path_keys`)."""
-    path_key_of(path)  # the same refusals
-    return path_keys(os.fspath(path))
+    text = _text_of(path)
+    check_names(text)  # the same refusals as path_key_of
+    return path_keys(text)
 
 
 def absolute_target(path: PathLike) -> PathLike:
@@ -127,15 +128,14 @@ class WrappedIO:
         if remember is not None:
             remember(path, storage_options)
 
-    def check_path(self, path: PathLike) -> str:
-        """Refuse a bad path at the call (the IO's own ``check_path``, else ours); its key."""
-        key = path_key_of(path)
+    def check_path(self, path: PathLike) -> None:
+        """Refuse a bad path at the call (the IO's own ``check_path``, else ours)."""
+        check_names(_text_of(path))  # what path_key_of refuses
         check = getattr(self.io, "check_path", None)
         if check is not None:
             check(path)
         else:
             check_target(os.fspath(path))
-        return key
 
     def check_storage_options(self, path: PathLike, storage_options: Any) -> None:
         """Raise ``TypeError`` where the wrapped IO's own save would refuse ``storage_options``."""
