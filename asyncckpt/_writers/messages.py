@@ -76,6 +76,18 @@ class ImportMainMsg:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessStateMsg:
+    """The training process's ``sys.path`` (relative entries made absolute against its working
+    folder) and umask, sent before an operation when they changed since the writer process
+    started or was last told: classes of a folder put on ``sys.path`` later unpickle, and files
+    get the mode the umask at the call gives, as with ``torch.save`` there. ``umask`` is None
+    where it cannot be read without changing it."""
+
+    import_paths: Tuple[Any, ...]
+    umask: Optional[int]
+
+
+@dataclass(frozen=True, slots=True)
 class StopMsg:
     """Tear down the wrapped IO, answer :class:`StoppedMsg`, and exit."""
 

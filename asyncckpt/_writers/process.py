@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import functools
 import gc
+import importlib
 import inspect
 import logging
 import mmap
@@ -47,6 +48,7 @@ from .messages import (
     DoneMsg,
     DropArenaMsg,
     ImportMainMsg,
+    ProcessStateMsg,
     RemoveMsg,
     SaveMsg,
     ShareArenaMsg,
@@ -106,6 +108,28 @@ def _options_need_main(op: Operation) -> bool:
     except Exception:  # noqa: BLE001 - the message's own encoding says what cannot be pickled
         return False
     return check_main_references(pickled, op.path, what=f"the storage_options of checkpoint {op.path!r}")
+
+
+def current_umask() -> Optional[int]:
+    """This process's umask, read from ``/proc/self/status`` (Linux 4.7 and later); None where
+    it is not there. ``os.umask`` reads it only by setting it, and a file another thread made
+    meanwhile would get the stand-in."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _process_state() -> Tuple[Tuple[Any, ...], Optional[int]]:
+    """What of this process's state a write in the writer process depends on (see
+    :class:`ProcessStateMsg`): ``sys.path``, its relative entries resolved as an import here
+    would resolve them now, and the umask."""
+    paths = tuple(os.path.abspath(p) if isinstance(p, str) and not os.path.isabs(p) else p for p in sys.path)
+    return paths, current_umask()
 
 
 _started: "weakref.WeakSet[Any]" = weakref.WeakSet()  # this process's writer processes
@@ -171,6 +195,7 @@ class ProcessWriter:
         # first save holding one of its classes (see spawn_check): whether it was told to.
         self._main_source = main_source()
         self._main_sent = False
+        self._sent_state: Optional[Tuple[Tuple[Any, ...], Optional[int]]] = None  # the writer's, as last told
 
     def message_sizes(self) -> List[int]:
         """The pickled sizes, in bytes, of the last 64 messages sent to the writer process (a
@@ -212,6 +237,7 @@ class ProcessWriter:
             name="asyncckpt-writer",
             daemon=True,
         )
+        self._sent_state = _process_state()  # what spawn hands the writer: sys.path, working folder, umask
         with start_without_main():
             self._process.start()
         _started.add(self._process)
@@ -261,6 +287,7 @@ class ProcessWriter:
         needs_main = op.kind == "save" and (
             check_main_references(op.staged.skeleton, op.path) or _options_need_main(op)
         )
+        state = _process_state()  # at the call, as torch.save here would import and create files
         try:
             # Pickling a new layout's 20,000 specs triggered full collections of the training
             # process's objects (0.3 s of the call, measured); the pause covers the pickling,
@@ -288,6 +315,9 @@ class ProcessWriter:
                 self._drop_released_arenas()
                 if arena is not None:
                     self._share_arena(arena)
+                if state != self._sent_state:
+                    self._send(encode(ProcessStateMsg(*state)))
+                    self._sent_state = state
                 if needs_main and not self._main_sent and self._main_source is not None:
                     self._send(encode(ImportMainMsg(self._main_source)))
                     self._main_sent = True
@@ -605,6 +635,11 @@ def writer_main(
             case DropArenaMsg(arena_id=arena_id):
                 arenas.pop(arena_id, None)
                 layouts.pop(arena_id, None)
+            case ProcessStateMsg(import_paths=paths, umask=umask):
+                sys.path[:] = list(paths)
+                importlib.invalidate_caches()
+                if umask is not None:
+                    os.umask(umask)
             case ImportMainMsg(source=source):
                 try:
                     import_main(source)

@@ -574,11 +574,70 @@ def _one_of_each_message() -> list:
         m.ShareArenaMsg(2, 1 << 20),
         m.DropArenaMsg(2),
         m.ImportMainMsg(("path", "/work/train.py")),
+        m.ProcessStateMsg(("/work", "/usr/lib/python3.11"), 0o022),
         m.StopMsg(),
         m.DoneMsg(7, None, 0.25),
         m.SkippedMsg(9, 7),
         m.StoppedMsg(),
     ]
+
+
+@pytest.mark.parametrize("entry", ["absolute", "relative"])
+def test_a_class_of_a_folder_put_on_sys_path_after_the_writer_started_is_saved(tmp_path, monkeypatch, entry):
+    """The writer process starts with the training process's ``sys.path`` of that moment. A
+    folder put on it later (``sys.path.append("..")``, common in research code) made the
+    training process import a module the writer could not: the save of one of its objects
+    failed in the background (ModuleNotFoundError), where ``torch.save`` writes it. A relative
+    entry means the working folder of the training process, as its own imports take it."""
+    name = f"later_module_{entry}_{os.getpid()}"
+    for folder in ("spawned", "work", "work/mods"):
+        (tmp_path / folder).mkdir()
+    source = "class Config:\n    def __init__(self, lr):\n        self.lr = lr\n"
+    (tmp_path / "work" / "mods" / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path / "spawned")
+    io = AsyncCheckpointIO(TorchCheckpointIO(), writer="process")
+    try:
+        io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "warm.ckpt")
+        io.flush()  # the writer runs, with the sys.path of its start
+        monkeypatch.chdir(tmp_path / "work")
+        monkeypatch.syspath_prepend(str(tmp_path / "work" / "mods") if entry == "absolute" else "mods")
+        module = __import__(name)
+        io.save_checkpoint({"w": torch.ones(2), "cfg": module.Config(0.5)}, tmp_path / "x.ckpt")
+        io.flush()
+        assert load(tmp_path / "x.ckpt")["cfg"].lr == 0.5
+    finally:
+        io.teardown()
+        sys.modules.pop(name, None)
+
+
+def test_a_file_gets_the_mode_the_umask_at_its_call_gives_as_torch_save_would(tmp_path):
+    """The writer process keeps the umask it was started with; a program that tightened it
+    later (``os.umask(0o077)``, to keep checkpoints private) got files readable by everyone.
+    Each file gets the mode ``torch.save`` would give it at the call."""
+    import stat
+
+    io = AsyncCheckpointIO(TorchCheckpointIO(), writer="process")
+    old = os.umask(0o022)
+    try:
+        io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "open.ckpt")
+        io.flush()  # the writer runs, with the umask of its start
+        os.umask(0o077)
+        io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "private.ckpt")
+        torch.save({"w": torch.ones(2)}, tmp_path / "private_reference.ckpt")
+        os.umask(0o002)
+        io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "shared.ckpt")
+        torch.save({"w": torch.ones(2)}, tmp_path / "shared_reference.ckpt")
+        io.flush()
+    finally:
+        os.umask(old)
+        io.teardown()
+
+    def mode(name):
+        return stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+
+    assert mode("open.ckpt") == 0o644
+    assert mode("private.ckpt") == mode("private_reference.ckpt") == 0o600
+    assert mode("shared.ckpt") == mode("shared_reference.ckpt") == 0o664
 
 
 def test_every_message_round_trips_through_pickle_and_stays_small():
