@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from multiprocessing import reduction
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 # -- to the writer process ----------------------------------------------------------------------
 
@@ -78,13 +78,14 @@ class ImportMainMsg:
 @dataclass(frozen=True, slots=True)
 class ProcessStateMsg:
     """The training process's ``sys.path`` (relative entries made absolute against its working
-    folder) and umask, sent before an operation when they changed since the writer process
-    started or was last told: classes of a folder put on ``sys.path`` later unpickle, and files
-    get the mode the umask at the call gives, as with ``torch.save`` there. ``umask`` is None
-    where it cannot be read without changing it."""
+    folder), umask and environment, sent before an operation when they changed since the writer
+    process started or was last told: classes of a folder put on ``sys.path`` later unpickle,
+    files get the mode the umask at the call gives, as with ``torch.save`` there, and the wrapped
+    IO sees credentials set later. ``umask`` is None where it cannot be read without changing it."""
 
     import_paths: Tuple[Any, ...]
     umask: Optional[int]
+    environment: Dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,12 +124,15 @@ def current_umask() -> Optional[int]:
     return None
 
 
-def _process_state() -> Tuple[Tuple[Any, ...], Optional[int]]:
+_State = Tuple[Tuple[Any, ...], Optional[int], Dict[str, str]]
+
+
+def _process_state() -> _State:
     """What of this process's state a write in the writer process depends on (see
     :class:`ProcessStateMsg`): ``sys.path``, its relative entries resolved as an import here
-    would resolve them now, and the umask."""
+    would resolve them now, the umask and the environment."""
     paths = tuple(os.path.abspath(p) if isinstance(p, str) and not os.path.isabs(p) else p for p in sys.path)
-    return paths, current_umask()
+    return paths, current_umask(), dict(os.environ)
 
 
 _started: "weakref.WeakSet[Any]" = weakref.WeakSet()  # this process's writer processes
@@ -195,7 +198,7 @@ class ProcessWriter:
         # first save holding one of its classes (see spawn_check): whether it was told to.
         self._main_source = main_source()
         self._main_sent = False
-        self._sent_state: Optional[Tuple[Tuple[Any, ...], Optional[int]]] = None  # the writer's, as last told
+        self._sent_state: Optional[_State] = None  # the writer's, as last told
 
     def message_sizes(self) -> List[int]:
         """The pickled sizes, in bytes, of the last 64 messages sent to the writer process (a
@@ -635,11 +638,14 @@ def writer_main(
             case DropArenaMsg(arena_id=arena_id):
                 arenas.pop(arena_id, None)
                 layouts.pop(arena_id, None)
-            case ProcessStateMsg(import_paths=paths, umask=umask):
+            case ProcessStateMsg(import_paths=paths, umask=umask, environment=environment):
                 sys.path[:] = list(paths)
                 importlib.invalidate_caches()
                 if umask is not None:
                     os.umask(umask)
+                if environment != os.environ:
+                    os.environ.clear()
+                    os.environ.update(environment)
             case ImportMainMsg(source=source):
                 try:
                     import_main(source)

@@ -574,7 +574,7 @@ def _one_of_each_message() -> list:
         m.ShareArenaMsg(2, 1 << 20),
         m.DropArenaMsg(2),
         m.ImportMainMsg(("path", "/work/train.py")),
-        m.ProcessStateMsg(("/work", "/usr/lib/python3.11"), 0o022),
+        m.ProcessStateMsg(("/work", "/usr/lib/python3.11"), 0o022, {"HOME": "/root"}),
         m.StopMsg(),
         m.DoneMsg(7, None, 0.25),
         m.SkippedMsg(9, 7),
@@ -608,6 +608,37 @@ def test_a_class_of_a_folder_put_on_sys_path_after_the_writer_started_is_saved(t
     finally:
         io.teardown()
         sys.modules.pop(name, None)
+
+
+class EnvironmentRecordingIO(TorchCheckpointIO):
+    """Writes the value of ``ASYNCCKPT_TEST_SETTING`` in its environment into each file (as an
+    IO reading credentials or a region from the environment would use it)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        checkpoint = dict(checkpoint, setting=os.environ.get("ASYNCCKPT_TEST_SETTING"))
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_an_environment_variable_set_after_the_writer_started_is_seen_by_the_wrapped_io(tmp_path, monkeypatch):
+    """Credentials or settings put into ``os.environ`` after the engine was made (a Trainer is
+    made before the secrets are read) reached a thread writer's IO, not the writer process's,
+    which kept the environment of its start: saves to object storage failed there for want of
+    credentials. Each operation sees the environment at its call."""
+    monkeypatch.delenv("ASYNCCKPT_TEST_SETTING", raising=False)
+    io = AsyncCheckpointIO(EnvironmentRecordingIO(), writer="process")
+    try:
+        io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "before.ckpt")
+        io.flush()  # the writer runs, with the environment of its start
+        monkeypatch.setenv("ASYNCCKPT_TEST_SETTING", "set later")
+        io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "after.ckpt")
+        monkeypatch.delenv("ASYNCCKPT_TEST_SETTING")
+        io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "unset.ckpt")
+        io.flush()
+    finally:
+        io.teardown()
+    assert load(tmp_path / "before.ckpt")["setting"] is None
+    assert load(tmp_path / "after.ckpt")["setting"] == "set later"
+    assert load(tmp_path / "unset.ckpt")["setting"] is None
 
 
 def test_a_file_gets_the_mode_the_umask_at_its_call_gives_as_torch_save_would(tmp_path):
