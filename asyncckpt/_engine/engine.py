@@ -27,7 +27,7 @@ from .._staging.reserve import fill_slot, fill_slot_bytes, tensors_of
 from .._storage.secrets import redact, safe_cause, secret_values
 from .._storage.torch_io import TorchCheckpointIO
 from .._threads import new_thread, start
-from .._writers.base import Agreement, Operation, Writer, WriterGoneError, perform_save
+from .._writers.base import Agreement, Operation, Writer, WriterGoneError, perform_save, torch_settings
 from .._writers.process import ProcessWriter, check_picklable
 from .._writers.thread import ThreadWriter
 from ..checkpoint_io import CheckpointIO, PathLike, load_options
@@ -590,6 +590,7 @@ class AsyncCheckpointIO(AsyncFace, CheckpointIO):
                     else:
                         staged = self._stager.stage(checkpoint, slot, key)
                 op = Operation("save", key, path, storage_options=storage_options, staged=staged, slot=slot)
+                op.settings = torch_settings()  # this thread's: torch keeps them per thread
                 op.agreement = agreement
                 op.wait_seconds = waited
                 op.blocking_seconds = time.perf_counter() - blocking_since

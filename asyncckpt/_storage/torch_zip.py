@@ -33,6 +33,11 @@ import torch
 from .._threads import ThreadPool
 from .hashing import crc32
 
+try:  # torch 2.6 and later: per-thread settings of torch.save
+    from torch.utils.serialization import config as _torch_config
+except ImportError:
+    _torch_config = None
+
 __all__ = ["crc32_combine", "crc_threads", "cut_to_written", "fast_path_available", "save_to_file"]
 
 #: CRC work is shared out in pieces of this size (a whole record below it); the combine is cheap.
@@ -114,6 +119,12 @@ def crc_threads() -> int:
     return max(2, min(8, cores))
 
 
+def _crc32_wanted() -> bool:
+    """Whether ``torch.save`` on this thread computes CRC32s (``config.save.compute_crc32``,
+    a per-thread setting of torch 2.6 and later; the writer applies the caller's)."""
+    return bool(getattr(getattr(_torch_config, "save", None), "compute_crc32", True))
+
+
 def fast_path_available() -> bool:
     """Whether :func:`save_to_file` computes CRCs on helper threads (else it is ``torch.save``)."""
     return _API is not None
@@ -187,7 +198,7 @@ def save_to_file(obj: Any, file: Any, threads: int) -> None:
     writes on its descriptor. It is flushed, not synced, and cut where the archive ends (it may
     be a larger spare file). The bytes are those of ``torch.save(obj, file)``.
     """
-    if _API is None:
+    if _API is None or not _crc32_wanted():  # torch.save's own, CRC fields 0 where it leaves them so
         torch.save(obj, file)
         file.flush()
         cut_to_written(file.fileno())

@@ -24,12 +24,18 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, ContextManager, Iterable, List, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence
 
 from .._staging.arena import still_referenced
 from .._staging.locations import recorded_as
 from ..errors import RemoveSkippedError
 from ..redaction import shown
+
+try:  # torch 2.6 and later: torch.save's settings (see torch_settings)
+    from torch.utils.serialization import config as _torch_config
+except ImportError:  # older torch: no such settings
+    _torch_config = None
+_CONFIG = _torch_config if hasattr(_torch_config, "get_config_copy") and hasattr(_torch_config, "patch") else None
 
 log = logging.getLogger("asyncckpt.writer")  # the logger's name from before the move: users may configure it
 
@@ -130,6 +136,8 @@ class Operation:
         self.interrupted_by: Optional[str] = None
         #: A collective IO's call: the ranks' :class:`Agreement` this operation carries.
         self.agreement: Optional[Agreement] = None
+        #: torch's serialization settings as the calling thread saw them (:func:`torch_settings`).
+        self.settings: Optional[Dict[str, Any]] = None
         self.wait_seconds = 0.0
         self.blocking_seconds = 0.0
         self.write_seconds = 0.0
@@ -245,11 +253,33 @@ class Writer(Protocol):
         ...
 
 
+def torch_settings() -> Optional[Dict[str, Any]]:
+    """torch's serialization settings as the calling thread sees them, for the save it queues.
+
+    torch keeps user settings of ``torch.utils.serialization.config`` per thread: a
+    ``config.save.storage_alignment = 4096`` in the training thread shapes that thread's
+    ``torch.save`` files, and no other thread's. The writer applies them (:func:`using_torch_settings`),
+    so the file is the one ``torch.save`` would have written at the call."""
+    return None if _CONFIG is None else _CONFIG.get_config_copy()
+
+
+@contextlib.contextmanager
+def using_torch_settings(settings: Optional[Dict[str, Any]]) -> Iterator[None]:
+    """``settings`` (from :func:`torch_settings`) on this thread while the block runs."""
+    here = None if settings is None or _CONFIG is None else _CONFIG.get_config_copy()
+    changes = {} if here is None else {k: v for k, v in settings.items() if k in here and here[k] != v}
+    if not changes:
+        yield
+        return
+    with _CONFIG.patch(changes):
+        yield
+
+
 def perform(checkpoint_io: Any, op: Operation, checkpoint: Any = None) -> None:
     """Run ``op`` against ``checkpoint_io``; for a save, ``checkpoint`` is the rebuilt object."""
     if op.kind == "save":
         started = time.perf_counter()
-        with as_agreed(checkpoint_io, op):
+        with as_agreed(checkpoint_io, op), using_torch_settings(op.settings):
             checkpoint_io.save_checkpoint(checkpoint, op.target, storage_options=op.storage_options)
         op.write_seconds = time.perf_counter() - started
     elif op.kind == "remove":

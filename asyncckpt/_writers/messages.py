@@ -33,6 +33,9 @@ class SaveMsg:
     skeleton: bytes
     arena_id: int
     layout: Optional[Tuple[Any, Any, Any]]
+    #: torch's serialization settings of the calling thread, or None for those of the last save
+    #: that sent them (they rarely change).
+    settings: Optional[Dict[str, Any]] = None
 
 
 @dataclass(frozen=True, slots=True)

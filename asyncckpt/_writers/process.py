@@ -199,6 +199,7 @@ class ProcessWriter:
         self._main_source = main_source()
         self._main_sent = False
         self._sent_state: Optional[_State] = None  # the writer's, as last told
+        self._sent_settings: Optional[Dict[str, Any]] = None  # torch's settings the last save sent
 
     def message_sizes(self) -> List[int]:
         """The pickled sizes, in bytes, of the last 64 messages sent to the writer process (a
@@ -278,8 +279,9 @@ class ProcessWriter:
             # (pickling 20,000 tensor specs costs about 20 ms of the call).
             sent = self._sent_layouts.get(arena_id)
             same = sent is not None and all(a is b for a, b in zip(sent, layout, strict=True))
+            settings = None if op.settings == self._sent_settings else op.settings
             message: Any = SaveMsg(
-                op.seq, op.target, op.storage_options, staged.skeleton, arena_id, None if same else layout
+                op.seq, op.target, op.storage_options, staged.skeleton, arena_id, None if same else layout, settings
             )
         elif op.kind == "remove":
             message = RemoveMsg(op.seq, op.target, depends_on)
@@ -327,6 +329,8 @@ class ProcessWriter:
                 op.take_over(self._send, data)
                 if layout is not None:
                     self._sent_layouts[arena_id] = layout
+                if op.kind == "save" and op.settings is not None:
+                    self._sent_settings = op.settings
             except (OSError, EOFError) as err:
                 # The process is gone, and a send that failed delivered no whole message: this
                 # operation was never handed over, so it goes to a new writer, unless the reply
@@ -621,6 +625,7 @@ def writer_main(
     arenas: Dict[int, Tuple[mmap.mmap, Any]] = {}
     failed_saves: Set[int] = set()  # sequence numbers of this process's saves that failed
     layouts: Dict[int, Tuple[Any, Any, Any]] = {}  # arena id: the layout of its last save
+    settings: Optional[Dict[str, Any]] = None  # torch's settings of the calling thread, as last sent
     while True:
         try:
             message = conn.recv()
@@ -669,6 +674,9 @@ def writer_main(
                     _log_orphaned()
                     break
                 op = Operation(_KIND[type(message)], str(message.target), message.target, seq=message.seq)
+                if isinstance(message, SaveMsg):
+                    settings = message.settings if message.settings is not None else settings
+                    op.settings = settings
                 error: Optional[BaseException] = None
                 before: Optional[List[int]] = None
                 views: Any = None

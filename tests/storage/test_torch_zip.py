@@ -117,6 +117,37 @@ def test_files_through_the_engine_are_torch_saves(tmp_path, writer, staging):
     assert zipfile.ZipFile(tmp_path / "a.ckpt").testzip() is None
 
 
+@pytest.mark.parametrize(
+    "writer, staging", [("thread", "eager"), ("process", "eager"), ("thread", "lazy")]
+)
+def test_torch_save_settings_of_the_calling_thread_make_the_file(tmp_path, writer, staging):
+    """torch keeps user settings of ``torch.utils.serialization.config`` per thread: a
+    ``config.save.storage_alignment = 4096`` (page-aligned storages, for ``mmap`` loads) or
+    ``compute_crc32 = False`` in the training thread shapes its ``torch.save`` files, and was
+    not seen by the writer thread nor the writer process: their files were aligned to 64 bytes,
+    with CRCs. The file is ``torch.save``'s with the settings of the thread that called, and a
+    later call without them gets a file without them."""
+    from torch.utils.serialization import config
+
+    checkpoint = {"w": torch.randn(1000), "b": torch.ones(7), "step": 3}
+    io_ = AsyncCheckpointIO(writer=writer, staging=staging, handle_sigterm=False)
+    try:
+        io_.save_checkpoint(checkpoint, tmp_path / "warm.ckpt")
+        io_.flush()  # the writer runs, with torch's default settings
+        with config.patch({"save.storage_alignment": 4096, "save.compute_crc32": False}):
+            expected = _torch_save_bytes(checkpoint)
+            io_.save_checkpoint(checkpoint, tmp_path / "set.ckpt")
+        io_.save_checkpoint(checkpoint, tmp_path / "unset.ckpt")
+        io_.flush()
+    finally:
+        io_.teardown()
+    assert (tmp_path / "set.ckpt").read_bytes() == expected
+    assert (tmp_path / "unset.ckpt").read_bytes() == _torch_save_bytes(checkpoint) != expected
+    offsets = [i.header_offset for i in zipfile.ZipFile(tmp_path / "set.ckpt").infolist()]
+    assert offsets[1] >= 4096  # the record after data.pkl starts at the next 4096-byte boundary
+    assert torch.equal(torch.load(tmp_path / "set.ckpt")["w"], checkpoint["w"])
+
+
 def test_torch_save_on_another_thread_keeps_its_crcs(tmp_path):
     """The CRC switch is per writer: a user's torch.save racing ours is a normal file."""
     obj = {"w": torch.randn(8 << 20)}
