@@ -81,14 +81,17 @@ class ImportMainMsg:
 @dataclass(frozen=True, slots=True)
 class ProcessStateMsg:
     """The training process's ``sys.path`` (relative entries made absolute against its working
-    folder), umask and environment, sent before an operation when they changed since the writer
-    process started or was last told: classes of a folder put on ``sys.path`` later unpickle,
-    files get the mode the umask at the call gives, as with ``torch.save`` there, and the wrapped
-    IO sees credentials set later. ``umask`` is None where it cannot be read without changing it."""
+    folder), umask, environment and recursion limit, sent before an operation when they changed
+    since the writer process started or was last told: classes of a folder put on ``sys.path``
+    later unpickle, files get the mode the umask at the call gives, as with ``torch.save`` there,
+    the wrapped IO sees credentials set later, and a checkpoint nested as deep as the training
+    process pickles is rebuilt and pickled again. ``umask`` is None where it cannot be read
+    without changing it."""
 
     import_paths: Tuple[Any, ...]
     umask: Optional[int]
     environment: Dict[str, str]
+    recursion_limit: int
 
 
 @dataclass(frozen=True, slots=True)

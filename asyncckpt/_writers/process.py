@@ -124,15 +124,15 @@ def current_umask() -> Optional[int]:
     return None
 
 
-_State = Tuple[Tuple[Any, ...], Optional[int], Dict[str, str]]
+_State = Tuple[Tuple[Any, ...], Optional[int], Dict[str, str], int]
 
 
 def _process_state() -> _State:
     """What of this process's state a write in the writer process depends on (see
     :class:`ProcessStateMsg`): ``sys.path``, its relative entries resolved as an import here
-    would resolve them now, the umask and the environment."""
+    would resolve them now, the umask, the environment and the recursion limit."""
     paths = tuple(os.path.abspath(p) if isinstance(p, str) and not os.path.isabs(p) else p for p in sys.path)
-    return paths, current_umask(), dict(os.environ)
+    return paths, current_umask(), dict(os.environ), sys.getrecursionlimit()
 
 
 _started: "weakref.WeakSet[Any]" = weakref.WeakSet()  # this process's writer processes
@@ -643,7 +643,8 @@ def writer_main(
             case DropArenaMsg(arena_id=arena_id):
                 arenas.pop(arena_id, None)
                 layouts.pop(arena_id, None)
-            case ProcessStateMsg(import_paths=paths, umask=umask, environment=environment):
+            case ProcessStateMsg(import_paths=paths, umask=umask, environment=environment, recursion_limit=limit):
+                sys.setrecursionlimit(limit)
                 sys.path[:] = list(paths)
                 importlib.invalidate_caches()
                 if umask is not None:

@@ -574,7 +574,7 @@ def _one_of_each_message() -> list:
         m.ShareArenaMsg(2, 1 << 20),
         m.DropArenaMsg(2),
         m.ImportMainMsg(("path", "/work/train.py")),
-        m.ProcessStateMsg(("/work", "/usr/lib/python3.11"), 0o022, {"HOME": "/root"}),
+        m.ProcessStateMsg(("/work", "/usr/lib/python3.11"), 0o022, {"HOME": "/root"}, 1000),
         m.StopMsg(),
         m.DoneMsg(7, None, 0.25),
         m.SkippedMsg(9, 7),
@@ -608,6 +608,34 @@ def test_a_class_of_a_folder_put_on_sys_path_after_the_writer_started_is_saved(t
     finally:
         io.teardown()
         sys.modules.pop(name, None)
+
+
+def test_a_checkpoint_nested_deeper_than_the_default_recursion_limit_is_saved_as_torch_save_saves_it(tmp_path):
+    """A program that raised ``sys.setrecursionlimit`` to save a deeply nested object (torch.save
+    takes it then) had its save fail in the background: the writer process rebuilt and pickled
+    the checkpoint under the default limit (RecursionError)."""
+    deep: list = []
+    inner = deep
+    for _ in range(3000):
+        inner.append([])
+        inner = inner[0]
+    inner.append(torch.ones(2))
+    old = sys.getrecursionlimit()
+    io = AsyncCheckpointIO(TorchCheckpointIO(), writer="process")
+    try:
+        io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "warm.ckpt")
+        io.flush()  # the writer runs, with the default limit
+        sys.setrecursionlimit(20_000)
+        torch.save({"deep": deep}, tmp_path / "reference.ckpt")
+        io.save_checkpoint({"deep": deep}, tmp_path / "deep.ckpt")
+        io.flush()
+        loaded = torch.load(tmp_path / "deep.ckpt", weights_only=False)["deep"]
+    finally:
+        sys.setrecursionlimit(old)
+        io.teardown()
+    for _ in range(3000):
+        loaded = loaded[0]
+    assert torch.equal(loaded[0], torch.ones(2))
 
 
 class EnvironmentRecordingIO(TorchCheckpointIO):
