@@ -241,7 +241,9 @@ class ProcessWriter:
             name="asyncckpt-writer",
             daemon=True,
         )
-        self._sent_state = _process_state()  # what spawn hands the writer: sys.path, working folder, umask
+        # The first operation tells the writer all of it: spawn copies sys.path, the umask and the
+        # environment as they are now, but not the recursion limit.
+        self._sent_state = None
         with start_without_main():
             self._process.start()
         _started.add(self._process)

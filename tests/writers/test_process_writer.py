@@ -621,21 +621,27 @@ def test_a_checkpoint_nested_deeper_than_the_default_recursion_limit_is_saved_as
         inner = inner[0]
     inner.append(torch.ones(2))
     old = sys.getrecursionlimit()
+    raised_first = AsyncCheckpointIO(TorchCheckpointIO(), writer="process")  # made after the limit was raised
     io = AsyncCheckpointIO(TorchCheckpointIO(), writer="process")
     try:
         io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "warm.ckpt")
         io.flush()  # the writer runs, with the default limit
         sys.setrecursionlimit(20_000)
+        raised_first.teardown()  # its next save starts a writer process now, under the raised limit
         torch.save({"deep": deep}, tmp_path / "reference.ckpt")
         io.save_checkpoint({"deep": deep}, tmp_path / "deep.ckpt")
+        raised_first.save_checkpoint({"deep": deep}, tmp_path / "deep_first.ckpt")
         io.flush()
-        loaded = torch.load(tmp_path / "deep.ckpt", weights_only=False)["deep"]
+        raised_first.flush()
+        loaded = [torch.load(tmp_path / name, weights_only=False)["deep"] for name in ("deep.ckpt", "deep_first.ckpt")]
     finally:
         sys.setrecursionlimit(old)
         io.teardown()
-    for _ in range(3000):
-        loaded = loaded[0]
-    assert torch.equal(loaded[0], torch.ones(2))
+        raised_first.teardown()
+    for one in loaded:
+        for _ in range(3000):
+            one = one[0]
+        assert torch.equal(one[0], torch.ones(2))
 
 
 class EnvironmentRecordingIO(TorchCheckpointIO):
