@@ -78,9 +78,11 @@ class HostArena:
             self._mmap = mmap.mmap(self.fd, max(nbytes, 1))
             self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)[:nbytes]
         elif kind == "pinned":
-            self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
         else:
-            self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+            # on the CPU whatever torch.set_default_device says (a staging copy on the GPU, or
+            # on "meta", would hold nothing the writer can write)
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
 
     def fault_in(self, stop: Optional[Callable[[], bool]] = None) -> bool:
         """Touch every page now, so that the first copy into the arena finds them mapped.
@@ -192,9 +194,14 @@ def build_views(storages: Sequence[torch.UntypedStorage], specs: Sequence[tuple]
         group, dtype, size, stride, offset, requires_grad = spec
         plain = QUANTIZED_DTYPES.get(dtype)
         if plain is None:
-            view = torch.empty(0, dtype=dtype).set_(storages[group], offset, size, stride)
+            view = torch.empty(0, dtype=dtype, device=storages[group].device)
+            view.set_(storages[group], offset, size, stride)
         else:
-            view = torch.empty(0, dtype=plain).set_(storages[group], offset, size, stride).view(dtype)
+            view = (
+                torch.empty(0, dtype=plain, device=storages[group].device)
+                .set_(storages[group], offset, size, stride)
+                .view(dtype)
+            )
         if requires_grad:
             view.requires_grad_(True)
         views.append(view)

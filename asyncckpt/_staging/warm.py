@@ -219,7 +219,7 @@ def _run(arena: Any, members: List[Tuple[int, torch.Tensor]], key: Tuple[Any, ..
         shape: Tuple[int, ...] = (len(members),)
     else:
         shape = (sum(dst.shape[0] for _, dst in members), *trailing)
-    dst = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    dst = torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, shape)
     take = itemgetter(*[i for i, _ in members])
     return PackedRun(take, dst, dims == 0)
 

@@ -133,7 +133,7 @@ def fast_path_available() -> bool:
 def _byte_view(storage: torch.UntypedStorage) -> memoryview:
     if storage.nbytes() == 0:
         return memoryview(b"")
-    flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+    flat = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
     return memoryview(flat.numpy()).cast("B")
 
 

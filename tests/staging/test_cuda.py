@@ -82,6 +82,29 @@ def test_cuda_staging_does_not_allocate_gpu_memory(tmp_path):
     io.teardown()
 
 
+@pytest.mark.parametrize("writer, staging", [("thread", "eager"), ("thread", "lazy"), ("process", "eager")])
+def test_cuda_staging_under_a_default_device_of_cuda_allocates_no_gpu_memory(tmp_path, writer, staging):
+    """``torch.set_default_device("cuda")``: staging memory is made on the CPU all the same (its
+    factories named no device, and followed the default: a second copy of the state on the GPU)."""
+    weight = torch.randn(8192, 1024, device="cuda")  # 32 MB
+    bias = torch.randn(1024)  # a CPU tensor: plain staging memory
+    io = AsyncCheckpointIO(writer=writer, staging=staging)
+    torch.set_default_device("cuda")
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(2):
+            io.save_checkpoint({"w": weight, "b": bias}, tmp_path / f"{i}.ckpt")
+        io.flush()
+        assert torch.cuda.max_memory_allocated() < before + (1 << 20)
+    finally:
+        torch.set_default_device(None)
+        io.teardown()
+    out = load(tmp_path / "1.ckpt")
+    assert torch.equal(out["w"].cpu(), weight.cpu()) and torch.equal(out["b"].cpu(), bias)
+
+
 def test_cuda_sharded_save_metadata_loads_into_fsdp1_style_allocations(tmp_path):
     """Staged in pinned buffers, recorded as not pinned: FSDP1's sharded optimizer loader
     allocates each tensor on the GPU from ``.metadata``'s properties (pin_memory included)."""

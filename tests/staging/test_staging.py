@@ -310,3 +310,29 @@ def test_both_stagers_answer_the_one_stager_protocol(tmp_path, staging):
     assert torch.equal(got["big"], big) and torch.equal(got["small"], small) and got["n"] == 3
     assert got["big"].data_ptr() != big.data_ptr()  # a copy in the slot, not the live tensor
     stager.copier.close()
+
+
+@pytest.mark.parametrize("writer, staging", [("thread", "eager"), ("thread", "lazy"), ("process", "eager")])
+def test_a_default_device_set_by_the_program_leaves_staging_memory_on_the_cpu(tmp_path, writer, staging):
+    """``torch.set_default_device("cuda")`` is common in training scripts; ``torch.save`` does not
+    care. Staging made its memory with factories that follow it: on "cuda" the staging copy of a
+    checkpoint would take GPU memory, and on "meta" (shown here, on the CPU) the call failed
+    ("Attempted to set the storage of a tensor on device meta to a storage on ... cpu"). Staging
+    memory and its views are made on the CPU, whatever the default device."""
+    state = {"w": torch.arange(10.0, device="cpu"), "b": torch.ones(3, 3, device="cpu"), "step": 1}
+    io = AsyncCheckpointIO(writer=writer, staging=staging)
+    try:
+        torch.set_default_device("meta")
+        try:
+            for i in range(3):  # the first save, then warm ones
+                state["step"] = i
+                io.save_checkpoint(state, tmp_path / f"{i}.ckpt")
+            io.flush()
+        finally:
+            torch.set_default_device(None)
+    finally:
+        io.teardown()
+    for i in range(3):
+        out = load(tmp_path / f"{i}.ckpt")
+        assert out["step"] == i and torch.equal(out["w"], torch.arange(10.0))
+        assert torch.equal(out["b"], torch.ones(3, 3))
