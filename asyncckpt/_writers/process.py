@@ -198,7 +198,9 @@ class ProcessWriter:
         # first save holding one of its classes (see spawn_check): whether it was told to.
         self._main_source = main_source()
         self._main_sent = False
-        self._sent_state: Optional[_State] = None  # the writer's, as last told
+        # The process state the writer was last told (ProcessStateMsg). None: the first operation
+        # tells it all; spawn copies sys.path, the umask and the environment, not the recursion limit.
+        self._sent_state: Optional[_State] = None
         self._sent_settings: Optional[Dict[str, Any]] = None  # torch's settings the last save sent
 
     def message_sizes(self) -> List[int]:
@@ -241,9 +243,6 @@ class ProcessWriter:
             name="asyncckpt-writer",
             daemon=True,
         )
-        # The first operation tells the writer all of it: spawn copies sys.path, the umask and the
-        # environment as they are now, but not the recursion limit.
-        self._sent_state = None
         with start_without_main():
             self._process.start()
         _started.add(self._process)
