@@ -172,7 +172,7 @@ def check_names(path: str) -> None:
     _check_no_nul(path)
     local = local_path_of(path)
     if local:
-        target = resolved_entry(local)
+        target = os.path.abspath(local)  # lengths of the names as written: no link to resolve
         _check_lengths(path, target, _nearest_existing(os.path.dirname(target)))
 
 

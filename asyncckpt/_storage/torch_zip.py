@@ -33,12 +33,19 @@ import torch
 from .._threads import ThreadPool
 from .hashing import crc32
 
-try:  # torch 2.6 and later: per-thread settings of torch.save
-    from torch.utils.serialization import config as _torch_config
+try:  # torch 2.6 and later: torch.save's settings, which torch keeps per thread
+    from torch.utils.serialization import config as serialization_config
 except ImportError:
-    _torch_config = None
+    serialization_config = None
 
-__all__ = ["crc32_combine", "crc_threads", "cut_to_written", "fast_path_available", "save_to_file"]
+__all__ = [
+    "crc32_combine",
+    "crc_threads",
+    "cut_to_written",
+    "fast_path_available",
+    "save_to_file",
+    "serialization_config",
+]
 
 #: CRC work is shared out in pieces of this size (a whole record below it); the combine is cheap.
 CHUNK = 32 << 20
@@ -122,7 +129,7 @@ def crc_threads() -> int:
 def _crc32_wanted() -> bool:
     """Whether ``torch.save`` on this thread computes CRC32s (``config.save.compute_crc32``,
     a per-thread setting of torch 2.6 and later; the writer applies the caller's)."""
-    return bool(getattr(getattr(_torch_config, "save", None), "compute_crc32", True))
+    return bool(getattr(getattr(serialization_config, "save", None), "compute_crc32", True))
 
 
 def fast_path_available() -> bool:

@@ -28,14 +28,16 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List
 
 from .._staging.arena import still_referenced
 from .._staging.locations import recorded_as
+from .._storage.torch_zip import serialization_config
 from ..errors import RemoveSkippedError
 from ..redaction import shown
 
-try:  # torch 2.6 and later: torch.save's settings (see torch_settings)
-    from torch.utils.serialization import config as _torch_config
-except ImportError:  # older torch: no such settings
-    _torch_config = None
-_CONFIG = _torch_config if hasattr(_torch_config, "get_config_copy") and hasattr(_torch_config, "patch") else None
+# torch.save's settings (see torch_settings), where this torch can copy and patch them
+_CONFIG = (
+    serialization_config
+    if hasattr(serialization_config, "get_config_copy") and hasattr(serialization_config, "patch")
+    else None
+)
 
 log = logging.getLogger("asyncckpt.writer")  # the logger's name from before the move: users may configure it
 
